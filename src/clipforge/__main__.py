@@ -1,0 +1,5 @@
+import sys
+
+from clipforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI sub-commands, discovered by ``clipforge.cli``; one module per command."""

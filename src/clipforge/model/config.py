@@ -1,0 +1,190 @@
+"""Typed model configuration.
+
+A config is the single source of truth for an architecture: it is what the registry stores, what
+``create_model`` builds from, and what every checkpoint carries in ``config.json`` so that a
+checkpoint alone can rebuild its model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipforge.errors import ConfigError
+
+#: Bumped when the meaning of a saved config changes; loaders refuse configs from the future.
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass
+class VisionConfig:
+    """Image tower. ``patch_size=None`` with a 4-tuple ``layers`` means CLIP's modified ResNet."""
+
+    image_size: int = 224
+    patch_size: int | None = 32
+    width: int = 768
+    layers: int | tuple[int, int, int, int] = 12
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    ls_init_value: float | None = None
+    patch_dropout: float = 0.0
+    pool_type: str = "tok"  # "tok" (class token) | "avg" (mean of patch tokens)
+    final_ln_after_pool: bool = False  # open_clip variant: LN applied after pooling, not to all tokens
+    no_ln_pre: bool = False
+    timm_model_name: str | None = None  # optional timm image tower
+    timm_pretrained: bool = False
+    timm_pool: str = "avg"
+    timm_proj: str = "linear"
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.timm_model_name is None and self.patch_size is None
+
+    @property
+    def heads(self) -> int:
+        # The ResNet's attention pool uses 64-wide heads over its final 32*width channels.
+        if self.is_resnet:
+            return self.width * 32 // 64
+        return self.width // self.head_width
+
+    @property
+    def grid_size(self) -> int:
+        if self.patch_size is None:
+            raise ConfigError("grid_size is only defined for ViT image towers")
+        return self.image_size // self.patch_size
+
+    def validate(self) -> None:
+        if self.timm_model_name is not None:
+            return
+        if self.is_resnet:
+            if not (isinstance(self.layers, (tuple, list)) and len(self.layers) == 4):
+                raise ConfigError(f"vision.layers must be 4 stage depths for a ResNet, got {self.layers!r}")
+            if self.image_size % 32:
+                raise ConfigError(f"vision.image_size must be a multiple of 32 for a ResNet, got {self.image_size}")
+            return
+        if not isinstance(self.layers, int):
+            raise ConfigError(f"vision.layers must be an int for a ViT, got {self.layers!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}"
+            )
+        if self.width % self.head_width:
+            raise ConfigError(f"vision.width {self.width} is not a multiple of vision.head_width {self.head_width}")
+        if self.pool_type not in ("tok", "avg"):
+            raise ConfigError(f"vision.pool_type must be 'tok' or 'avg', got {self.pool_type!r}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+
+
+@dataclass
+class TextConfig:
+    """Causal text transformer over CLIP BPE tokens."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    ls_init_value: float | None = None
+    pool_type: str = "argmax"  # "argmax" (EOT = highest id, CLIP) | "last" | "first"
+    proj_bias: bool = False
+    pad_id: int = 0
+    hf_model_name: str | None = None  # optional Hugging Face text tower
+    hf_pooler_type: str = "mean"
+    hf_proj_type: str = "linear"
+
+    def validate(self) -> None:
+        if self.hf_model_name is not None:
+            return
+        if self.width % self.heads:
+            raise ConfigError(f"text.width {self.width} is not a multiple of text.heads {self.heads}")
+        if self.pool_type not in ("argmax", "last", "first"):
+            raise ConfigError(f"text.pool_type must be 'argmax', 'last' or 'first', got {self.pool_type!r}")
+        if self.context_length < 2:
+            raise ConfigError(f"text.context_length must be >= 2 (SOT and EOT), got {self.context_length}")
+
+
+@dataclass
+class CLIPConfig:
+    """A whole CLIP model: two towers projected into one ``embed_dim`` space."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False  # OpenAI's released weights were trained with x * sigmoid(1.702 x)
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP models
+    format_version: int = CONFIG_FORMAT_VERSION
+
+    def validate(self) -> CLIPConfig:
+        if self.embed_dim <= 0:
+            raise ConfigError(f"embed_dim must be positive, got {self.embed_dim}")
+        if self.format_version > CONFIG_FORMAT_VERSION:
+            raise ConfigError(
+                f"config format_version {self.format_version} is newer than this clipforge understands "
+                f"({CONFIG_FORMAT_VERSION}); upgrade clipforge to load it"
+            )
+        self.vision.validate()
+        self.text.validate()
+        return self
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> CLIPConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        vision = _build(VisionConfig, data.pop("vision", {}), f"{source}: vision")
+        text = _build(TextConfig, data.pop("text", {}), f"{source}: text")
+        cfg = _build(cls, data, source, vision=vision, text=text)
+        return cfg.validate()
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> CLIPConfig:
+        path = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        source = str(path) if path else "config"
+        raw = path.read_text() if path else str(text_or_path)
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if isinstance(data, dict) and "model_config" in data:  # clipforge's config.json wraps it
+            data = data["model_config"]
+        return cls.from_dict(data, source)
+
+    def replace(self, **overrides: Any) -> CLIPConfig:
+        """Copy with overrides; ``vision``/``text`` accept dicts of field overrides."""
+        vision = self.vision
+        text = self.text
+        if isinstance(overrides.get("vision"), dict):
+            vision = dataclasses.replace(vision, **overrides.pop("vision"))
+        if isinstance(overrides.get("text"), dict):
+            text = dataclasses.replace(text, **overrides.pop("text"))
+        return dataclasses.replace(self, vision=vision, text=text, **overrides).validate()
+
+
+def _build(kind: type, data: Any, source: str, **extra: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(names - set(extra))}")
+    data = dict(data)
+    if "layers" in data and isinstance(data["layers"], list):
+        data["layers"] = tuple(data["layers"])
+    try:
+        return kind(**data, **extra)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
