@@ -1,0 +1,181 @@
+"""Datasets of image-caption pairs: tables, folders, webdataset shards, synthetic shapes.
+
+``build_dataset(spec)`` turns one string into a dataset; the spec syntax is::
+
+    pairs.csv | pairs.tsv | pairs.jsonl | pairs.json     a table (PairsDataset)
+    photos/                                             images + sidecar .txt (FolderPairsDataset)
+    shards/  |  shards/shard-{000000..000009}.tar       webdataset shards (ShardDataset); a folder
+    | shards/*.tar                                      counts as shards if it has *.tar or manifest.json
+    synthetic:shapes[?n=5000&split=train&seed=0&image_size=64&caption_style=full]
+    a.csv::0.7,b.tsv::0.3                               a weighted mix (MixDataset); commas inside
+                                                        {braces} do not split; weight defaults to 1
+
+``build_loader(dataset, batch_size=...)`` wraps any of them in a ``ResumableLoader`` (batches of
+``(images, tokens)``, ``state_dict()``/``load_state_dict()`` for exact resume).
+
+Submodules are imported lazily: ``import clipforge.data`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+_API = {
+    "load_image": "images",
+    "BadImageError": "images",
+    "SkipCounter": "images",
+    "PairsDataset": "pairs",
+    "FolderPairsDataset": "pairs",
+    "collate_pairs": "pairs",
+    "SyntheticShapes": "synthetic",
+    "write_synthetic": "synthetic",
+    "ShardDataset": "shards",
+    "write_shards": "shards",
+    "expand_urls": "shards",
+    "MixDataset": "mix",
+    "ResumableLoader": "loader",
+    "scan_dataset": "doctor",
+}
+
+__all__ = sorted(_API) + ["build_dataset", "build_loader", "split_spec"]
+
+_SHARD_KW = ("shuffle", "buffer_size", "resampled", "samples_per_epoch", "rank", "world_size", "equalize")
+_TABLE_KW = ("image_key", "caption_key", "root", "dedupe", "on_bad", "max_retries", "strict")
+_IMAGE_KW = ("max_pixels", "min_side")
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipforge.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"clipforge.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def split_spec(spec: str) -> list[tuple[str, float]]:
+    """``"a.csv::0.7,b/{0..3}.tar"`` -> ``[("a.csv", 0.7), ("b/{0..3}.tar", 1.0)]``."""
+    from clipforge.errors import DataError
+
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out = []
+    for part in parts:
+        part = part.strip()
+        if not part:
+            raise DataError(f"empty source in data spec {spec!r}")
+        path, sep, weight = part.rpartition("::")
+        if not sep:
+            out.append((part, 1.0))
+            continue
+        try:
+            out.append((path, float(weight)))
+        except ValueError:
+            raise DataError(f"bad weight {weight!r} in data spec {spec!r} (use path::0.5)") from None
+    return out
+
+
+def _kind(spec: str) -> str:
+    from clipforge.errors import DataError
+
+    if spec.startswith("synthetic:"):
+        return "synthetic"
+    if "{" in spec or spec.endswith(".tar") or (any(c in spec for c in "*?[") and ".tar" in spec):
+        return "shards"
+    if os.path.isdir(spec):
+        names = os.listdir(spec)
+        if "manifest.json" in names or any(n.endswith(".tar") for n in names):
+            return "shards"
+        return "folder"
+    from clipforge.data.pairs import TABLE_FORMATS
+
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in TABLE_FORMATS:
+        if not os.path.isfile(spec):
+            raise DataError(f"pairs table not found: {spec}")
+        return "table"
+    if not os.path.exists(spec):
+        raise DataError(f"data not found: {spec}")
+    raise DataError(
+        f"cannot tell what kind of data {spec!r} is: expected a table ({', '.join(sorted(TABLE_FORMATS))}), "
+        "an image folder, .tar shards or synthetic:shapes"
+    )
+
+
+def build_dataset(
+    spec: str,
+    *,
+    transform: Any = None,
+    tokenizer: Any = None,
+    seed: int = 0,
+    skip_counter: Any = None,
+    **kw: Any,
+) -> Any:
+    """One dataset from a spec string (see the module doc). Extra keywords go to the dataset
+    types that accept them (``image_key``/``caption_key`` to tables, ``resampled`` to shards...)."""
+    from clipforge.data.images import SkipCounter
+
+    counter = skip_counter or SkipCounter(spec)
+    sources = split_spec(spec)
+    if len(sources) > 1:
+        from clipforge.data.mix import MixDataset
+        from clipforge.errors import DataError
+
+        parts = [
+            build_dataset(s, transform=transform, tokenizer=tokenizer, seed=seed, skip_counter=counter, **kw)
+            for s, _ in sources
+        ]
+        if any(_kind(s) == "shards" for s, _ in sources):
+            raise DataError("shards cannot be mixed with other sources yet; write the tables as shards")
+        return MixDataset(parts, [w for _, w in sources], seed=seed, skip_counter=counter)
+    path = sources[0][0]
+    kind = _kind(path)
+    common = {"transform": transform, "tokenizer": tokenizer, "seed": seed}
+    img_kw = {k: kw[k] for k in _IMAGE_KW if k in kw}
+    if kind == "synthetic":
+        from clipforge.data.synthetic import SyntheticShapes, parse_synthetic_spec
+
+        opts = {"seed": seed, **parse_synthetic_spec(path)}
+        return SyntheticShapes(transform=transform, tokenizer=tokenizer, **opts)
+    if kind == "shards":
+        from clipforge.data.shards import ShardDataset
+
+        shard_kw = {k: kw[k] for k in _SHARD_KW if k in kw}
+        return ShardDataset(path, skip_counter=counter, **common, **shard_kw, **img_kw)
+    if kind == "folder":
+        from clipforge.data.pairs import FolderPairsDataset
+
+        folder_kw = {k: kw[k] for k in ("on_bad", "max_retries", "caption_ext") if k in kw}
+        return FolderPairsDataset(path, skip_counter=counter, **common, **folder_kw, **img_kw)
+    from clipforge.data.pairs import PairsDataset
+
+    table_kw = {k: kw[k] for k in _TABLE_KW if k in kw}
+    return PairsDataset(path, skip_counter=counter, **common, **table_kw, **img_kw)
+
+
+def build_loader(data: Any, *, batch_size: int, num_workers: int = 0, seed: int = 0, **kw: Any) -> Any:
+    """``ResumableLoader`` over ``data`` (a dataset or a spec string for :func:`build_dataset`).
+
+    Loader options (shuffle, drop_last, rank, world_size, pin_memory, collate_fn) go to the
+    loader; everything else to ``build_dataset``.
+    """
+    from clipforge.data.loader import ResumableLoader
+
+    loader_keys = ("shuffle", "drop_last", "rank", "world_size", "pin_memory", "collate_fn", "prefetch_factor")
+    loader_kw = {k: kw.pop(k) for k in loader_keys if k in kw}
+    if isinstance(data, str):
+        for k in ("rank", "world_size", "shuffle"):
+            if k in loader_kw:
+                kw[k] = loader_kw[k]
+        data = build_dataset(data, seed=seed, **kw)
+    return ResumableLoader(data, batch_size=batch_size, num_workers=num_workers, seed=seed, **loader_kw)

@@ -1,0 +1,384 @@
+"""Load any supported checkpoint: format detection, unwrapping, and errors that say what to do.
+
+Formats: clipforge folders (``model.safetensors`` + ``config.json``), Hugging Face ``CLIPModel``
+folders, open_clip state dicts and Hub folders (``open_clip_config.json``), OpenAI's files
+(TorchScript or plain), and bare ``.safetensors``/``.pt``/``.bin`` state dicts in any of those
+namings. Everything is converted to clipforge's key names here, so the rest of the library sees
+one layout. Nothing executes pickled code (see :mod:`clipforge.checkpoints.io`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.checkpoints import clipforge_format, hf, openai
+from clipforge.checkpoints.io import is_torchscript_archive, load_safetensors, safe_torch_load
+from clipforge.checkpoints.open_clip import infer_config, is_open_clip_state_dict, open_clip_to_clipforge, strip_prefixes
+from clipforge.errors import CheckpointError, ConfigError
+from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("clipforge", "hf", "open_clip", "openai")
+#: Keys under which training loops store the model's weights, most specific first.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "weights")
+_OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A state dict in clipforge naming plus what the checkpoint said about itself."""
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    path: Path
+    config: CLIPConfig | None = None  # stored config (clipforge / HF / open_clip dirs), else None
+    preprocess_cfg: dict[str, Any] | None = None
+    tokenizer_cfg: dict[str, Any] | None = None
+    quick_gelu: bool | None = None  # known from the format (OpenAI -> True), else None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_extra(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "preprocess_cfg": self.preprocess_cfg,
+            "tokenizer_cfg": self.tokenizer_cfg,
+            "quick_gelu": self.quick_gelu,
+            "path": str(self.path),
+            **self.extra,
+        }
+
+    def resolve_config(self) -> CLIPConfig:
+        """The stored config, else one inferred from the weights' shapes."""
+        if self.config is not None:
+            return self.config
+        return infer_config(self.state_dict, quick_gelu=self.quick_gelu)
+
+
+# --- unwrapping and classification ----------------------------------------------------------------
+def _has_tensors(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_state_dict(obj: Any, source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights inside ``obj``: a state dict, or a training checkpoint wrapping one."""
+    for _ in range(3):  # wrappers can nest, e.g. {"model": {"state_dict": ...}}
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{source}: expected a state dict (mapping), got {type(obj).__name__}")
+        tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+        if tensors and tensors >= len(obj) // 2:
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise CheckpointError(
+                f"{source}: no model weights found; top-level keys are {sorted(map(str, obj))[:20]} "
+                f"(expected tensors or one of {list(_WRAPPER_KEYS)})"
+            )
+        obj = inner
+    return strip_prefixes({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+
+
+def classify_state_dict(sd: Mapping[str, Any]) -> str:
+    """Which naming a state dict uses: ``hf``, ``openai``, ``open_clip`` or ``clipforge``."""
+    if hf.is_hf_state_dict(sd):
+        return "hf"
+    if openai.is_openai_state_dict(sd):
+        return "openai"
+    if is_open_clip_state_dict(sd):
+        return "open_clip"
+    if any(k.startswith(("text.", "visual.")) for k in sd):
+        return "clipforge"
+    raise CheckpointError(f"unrecognised state-dict layout; first keys: {list(sd)[:8]}")
+
+
+def to_clipforge_names(sd: Mapping[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    if fmt == "hf":
+        return hf.hf_to_clipforge(sd)
+    if fmt in ("open_clip", "openai"):
+        return open_clip_to_clipforge(sd)
+    return dict(sd)
+
+
+# --- open_clip's config json ----------------------------------------------------------------------
+_VISION_MAP = (
+    "image_size layers width patch_size head_width mlp_ratio ls_init_value patch_dropout no_ln_pre "
+    "final_ln_after_pool pool_type timm_model_name timm_pool timm_proj"
+).split()
+_TEXT_MAP = (
+    "context_length vocab_size width heads layers mlp_ratio ls_init_value pad_id pool_type proj_bias "
+    "hf_model_name hf_pooler_type hf_proj_type"
+).split()
+# open_clip features clipforge does not implement: refuse when set, rather than load wrong math.
+_UNSUPPORTED = {
+    "attentional_pool": False,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "embed_cls": False,
+    "no_causal_mask": False,
+    "pos_embed_type": "learnable",
+    "proj_type": "linear",
+}
+
+
+def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip_config.json") -> CLIPConfig:
+    """A ``CLIPConfig`` from open_clip's ``model_cfg`` (as in its JSON configs and Hub repos)."""
+    v_in, t_in = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
+    for where, sub in (("vision_cfg", v_in), ("text_cfg", t_in)):
+        for name, default in _UNSUPPORTED.items():
+            if name in sub and sub[name] not in (default, None):
+                raise CheckpointError(f"{source}: {where}.{name}={sub[name]!r} is not supported by clipforge")
+        if where == "text_cfg" and sub.get("final_ln_after_pool"):
+            raise CheckpointError(f"{source}: text_cfg.final_ln_after_pool is not supported by clipforge")
+    vision = {k: v_in[k] for k in _VISION_MAP if k in v_in}
+    if isinstance(vision.get("image_size"), (list, tuple)):
+        h, w = vision["image_size"]
+        if h != w:
+            raise CheckpointError(f"{source}: non-square image_size {h}x{w} is not supported")
+        vision["image_size"] = h
+    if isinstance(vision.get("layers"), (list, tuple)):
+        vision["patch_size"] = None  # modified ResNet
+    else:
+        vision.setdefault("patch_size", 16)  # open_clip's default when omitted
+    if v_in.get("timm_model_pretrained"):
+        vision["timm_pretrained"] = True
+    text = {k: t_in[k] for k in _TEXT_MAP if k in t_in}
+    try:
+        return CLIPConfig.from_dict(
+            {
+                "embed_dim": model_cfg.get("embed_dim", 512),
+                "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+                **{k: model_cfg[k] for k in ("init_logit_scale", "init_logit_bias") if k in model_cfg},
+                "vision": vision,
+                "text": text,
+            },
+            source=source,
+        )
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_open_clip_json(path: Path) -> tuple[CLIPConfig | None, dict[str, Any] | None]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read open_clip config: {e}") from None
+    model_cfg = data.get("model_cfg")
+    config = config_from_open_clip(model_cfg, str(path)) if isinstance(model_cfg, Mapping) else None
+    pre = data.get("preprocess_cfg")
+    if isinstance(pre, Mapping) and config is not None:
+        pre = {
+            "image_size": config.vision.image_size,
+            **{k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre},
+        }
+    return config, dict(pre) if isinstance(pre, Mapping) else None
+
+
+# --- readers --------------------------------------------------------------------------------------
+def _read_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if path.suffix == ".safetensors":
+        sd = strip_prefixes(load_safetensors(path)[0])
+    else:
+        sd = unwrap_state_dict(safe_torch_load(path), path)
+    if not sd:
+        raise CheckpointError(f"{path}: contains no tensors")
+    try:
+        fmt = classify_state_dict(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return sd, fmt
+
+
+def _load_dir(path: Path) -> LoadedCheckpoint:
+    if clipforge_format.is_clipforge_dir(path):
+        ck = clipforge_format.read_pretrained_dir(path)
+        return LoadedCheckpoint(
+            ck.state_dict, "clipforge", path, ck.config, ck.preprocess_cfg, ck.tokenizer_cfg, extra=ck.extra
+        )
+    if hf.is_hf_dir(path):
+        sd, config = hf.load_hf_dir(path)
+        return LoadedCheckpoint(sd, "hf", path, config, quick_gelu=config.quick_gelu)
+    weights = next((path / n for n in _OPEN_CLIP_FILES if (path / n).is_file()), None)
+    if weights is None:
+        candidates = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        if len(candidates) != 1:
+            raise CheckpointError(
+                f"{path}: not a checkpoint folder (expected config.json + model.safetensors, a Hugging Face "
+                f"CLIPModel folder, or open_clip weights); weight files found: {[p.name for p in candidates]}"
+            )
+        weights = candidates[0]
+    loaded = _load_file(weights)
+    oc_json = path / "open_clip_config.json"
+    if oc_json.is_file():
+        loaded.config, loaded.preprocess_cfg = _read_open_clip_json(oc_json)
+    return loaded
+
+
+def _load_file(path: Path) -> LoadedCheckpoint:
+    if is_torchscript_archive(path):
+        sd, config = openai.load_openai(path)
+        return LoadedCheckpoint(sd, "openai", path, None, quick_gelu=True, extra={"torchscript": True})
+    raw, fmt = _read_weight_file(path)
+    sd = to_clipforge_names(raw, fmt)
+    return LoadedCheckpoint(sd, fmt, path, None, quick_gelu=True if fmt == "openai" else None)
+
+
+def load_any(path: str | Path) -> LoadedCheckpoint:
+    """Read a checkpoint file or folder of any supported format (``hf-hub:`` specs resolved first)."""
+    from clipforge.checkpoints.hub import is_hub_spec, resolve_hub
+
+    if is_hub_spec(path):
+        path = resolve_hub(str(path))
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    return _load_dir(path) if path.is_dir() else _load_file(path)
+
+
+def load_state_dict_any(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """``(state_dict in clipforge names, format, extra)``; extra holds any stored config/preprocessing."""
+    loaded = load_any(path)
+    return loaded.state_dict, loaded.format, loaded.as_extra()
+
+
+def detect_format(path: str | Path) -> str:
+    """One of :data:`FORMATS` for a file or folder (reads the file's keys, never runs its code)."""
+    path = Path(path)
+    if path.is_dir():
+        if clipforge_format.is_clipforge_dir(path):
+            return "clipforge"
+        if hf.is_hf_dir(path):
+            return "hf"
+    elif is_torchscript_archive(path):
+        return "openai"
+    return load_any(path).format
+
+
+# --- fitting a model ------------------------------------------------------------------------------
+def _cfg_signature(cfg: CLIPConfig) -> tuple:
+    v, t = cfg.vision, cfg.text
+    return (v.is_resnet, v.width, v.layers, v.patch_size, v.image_size, t.width, t.layers, cfg.embed_dim)
+
+
+def closest_architecture(cfg: CLIPConfig) -> tuple[str, bool]:
+    """The registered name whose shapes are nearest to ``cfg``, and whether it matches exactly."""
+    from clipforge.model.registry import get_model_config, list_models
+
+    target = _cfg_signature(cfg)
+    best, best_score = "", -1
+    for name in list_models():
+        sig = _cfg_signature(get_model_config(name))
+        score = sum(a == b for a, b in zip(sig, target))
+        if score > best_score:
+            best, best_score = name, score
+    exact = best_score == len(target)
+    if exact and cfg.quick_gelu:
+        best += "-quickgelu"
+    return best, exact
+
+
+def _fmt_list(keys: list[str], limit: int = 12) -> str:
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> str | None:
+    """A human-readable description of how ``sd`` fails to fit ``model``, or None if it fits."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(
+        f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    )
+    if not (missing or unexpected or shapes):
+        return None
+    lines = [f"{source}: checkpoint does not fit the model"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_fmt_list(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt_list(unexpected)}")
+    if shapes:
+        lines.append(f"  shape mismatches ({len(shapes)}): {_fmt_list(shapes, 8)}")
+    try:
+        name, exact = closest_architecture(infer_config(sd))
+        kind = "matches" if exact else "is closest to"
+        lines.append(f"  the checkpoint {kind} the registered architecture {name!r}: create_model({name!r}, ...)")
+    except (CheckpointError, ConfigError, KeyError, ValueError, IndexError) as e:
+        lines.append(f"  (could not infer the checkpoint's architecture: {e})")
+    return "\n".join(lines)
+
+
+def apply_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> Any:
+    """``model.load_state_dict`` with a readable error; shape mismatches are always errors."""
+    report = mismatch_report(model, sd, source)
+    if report is not None:
+        own = model.state_dict()
+        bad_shapes = any(k in own and tuple(v.shape) != tuple(own[k].shape) for k, v in sd.items())
+        if strict or bad_shapes:
+            raise CheckpointError(report)
+        log.warning("%s", report)
+    return model.load_state_dict(dict(sd), strict=strict)
+
+
+def _warn_activation(model: torch.nn.Module, loaded: LoadedCheckpoint) -> None:
+    config = getattr(model, "config", None)
+    wanted = loaded.config.quick_gelu if loaded.config is not None else loaded.quick_gelu
+    if config is not None and wanted is not None and bool(wanted) != bool(config.quick_gelu):
+        act = "QuickGELU" if wanted else "GELU"
+        log.warning(
+            "%s: the weights were trained with %s but the model uses %s; features will be off. "
+            "Build the model with quick_gelu=%s (e.g. the '-quickgelu' model name).",
+            loaded.path,
+            act,
+            "QuickGELU" if config.quick_gelu else "GELU",
+            bool(wanted),
+        )
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = True) -> Any:
+    """Load weights of any supported format into ``model`` (format detected automatically).
+
+    Raises ``CheckpointError`` listing missing/unexpected keys and shape mismatches and naming
+    the closest registered architecture. Stored preprocessing/tokenizer settings are set on the
+    model (``model.preprocess_cfg``, ``model.tokenizer_cfg``).
+    """
+    loaded = load_any(path)
+    _warn_activation(model, loaded)
+    result = apply_state_dict(model, loaded.state_dict, f"{loaded.path} ({loaded.format})", strict=strict)
+    if loaded.preprocess_cfg is not None:
+        from clipforge.model.factory import make_preprocess_cfg
+
+        model.preprocess_cfg = make_preprocess_cfg(loaded.preprocess_cfg)
+    if loaded.tokenizer_cfg is not None:
+        model.tokenizer_cfg = dict(loaded.tokenizer_cfg)
+    return result
+
+
+__all__ = [
+    "FORMATS",
+    "LoadedCheckpoint",
+    "TextConfig",
+    "VisionConfig",
+    "apply_state_dict",
+    "classify_state_dict",
+    "closest_architecture",
+    "config_from_open_clip",
+    "detect_format",
+    "load_any",
+    "load_checkpoint",
+    "load_state_dict_any",
+    "unwrap_state_dict",
+]

@@ -1,0 +1,204 @@
+"""open_clip / OpenAI state dicts <-> clipforge state dicts, and architecture inference.
+
+The two layouts differ in only two ways (see the key contract in the model package):
+1. open_clip's standard ``CLIP`` keeps the text tower's modules at the root (``token_embedding``,
+   ``positional_embedding``, ``transformer.*``, ``ln_final``, ``text_projection``); clipforge
+   nests them under ``text.``.
+2. ``nn.MultiheadAttention`` stores ``attn.in_proj_weight``/``in_proj_bias``; clipforge's fused
+   projection is an ``nn.Linear`` named ``attn.in_proj``.
+OpenAI's released files use the same names as open_clip (plus a few scalar bookkeeping entries).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from clipforge.errors import CheckpointError
+from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+
+#: Root-level text modules of open_clip's ``CLIP`` (moved under ``text.`` in clipforge).
+_TEXT_ROOT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+#: Prefixes left by DDP/FSDP (``module.``) and torch.compile (``_orig_mod.``).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: Entries in OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
+_OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+def strip_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``, in any nesting) from every key."""
+    out = {}
+    for key, value in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+            key = key.replace("._orig_mod.", ".")
+        out[key] = value
+    return out
+
+
+def _unwrap(sd: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Training checkpoints keep the weights under ``state_dict`` (open_clip) or ``model``."""
+    for wrapper in ("state_dict", "model"):
+        inner = sd.get(wrapper) if isinstance(sd, Mapping) else None
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    return sd
+
+
+def is_open_clip_state_dict(sd: Mapping[str, Any]) -> bool:
+    """True for open_clip/OpenAI layouts (text modules at the root or MHA-style in_proj names)."""
+    keys = strip_prefixes(_unwrap(sd)).keys()
+    return any(k.startswith("token_embedding.") for k in keys) or any(k.endswith("attn.in_proj_weight") for k in keys)
+
+
+def open_clip_to_clipforge(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Map an open_clip or OpenAI state dict to clipforge's key names (tensors are not copied)."""
+    out: dict[str, Any] = {}
+    for key, value in strip_prefixes(_unwrap(sd)).items():
+        if key in _OPENAI_SCALARS or key.endswith("attn_mask"):
+            continue  # hyper-parameters / non-persistent buffers, not weights
+        if key.startswith(_TEXT_ROOT):
+            key = "text." + key
+        key = re.sub(r"\.attn\.in_proj_(weight|bias)$", r".attn.in_proj.\1", key)
+        if key in ("logit_scale", "logit_bias") and isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.reshape(())
+        out[key] = value
+    return out
+
+
+def clipforge_to_open_clip(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`open_clip_to_clipforge` (for open_clip's standard ``CLIP`` layout).
+
+    A Hugging Face text tower stays under ``text.``, as in open_clip's ``CustomTextCLIP``.
+    """
+    sd = strip_prefixes(sd)
+    root_text = "text.token_embedding.weight" in sd
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if root_text and key.startswith("text."):
+            key = key[len("text.") :]
+        key = re.sub(r"\.attn\.in_proj\.(weight|bias)$", r".attn.in_proj_\1", key)
+        out[key] = value
+    return out
+
+
+# --- architecture inference ---------------------------------------------------------------------
+def _count_blocks(keys: list[str], prefix: str) -> int:
+    ids = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise CheckpointError(f"cannot infer the architecture: key {key!r} missing from the state dict")
+    return tuple(sd[key].shape)
+
+
+def _infer_vision(sd: Mapping[str, Any], keys: list[str]) -> tuple[VisionConfig, int]:
+    if "visual.layer1.0.conv1.weight" in sd:
+        layers = tuple(_count_blocks(keys, f"visual.layer{i}.") for i in range(1, 5))
+        width = _shape(sd, "visual.layer1.0.conv1.weight")[0]
+        grid = round(math.sqrt(_shape(sd, "visual.attnpool.positional_embedding")[0] - 1))
+        embed_dim = _shape(sd, "visual.attnpool.c_proj.weight")[0]
+        return VisionConfig(image_size=grid * 32, patch_size=None, width=width, layers=layers), embed_dim
+    if "visual.class_embedding" not in sd:
+        raise CheckpointError(
+            "cannot infer the architecture: the state dict has neither a ViT image tower "
+            "('visual.class_embedding') nor a modified ResNet ('visual.layer1.0.conv1.weight'); "
+            "pass a model name or config instead"
+        )
+    width, _, patch, _ = _shape(sd, "visual.conv1.weight")
+    grid = round(math.sqrt(_shape(sd, "visual.positional_embedding")[0] - 1))
+    hidden = _shape(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
+    ls = "visual.transformer.resblocks.0.ls_1.gamma" in sd
+    vision = VisionConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=width,
+        layers=_count_blocks(keys, "visual.transformer.resblocks."),
+        head_width=64 if width % 64 == 0 else width // 16,
+        mlp_ratio=hidden / width,
+        ls_init_value=1e-5 if ls else None,
+        no_ln_pre="visual.ln_pre.weight" not in sd,
+    )
+    return vision, _shape(sd, "visual.proj")[1]
+
+
+def _infer_text(sd: Mapping[str, Any], keys: list[str]) -> tuple[TextConfig, int]:
+    vocab, width = _shape(sd, "text.token_embedding.weight")
+    hidden = _shape(sd, "text.transformer.resblocks.0.mlp.c_fc.weight")[0]
+    proj_bias = "text.text_projection.weight" in sd
+    embed_dim = _shape(sd, "text.text_projection.weight")[0] if proj_bias else _shape(sd, "text.text_projection")[1]
+    text = TextConfig(
+        context_length=_shape(sd, "text.positional_embedding")[0],
+        vocab_size=vocab,
+        width=width,
+        heads=max(width // 64, 1),
+        layers=_count_blocks(keys, "text.transformer.resblocks."),
+        mlp_ratio=hidden / width,
+        ls_init_value=1e-5 if "text.transformer.resblocks.0.ls_1.gamma" in sd else None,
+        proj_bias=proj_bias,
+    )
+    return text, embed_dim
+
+
+def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
+    """Heads are invisible in weight shapes: take them (and exact mlp ratios) from a registered twin."""
+    from clipforge.model.registry import _REGISTRY
+
+    v, t = cfg.vision, cfg.text
+    for known in _REGISTRY.values():
+        kv, kt = known.vision, known.text
+        if (kv.is_resnet, kv.width, kv.layers, kv.patch_size) == (v.is_resnet, v.width, v.layers, v.patch_size):
+            if not v.is_resnet and int(kv.width * kv.mlp_ratio) == int(round(v.width * v.mlp_ratio)):
+                v.head_width, v.mlp_ratio = kv.head_width, kv.mlp_ratio
+        if (kt.width, kt.layers) == (t.width, t.layers) and int(kt.width * kt.mlp_ratio) == int(round(t.width * t.mlp_ratio)):
+            t.heads, t.mlp_ratio = kt.heads, kt.mlp_ratio
+
+
+def _exact_ratio(width: int, ratio: float) -> float:
+    """An mlp_ratio with ``int(width * ratio)`` equal to the stored hidden size despite rounding."""
+    hidden = round(width * ratio)
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def infer_config(sd: Mapping[str, Any], *, quick_gelu: bool | None = None) -> CLIPConfig:
+    """Rebuild a :class:`CLIPConfig` from weight shapes (OpenAI, open_clip or clipforge layout).
+
+    Inferred: tower type (ViT / modified ResNet), widths, depths, patch and image size, context
+    length, vocabulary, embed dim, MLP ratio, LayerScale, logit bias. Heads are not visible in
+    shapes: they come from a registered architecture with the same shapes, else ``width // 64``.
+    QuickGELU is not visible either: OpenAI's TorchScript files are recognised by their scalar
+    entries and get ``quick_gelu=True``; otherwise pass ``quick_gelu`` explicitly (default False).
+    """
+    raw = strip_prefixes(_unwrap(sd))
+    openai_file = any(k in raw for k in _OPENAI_SCALARS)
+    sd = open_clip_to_clipforge(raw) if is_open_clip_state_dict(raw) else raw
+    keys = list(sd)
+    vision, embed_dim = _infer_vision(sd, keys)
+    text, text_dim = _infer_text(sd, keys)
+    if text_dim != embed_dim:
+        raise CheckpointError(f"image projection gives embed dim {embed_dim} but text projection gives {text_dim}")
+    bias = sd.get("logit_bias")
+    cfg = CLIPConfig(
+        embed_dim=embed_dim,
+        vision=vision,
+        text=text,
+        quick_gelu=openai_file if quick_gelu is None else quick_gelu,
+        init_logit_bias=float(bias) if isinstance(bias, torch.Tensor) and bias.device.type != "meta" else None,
+    )
+    if isinstance(bias, torch.Tensor) and cfg.init_logit_bias is None:
+        cfg.init_logit_bias = -10.0
+    _adopt_registry_conventions(cfg)
+    if not cfg.vision.is_resnet:
+        cfg.vision.mlp_ratio = _exact_ratio(cfg.vision.width, cfg.vision.mlp_ratio)
+    cfg.text.mlp_ratio = _exact_ratio(cfg.text.width, cfg.text.mlp_ratio)
+    return cfg.validate()

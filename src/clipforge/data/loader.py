@@ -1,0 +1,227 @@
+"""``ResumableLoader``: a DataLoader whose position can be saved and restored exactly.
+
+The trainer iterates it like a DataLoader (batches of ``(images, tokens)``), and checkpoints
+``loader.state_dict()`` next to the model. ``load_state_dict`` makes the next ``iter()``
+continue the interrupted epoch with exactly the batches the uninterrupted run would have seen.
+
+* Map-style datasets (tables, folders, synthetic, mixes): a seeded per-epoch permutation split
+  across ranks like ``DistributedSampler``; the state is (epoch, batches consumed) and resuming
+  starts the sampler at that offset. Workers do not matter: the sampler runs in this process.
+* Shard streams (:class:`~clipforge.data.shards.ShardDataset`): every sample carries its
+  (worker slot, stream position); the loader keeps the next position of each slot plus the
+  slot of the last batch, so a resumed DataLoader replays each worker's stream from where
+  it stopped and starts its round-robin at the right worker. Needs the same ``num_workers``
+  and world size as the run that saved the state.
+
+In DDP every rank has its own loader and state; save all ranks' states (``all_gather_object``)
+for exact resume when corrupt samples were skipped, since skips differ between ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from clipforge.data.shards import ShardDataset, batches_per_worker
+from clipforge.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's indices for one epoch: seeded permutation, equal share per rank, offset start."""
+
+    def __init__(
+        self, n: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool, start: int = 0
+    ) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+        self.seed, self.epoch, self.shuffle, self.drop_last, self.start = seed, epoch, shuffle, drop_last, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:
+            order = order[: (self.n // self.world_size) * self.world_size]
+        else:  # pad by repeating so every rank gets the same count
+            pad = (-self.n) % self.world_size
+            order = order + order[:pad]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        per_rank = self.n // self.world_size if self.drop_last else -(-self.n // self.world_size)
+        return max(0, per_rank - self.start)
+
+
+class ResumableLoader:
+    """Iterable of ``(images, tokens)`` batches with ``state_dict``/``load_state_dict``.
+
+    One ``iter()`` is one epoch (the rest of it after a restore); the epoch counter advances
+    when an epoch is exhausted. ``drop_last=True`` (default) keeps every batch full, which the
+    contrastive loss and DDP gathering want.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        pin_memory: bool = False,
+        collate_fn: Callable | None = None,
+        prefetch_factor: int | None = None,
+        multiprocessing_context: Any = None,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
+        self.rank, self.world_size = _dist_defaults(rank, world_size)
+        self.pin_memory, self.collate_fn = pin_memory, collate_fn
+        self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
+        self.is_stream = isinstance(dataset, IterableDataset)
+        if self.is_stream and not isinstance(dataset, ShardDataset):
+            raise DataError("ResumableLoader supports map-style datasets and ShardDataset streams")
+        if self.is_stream and (dataset.rank, dataset.world_size) != (self.rank, self.world_size):
+            dataset.rank, dataset.world_size = self.rank, self.world_size
+        self.epoch = 0
+        self.batches_done = 0
+        self._positions: dict[int, int] = {}
+        self._last_slot: int | None = None
+
+    @property
+    def skipped(self) -> Any:
+        """The dataset's :class:`~clipforge.data.images.SkipCounter` (counts from all workers)."""
+        return getattr(self.dataset, "skipped", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning on the next ``iter()``."""
+        self.epoch, self.batches_done, self._positions, self._last_slot = int(epoch), 0, {}, None
+
+    def __len__(self) -> int:
+        """Batches per full epoch on this rank."""
+        if self.is_stream:
+            w = max(1, self.num_workers)
+            total = self.dataset._slots(w)
+            self.dataset.set_epoch(self.epoch)
+            return sum(
+                batches_per_worker(self.dataset.slot_length(total, self.rank * w + i), self.batch_size, self.drop_last)
+                for i in range(w)
+            )
+        n = len(self._sampler(0))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _sampler(self, start: int) -> EpochSampler:
+        return EpochSampler(
+            len(self.dataset),
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            start=start,
+        )
+
+    def _dataloader(self) -> DataLoader:
+        kw: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "drop_last": self.drop_last,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": False,  # workers must see this epoch's settings
+        }
+        if self.collate_fn is not None:
+            kw["collate_fn"] = self.collate_fn
+        if self.num_workers > 0:
+            kw["prefetch_factor"] = self.prefetch_factor or 2
+            if self.mp_context is not None:
+                kw["multiprocessing_context"] = self.mp_context
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        if self.is_stream:
+            ds = self.dataset
+            w = max(1, self.num_workers)
+            ds.with_positions, ds.num_workers_hint = True, w
+            ds.start_positions = dict(self._positions)
+            ds.slot_rotation = 0 if self._last_slot is None else (self._last_slot + 1) % w
+            return DataLoader(ds, **kw)
+        return DataLoader(self.dataset, sampler=self._sampler(self.batches_done * self.batch_size), **kw)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._dataloader():
+            if self.is_stream:
+                *batch, pos = batch
+                slots = pos[:, 0]
+                for slot in slots.unique().tolist():
+                    self._positions[slot] = int(pos[slots == slot, 1].max()) + 1
+                self._last_slot = int(slots[-1])
+                batch = tuple(batch)
+            self.batches_done += 1
+            yield batch
+        self.set_epoch(self.epoch + 1)
+
+    # -- exact resume -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints only, so it fits in any checkpoint (and JSON)."""
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "kind": "stream" if self.is_stream else "map",
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+        if self.is_stream:
+            state["num_workers"] = max(1, self.num_workers)
+            state["positions"] = {str(k): v for k, v in self._positions.items()}
+            state["last_slot"] = self._last_slot
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        kind = "stream" if self.is_stream else "map"
+        if state.get("kind") != kind:
+            raise DataError(f"loader state is for a {state.get('kind')} dataset, this one is {kind}")
+        for key in ("seed", "batch_size", "world_size"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the data position exactly: {key} was {state[key]}, now {getattr(self, key)}"
+                )
+        if self.is_stream and state["num_workers"] != max(1, self.num_workers):
+            raise DataError(
+                f"cannot resume a shard stream exactly: num_workers was {state['num_workers']}, "
+                f"now {max(1, self.num_workers)} (each worker owns its own part of the stream)"
+            )
+        if state.get("rank", self.rank) != self.rank:
+            logger.warning("loader state saved by rank %s restored on rank %s", state["rank"], self.rank)
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+        self._last_slot = state.get("last_slot")

@@ -1,0 +1,519 @@
+"""Webdataset tar shards: writing (with ``webdataset.TarWriter``) and an exactly resumable reader.
+
+Why our own reader. ``webdataset``'s pipeline (shard shuffle -> split -> sample shuffle
+buffer) keeps its state inside iterator closures running in worker processes, so a resumed run
+can only approximate where it was. Exact resume needs the whole stream to be a pure function of
+a few integers. Here the stream of *sample references* ``(shard, sample-in-shard)`` for one
+(epoch, rank, worker) is computed from the seed with integer arithmetic only; pixels are read
+(by offset, random access into the tar) only for samples that are actually emitted. Resuming
+at position ``p`` replays the reference stream - shuffle buffer included - without touching
+any data, then continues. Positions travel with every batch (``ResumableLoader`` strips them),
+so skipped corrupt samples never shift the count.
+
+Splitting (no duplicates): the epoch's shard order is shuffled identically on every process.
+Whole rounds of shards are dealt to the ``world_size * num_workers`` slots; the leftover
+shards (fewer than one per slot) are split sample by sample. With ``equalize`` (default) every
+slot then stops at the smallest slot's count, so all ranks run the same number of steps (DDP
+would otherwise hang) - with equal-size shards (what ``write_shards`` makes) almost nothing is
+dropped.
+
+Shard layout: ``<key>.jpg|png|webp`` + ``<key>.txt`` (+ ``<key>.json`` with ``captions`` when
+there are several, from which one is sampled per epoch). ``write_shards`` also writes
+``manifest.json`` (per-shard sample counts) so readers need not index every tar up front.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clipforge.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, SkipCounter, load_image
+from clipforge.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs and indexing
+# ---------------------------------------------------------------------------------------------
+def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Local shard paths from a brace pattern (``shard-{000000..000009}.tar``), a glob, a folder
+    of ``.tar`` files or a list; every path must exist (the error names the first missing)."""
+    if isinstance(spec, str | os.PathLike):
+        spec = [spec]
+    urls: list[str] = []
+    for item in spec:
+        s = os.fspath(item)
+        if s.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
+            raise DataError(f"{s}: only local shard files are supported by the resumable reader")
+        if os.path.isdir(s):
+            found = sorted(glob.glob(os.path.join(s, "*.tar")))
+            if not found:
+                raise DataError(f"{s}: folder contains no .tar shards")
+            urls += found
+            continue
+        if "{" in s:
+            import braceexpand
+
+            urls += list(braceexpand.braceexpand(s))
+        elif any(c in s for c in "*?["):
+            urls += sorted(glob.glob(s))
+        else:
+            urls.append(s)
+    if not urls:
+        raise DataError(f"no shards match {spec!r}")
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
+    return urls
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's convention: key = path up to the first '.' of the basename."""
+    d, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+@dataclass
+class ShardIndex:
+    """Where each sample's members live inside one tar: [(key, {ext: (offset, size)})]."""
+
+    path: str
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, path: str) -> ShardIndex:
+        index = cls(path)
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for m in tar:  # seekable mode: headers only, data is skipped
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_name(m.name)
+                    if not index.samples or index.samples[-1][0] != key:
+                        index.samples.append((key, {}))
+                    index.samples[-1][1][ext] = (m.offset_data, m.size)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            # A truncated tar still yields the samples before the damage.
+            logger.warning("%s: damaged tar after %d sample(s): %s", path, len(index.samples), e)
+        return index
+
+
+def read_manifest_counts(urls: Sequence[str]) -> list[int] | None:
+    """Per-shard sample counts from ``manifest.json`` files next to the shards, if complete."""
+    counts: dict[str, int] = {}
+    for folder in sorted({os.path.dirname(os.path.abspath(u)) for u in urls}):
+        mpath = os.path.join(folder, MANIFEST)
+        if os.path.isfile(mpath):
+            try:
+                with open(mpath, encoding="utf-8") as f:
+                    for s in json.load(f)["shards"]:
+                        counts[os.path.join(folder, s["name"])] = int(s["count"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                logger.warning("%s: ignoring unreadable manifest (%s)", mpath, e)
+    try:
+        return [counts[os.path.abspath(u)] for u in urls]
+    except KeyError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ShardWriteResult:
+    paths: list[str]
+    counts: list[int]
+    skipped: dict[str, int]
+    pattern: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def _encode(image: Any, fmt: str) -> tuple[bytes, str]:
+    b = io.BytesIO()
+    if fmt == "jpg":
+        image.save(b, "JPEG", quality=95)
+    elif fmt == "webp":
+        image.save(b, "WEBP", quality=95)
+    else:
+        image.save(b, "PNG")
+    return b.getvalue(), fmt
+
+
+def _sample_image_bytes(ds: Any, i: int, image_format: str) -> tuple[bytes, str]:
+    """Original file bytes when the format is one we store ("keep"), else re-encoded pixels."""
+    from PIL import Image
+
+    paths = getattr(ds, "image_paths", None)
+    if paths is None:  # generated data (synthetic): encode the drawn image
+        return _encode(ds.get_image(i), "png" if image_format == "keep" else image_format)
+    raw = Path(paths[i]).read_bytes() if os.path.isfile(paths[i]) else b""
+    image = load_image(raw or paths[i], max_pixels=ds.max_pixels, min_side=None)  # validates
+    if image_format == "keep":
+        fmt = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(Image.open(io.BytesIO(raw)).format or "")
+        if fmt is not None:
+            return raw, fmt
+        return _encode(image, "jpg")
+    return _encode(image, image_format)
+
+
+def write_shards(
+    source: Any,
+    out_dir: str | os.PathLike,
+    *,
+    max_count: int = 10_000,
+    max_size: int = 1 << 30,
+    prefix: str = "shard",
+    image_format: str = "keep",
+    progress: bool = False,
+    **dataset_kw: Any,
+) -> ShardWriteResult:
+    """Write ``source`` (a pairs dataset, or anything :func:`build_dataset` accepts) to
+    ``out_dir/<prefix>-000000.tar ...`` plus ``manifest.json``.
+
+    A shard closes at ``max_count`` samples or ``max_size`` bytes. ``image_format="keep"``
+    stores JPEG/PNG/WebP files byte-for-byte (other formats become JPEG); "jpg"/"png"/"webp"
+    re-encode. Bad images are skipped and counted, never written. Each shard is written to a
+    temporary name and renamed when complete, so a crash never leaves a half shard behind.
+    """
+    from webdataset import TarWriter
+
+    if image_format not in ("keep", "jpg", "png", "webp"):
+        raise DataError(f"image_format must be keep, jpg, png or webp; got {image_format!r}")
+    if max_count < 1:
+        raise DataError(f"max_count must be >= 1, got {max_count}")
+    if isinstance(source, str | os.PathLike):
+        from clipforge.data import build_dataset
+
+        source = build_dataset(os.fspath(source), **dataset_kw)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = SkipCounter(f"shards {out}")
+    paths: list[str] = []
+    counts: list[int] = []
+    writer = tmp = None
+    size = 0
+
+    def close() -> None:
+        nonlocal writer
+        if writer is not None:
+            writer.close()
+            final = out / f"{prefix}-{len(paths):06d}.tar"
+            os.replace(tmp, final)
+            paths.append(str(final))
+            writer = None
+
+    indices: Any = range(len(source))
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="shards", unit="img")
+    try:
+        for i in indices:
+            try:
+                data, ext = _sample_image_bytes(source, i, image_format)
+            except BadImageError as e:
+                skipped.add(e.reason, f"{_where(source, i)}: {e}")
+                continue
+            captions = list(source.all_captions[i])
+            if writer is None or counts[-1] >= max_count or size >= max_size:
+                close()
+                tmp = out / f".{prefix}-{len(paths):06d}.tar.tmp"
+                writer = TarWriter(str(tmp))
+                counts.append(0)
+                size = 0
+            meta = {"captions": captions, "source": _where(source, i)}
+            sample = {"__key__": f"{i:09d}", ext: data, "txt": captions[0], "json": json.dumps(meta).encode()}
+            writer.write(sample)
+            counts[-1] += 1
+            size += len(data) + 1536
+        close()
+    finally:
+        if writer is not None:  # an exception mid-shard: drop the partial temp file
+            writer.close()
+            Path(tmp).unlink(missing_ok=True)
+    for reason, n in getattr(source, "stats", {}).items():
+        if reason in ("empty_caption", "path_escape", "missing_field", "missing_caption", "malformed_row"):
+            skipped.merge({reason: n})
+    pattern = f"{prefix}-{{{0:06d}..{max(len(paths) - 1, 0):06d}}}.tar"
+    manifest = {
+        "format": "clipforge-shards",
+        "version": 1,
+        "source": getattr(source, "source", str(source)),
+        "pattern": pattern,
+        "total": sum(counts),
+        "shards": [{"name": os.path.basename(p), "count": c} for p, c in zip(paths, counts)],
+        "skipped": skipped.counts(),
+    }
+    tmp_manifest = out / f".{MANIFEST}.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    os.replace(tmp_manifest, out / MANIFEST)
+    logger.info("wrote %d sample(s) in %d shard(s) to %s; %s", sum(counts), len(paths), out, skipped.summary())
+    return ShardWriteResult(paths, counts, skipped.counts(), str(out / pattern))
+
+
+def _where(ds: Any, i: int) -> str:
+    rows = getattr(ds, "rows", None)
+    return rows[i] if rows is not None else f"{getattr(ds, 'source', 'item')}#{i}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def _shuffle_buffer(refs: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Deterministic buffered shuffle: fill, then emit a random slot and refill it."""
+    buf: list[Any] = []
+    for ref in refs:
+        if len(buf) < size:
+            buf.append(ref)
+            continue
+        k = rng.randrange(size)
+        yield buf[k]
+        buf[k] = ref
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardDataset(IterableDataset):
+    """Iterable over local webdataset shards with exact, cheap resume (see the module doc).
+
+    Items are ``(transform(image), tokenizer(caption))``; with ``with_positions`` (set by
+    ``ResumableLoader``) a third element ``LongTensor([slot, position])`` is added.
+    ``resampled=True`` draws shards with replacement forever; give ``samples_per_epoch``
+    (global) to cut it into epochs. ``rank``/``world_size`` default to torch.distributed's.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        transform: Callable | None = None,
+        tokenizer: Callable | None = None,
+        shuffle: bool = True,
+        buffer_size: int = 1000,
+        seed: int = 0,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        equalize: bool = True,
+        skip_counter: SkipCounter | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        min_side: int | None = DEFAULT_MIN_SIDE,
+    ) -> None:
+        super().__init__()
+        self.urls = expand_urls(urls)
+        self.source = str(urls) if isinstance(urls, str) else f"{len(self.urls)} shards"
+        self.transform, self.tokenizer = transform, tokenizer
+        self.shuffle, self.buffer_size, self.seed = shuffle, max(1, buffer_size), seed
+        self.resampled, self.samples_per_epoch, self.equalize = resampled, samples_per_epoch, equalize
+        if resampled and not samples_per_epoch:
+            logger.info("%s: resampled without samples_per_epoch: the stream never ends", self.source)
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if ready else 0
+            world_size = dist.get_world_size() if ready else 1
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.max_pixels, self.min_side = max_pixels, min_side
+        self.skipped = skip_counter or SkipCounter(self.source)
+        self.counts = read_manifest_counts(self.urls)
+        if self.counts is None:
+            logger.info("%s: no manifest.json; indexing %d shard(s)", self.source, len(self.urls))
+            self.counts = [len(ShardIndex.build(u).samples) for u in self.urls]
+        if not sum(self.counts):
+            raise DataError(f"{self.source}: the shards contain no samples")
+        self.epoch = 0
+        self.with_positions = False
+        self.num_workers_hint = 1  # set by ResumableLoader so __len__ knows the slots
+        self.start_positions: dict[int, int] = {}  # slot -> first stream position to emit
+        self.slot_rotation = 0  # worker i plays slot (i + rotation) % W (resume mid-epoch)
+        self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
+        self._files: OrderedDict[int, Any] = OrderedDict()
+
+    # -- the deterministic reference stream --------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _slots(self, num_workers: int) -> int:
+        return self.world_size * max(1, num_workers)
+
+    def _assignment(self, total_slots: int) -> tuple[list[list[int]], list[int]]:
+        """(whole shards per slot, leftover shards split sample by sample) for this epoch.
+
+        Only full-size shards are dealt whole; short shards and the last incomplete round go
+        to the sample-level split, so slot counts differ by at most one sample.
+        """
+        order = list(range(len(self.urls)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}:shards").shuffle(order)
+        biggest = max(self.counts)
+        full = [s for s in order if self.counts[s] == biggest]
+        whole = (len(full) // total_slots) * total_slots
+        per_slot = [full[s:whole:total_slots] for s in range(total_slots)]
+        return per_slot, full[whole:] + [s for s in order if self.counts[s] != biggest]
+
+    def _slot_count(self, slot: int, total_slots: int, per_slot: list[list[int]], rest: list[int]) -> int:
+        n_rest = sum(self.counts[s] for s in rest)
+        return sum(self.counts[s] for s in per_slot[slot]) + len(range(slot, n_rest, total_slots))
+
+    def slot_length(self, total_slots: int, slot: int = 0) -> int:
+        """How many samples slot ``slot`` emits this epoch (before skipping corrupt ones)."""
+        if self.resampled:
+            return (self.samples_per_epoch or 0) // total_slots
+        per_slot, rest = self._assignment(total_slots)
+        n = self._slot_count(slot, total_slots, per_slot, rest)
+        if self.equalize and total_slots > 1:
+            n = min(self._slot_count(s, total_slots, per_slot, rest) for s in range(total_slots))
+        if self.samples_per_epoch:
+            n = min(n, self.samples_per_epoch // total_slots)
+        return n
+
+    def _refs(self, slot: int, total_slots: int) -> Iterator[tuple[int, int]]:
+        if self.resampled:
+            rng = random.Random(f"{self.seed}:{self.epoch}:{slot}:resample")
+            while True:
+                s = rng.randrange(len(self.urls))
+                for j in range(self.counts[s]):
+                    yield s, j
+        per_slot, rest = self._assignment(total_slots)
+        for s in per_slot[slot]:
+            for j in range(self.counts[s]):
+                yield s, j
+        k = 0
+        for s in rest:
+            for j in range(self.counts[s]):
+                if k % total_slots == slot:
+                    yield s, j
+                k += 1
+
+    def ref_stream(self, slot: int, total_slots: int) -> Iterator[tuple[int, int]]:
+        """The epoch's references for one slot, in emission order (pure integer arithmetic)."""
+        infinite = self.resampled and not self.samples_per_epoch
+        limit = math.inf if infinite else self.slot_length(total_slots, slot)
+        refs = self._refs(slot, total_slots)
+        if self.shuffle:
+            refs = _shuffle_buffer(refs, self.buffer_size, random.Random(f"{self.seed}:{self.epoch}:{slot}:buf"))
+        for n, ref in enumerate(refs):
+            if n >= limit:
+                return
+            yield ref
+
+    # -- decoding -------------------------------------------------------------------------
+    def _index(self, s: int) -> ShardIndex:
+        if s not in self._indexes:
+            self._indexes[s] = ShardIndex.build(self.urls[s])
+            if len(self._indexes) > 16:
+                self._indexes.popitem(last=False)
+        self._indexes.move_to_end(s)
+        return self._indexes[s]
+
+    def _read(self, s: int, offset: int, size: int) -> bytes:
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = open(self.urls[s], "rb")  # noqa: SIM115 - cached handle
+            if len(self._files) > 8:
+                self._files.popitem(last=False)[1].close()
+        self._files.move_to_end(s)
+        f.seek(offset)
+        return f.read(size)
+
+    def load_sample(self, s: int, j: int) -> tuple[Any, str]:
+        """(RGB image, caption) of sample ``j`` of shard ``s``; raises BadImageError."""
+        index = self._index(s)
+        where = f"{self.urls[s]}#{j}"
+        if j >= len(index.samples):
+            raise BadImageError("truncated", where, "sample missing from damaged shard")
+        key, members = index.samples[j]
+        where = f"{self.urls[s]}:{key}"
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            raise BadImageError("missing_field", where, f"no image member ({'/'.join(IMAGE_EXTS)})")
+        captions: list[str] = []
+        if "json" in members:
+            try:
+                meta = json.loads(self._read(s, *members["json"]).decode("utf-8", errors="replace"))
+                caps = meta.get("captions") if isinstance(meta, dict) else None
+                if isinstance(caps, list):
+                    captions = [str(c).replace("\x00", "").strip() for c in caps]
+            except ValueError:
+                pass
+        if not any(captions) and "txt" in members:
+            captions = [self._read(s, *members["txt"]).decode("utf-8", errors="replace").replace("\x00", "").strip()]
+        captions = [c for c in captions if c]
+        if not captions:
+            raise BadImageError("empty_caption" if "txt" in members else "missing_caption", where, "no caption")
+        image = load_image(self._read(s, *members[ext]), max_pixels=self.max_pixels, min_side=self.min_side)
+        image.info.clear()
+        if len(captions) == 1:
+            return image, captions[0]
+        return image, random.Random(f"{self.seed}:{self.epoch}:{key}").choice(captions)
+
+    def _apply(self, image: Any, caption: str) -> tuple[Any, Any]:
+        if self.transform is not None:
+            image = self.transform(image)
+        tokens: Any = caption
+        if self.tokenizer is not None:
+            tokens = self.tokenizer(caption)
+            if getattr(tokens, "ndim", 0) == 2 and tokens.shape[0] == 1:
+                tokens = tokens[0]
+        return image, tokens
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        num_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        local = (worker + self.slot_rotation) % num_workers
+        total = self._slots(num_workers)
+        slot = self.rank * num_workers + local
+        start = self.start_positions.get(local, 0)
+        for pos, (s, j) in enumerate(self.ref_stream(slot, total)):
+            if pos < start:
+                continue
+            try:
+                image, caption = self.load_sample(s, j)
+            except BadImageError as e:
+                self.skipped.add(e.reason, str(e))
+                continue
+            item = self._apply(image, caption)
+            yield (*item, torch.tensor([local, pos])) if self.with_positions else item
+
+    def __len__(self) -> int:
+        """Samples this rank emits per epoch (all its workers), before corrupt ones are skipped."""
+        w = self.num_workers_hint
+        total = self._slots(w)
+        return sum(self.slot_length(total, self.rank * w + i) for i in range(w))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_indexes"], state["_files"] = OrderedDict(), OrderedDict()  # per-process caches
+        return state
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def batches_per_worker(n_samples: int, batch_size: int, drop_last: bool) -> int:
+    return n_samples // batch_size if drop_last else math.ceil(n_samples / batch_size)

@@ -1,0 +1,573 @@
+"""Evaluation datasets behind one small interface, and batched feature extraction.
+
+Every source (image folder, pairs table, caption folder, webdataset shards, the synthetic shapes
+set, torchvision datasets on disk) becomes an :class:`EvalDataset`: a map-style dataset whose
+items are ``(transform(image), index)`` plus, per index, a class label and/or a list of captions.
+Metrics then look labels and captions up by the indices that actually came back, so an image
+that fails to decode is skipped and counted without shifting anything.
+
+Dataset specs (the CLI's ``--data``):
+
+====================================  ============================================================
+``DIR`` with class sub-folders        ImageFolder: class = folder name (classification)
+``DIR`` of images + ``.txt`` files    one image per caption file, one caption per line (retrieval)
+``table.csv|tsv|jsonl|json``          pairs table, several caption columns allowed (retrieval)
+``DIR`` of ``*.tar`` / ``a.tar`` /    webdataset shards: ``jpg|png|webp`` + ``txt`` (captions, one
+``shard-{000..009}.tar``              per line) and/or ``cls`` (label); ``classnames.txt`` beside
+``synthetic:shapes?split=heldout``    the built-in shapes (``label=shape|colour|colour_shape``)
+``cifar10:ROOT`` / ``cifar100:ROOT``  torchvision datasets on disk; also ``torchvision:NAME:ROOT``
+====================================  ============================================================
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TABLE_EXTS = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json")
+TORCHVISION_ALIASES = {
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "stl10": "STL10",
+    "svhn": "SVHN",
+    "food101": "Food101",
+    "flowers102": "Flowers102",
+    "dtd": "DTD",
+    "eurosat": "EuroSAT",
+    "gtsrb": "GTSRB",
+    "pets": "OxfordIIITPet",
+    "cars": "StanfordCars",
+    "fgvc-aircraft": "FGVCAircraft",
+    "country211": "Country211",
+    "caltech101": "Caltech101",
+}
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """Images by index plus what the tasks need.
+
+    ``labels``/``classnames`` make it usable for zero-shot and linear probe; ``captions`` (a list
+    of captions per image) for retrieval. ``templates`` may carry dataset-specific prompts.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_items: int,
+        load_image: Callable[[int], Any],
+        *,
+        labels: Sequence[int] | None = None,
+        classnames: Sequence[str] | None = None,
+        captions: Sequence[Sequence[str]] | None = None,
+        templates: Sequence[str] | None = None,
+        transform: Callable | None = None,
+    ) -> None:
+        self.name = name
+        self.num_items = int(num_items)
+        self.load_image = load_image
+        self.labels = list(labels) if labels is not None else None
+        self.classnames = list(classnames) if classnames is not None else None
+        self.captions = [list(c) for c in captions] if captions is not None else None
+        self.templates = list(templates) if templates is not None else None
+        self.transform = transform
+        self.num_skipped = 0
+        if self.labels is not None and len(self.labels) != self.num_items:
+            raise DataError(f"{name}: {len(self.labels)} labels for {self.num_items} images")
+        if self.captions is not None and len(self.captions) != self.num_items:
+            raise DataError(f"{name}: {len(self.captions)} caption lists for {self.num_items} images")
+
+    @property
+    def supports_classification(self) -> bool:
+        return self.labels is not None and self.classnames is not None
+
+    @property
+    def supports_retrieval(self) -> bool:
+        return self.captions is not None
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, idx: int) -> tuple[Any, int] | None:
+        from clipforge.data.images import BadImageError
+
+        try:
+            image = self.load_image(idx)
+        except BadImageError as e:
+            log.warning("%s: skipping item %d: %s", self.name, idx, e)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, idx
+
+    def with_transform(self, transform: Callable | None) -> EvalDataset:
+        self.transform = transform
+        return self
+
+
+def collate_skip_none(batch: list[Any]) -> Any:
+    """Default collate after dropping items that failed to load (``None``)."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return None
+    return torch.utils.data.default_collate(kept)
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset, batch_size: int = 64, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skip_none
+    )
+
+
+def extract_features(
+    model: torch.nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str | None = None,
+    *,
+    normalize: bool = True,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode every image batch; returns (float32 features on CPU, concatenated second items).
+
+    The loader yields ``(images, targets)``: indices for an :class:`EvalDataset`, labels for an
+    ordinary classification loader. ``None`` batches (all items failed to load) are skipped.
+    """
+    from clipforge.eval.zero_shot import _maybe_tqdm, eval_mode, model_device
+
+    device = torch.device(device) if device is not None else model_device(model)
+    feats, targets = [], []
+    with eval_mode(model), torch.inference_mode():
+        for batch in _maybe_tqdm(loader, progress, "encode images"):
+            if batch is None:
+                continue
+            images, target = batch
+            x = model.encode_image(images.to(device)).float()
+            if normalize:
+                x = torch.nn.functional.normalize(x, dim=-1)
+            feats.append(x.cpu())
+            targets.append(torch.as_tensor(target).cpu())
+    if not feats:
+        raise DataError("no images could be loaded for evaluation")
+    return torch.cat(feats), torch.cat(targets)
+
+
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    device: torch.device | str | None = None,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
+    """L2-normalised float32 text features on CPU, encoded in batches."""
+    from clipforge.eval.zero_shot import _maybe_tqdm, eval_mode, model_device
+
+    device = torch.device(device) if device is not None else model_device(model)
+    out = []
+    starts = range(0, len(texts), batch_size)
+    with eval_mode(model), torch.inference_mode():
+        for s in _maybe_tqdm(starts, progress, "encode texts"):
+            tokens = tokenizer(list(texts[s : s + batch_size])).to(device)
+            out.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def _open_nth(paths: Sequence[str], idx: int) -> Any:
+    from clipforge.data.images import load_image
+
+    return load_image(paths[idx])
+
+
+def _first_item(dataset: Any, idx: int) -> Any:
+    return dataset[idx][0]
+
+
+def _pretty(name: str) -> str:
+    return name.replace("_", " ").strip()
+
+
+def image_folder(root: str | os.PathLike, transform: Callable | None = None) -> EvalDataset:
+    """ImageFolder layout: ``root/<class>/<image>``; classes sorted by folder name."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / cls):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    if not paths:
+        raise DataError(f"{root}: class folders contain no images ({', '.join(IMAGE_EXTS)})")
+    ds = EvalDataset(
+        str(root), len(paths), partial(_open_nth, paths), labels=labels, classnames=[_pretty(c) for c in classes]
+    )
+    ds.paths = paths  # type: ignore[attr-defined]
+    return ds.with_transform(transform)
+
+
+def from_pairs(source: Any, name: str | None = None, transform: Callable | None = None) -> EvalDataset:
+    """Wrap ``clipforge.data.pairs`` datasets (or anything with ``get_image`` + ``all_captions``)."""
+    ds = EvalDataset(
+        name or getattr(source, "source", type(source).__name__),
+        len(source.all_captions),
+        source.get_image,
+        captions=source.all_captions,
+    )
+    ds.paths = list(getattr(source, "image_paths", []))  # type: ignore[attr-defined]
+    return ds.with_transform(transform)
+
+
+def pairs_table(path: str | os.PathLike, transform: Callable | None = None, **kwargs: Any) -> EvalDataset:
+    from clipforge.data.pairs import PairsDataset
+
+    return from_pairs(PairsDataset(path, **kwargs), str(path), transform)
+
+
+def caption_folder(root: str | os.PathLike, transform: Callable | None = None) -> EvalDataset:
+    from clipforge.data.pairs import FolderPairsDataset
+
+    return from_pairs(FolderPairsDataset(root), str(root), transform)
+
+
+def synthetic_shapes(
+    *,
+    task: str = "classification",
+    label: str = "shape",
+    split: str | None = None,
+    n: int | None = None,
+    seed: int | None = None,
+    image_size: int = 64,
+    caption_style: str = "full",
+    transform: Callable | None = None,
+) -> EvalDataset:
+    """The built-in shapes. Classification defaults to the held-out (shape, colour) combinations
+    with ``label`` classes; retrieval to distinct captions from the validation split."""
+    from clipforge.data import synthetic
+
+    if task == "retrieval":
+        split, n, seed = split or "val", n or 200, 2 if seed is None else seed
+        images, captions = synthetic.retrieval_set(
+            n, split=split, seed=seed, image_size=image_size, caption_style=caption_style
+        )
+        name = f"synthetic:shapes?split={split}&n={n}&seed={seed}"
+        return EvalDataset(name, n, images.__getitem__, captions=[[c] for c in captions]).with_transform(transform)
+    split, n, seed = split or "heldout", n or 600, 1 if seed is None else seed
+    ds = synthetic.SyntheticShapes(n, split=split, seed=seed, image_size=image_size, caption_style=caption_style)
+    name = f"synthetic:shapes?split={split}&n={n}&seed={seed}&label={label}"
+    out = EvalDataset(
+        name,
+        n,
+        ds.get_image,
+        labels=ds.labels(label),
+        classnames=synthetic.class_names(label),
+        captions=ds.all_captions,
+        templates=["a {}.", "a photo of a {}.", "a drawing of a {}."],
+    )
+    return out.with_transform(transform)
+
+
+def torchvision_dataset(
+    name: str,
+    root: str | os.PathLike,
+    *,
+    split: str = "test",
+    download: bool = False,
+    transform: Callable | None = None,
+) -> EvalDataset:
+    """A ``torchvision.datasets`` class by name (``CIFAR10``) or alias (``cifar10``), on disk
+    under ``root``; ``download`` is passed through for users with internet."""
+    import torchvision.datasets as tvd
+
+    cls_name = TORCHVISION_ALIASES.get(name.lower(), name)
+    cls = getattr(tvd, cls_name, None)
+    if cls is None or not isinstance(cls, type):
+        raise DataError(f"unknown torchvision dataset {name!r}; aliases: {', '.join(TORCHVISION_ALIASES)}")
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {"root": str(root)}
+    if "download" in params:
+        kwargs["download"] = download
+    if "train" in params:
+        kwargs["train"] = split == "train"
+    elif "split" in params:
+        kwargs["split"] = split
+    try:
+        ds = cls(**kwargs)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        hint = "" if download else " (pass --download to fetch it)"
+        raise DataError(f"{cls_name} not found under {root}{hint}: {e}") from e
+    classes = getattr(ds, "classes", None)
+    if classes is None:
+        raise DataError(f"{cls_name} has no 'classes' attribute; zero-shot needs class names")
+    labels = None
+    for attr in ("targets", "labels", "_labels", "y"):
+        if hasattr(ds, attr):
+            labels = [int(t) for t in getattr(ds, attr)]
+            break
+    if labels is None:
+        labels = [int(ds[i][1]) for i in range(len(ds))]
+    return EvalDataset(
+        f"{cls_name}:{split}", len(ds), partial(_first_item, ds), labels=labels, classnames=[_pretty(str(c)) for c in classes]
+    ).with_transform(transform)
+
+
+# ---------------------------------------------------------------------------------------------
+# webdataset shards, read with the standard library: evaluation needs order and random access,
+# not shuffling or streaming from the network
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> [a-000.tar, a-001.tar, a-002.tar] (zero padding kept); also ``{a,b}``."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+class _ShardReader:
+    """Random access to members of uncompressed tar shards; handles opened lazily per process."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tarfile.TarFile] = {}
+        self._pid = os.getpid()
+
+    def read(self, shard: str, member: tarfile.TarInfo) -> bytes:
+        if self._pid != os.getpid():  # forked into a DataLoader worker: do not share file offsets
+            self._open, self._pid = {}, os.getpid()
+        tf = self._open.get(shard)
+        if tf is None:
+            tf = self._open[shard] = tarfile.open(shard, "r:")
+        f = tf.extractfile(member)
+        if f is None:
+            raise DataError(f"{shard}: {member.name} is not a regular file")
+        return f.read()
+
+    def __getstate__(self) -> dict:
+        return {"_open": {}, "_pid": -1}
+
+
+class _ShardImages:
+    """``idx -> PIL image`` for the image members found while indexing the shards."""
+
+    def __init__(self, members: list[tuple[str, tarfile.TarInfo]]) -> None:
+        self.members = members
+        self.reader = _ShardReader()
+
+    def __call__(self, idx: int) -> Any:
+        from clipforge.data.images import load_image
+
+        shard, member = self.members[idx]
+        return load_image(io.BytesIO(self.reader.read(shard, member)))
+
+
+def webdataset_shards(spec: str | os.PathLike, transform: Callable | None = None) -> EvalDataset:
+    """Shards (a directory, one ``.tar``, or a brace pattern) with ``jpg|png|webp`` images and
+    ``txt`` captions and/or ``cls`` labels. Class names come from ``classnames.txt`` beside the
+    shards (one per line, CLIP_benchmark's convention), else ``class 0..K-1``."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        shards = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        folder = Path(spec)
+    else:
+        shards = expand_braces(spec)
+        folder = Path(shards[0]).parent
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if not shards or missing:
+        raise DataError(f"webdataset shards not found: {missing[:3] or spec}")
+    images: list[tuple[str, tarfile.TarInfo]] = []
+    captions: list[list[str]] = []
+    labels: list[int] = []
+    for shard in shards:
+        groups: dict[str, dict[str, Any]] = {}
+        with tarfile.open(shard, "r:") as tf:
+            for member in tf.getmembers():
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                if base.startswith("."):
+                    continue
+                key, ext = _split_key(member.name)
+                entry = groups.setdefault(key, {})
+                ext = ext.lower()
+                if ext in ("jpg", "jpeg", "png", "webp"):
+                    entry["image"] = member
+                elif ext in ("txt", "cls"):
+                    raw = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
+                    entry[ext] = raw
+        for key, entry in groups.items():
+            if "image" not in entry:
+                log.warning("%s: sample %s has no image; skipped", shard, key)
+                continue
+            images.append((shard, entry["image"]))
+            captions.append([c.strip() for c in entry.get("txt", "").splitlines() if c.strip()])
+            labels.append(int(entry["cls"].strip()) if "cls" in entry else -1)
+    has_text = any(captions)
+    has_cls = all(label >= 0 for label in labels) and bool(labels)
+    classnames = None
+    if has_cls:
+        names_file = folder / "classnames.txt"
+        if names_file.is_file():
+            classnames = [n.strip() for n in names_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+        else:
+            classnames = [f"class {i}" for i in range(max(labels) + 1)]
+        if max(labels) >= len(classnames):
+            raise DataError(f"{names_file}: {len(classnames)} class names but label {max(labels)} found")
+    templates = None
+    tmpl_file = folder / "zeroshot_classification_templates.txt"
+    if tmpl_file.is_file():
+        from clipforge.eval.templates import load_template_file
+
+        templates = load_template_file(tmpl_file)
+    return EvalDataset(
+        spec,
+        len(images),
+        _ShardImages(images),
+        labels=labels if has_cls else None,
+        classnames=classnames,
+        captions=captions if has_text else None,
+        templates=templates,
+    ).with_transform(transform)
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: the key is the path up to the first dot of the file name."""
+    head, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{head}/{key}" if head else key), ext
+
+
+# ---------------------------------------------------------------------------------------------
+# spec dispatch
+
+
+def _parse_query(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, query = spec.partition("?")
+    opts = {}
+    for part in filter(None, query.split("&")):
+        key, _, value = part.partition("=")
+        opts[key] = value
+    return name, opts
+
+
+def load_eval_dataset(
+    spec: str | os.PathLike,
+    *,
+    task: str = "classification",
+    transform: Callable | None = None,
+    download: bool = False,
+    split: str | None = None,
+) -> EvalDataset:
+    """Build an :class:`EvalDataset` from a ``--data`` spec (see the module doc).
+    ``task`` ("classification" or "retrieval") only matters where one source supports both."""
+    spec = os.fspath(spec)
+    if spec.startswith("synthetic:"):
+        name, opts = _parse_query(spec)
+        if name != "synthetic:shapes":
+            raise DataError(f"unknown synthetic dataset {name!r}; available: synthetic:shapes")
+        known = {"split", "n", "seed", "label", "image_size", "caption_style"}
+        unknown = set(opts) - known
+        if unknown:
+            raise DataError(f"{spec}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        ints = {k: int(opts[k]) for k in ("n", "seed", "image_size") if k in opts}
+        return synthetic_shapes(
+            task=task,
+            label=opts.get("label", "shape"),
+            split=opts.get("split", split),
+            caption_style=opts.get("caption_style", "full"),
+            transform=transform,
+            **ints,
+        )
+    head, sep, rest = spec.partition(":")
+    if sep and not os.path.exists(spec) and len(head) > 1:  # "cifar10:ROOT", "torchvision:NAME:ROOT"
+        if head == "torchvision":
+            name, _, root = rest.partition(":")
+        else:
+            name, root = head, rest
+        root, opts = _parse_query(root)
+        return torchvision_dataset(
+            name,
+            root or ".",
+            split=opts.get("split", split or "test"),
+            download=download or opts.get("download") in ("1", "true"),
+            transform=transform,
+        )
+    if "{" in spec or spec.endswith(".tar"):
+        return webdataset_shards(spec, transform)
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in TABLE_EXTS:
+        return pairs_table(path, transform)
+    if path.is_dir():
+        if any(path.glob("*.tar")):
+            return webdataset_shards(path, transform)
+        has_subdirs = any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir())
+        has_sidecars = any(path.rglob("*.txt"))
+        if has_subdirs and not (task == "retrieval" and has_sidecars):
+            return image_folder(path, transform)
+        return caption_folder(path, transform)
+    raise DataError(
+        f"--data {spec!r}: not an existing folder, table ({', '.join(TABLE_EXTS)}), shard pattern, "
+        "synthetic:shapes or torchvision spec (e.g. cifar10:/data/cifar)"
+    )
+
+
+def as_eval_dataset(obj: Any, *, task: str = "classification", transform: Callable | None = None) -> EvalDataset:
+    """Adapt what users already have: an EvalDataset, a spec string, clipforge's synthetic or
+    pairs datasets, or a torchvision-style dataset with ``classes`` and ``(image, label)`` items."""
+    if isinstance(obj, EvalDataset):
+        return obj.with_transform(transform) if transform is not None else obj
+    if isinstance(obj, str | os.PathLike):
+        return load_eval_dataset(obj, task=task, transform=transform)
+    if hasattr(obj, "spec") and hasattr(obj, "labels") and hasattr(obj, "all_captions"):  # SyntheticShapes
+        from clipforge.data import synthetic
+
+        return EvalDataset(
+            getattr(obj, "source", "synthetic:shapes"),
+            len(obj),
+            obj.get_image,
+            labels=obj.labels("shape"),
+            classnames=synthetic.class_names("shape"),
+            captions=obj.all_captions,
+        ).with_transform(transform)
+    if hasattr(obj, "get_image") and hasattr(obj, "all_captions"):
+        return from_pairs(obj, transform=transform)
+    if hasattr(obj, "classes") and hasattr(obj, "__getitem__"):
+        targets = getattr(obj, "targets", None)
+        labels = [int(t) for t in targets] if targets is not None else [int(obj[i][1]) for i in range(len(obj))]
+        return EvalDataset(
+            type(obj).__name__, len(obj), partial(_first_item, obj), labels=labels, classnames=list(obj.classes)
+        ).with_transform(transform)
+    raise DataError(f"cannot evaluate on {type(obj).__name__}: expected a dataset spec or an EvalDataset")

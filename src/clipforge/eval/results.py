@@ -1,0 +1,183 @@
+"""Evaluation results: one JSON per run, and tables merged from many runs.
+
+The JSON uses CLIP_benchmark's field names (``dataset``, ``model``, ``pretrained``, ``task``,
+``metrics``, ``language``) so existing tooling and spreadsheets built around CLIP_benchmark read
+ours unchanged. ``metrics`` holds scalars only (they become CSV columns); lists such as per-class
+accuracy and the confusion matrix live under ``details``. Extra top-level fields: ``timings``
+(seconds), ``versions``, ``config`` (templates, batch size, device...), ``created`` (UTC ISO).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from clipforge.errors import ClipforgeError
+
+# our task names on the CLI -> CLIP_benchmark's names in the JSON
+TASK_NAMES = {
+    "zeroshot": "zeroshot_classification",
+    "zeroshot_classification": "zeroshot_classification",
+    "retrieval": "zeroshot_retrieval",
+    "zeroshot_retrieval": "zeroshot_retrieval",
+    "linear-probe": "linear_probe",
+    "linear_probe": "linear_probe",
+}
+FIRST_COLUMNS = ("model", "pretrained", "model_fullname", "dataset", "task", "language")
+
+
+def benchmark_task(task: str) -> str:
+    try:
+        return TASK_NAMES[task]
+    except KeyError:
+        raise ClipforgeError(f"unknown task {task!r}; use zeroshot, retrieval or linear-probe") from None
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    import clipforge
+
+    return {
+        "clipforge": clipforge.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(terse=True),
+    }
+
+
+def make_result(
+    *,
+    dataset: str,
+    model: str,
+    pretrained: str | None,
+    task: str,
+    metrics: Mapping[str, Any],
+    details: Mapping[str, Any] | None = None,
+    timings: Mapping[str, float] | None = None,
+    config: Mapping[str, Any] | None = None,
+    language: str = "en",
+) -> dict[str, Any]:
+    """Assemble one run's record; non-scalar metric values are moved to ``details``."""
+    scalars, extra = {}, dict(details or {})
+    for key, value in metrics.items():
+        if isinstance(value, bool | int | float) or value is None:
+            scalars[key] = value
+        else:
+            extra[key] = value
+    return {
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained or "",
+        "task": benchmark_task(task),
+        "metrics": scalars,
+        "language": language,
+        "details": extra,
+        "timings": {k: round(float(v), 4) for k, v in (timings or {}).items()},
+        "config": dict(config or {}),
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON; write them as null rather than emit a file other tools reject."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):  # tensors / numpy values
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def write_result(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write atomically (temp file in the same folder, then rename)."""
+    from clipforge.checkpoints.io import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ClipforgeError(f"cannot read results file {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ClipforgeError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, dict) or "metrics" not in data or not isinstance(data["metrics"], dict):
+        raise ClipforgeError(f"{path}: not an evaluation result (no 'metrics' object)")
+    return data
+
+
+def merge_results(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
+    """One flat row per result file: metrics as columns (CLIP_benchmark's ``build`` layout),
+    plus ``model_fullname`` = "model pretrained" and ``file``."""
+    rows = []
+    for path in paths:
+        data = read_result(path)
+        row: dict[str, Any] = {k: v for k, v in data.items() if not isinstance(v, dict | list)}
+        row.update(data["metrics"])
+        row["model_fullname"] = f"{data.get('model', '')} {data.get('pretrained', '')}".strip()
+        if "total" in data.get("timings", {}):
+            row["seconds"] = data["timings"]["total"]
+        row["file"] = str(path)
+        rows.append(row)
+    if not rows:
+        raise ClipforgeError("merge: no result files given")
+    return rows
+
+
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Identity columns first, then metrics in first-seen order: stable, readable CSVs."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            seen.setdefault(key)
+    first = [c for c in FIRST_COLUMNS if c in seen]
+    return first + [c for c in seen if c not in first]
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Union of all columns; missing values are empty cells. Written atomically."""
+    from clipforge.checkpoints.io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=table_columns(rows), restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    path = Path(path)
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table for the terminal (floats as percentages where they look like rates)."""
+    columns = list(columns or [c for c in table_columns(rows) if c not in ("file", "language", "model_fullname")])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

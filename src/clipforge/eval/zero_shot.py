@@ -1,0 +1,183 @@
+"""Zero-shot classification: class names x prompt templates -> a linear classifier, then accuracy.
+
+The classifier follows CLIP: every prompt is encoded and L2-normalised, the prompts of one class
+are averaged, and the mean is renormalised. Prompts of all classes are encoded in flat batches of
+``batch_size`` (not one class at a time), which keeps the text tower busy when there are many
+classes with few templates or few classes with many templates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clipforge.eval.templates import TemplateSpec, resolve_templates
+
+log = logging.getLogger(__name__)
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Evaluate with dropout/BN in eval mode, then give the model back in the mode we found it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def zero_shot_classifier(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    classnames: Sequence[str],
+    templates: TemplateSpec = "imagenet",
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Return class weights ``[embed_dim, num_classes]`` (float32, unit columns) on ``device``.
+
+    ``templates`` is "imagenet" (CLIP's 80), "simple" (7), a file with one ``{}`` template per
+    line, or a list of templates.
+    """
+    if not classnames:
+        raise ValueError("zero_shot_classifier: classnames is empty")
+    prompts = resolve_templates(templates)
+    device = torch.device(device) if device is not None else model_device(model)
+    texts = [t.format(c) for c in classnames for t in prompts]  # class-major: [C * T]
+    chunks = []
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[start : start + batch_size]).to(device)
+            chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    emb = torch.cat(chunks).reshape(len(classnames), len(prompts), -1).mean(dim=1)
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    log.debug("zero-shot classifier: %d classes x %d templates", len(classnames), len(prompts))
+    return emb.T.contiguous()
+
+
+def accuracy_metrics(
+    logits_or_preds: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int | None = None,
+    topk: Sequence[int] = (1, 5),
+) -> dict[str, Any]:
+    """Pure metric function: logits ``[N, C]`` (or predictions ``[N]``) and labels ``[N]``.
+
+    Returns ``acc{k}`` for each k (k is clipped to the number of classes, so "acc5" on a 3-class
+    problem is top-3 accuracy = 1.0), ``mean_per_class_recall`` (the mean over classes that occur in
+    ``labels``, as sklearn's balanced accuracy / CLIP_benchmark), ``per_class_accuracy`` (None for
+    classes without samples), ``confusion_matrix`` (rows = true class, columns = predicted) and
+    ``num_samples``. With bare predictions only acc1 can be computed.
+    """
+    acc = _Accumulator(num_classes or _infer_classes(logits_or_preds, labels), topk)
+    acc.update(logits_or_preds, labels)
+    return acc.result()
+
+
+def _infer_classes(x: torch.Tensor, labels: torch.Tensor) -> int:
+    if x.ndim == 2:
+        return x.shape[1]
+    return int(max(x.max().item(), labels.max().item())) + 1 if labels.numel() else 1
+
+
+class _Accumulator:
+    """Streaming top-k counts and confusion matrix, so evaluation never keeps all logits."""
+
+    def __init__(self, num_classes: int, topk: Sequence[int]) -> None:
+        self.num_classes = num_classes
+        self.topk = tuple(topk)
+        self.correct = dict.fromkeys(self.topk, 0)
+        self.has_logits = True
+        self.n = 0
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.detach().to("cpu", torch.long).reshape(-1)
+        x = x.detach().cpu()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+        if x.ndim == 2:
+            if x.shape[1] != self.num_classes:
+                raise ValueError(f"logits have {x.shape[1]} columns, expected {self.num_classes} classes")
+            kmax = min(max(self.topk), self.num_classes)
+            top = x.float().topk(kmax, dim=1).indices
+            hits = top == labels[:, None]
+            for k in self.topk:
+                self.correct[k] += int(hits[:, : min(k, self.num_classes)].any(dim=1).sum())
+            preds = top[:, 0]
+        else:
+            self.has_logits = False
+            preds = x.to(torch.long).reshape(-1)
+        if preds.shape != labels.shape:
+            raise ValueError(f"{preds.shape[0]} predictions but {labels.shape[0]} labels")
+        self.confusion += torch.bincount(
+            labels * self.num_classes + preds, minlength=self.num_classes**2
+        ).reshape(self.num_classes, self.num_classes)
+        self.n += labels.numel()
+
+    def result(self) -> dict[str, Any]:
+        support = self.confusion.sum(dim=1)
+        diag = self.confusion.diagonal()
+        per_class = [(int(d) / int(s)) if s > 0 else None for d, s in zip(diag, support)]
+        present = [p for p in per_class if p is not None]
+        out: dict[str, Any] = {}
+        n = max(self.n, 1)
+        if self.has_logits:
+            for k in self.topk:
+                out[f"acc{k}"] = self.correct[k] / n
+        else:
+            out["acc1"] = int(diag.sum()) / n
+        out["mean_per_class_recall"] = sum(present) / len(present) if present else 0.0
+        out["per_class_accuracy"] = per_class
+        out["confusion_matrix"] = self.confusion.tolist()
+        out["num_samples"] = self.n
+        out["num_classes"] = self.num_classes
+        return out
+
+
+def evaluate_zero_shot(
+    model: torch.nn.Module,
+    dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    classifier: torch.Tensor,
+    device: torch.device | str | None = None,
+    *,
+    topk: Sequence[int] = (1, 5),
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Classify every ``(images, labels)`` batch with ``classifier`` (from ``zero_shot_classifier``).
+
+    Scores are cosine similarities; the 100x logit scale used by CLIP does not change rankings,
+    so it is left out.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    classifier = classifier.to(device, torch.float32)
+    acc = _Accumulator(classifier.shape[1], topk)
+    batches = _maybe_tqdm(dataloader, progress, "zero-shot")
+    with eval_mode(model), torch.inference_mode():
+        for images, labels in batches:
+            feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
+            acc.update(feats @ classifier, torch.as_tensor(labels))
+    return acc.result()
+
+
+def _maybe_tqdm(it: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="batch", leave=False)

@@ -1,0 +1,411 @@
+"""Contrastive losses for CLIP training, all in one file.
+
+Every loss is called the same way::
+
+    loss = loss_fn(image_features, text_features, logit_scale, logit_bias=None)
+
+``image_features`` / ``text_features`` are the *local* batch ``[N, D]`` (normally L2-normalised),
+``logit_scale`` is the temperature already exponentiated (``model.logit_scale.exp()``; clamping it to
+100 is the training task's job, done on the parameter after each step) and ``logit_bias`` is SigLIP's
+learned bias. The result is a 0-dim tensor.
+
+What is here and why:
+
+* :class:`ClipLoss` - symmetric InfoNCE (CLIP): cross-entropy over the similarity matrix, rows
+  (image->text) and columns (text->image), label of row ``i`` is column ``i``. Materialises the
+  ``[B, B]`` logits: simplest, fine up to a batch of ~16k.
+* :class:`ChunkedClipLoss` - the same value and gradients without ever holding ``[B, B]``: the
+  similarity matrix is visited in square tiles, the row-wise and column-wise log-sum-exp are built
+  online, only the features and the two LSE vectors are saved, and the tiles are recomputed in
+  backward. Memory is ``O(B * D + chunk**2)`` instead of ``O(B**2)``.
+* :class:`SigLipLoss` - SigLIP's pairwise sigmoid loss with a learned bias.
+* :func:`gather_features` - collect features from all ranks so every rank sees every negative.
+
+Distributed equivalence (why ``gather_with_grad=True`` is the default): with the gathered features,
+rank ``r`` computes a loss ``L_r``. The all-gather with gradient sums, in backward, the gradient
+every rank computed for rank ``r``'s features, so rank ``r`` receives ``d(sum_r L_r)/d f_r``; DDP
+then averages parameter gradients over the ``W`` ranks. Without ``local_loss`` every rank computes
+the full loss (``sum_r L_r = W * L``); with ``local_loss`` rank ``r`` computes only its rows
+(``sum_r L_r = W * L`` again, since each ``L_r`` is a mean over ``N`` rows of the ``W*N``). Either
+way the averaged gradient is exactly the single-process gradient of the global batch. Gathering
+*without* gradient gives each rank only its own share, so encoder gradients come out ``W`` times too
+small after DDP's average (open_clip's default behaviour); it is kept as an option because it
+saves a little communication in backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipforge.errors import ClipforgeError
+
+__all__ = [
+    "ChunkedClipLoss",
+    "ClipLoss",
+    "SigLipLoss",
+    "chunked_clip_loss",
+    "gather_features",
+]
+
+
+# --------------------------------------------------------------------------------------------- #
+# Gathering across ranks
+# --------------------------------------------------------------------------------------------- #
+
+
+def _check_distributed(world_size: int) -> None:
+    """Fail with a useful message instead of torch's opaque "default process group" error."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ClipforgeError(
+            f"losses: world_size={world_size} but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first (torchrun does it in clipforge train)"
+        )
+
+
+def _gather_one(x: Tensor, *, with_grad: bool, rank: int, world_size: int) -> Tensor:
+    """All-gather ``x`` ``[N, D]`` from every rank into ``[world_size * N, D]`` (rank order)."""
+    import torch.distributed as dist
+
+    if with_grad:
+        # Differentiable all-gather: backward sums the gradients every rank computed for our slice.
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    # The gathered copies carry no graph; put our own tensor back so its gradient still flows.
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+def gather_features(
+    image_features: Tensor,
+    text_features: Tensor,
+    *,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Return ``(all_image_features, all_text_features)`` concatenated over ranks in rank order.
+
+    With ``world_size == 1`` the inputs are returned unchanged. ``gather_with_grad=True`` uses the
+    differentiable all-gather (exact DDP equivalence, see module docstring); ``False`` gathers
+    without graph and re-inserts the local features so at least their gradients flow.
+    ``local_loss`` does not change what is gathered (both directions need all columns); it is
+    accepted so callers can pass one set of options around.
+    """
+    del local_loss  # same gather either way; kept for a uniform call signature
+    if world_size <= 1:
+        return image_features, text_features
+    _check_distributed(world_size)
+    all_image = _gather_one(image_features, with_grad=gather_with_grad, rank=rank, world_size=world_size)
+    all_text = _gather_one(text_features, with_grad=gather_with_grad, rank=rank, world_size=world_size)
+    return all_image, all_text
+
+
+def _as_scale(logit_scale: Tensor | float, like: Tensor) -> Tensor:
+    """Accept a Python float or a 0-dim tensor for the temperature."""
+    if isinstance(logit_scale, Tensor):
+        return logit_scale
+    return torch.tensor(float(logit_scale), device=like.device, dtype=like.dtype)
+
+
+def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
+    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+        raise ClipforgeError(
+            "losses: image_features and text_features must both be [N, D] with equal shapes, got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- #
+# Plain InfoNCE
+# --------------------------------------------------------------------------------------------- #
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE over the full ``[B, B]`` logits (B = global batch).
+
+    ``local_loss=True`` (only matters with ``world_size > 1``): each rank computes the rows of its
+    own ``N`` samples against all ``B`` columns - an ``[N, B]`` matrix per direction - with labels
+    ``arange(N) + rank * N``. Same gradients, ``world_size`` times less logits memory per rank.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.rank = rank
+        self.world_size = world_size
+
+    def get_logits(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float
+    ) -> tuple[Tensor, Tensor]:
+        """``(logits_per_image, logits_per_text)``; the scale multiplies ``[N, D]``, not ``[B, B]``."""
+        logit_scale = _as_scale(logit_scale, image_features)
+        all_image, all_text = gather_features(
+            image_features,
+            text_features,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        if self.world_size > 1 and self.local_loss:
+            logits_per_image = (logit_scale * image_features) @ all_text.T
+            logits_per_text = (logit_scale * text_features) @ all_image.T
+        else:
+            logits_per_image = (logit_scale * all_image) @ all_text.T
+            logits_per_text = logits_per_image.T
+        return logits_per_image, logits_per_text
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        _check_pair(image_features, text_features)
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
+        if logit_bias is not None:
+            # A constant shift cancels in softmax; added so the bias stays in the graph (zero grad).
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+        n = logits_per_image.shape[0]
+        offset = self.rank * n if (self.world_size > 1 and self.local_loss) else 0
+        labels = torch.arange(offset, offset + n, device=logits_per_image.device)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+# --------------------------------------------------------------------------------------------- #
+# Chunked (memory-efficient) InfoNCE
+# --------------------------------------------------------------------------------------------- #
+
+
+def _blocks(n: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+class _ChunkedInfoNCE(torch.autograd.Function):
+    """Cross-entropy over the rows (and, if ``symmetric``, the columns) of ``S = scale * q @ k.T``.
+
+    ``q`` is ``[n, D]``, ``k`` is ``[m, D]``; row ``i``'s label is column ``i + offset``.
+    ``symmetric=True`` (requires ``n == m`` and ``offset == 0``) returns
+    ``(mean_i CE(row_i) + mean_j CE(col_j)) / 2`` - the whole CLIP loss from one pass over ``S``.
+    ``symmetric=False`` returns ``mean_i CE(row_i)`` - one direction, used for ``local_loss``.
+
+    Math. With ``lse_r``/``lse_c`` the row/column log-sum-exp of ``S``:
+    ``loss = c_r * sum(lse_r) + c_c * sum(lse_c) - (1/n) * sum_i S[i, i + offset]`` and
+    ``dloss/dS = c_r * softmax_rows(S) + c_c * softmax_cols(S) - (1/n) * onehot(labels)`` where
+    ``c_r = 1/(2n), c_c = 1/(2n)`` (symmetric) or ``c_r = 1/n, c_c = 0``. Writing ``G = dloss/dS``:
+    ``dq = scale * G @ k``, ``dk = scale * G.T @ q`` and ``dscale = sum(G * q @ k.T) = sum(q * (G @ k))``
+    - so the scale gradient costs ``O(n D)`` once ``G @ k`` is accumulated; no extra tile pass.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, scale: Tensor, offset: int, symmetric: bool, chunk: int):  # type: ignore[override]
+        n, m = q.shape[0], k.shape[0]
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        q_scaled = q * scale.to(q.dtype)
+        lse_r = torch.full((n,), -math.inf, device=q.device, dtype=acc)
+        lse_c = torch.full((m,), -math.inf, device=q.device, dtype=acc) if symmetric else None
+        for rows in _blocks(n, chunk):
+            for cols in _blocks(m, chunk):
+                tile = (q_scaled[rows] @ k[cols].T).to(acc)
+                lse_r[rows] = torch.logaddexp(lse_r[rows], torch.logsumexp(tile, dim=1))
+                if lse_c is not None:
+                    lse_c[cols] = torch.logaddexp(lse_c[cols], torch.logsumexp(tile, dim=0))
+        positives = (q_scaled.to(acc) * k[offset : offset + n].to(acc)).sum(dim=1)
+        if lse_c is not None:
+            loss = (lse_r.sum() + lse_c.sum()) / (2 * n) - positives.sum() / n
+        else:
+            loss = lse_r.sum() / n - positives.sum() / n
+        ctx.save_for_backward(q, k, scale, lse_r, lse_c if lse_c is not None else lse_r)
+        ctx.offset, ctx.symmetric, ctx.chunk = offset, symmetric, chunk
+        return loss.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        q, k, scale, lse_r, lse_c = ctx.saved_tensors
+        offset, symmetric, chunk = ctx.offset, ctx.symmetric, ctx.chunk
+        n, m = q.shape[0], k.shape[0]
+        acc = lse_r.dtype
+        go = grad_output.to(acc)
+        weight = go / (2 * n) if symmetric else go / n  # c_r (== c_c when symmetric), times dL
+        q_scaled = q * scale.to(q.dtype)
+        q_acc, k_acc = q.to(acc), k.to(acc)
+        g_k = torch.zeros(n, q.shape[1], device=q.device, dtype=acc)  # G @ k
+        g_q = torch.zeros(m, q.shape[1], device=q.device, dtype=acc)  # G.T @ q
+        for rows in _blocks(n, chunk):
+            for cols in _blocks(m, chunk):
+                tile = (q_scaled[rows] @ k[cols].T).to(acc)
+                if symmetric:
+                    col_soft = torch.sub(tile, lse_c[cols]).exp_()
+                    tile.sub_(lse_r[rows, None]).exp_().add_(col_soft)
+                    del col_soft
+                else:
+                    tile.sub_(lse_r[rows, None]).exp_()
+                tile.mul_(weight)
+                g_k[rows].addmm_(tile, k_acc[cols])
+                g_q[cols].addmm_(tile.T, q_acc[rows])
+        # The label term -(1/n) * onehot(i, i + offset), scaled by dL.
+        label_w = go / n
+        g_k.sub_(label_w * k_acc[offset : offset + n])
+        g_q[offset : offset + n].sub_(label_w * q_acc)
+        scale_acc = scale.to(acc)
+        grad_q = (scale_acc * g_k).to(q.dtype) if ctx.needs_input_grad[0] else None
+        grad_k = (scale_acc * g_q).to(k.dtype) if ctx.needs_input_grad[1] else None
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            grad_scale = (q_acc * g_k).sum().to(scale.dtype).reshape(scale.shape)
+        return grad_q, grad_k, grad_scale, None, None, None
+
+
+def chunked_clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    chunk_size: int = 4096,
+    local_rows: tuple[Tensor, Tensor] | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """Functional chunked InfoNCE.
+
+    Without ``local_rows``: the full symmetric loss over ``image_features @ text_features.T``.
+    With ``local_rows=(local_image, local_text)``: the ``local_loss`` form - local image rows
+    against all ``text_features`` plus local text rows against all ``image_features``, labels
+    starting at ``offset``.
+    """
+    if chunk_size < 1:
+        raise ClipforgeError(f"losses: chunk_size must be >= 1, got {chunk_size}")
+    scale = _as_scale(logit_scale, image_features)
+    if local_rows is None:
+        return _ChunkedInfoNCE.apply(image_features, text_features, scale, 0, True, chunk_size)
+    local_image, local_text = local_rows
+    loss_i = _ChunkedInfoNCE.apply(local_image, text_features, scale, offset, False, chunk_size)
+    loss_t = _ChunkedInfoNCE.apply(local_text, image_features, scale, offset, False, chunk_size)
+    return (loss_i + loss_t) / 2
+
+
+class ChunkedClipLoss(ClipLoss):
+    """:class:`ClipLoss` with the same value and gradients, computed tile by tile.
+
+    Peak extra memory is a few ``chunk_size x chunk_size`` tiles plus ``O(B * D)`` for the
+    gradients, so batches of 64k+ fit in a few GiB where the plain loss needs ``~4 * B**2 * 4`` bytes.
+    Cost: one extra ``B x B x D`` matmul (the tiles are recomputed in backward), i.e. about 4/3 of
+    the plain loss's matmul work, partly repaid by never touching ``B**2`` floats in memory.
+    Large tiles (default 4096) keep the matmuls efficient.
+    """
+
+    def __init__(
+        self,
+        chunk_size: int = 4096,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+        if chunk_size < 1:
+            raise ClipforgeError(f"losses: chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        _check_pair(image_features, text_features)
+        all_image, all_text = gather_features(
+            image_features,
+            text_features,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        if self.world_size > 1 and self.local_loss:
+            loss = chunked_clip_loss(
+                all_image,
+                all_text,
+                logit_scale,
+                chunk_size=self.chunk_size,
+                local_rows=(image_features, text_features),
+                offset=self.rank * image_features.shape[0],
+            )
+        else:
+            loss = chunked_clip_loss(all_image, all_text, logit_scale, chunk_size=self.chunk_size)
+        if logit_bias is not None:
+            # InfoNCE is invariant to a constant shift; keep the bias in the graph with zero grad
+            # so DDP does not see an unused parameter.
+            loss = loss + 0.0 * logit_bias.sum()
+        return loss
+
+
+# --------------------------------------------------------------------------------------------- #
+# SigLIP
+# --------------------------------------------------------------------------------------------- #
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP: ``-sum_ij log sigmoid(z_ij * (scale * <img_i, txt_j> + bias)) / N``.
+
+    ``z_ij = +1`` for the matching pair, ``-1`` otherwise; the sum runs over the local images and
+    *all* texts, divided by the local batch ``N`` (the paper's normalisation).
+
+    Distributed: text features are all-gathered with gradient and each rank scores its images
+    against every text - an ``[N, B]`` matrix. The paper's ring exchange (pass text chunks to the
+    neighbour ``W - 1`` times) holds only ``[N, N]`` at a time but needs hand-written
+    send/recv autograd; the gather gives the identical loss and gradients with far less code, and
+    ``N x B`` is what :class:`ClipLoss` with ``local_loss`` holds too. Summed over ranks the loss is
+    ``W`` times the single-process loss and the gather's backward sums gradients, so after DDP's
+    average the gradients equal the single-process ones (see the module docstring).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+        self.gather_with_grad = gather_with_grad
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        _check_pair(image_features, text_features)
+        logit_scale = _as_scale(logit_scale, image_features)
+        n = image_features.shape[0]
+        all_text = text_features
+        if self.world_size > 1:
+            _check_distributed(self.world_size)
+            all_text = _gather_one(
+                text_features, with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size
+            )
+        logits = (logit_scale * image_features) @ all_text.T
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        offset = self.rank * n if self.world_size > 1 else 0
+        signs = torch.full_like(logits, -1.0)
+        idx = torch.arange(n, device=logits.device)
+        signs[idx, idx + offset] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / n

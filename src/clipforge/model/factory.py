@@ -1,0 +1,227 @@
+"""Build models (and their preprocessing and tokenizer) from names, configs and checkpoints.
+
+The names and signatures are open_clip's (``create_model_and_transforms("ViT-B-32",
+pretrained="laion2b_s34b_b79k")``) so switching takes minutes. ``pretrained`` may be a named tag,
+``hf-hub:org/name``, a file or a folder; a checkpoint that carries its own config (clipforge or
+Hugging Face folders, open_clip Hub repos) rebuilds its model without a name, and one that does
+not has its architecture inferred from the weight shapes.
+
+The function bodies are short compositions of named steps: resolve the weights, choose the
+config, build, load, attach preprocessing and tokenizer settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.checkpoints.hub import hub_file, is_hub_spec, resolve_hub
+from clipforge.checkpoints.load import LoadedCheckpoint, _cfg_signature, _warn_activation, apply_state_dict, load_any
+from clipforge.checkpoints.pretrained import PretrainedWeights, is_pretrained_tag, resolve_pretrained
+from clipforge.errors import CheckpointError, ConfigError
+from clipforge.model.config import CLIPConfig
+from clipforge.model.registry import get_model_config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "create_model",
+    "create_model_and_transforms",
+    "create_model_from_pretrained",
+    "get_tokenizer",
+    "make_preprocess_cfg",
+]
+
+
+@dataclass
+class _Weights:
+    """Where ``pretrained`` pointed, after resolution."""
+
+    loaded: LoadedCheckpoint
+    entry: PretrainedWeights | None = None  # set for named tags
+
+
+def make_preprocess_cfg(data: dict[str, Any] | Any) -> Any:
+    """A ``PreprocessConfig`` from a stored dict (or an existing config, returned unchanged)."""
+    from clipforge.transforms import PreprocessConfig
+
+    if isinstance(data, PreprocessConfig):
+        return data
+    if hasattr(PreprocessConfig, "from_dict"):
+        return PreprocessConfig.from_dict(dict(data))
+    return PreprocessConfig(**dict(data))
+
+
+def _default_preprocess_dict(image_size: int) -> dict[str, Any]:
+    from clipforge.checkpoints.clipforge_format import default_preprocess_dict
+
+    return default_preprocess_dict(image_size)
+
+
+def _looks_like_path(value: str) -> bool:
+    return any(sep in value for sep in ("/", "\\", ".")) or value.startswith("~")
+
+
+def resolve_weights(name: str | None, pretrained: str | Path, cache_dir: str | Path | None = None) -> _Weights:
+    """Turn ``pretrained`` (tag, ``hf-hub:``, file or folder) into loaded weights."""
+    spec = str(pretrained)
+    if name is not None and not Path(spec).expanduser().exists() and is_pretrained_tag(name, spec):
+        entry = resolve_pretrained(name, spec)
+        path = hub_file(entry.hf_hub, entry.filenames, cache_dir=cache_dir)
+        assert path is not None
+        log.info("pretrained %s/%s -> %s", name, entry.tag, path)
+        return _Weights(load_any(path), entry)
+    if is_hub_spec(spec):
+        return _Weights(load_any(resolve_hub(spec, cache_dir=cache_dir)))
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _Weights(load_any(path))
+    if name is not None and not _looks_like_path(spec):
+        resolve_pretrained(name, spec)  # raises a ConfigError listing the known tags
+    raise CheckpointError(
+        f"pretrained={spec!r}: no such file or directory, and not a known tag or 'hf-hub:' reference"
+    )
+
+
+def _choose_config(
+    name_or_config: str | CLIPConfig | None, weights: _Weights | None, overrides: dict[str, Any]
+) -> CLIPConfig:
+    """Stored config > explicit config/name > inferred from shapes; then overrides on top."""
+    named: CLIPConfig | None = None
+    if isinstance(name_or_config, CLIPConfig):
+        named = CLIPConfig.from_dict(name_or_config.to_dict())
+    elif name_or_config is not None:
+        named = get_model_config(name_or_config)
+    stored = weights.loaded.config if weights is not None else None
+    if stored is not None:
+        if named is not None and _cfg_signature(named) != _cfg_signature(stored):
+            log.warning(
+                "%s carries its own config, which differs from %r; using the checkpoint's",
+                weights.loaded.path,
+                name_or_config if isinstance(name_or_config, str) else "the given config",
+            )
+        cfg = stored
+    elif named is not None:
+        cfg = named
+    elif weights is not None:
+        cfg = weights.loaded.resolve_config()
+    else:
+        raise ConfigError("create_model needs a model name, a CLIPConfig or pretrained weights")
+    if weights is not None and weights.entry is not None and weights.entry.quick_gelu:
+        cfg.quick_gelu = True  # the tag's weights were trained with QuickGELU (as open_clip does)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _attach_settings(model: torch.nn.Module, weights: _Weights | None, image_overrides: dict[str, Any]) -> None:
+    """Set ``model.preprocess_cfg`` and ``model.tokenizer_cfg`` from the checkpoint or defaults."""
+    cfg: CLIPConfig = model.config
+    pre: dict[str, Any] | None = None
+    tok: dict[str, Any] | None = None
+    if weights is not None:
+        if weights.entry is not None:
+            pre = weights.entry.preprocess_dict(cfg.vision.image_size)
+        pre = weights.loaded.preprocess_cfg or pre
+        tok = weights.loaded.tokenizer_cfg
+    pre = dict(pre or _default_preprocess_dict(cfg.vision.image_size))
+    pre.update({k: v for k, v in image_overrides.items() if v is not None})
+    model.preprocess_cfg = make_preprocess_cfg(pre)
+    model.tokenizer_cfg = dict(tok or {"type": "clip_bpe", "context_length": cfg.text.context_length})
+
+
+def create_model(
+    name_or_config: str | CLIPConfig | None = None,
+    pretrained: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+    strict: bool = True,
+    image_mean: tuple[float, float, float] | None = None,
+    image_std: tuple[float, float, float] | None = None,
+    image_interpolation: str | None = None,
+    image_resize_mode: str | None = None,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """A CLIP model, optionally with weights (``pretrained``: tag, ``hf-hub:...``, file or folder).
+
+    ``overrides`` replace config fields (``quick_gelu=True``, ``vision={"patch_dropout": 0.5}``).
+    Like open_clip, the model is returned in train mode; call ``.eval()`` for inference.
+    """
+    from clipforge.model.clip import CLIP
+
+    weights = resolve_weights(name_or_config if isinstance(name_or_config, str) else None, pretrained, cache_dir) if pretrained else None
+    cfg = _choose_config(name_or_config, weights, overrides)
+    model = CLIP(cfg)
+    if weights is not None:
+        _warn_activation(model, weights.loaded)
+        apply_state_dict(model, weights.loaded.state_dict, f"{weights.loaded.path} ({weights.loaded.format})", strict)
+    image_overrides = {
+        "mean": image_mean,
+        "std": image_std,
+        "interpolation": image_interpolation,
+        "resize_mode": image_resize_mode,
+    }
+    _attach_settings(model, weights, image_overrides)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def create_model_and_transforms(
+    name_or_config: str | CLIPConfig | None = None,
+    pretrained: str | Path | None = None,
+    *,
+    aug_cfg: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.nn.Module, Any, Any]:
+    """``(model, preprocess_train, preprocess_val)``; preprocessing follows the weights' settings."""
+    from clipforge.transforms import image_transform
+
+    model = create_model(name_or_config, pretrained, **kwargs)
+    train = image_transform(model.preprocess_cfg, is_train=True, **(aug_cfg or {}))
+    val = image_transform(model.preprocess_cfg, is_train=False)
+    return model, train, val
+
+
+def create_model_from_pretrained(
+    name_or_config: str | CLIPConfig | None = None, pretrained: str | Path | None = None, **kwargs: Any
+) -> tuple[torch.nn.Module, Any]:
+    """``(model, preprocess_val)`` with weights required (as in open_clip)."""
+    if pretrained is None and not (isinstance(name_or_config, str) and _is_source(name_or_config)):
+        raise ConfigError("create_model_from_pretrained needs pretrained= (a tag, 'hf-hub:...', a file or a folder)")
+    if pretrained is None:  # create_model_from_pretrained("hf-hub:org/name") / ("path/to/dir")
+        name_or_config, pretrained = None, name_or_config
+    model, _, val = create_model_and_transforms(name_or_config, pretrained, **kwargs)
+    return model, val
+
+
+def _is_source(value: str) -> bool:
+    return is_hub_spec(value) or Path(value).expanduser().exists()
+
+
+def get_tokenizer(name_or_model: Any = None, context_length: int | None = None, **kwargs: Any) -> Any:
+    """The tokenizer a model (or a model name, ``hf-hub:`` ref or checkpoint folder) expects."""
+    from clipforge.tokenizer import Tokenizer
+
+    settings: dict[str, Any] = {"type": "clip_bpe"}
+    if isinstance(name_or_model, torch.nn.Module):
+        model_cfg = getattr(name_or_model, "config", None)
+        settings = dict(getattr(name_or_model, "tokenizer_cfg", None) or settings)
+        if model_cfg is not None:
+            settings.setdefault("context_length", model_cfg.text.context_length)
+    elif isinstance(name_or_model, CLIPConfig):
+        settings["context_length"] = name_or_model.text.context_length
+    elif isinstance(name_or_model, str) and _is_source(name_or_model):
+        loaded = load_any(resolve_hub(name_or_model) if is_hub_spec(name_or_model) else name_or_model)
+        settings = dict(loaded.tokenizer_cfg or settings)
+        settings.setdefault("context_length", loaded.resolve_config().text.context_length)
+    elif isinstance(name_or_model, str):
+        settings["context_length"] = get_model_config(name_or_model).text.context_length
+    if context_length is not None:
+        settings["context_length"] = context_length
+    settings.update(kwargs)
+    return Tokenizer.from_dict(settings)

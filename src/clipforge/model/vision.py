@@ -1,0 +1,119 @@
+"""Vision Transformer image tower (CLIP's ViT: class token, pre-LN, token pooling, projection)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from clipforge.model.config import VisionConfig
+from clipforge.model.layers import LayerNorm, PatchDropout, Transformer, init_transformer, lock_groups
+
+
+@dataclass
+class VisionOutput:
+    """What an image tower can return beside its pooled features.
+
+    ``pooled`` is the projected embedding (what ``forward`` returns); ``tokens`` the final patch
+    tokens (class token excluded) after ``ln_post`` unless ``final_ln_after_pool``;
+    ``intermediates`` the per-block outputs requested, each ``[B, 1 + grid*grid, W]``.
+    """
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    intermediates: list[torch.Tensor] = field(default_factory=list)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        width = cfg.width
+        self.image_size = cfg.image_size
+        self.patch_size = cfg.patch_size
+        self.grid_size = cfg.grid_size
+        self.pool_type = cfg.pool_type
+        self.final_ln_after_pool = cfg.final_ln_after_pool
+        self.output_dim = embed_dim
+
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        scale = width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size**2 + 1, width))
+        self.patch_dropout = PatchDropout(cfg.patch_dropout) if cfg.patch_dropout > 0 else nn.Identity()
+        self.ln_pre = nn.Identity() if cfg.no_ln_pre else LayerNorm(width)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.init_parameters()
+
+    # --- contract ---------------------------------------------------------------------------------
+    def init_parameters(self) -> None:
+        scale = self.transformer.width**-0.5
+        nn.init.normal_(self.class_embedding, std=scale)
+        nn.init.normal_(self.positional_embedding, std=scale)
+        nn.init.normal_(self.proj, std=scale)
+        init_transformer(self.transformer)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"positional_embedding", "class_embedding"}
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the tower; the last ``unlocked_groups`` groups (embeddings, blocks, head) stay trainable."""
+        groups = [
+            [self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre],
+            *self.transformer.resblocks[:-1],
+            [self.transformer.resblocks[-1], self.ln_post],
+            self.proj,
+        ]
+        lock_groups(self, groups, unlocked_groups)
+
+    # --- forward ----------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patchify, prepend the class token, add positions, drop patches (training), ``ln_pre``."""
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, W]
+        cls_tok = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_tok, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(self.patch_dropout(x))
+
+    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm + pooling -> (projected pooled features, patch tokens)."""
+        if self.final_ln_after_pool:
+            pooled, tokens = self._global_pool(x)
+            pooled = self.ln_post(pooled)
+        else:
+            pooled, tokens = self._global_pool(self.ln_post(x))
+        return pooled @ self.proj, tokens
+
+    def _global_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pool_type == "avg":
+            return x[:, 1:].mean(dim=1), x[:, 1:]
+        return x[:, 0], x[:, 1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.transformer(self.embed(x)))[0]
+
+    def forward_tokens(self, x: torch.Tensor) -> VisionOutput:
+        pooled, tokens = self.pool(self.transformer(self.embed(x)))
+        return VisionOutput(pooled=pooled, tokens=tokens)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int] | int | None = None) -> VisionOutput:
+        """Pooled features plus block outputs: ``indices`` = list of block ids, or the last n if int."""
+        x, hidden = self.transformer.forward_hidden(self.embed(x))
+        blocks = hidden[1:]
+        take = take_indices(len(blocks), indices)
+        pooled, tokens = self.pool(x)
+        return VisionOutput(pooled=pooled, tokens=tokens, intermediates=[blocks[i] for i in take])
+
+
+def take_indices(n: int, indices: list[int] | int | None) -> list[int]:
+    """Block ids to return: all (None), the last ``n`` (int), or the given ones (negatives allowed)."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        return list(range(n - indices, n))
+    return [i % n for i in indices]

@@ -1,0 +1,547 @@
+"""``train(cfg)``: build the pieces with small named functions, then a short ``fit()`` loop.
+
+Reading order: :func:`train` -> :func:`build_run` (``setup_distributed``, ``build_model``,
+``build_data``, ``build_optimizer``, ``maybe_resume``) -> :func:`fit` -> :func:`train_step`.
+Checkpointing lives in :mod:`clipforge.train.state`, the objective in
+:mod:`clipforge.train.task`, the batch position in :mod:`clipforge.train.loader`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
+from clipforge.train import state as ckpt
+from clipforge.train.config import TrainConfig
+from clipforge.train.distributed import DistInfo, any_rank, barrier, cleanup_distributed, setup_distributed, wrap_model
+from clipforge.train.loader import ResumableLoader
+from clipforge.train.logger import RunLogger
+from clipforge.train.optim import build_optimizer as make_optimizer
+from clipforge.train.optim import build_scheduler
+from clipforge.train.surgery import apply_lora, has_lora, lock_towers, merge_lora
+from clipforge.train.task import ContrastiveTask, build_loss, split_micro_batches
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(ClipforgeError):
+    """Too many consecutive steps had a NaN/Inf loss or gradients."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    final_model_dir: str | None
+    last_checkpoint: str | None
+    steps: int
+    epochs: int
+    final_loss: float | None
+    skipped_steps: int
+    skipped_samples: dict[str, int]
+    samples_per_second: float
+    wall_time_s: float
+    interrupted: bool = False
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+    loss_history: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Run:
+    """Everything ``fit`` touches, built once by :func:`build_run`."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    model: nn.Module  # the raw CLIP (possibly with LoRA layers)
+    task: ContrastiveTask
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loader: ResumableLoader
+    tokenizer: Any
+    preprocess_val: Any
+    skips: Any
+    total_steps: int
+    state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
+    stop: threading.Event = field(default_factory=threading.Event)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / "checkpoints"
+
+
+# =================================================================================================
+# build
+# =================================================================================================
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def configure_runtime(cfg: TrainConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any, Any]:
+    """The CLIP to train, its train/val preprocessing and tokenizer, with locks/LoRA applied."""
+    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.model.registry import get_model_config
+
+    model_cfg = get_model_config(cfg.model)
+    if cfg.patch_dropout is not None:
+        model_cfg = model_cfg.replace(vision={"patch_dropout": cfg.patch_dropout})
+    model, preprocess_train, preprocess_val = create_model_and_transforms(model_cfg, pretrained=cfg.pretrained)
+    tokenizer = get_tokenizer(cfg.model)
+    if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
+        raise ConfigError(f"loss 'siglip' needs a model with a logit_bias (e.g. tiny-vit-siglip); {cfg.model} has none")
+    lock_towers(model, lock_image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
+                freeze_bn_stats=cfg.lock_image_freeze_bn_stats, lock_text=cfg.lock_text,
+                text_unlocked_layers=cfg.lock_text_unlocked_layers)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model.to(device), preprocess_train, preprocess_val, tokenizer
+
+
+def build_dataset(spec: str, *, transform: Any, tokenizer: Any, seed: int, skips: Any, cfg: TrainConfig,
+                  train: bool = True) -> Any:
+    """Resolve a data spec through ``clipforge.data.build_dataset``, passing the options it takes."""
+    import clipforge.data as data
+
+    options = {"transform": transform, "tokenizer": tokenizer, "seed": seed, "skip_counter": skips,
+               "image_key": cfg.image_key, "caption_key": cfg.caption_key, "train": train}
+    builder = getattr(data, "build_dataset", None)
+    if builder is None:  # before DATA's spec parser lands: tables only
+        from clipforge.data.pairs import PairsDataset
+
+        builder = PairsDataset
+    params = inspect.signature(builder).parameters
+    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if (accepts_all or k in params) and v is not None}
+    return builder(spec, **kwargs)
+
+
+def build_data(cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any, skips: Any) -> ResumableLoader:
+    if not cfg.data:
+        raise ConfigError("no training data: pass --data (a table, folder, shards or synthetic:shapes)")
+    dataset = build_dataset(cfg.data, transform=transform, tokenizer=tokenizer, seed=cfg.seed, skips=skips, cfg=cfg)
+    return ResumableLoader(dataset, cfg.batch_size * cfg.accum_steps, seed=cfg.seed, rank=info.rank,
+                           world_size=info.world_size, workers=cfg.workers, tokenizer=tokenizer,
+                           steps_per_epoch=cfg.steps_per_epoch, skips=skips,
+                           pin_memory=info.device.type == "cuda")
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int) -> tuple[Any, Any, torch.amp.GradScaler]:
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, cfg.warmup_steps, cfg.cooldown_steps,
+                                cfg.cooldown_power, cfg.min_lr)
+    use_scaler = cfg.precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    return optimizer, scheduler, scaler
+
+
+def _new_skip_counter() -> Any:
+    try:
+        from clipforge.data.images import SkipCounter
+    except ImportError:  # pragma: no cover
+        return None
+    return SkipCounter("train data")
+
+
+def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
+    if cfg.precision == "fp16" and info.device.type != "cuda":
+        raise ConfigError("precision 'fp16' needs a CUDA device; use fp32 or bf16 on CPU")
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model, preprocess_train, preprocess_val, tokenizer = build_model(cfg, info.device)
+    skips = _new_skip_counter()
+    loader = build_data(cfg, info, preprocess_train, tokenizer, skips)
+    total = cfg.max_steps or cfg.epochs * loader.steps_per_epoch
+    optimizer, scheduler, scaler = build_optimizer(cfg, model, total)
+    strategy = {"auto": "ddp"}.get(cfg.distributed, cfg.distributed)
+    wrapped = wrap_model(model, info, strategy)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    loss_fn = build_loss(cfg.loss, rank=info.rank, world_size=info.world_size, local_loss=cfg.local_loss,
+                         gather_with_grad=cfg.gather_with_grad, chunk_size=cfg.chunk_size)
+    task = ContrastiveTask(wrapped, loss_fn, max_logit_scale=cfg.max_logit_scale, ema_decay=cfg.ema_decay)
+    run = Run(cfg, info, model, task, optimizer, scheduler, scaler, loader, tokenizer, preprocess_val, skips, total)
+    seed_everything(cfg.seed + info.rank)  # per-rank randomness (patch dropout) from here on
+    maybe_resume(run)
+    return run
+
+
+# =================================================================================================
+# checkpoints
+# =================================================================================================
+def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _full_state_dicts(run: Run) -> tuple[dict, dict]:
+    if run.cfg.distributed == "fsdp" and run.info.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(run.model, run.optimizer, options=opts)
+    return run.model.state_dict(), run.optimizer.state_dict()
+
+
+def save_training_checkpoint(run: Run) -> Path | None:
+    """All ranks call this (states are gathered); rank 0 writes. Returns the path or None on failure."""
+    rngs = _gather_objects(ckpt.capture_rng(), run.info)
+    model_sd, optim_sd = _full_state_dicts(run)
+    path = None
+    if run.info.is_main:
+        payload = {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "ema": run.task.ema.state_dict() if run.task.ema else None,
+            "rng": rngs,
+            "data": run.loader.state_dict(),
+            "skips": run.skips.counts() if run.skips is not None else {},
+            "train_state": run.state.to_dict(),
+            "config": run.cfg.to_dict(),
+        }
+        try:
+            path = ckpt.save_checkpoint(payload, run.ckpt_dir, run.state.step, run.cfg.keep_last)
+            log.info("checkpoint %s", path)
+        except CheckpointError as e:
+            log.error("%s; training continues", e)
+    barrier()
+    return path
+
+
+def maybe_resume(run: Run) -> None:
+    path = ckpt.resolve_resume(run.cfg.resume, run.ckpt_dir)
+    if run.cfg.resume and path is None:
+        log.warning("--resume %s: no checkpoint in %s yet; starting fresh", run.cfg.resume, run.ckpt_dir)
+        return
+    if path is None:
+        return
+    saved = ckpt.load_checkpoint_state(path)
+    _warn_config_drift(saved.get("config", {}), run.cfg)
+    if run.cfg.distributed == "fsdp" and run.info.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(run.model, run.optimizer, model_state_dict=saved["model"],
+                       optim_state_dict=saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        run.model.load_state_dict(saved["model"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved["scaler"])
+    if run.task.ema is not None and saved.get("ema") is not None:
+        run.task.ema.load_state_dict(saved["ema"])
+    run.loader.load_state_dict(saved["data"])
+    if run.skips is not None and saved.get("skips"):
+        run.skips.merge(saved["skips"])
+    run.state = ckpt.TrainState(**saved["train_state"])
+    rngs = saved["rng"]
+    ckpt.restore_rng(rngs[run.info.rank] if run.info.rank < len(rngs) else rngs[0])
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.state.step, run.loader.epoch, run.loader.batch)
+
+
+_EXACTNESS_KEYS = ("model", "data", "batch_size", "accum_steps", "seed", "lr", "schedule", "loss", "epochs", "max_steps")
+
+
+def _warn_config_drift(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    changed = [k for k in _EXACTNESS_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        log.warning("resuming with changed %s: the run will not match an uninterrupted one", changed)
+
+
+# =================================================================================================
+# the loop
+# =================================================================================================
+def autocast_factory(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _grads_finite_norm(run: Run) -> Tensor:
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    max_norm = run.cfg.grad_clip_norm if run.cfg.grad_clip_norm else float("inf")
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, float] | None:
+    """One optimiser step; returns metrics, or None if the step was skipped (NaN/Inf)."""
+    device = run.info.device
+    images = images.to(device, non_blocking=True)
+    tokens = tokens.to(device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    out = run.task.forward_backward(split_micro_batches(images, tokens, run.cfg.accum_steps),
+                                    backward=lambda loss: run.scaler.scale(loss).backward(), autocast=autocast)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = _grads_finite_norm(run)
+    loss_ok = math.isfinite(out.metrics["loss"])
+    # With fp16 the scaler owns overflowing gradients (it skips and lowers the scale by design).
+    grads_ok = run.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+    bad = any_rank(not (loss_ok and grads_ok), device) if run.info.distributed else not (loss_ok and grads_ok)
+    lr = run.optimizer.param_groups[0]["lr"]
+    if bad:
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler.is_enabled():
+            run.scaler.update()
+    else:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.task.after_step()
+    run.scheduler.step()
+    run.state.step += 1
+    run.state.samples_seen += images.shape[0] * run.info.world_size
+    if bad:
+        return None
+    return {**out.metrics, "lr": lr, "grad_norm": float(grad_norm)}
+
+
+def _handle_bad_step(run: Run, rlog: RunLogger) -> None:
+    run.state.bad_steps += 1
+    run.state.bad_in_a_row += 1
+    rlog.write(f"step {run.state.step}: non-finite loss or gradients; step skipped "
+               f"({run.state.bad_in_a_row} in a row, {run.state.bad_steps} total)")
+    rlog.log(run.state.step, {"skipped": True, "bad_steps": run.state.bad_steps})
+    if run.state.bad_in_a_row >= run.cfg.max_bad_steps:
+        last = ckpt.list_checkpoints(run.ckpt_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        raise TrainingDivergedError(
+            f"aborting at step {run.state.step}: {run.state.bad_in_a_row} consecutive steps had NaN/Inf loss or "
+            f"gradients; {where}. Try a lower --lr, --grad-clip-norm 1.0, or --precision fp32"
+        )
+
+
+def _install_sigterm(run: Run) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: finishing this step, writing a checkpoint, then exiting")
+        run.stop.set()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def fit(run: Run) -> TrainResult:
+    """Epochs of steps; checkpoints on schedule; stops cleanly on SIGTERM."""
+    cfg, state = run.cfg, run.state
+    autocast = autocast_factory(cfg, run.info.device)
+    rlog = RunLogger(cfg.output_dir, enabled=run.info.is_main, tensorboard=cfg.tensorboard,
+                     progress=cfg.progress, total_steps=run.total_steps, initial_step=state.step)
+    previous_handler = _install_sigterm(run)
+    eval_metrics: dict[str, Any] = {}
+    start, start_samples = time.perf_counter(), state.samples_seen
+    window_t, window_samples = time.perf_counter(), state.samples_seen
+    run.model.train()
+    run.task.model.train()
+    try:
+        while state.epoch < cfg.epochs and state.step < run.total_steps and not run.stop.is_set():
+            for images, tokens in run.loader.epoch_batches():
+                metrics = train_step(run, images, tokens, autocast)
+                if metrics is None:
+                    _handle_bad_step(run, rlog)
+                else:
+                    state.bad_in_a_row = 0
+                    run.losses.append(metrics["loss"])
+                now = time.perf_counter()
+                sps = (state.samples_seen - window_samples) / max(now - window_t, 1e-9)
+                if metrics is not None:
+                    rlog.progress(1, loss=f"{metrics['loss']:.4f}", sps=f"{sps:.1f}", lr=f"{metrics['lr']:.2e}")
+                else:
+                    rlog.progress(1)
+                if metrics is not None and (state.step % cfg.log_every == 0 or state.step == run.total_steps):
+                    rlog.log(state.step, {**metrics, "epoch": state.epoch, "samples_per_s": sps})
+                    window_t, window_samples = now, state.samples_seen
+                stop = any_rank(run.stop.is_set(), run.info.device) if run.info.distributed else run.stop.is_set()
+                if stop:
+                    run.stop.set()
+                    break
+                if state.step >= run.total_steps:
+                    break
+                if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
+                    save_training_checkpoint(run)
+            if run.stop.is_set():
+                break
+            if run.loader.batch >= run.loader.steps_per_epoch:
+                run.loader.next_epoch()
+                state.epoch += 1
+                if cfg.val_data and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
+                    eval_metrics = evaluate(run, rlog)
+                if cfg.save_every_epochs and state.epoch % cfg.save_every_epochs == 0 and state.step < run.total_steps:
+                    save_training_checkpoint(run)
+        last = save_training_checkpoint(run)
+        if run.stop.is_set():
+            rlog.write(f"stopped by SIGTERM at step {state.step}; continue with --resume latest")
+        elif cfg.val_data and not eval_metrics:
+            eval_metrics = evaluate(run, rlog)
+        final_dir = None if run.stop.is_set() else save_final_model(run)
+    finally:
+        rlog.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    wall = time.perf_counter() - start
+    result = TrainResult(
+        output_dir=str(cfg.output_dir),
+        final_model_dir=str(final_dir) if final_dir else None,
+        last_checkpoint=str(last) if last else None,
+        steps=state.step,
+        epochs=state.epoch,
+        final_loss=run.losses[-1] if run.losses else None,
+        skipped_steps=state.bad_steps,
+        skipped_samples=run.skips.counts() if run.skips is not None else {},
+        samples_per_second=(state.samples_seen - start_samples) / max(wall, 1e-9),
+        wall_time_s=wall,
+        interrupted=run.stop.is_set(),
+        eval_metrics=eval_metrics,
+        loss_history=list(run.losses),
+    )
+    if run.info.is_main:
+        write_summary(run, result)
+    return result
+
+
+# =================================================================================================
+# after training
+# =================================================================================================
+def save_final_model(run: Run) -> Path | None:
+    """Write ``output_dir/final`` (model.safetensors + config.json) from rank 0; LoRA is merged."""
+    import copy
+
+    model = run.model
+    if run.cfg.distributed == "fsdp" and run.info.distributed:
+        model_sd, _ = _full_state_dicts(run)
+        if not run.info.is_main:
+            return None
+        from clipforge.model.clip import CLIP
+
+        model = CLIP(run.model.config)  # an unsharded twin to hold the gathered weights
+        model.preprocess_cfg = run.model.preprocess_cfg
+        if has_lora(run.model):
+            c = run.cfg
+            apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
+        model.load_state_dict(model_sd)
+    if not run.info.is_main:
+        return None
+    from clipforge.checkpoints.clipforge_format import save_pretrained
+
+    out = Path(run.cfg.output_dir) / "final"
+    export = merge_lora(copy.deepcopy(model)) if has_lora(model) else model
+    save_pretrained(export, out)
+    if run.task.ema is not None:
+        ema = run.task.ema.module
+        save_pretrained(merge_lora(copy.deepcopy(ema)) if has_lora(ema) else ema, Path(run.cfg.output_dir) / "final-ema")
+    return out
+
+
+@torch.no_grad()
+def encode_dataset(model: nn.Module, dataset: Any, batch_size: int, device: torch.device,
+                   tokenizer: Any = None) -> tuple[Tensor, Tensor]:
+    """Normalised image and text features of every pair in ``dataset`` (eval mode)."""
+    from torch.utils.data import DataLoader
+
+    from clipforge.train.loader import Collate
+
+    images, texts = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collate(tokenizer), generator=torch.Generator())
+        for batch_images, batch_tokens in loader:
+            images.append(model.encode_image(batch_images.to(device), normalize=True).float().cpu())
+            texts.append(model.encode_text(batch_tokens.to(device), normalize=True).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(images), torch.cat(texts)
+
+
+def evaluate(run: Run, rlog: RunLogger) -> dict[str, Any]:
+    """Retrieval Recall@K on ``val_data`` (rank 0 computes; others wait)."""
+    metrics: dict[str, Any] = {}
+    if run.info.is_main:
+        from clipforge.eval.retrieval import retrieval_metrics
+
+        dataset = build_dataset(run.cfg.val_data, transform=run.preprocess_val, tokenizer=run.tokenizer,
+                                seed=run.cfg.seed, skips=None, cfg=run.cfg, train=False)
+        model = run.task.ema.module if run.task.ema is not None else run.model
+        image_f, text_f = encode_dataset(model, dataset, max(64, run.cfg.batch_size), run.info.device, run.tokenizer)
+        metrics = retrieval_metrics(image_f, text_f, torch.arange(len(text_f)))
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        rlog.log(run.state.step, {**metrics, "epoch": run.state.epoch}, kind="eval")
+        rlog.write(f"eval @ epoch {run.state.epoch}: text->image R@1 {metrics['image_retrieval_recall@1']:.3f}, "
+                   f"image->text R@1 {metrics['text_retrieval_recall@1']:.3f}")
+    barrier()
+    return metrics
+
+
+def write_summary(run: Run, result: TrainResult) -> None:
+    summary = {k: v for k, v in result.to_dict().items() if k != "loss_history"}
+    path = Path(run.cfg.output_dir) / "summary.json"
+    tmp = path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    skipped = sum(result.skipped_samples.values())
+    lines = [
+        f"run summary: {result.steps} steps, {result.epochs} epoch(s) in {result.wall_time_s:.1f}s "
+        f"({result.samples_per_second:.1f} samples/s)",
+        f"  final loss {result.final_loss:.4f}" if result.final_loss is not None else "  no completed step",
+        f"  skipped: {result.skipped_steps} step(s) with NaN/Inf, {skipped} bad sample(s) {result.skipped_samples or ''}",
+    ]
+    if result.final_model_dir:
+        lines.append(f"  model: {result.final_model_dir} (load with create_model(pretrained=...))")
+    for line in lines:
+        log.info(line)
+
+
+# =================================================================================================
+# entry point
+# =================================================================================================
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or fine-tune) a CLIP model as described by ``cfg``; see :class:`TrainConfig`."""
+    cfg.validate()
+    configure_runtime(cfg)
+    info = setup_distributed(cfg.device)
+    owns_group = info.distributed
+    try:
+        if info.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            cfg.save(Path(cfg.output_dir) / "run_config.yaml")
+        run = build_run(cfg, info)
+        return fit(run)
+    finally:
+        if owns_group:
+            cleanup_distributed()
