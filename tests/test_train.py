@@ -17,9 +17,14 @@ from clipforge.train.surgery import apply_lora, lock_towers, merge_lora
 from clipforge.train.task import ContrastiveTask, build_loss, split_micro_batches
 
 
+def small_config(name: str = "tiny-vit", **vision):
+    """The registry's tiny model with a short context and small vocabulary: same structure, faster tests."""
+    return get_model_config(name).replace(text={"vocab_size": 1000, "context_length": 16}, vision=vision)
+
+
 def tiny_model(name: str = "tiny-vit", seed: int = 0) -> CLIP:
     torch.manual_seed(seed)
-    return CLIP(get_model_config(name))
+    return CLIP(small_config(name))
 
 
 def fake_batch(n: int, model: CLIP, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,9 +35,9 @@ def fake_batch(n: int, model: CLIP, seed: int = 1) -> tuple[torch.Tensor, torch.
     tokens = torch.zeros(n, ctx, dtype=torch.long)
     lengths = torch.randint(3, 12, (n,), generator=g)
     for i, L in enumerate(lengths.tolist()):
-        tokens[i, 0] = 49406
-        tokens[i, 1 : L - 1] = torch.randint(1, 49000, (L - 2,), generator=g)
-        tokens[i, L - 1] = 49407
+        tokens[i, 0] = 998
+        tokens[i, 1 : L - 1] = torch.randint(1, 990, (L - 2,), generator=g)
+        tokens[i, L - 1] = 999
     return images, tokens
 
 
@@ -177,8 +182,7 @@ def test_accumulation_with_feature_cache_equals_full_batch(model_name, loss_kind
 def test_accumulation_replays_patch_dropout_rng():
     """With stochastic layers the recomputed micro-batch must see the same mask as the cached one."""
     torch.manual_seed(0)
-    cfg = get_model_config("tiny-vit").replace(vision={"patch_dropout": 0.5})
-    model = CLIP(cfg).double()
+    model = CLIP(small_config(patch_dropout=0.5)).double()
     images, tokens = fake_batch(8, model)
     task = ContrastiveTask(model, build_loss("clip"))
     micro = split_micro_batches(images.double(), tokens, 2)

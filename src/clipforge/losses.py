@@ -57,8 +57,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------- #
 
 
-def _check_distributed(world_size: int) -> None:
-    """Fail with a useful message instead of torch's opaque "default process group" error."""
+def _check_distributed(rank: int, world_size: int) -> None:
+    """Fail with a useful message instead of torch's opaque errors or, worse, silently wrong grads."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -66,6 +66,38 @@ def _check_distributed(world_size: int) -> None:
             f"losses: world_size={world_size} but torch.distributed is not initialised; "
             "call torch.distributed.init_process_group first (torchrun does it in clipforge train)"
         )
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise ClipforgeError(
+            f"losses: loss built with rank={rank}, world_size={world_size} but the process group says "
+            f"rank={dist.get_rank()}, world_size={dist.get_world_size()}"
+        )
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums, over ranks, the gradient each rank computed for our slice.
+
+    Written here instead of using ``torch.distributed.nn.functional.all_gather`` (deprecated, and
+    emulating reduce-scatter with scatters on gloo): backward is one ``all_reduce`` of the
+    ``[W * N, D]`` gradient followed by taking our rows, which every backend supports.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, world_size: int) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x)
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # SUM
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
 
 
 def _gather_one(x: Tensor, *, with_grad: bool, rank: int, world_size: int) -> Tensor:
@@ -73,10 +105,7 @@ def _gather_one(x: Tensor, *, with_grad: bool, rank: int, world_size: int) -> Te
     import torch.distributed as dist
 
     if with_grad:
-        # Differentiable all-gather: backward sums the gradients every rank computed for our slice.
-        import torch.distributed.nn.functional as dist_fn
-
-        return torch.cat(dist_fn.all_gather(x), dim=0)
+        return _AllGatherWithGrad.apply(x, rank, world_size)
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous())
     # The gathered copies carry no graph; put our own tensor back so its gradient still flows.
@@ -104,7 +133,7 @@ def gather_features(
     del local_loss  # same gather either way; kept for a uniform call signature
     if world_size <= 1:
         return image_features, text_features
-    _check_distributed(world_size)
+    _check_distributed(rank, world_size)
     all_image = _gather_one(image_features, with_grad=gather_with_grad, rank=rank, world_size=world_size)
     all_text = _gather_one(text_features, with_grad=gather_with_grad, rank=rank, world_size=world_size)
     return all_image, all_text
@@ -397,7 +426,7 @@ class SigLipLoss(nn.Module):
         n = image_features.shape[0]
         all_text = text_features
         if self.world_size > 1:
-            _check_distributed(self.world_size)
+            _check_distributed(self.rank, self.world_size)
             all_text = _gather_one(
                 text_features, with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size
             )

@@ -49,7 +49,12 @@ def _png16_rgb(pixels: np.ndarray) -> bytes:
     h, w, _ = pixels.shape
     raw = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(raw))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _reason(src, **kw) -> str:

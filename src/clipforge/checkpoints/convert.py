@@ -73,10 +73,14 @@ def save_open_clip(model: torch.nn.Module, dst: str | Path) -> Path:
         return dst
     dst.mkdir(parents=True, exist_ok=True)
     save_safetensors(sd, dst / "open_clip_model.safetensors", metadata={"format": "pt"})
-    pre = clipforge_format.preprocess_to_dict(getattr(model, "preprocess_cfg", None), model.config.vision.image_size)
+    pre = clipforge_format.preprocess_to_dict(
+        getattr(model, "preprocess_cfg", None), model.config.vision.image_size
+    )
     document = {
         "model_cfg": config_to_open_clip(model.config),
-        "preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pre.items() if k != "image_size"},
+        "preprocess_cfg": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in pre.items() if k != "image_size"
+        },
     }
     atomic_write_text(dst / "open_clip_config.json", json.dumps(document, indent=2) + "\n")
     return dst

@@ -93,7 +93,9 @@ def hf_to_clipforge(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for (prefix, kind, _), parts in qkv.items():
         missing = [p for p in "qkv" if p not in parts]
         if missing:
-            raise CheckpointError(f"{prefix}attn: Hugging Face checkpoint lacks {', '.join(missing)}_proj.{kind}")
+            raise CheckpointError(
+                f"{prefix}attn: Hugging Face checkpoint lacks {', '.join(missing)}_proj.{kind}"
+            )
         out[f"{prefix}attn.in_proj.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 

@@ -103,7 +103,9 @@ def cached_file(
 ) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(hub_cache_dir(cache_dir)), revision=revision)
+    found = try_to_load_from_cache(
+        repo_id, filename, cache_dir=str(hub_cache_dir(cache_dir)), revision=revision
+    )
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
 
@@ -143,8 +145,10 @@ def hub_file(
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if not required:
         return None
-    raise DownloadError(f"hf-hub:{repo_id}: could not download {' or '.join(names)} ({'; '.join(errors)}). "
-                        f"To use it offline place it at: {hints}")
+    raise DownloadError(
+        f"hf-hub:{repo_id}: could not download {' or '.join(names)} ({'; '.join(errors)}). "
+        f"To use it offline place it at: {hints}"
+    )
 
 
 def resolve_hub(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -164,7 +168,9 @@ def resolve_hub(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
         "config.json": ("model.safetensors", "pytorch_model.bin"),
     }
     for config_name in CONFIG_FILES:
-        config = hub_file(ref.repo_id, config_name, revision=ref.revision, cache_dir=cache_dir, required=False)
+        config = hub_file(
+            ref.repo_id, config_name, revision=ref.revision, cache_dir=cache_dir, required=False
+        )
         if config is None:
             continue
         weights = hub_file(ref.repo_id, weights_for[config_name], revision=ref.revision, cache_dir=cache_dir)
@@ -175,7 +181,12 @@ def resolve_hub(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
     # No config at all: plain weight files, as some repositories hold.
     path = hub_file(
         ref.repo_id,
-        ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin"),
+        (
+            "open_clip_model.safetensors",
+            "open_clip_pytorch_model.bin",
+            "model.safetensors",
+            "pytorch_model.bin",
+        ),
         revision=ref.revision,
         cache_dir=cache_dir,
     )

@@ -138,7 +138,9 @@ def load_safetensors(
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except Exception as e:  # safetensors raises its own error types for bad headers / short files
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
     return tensors, metadata
 
 
@@ -269,7 +271,11 @@ class _TorchScriptUnpickler(pickle.Unpickler):
                 raw = self._archive.read(f"{self._prefix}data/{key}")
             except KeyError:
                 raise CheckpointError(f"{self._path}: TorchScript archive lacks storage data/{key}") from None
-            data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            data = (
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                if raw
+                else torch.empty(0, dtype=torch.uint8)
+            )
             self._storages[key] = data.view(dtype) if raw else torch.empty(0, dtype=dtype)
         return self._storages[key]
 
@@ -303,7 +309,9 @@ def _read_class_tensor_names(archive: zipfile.ZipFile, prefix: str) -> dict[str,
     return names
 
 
-def _collect(obj: _ScriptObject, prefix: str, classes: dict[str, set[str]], out: dict[str, torch.Tensor]) -> None:
+def _collect(
+    obj: _ScriptObject, prefix: str, classes: dict[str, set[str]], out: dict[str, torch.Tensor]
+) -> None:
     state = obj.state
     if not isinstance(state, dict):
         return
@@ -327,7 +335,9 @@ def load_torchscript_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable TorchScript archive (truncated or corrupt?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable TorchScript archive (truncated or corrupt?): {e}"
+        ) from None
     with archive:
         data_entries = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
         if not data_entries:
@@ -343,7 +353,9 @@ def load_torchscript_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # zlib / CRC / pickle errors from a damaged archive
             raise CheckpointError(f"{path}: corrupt TorchScript archive ({type(e).__name__}: {e})") from None
     if not isinstance(root, _ScriptObject):
-        raise CheckpointError(f"{path}: TorchScript data.pkl does not hold a module (got {type(root).__name__})")
+        raise CheckpointError(
+            f"{path}: TorchScript data.pkl does not hold a module (got {type(root).__name__})"
+        )
     state_dict: dict[str, torch.Tensor] = {}
     _collect(root, "", classes, state_dict)
     log.debug("read %d tensors from TorchScript archive %s", len(state_dict), path)

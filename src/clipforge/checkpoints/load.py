@@ -20,7 +20,12 @@ import torch
 
 from clipforge.checkpoints import clipforge_format, hf, openai
 from clipforge.checkpoints.io import is_torchscript_archive, load_safetensors, safe_torch_load
-from clipforge.checkpoints.open_clip import infer_config, is_open_clip_state_dict, open_clip_to_clipforge, strip_prefixes
+from clipforge.checkpoints.open_clip import (
+    infer_config,
+    is_open_clip_state_dict,
+    open_clip_to_clipforge,
+    strip_prefixes,
+)
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 
@@ -73,10 +78,10 @@ def unwrap_state_dict(obj: Any, source: str | Path = "checkpoint") -> dict[str, 
     for _ in range(3):  # wrappers can nest, e.g. {"model": {"state_dict": ...}}
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{source}: expected a state dict (mapping), got {type(obj).__name__}")
-        tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
-        if tensors and tensors >= len(obj) // 2:
+        # A state dict's values are tensors, so a wrapper key holding a mapping is a wrapper.
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and obj[k]), None)
+        if inner is None and _has_tensors(obj):
             break
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             raise CheckpointError(
                 f"{source}: no model weights found; top-level keys are {sorted(map(str, obj))[:20]} "
@@ -315,13 +320,17 @@ def mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], sour
     try:
         name, exact = closest_architecture(infer_config(sd))
         kind = "matches" if exact else "is closest to"
-        lines.append(f"  the checkpoint {kind} the registered architecture {name!r}: create_model({name!r}, ...)")
+        lines.append(
+            f"  the checkpoint {kind} the registered architecture {name!r}: create_model({name!r}, ...)"
+        )
     except (CheckpointError, ConfigError, KeyError, ValueError, IndexError) as e:
         lines.append(f"  (could not infer the checkpoint's architecture: {e})")
     return "\n".join(lines)
 
 
-def apply_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> Any:
+def apply_state_dict(
+    model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, strict: bool = True
+) -> Any:
     """``model.load_state_dict`` with a readable error; shape mismatches are always errors."""
     report = mismatch_report(model, sd, source)
     if report is not None:

@@ -14,9 +14,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Pickled files are read without running their code.",
     )
     p.add_argument("src", help="checkpoint file or folder, 'hf-hub:org/name', or a tag with --model")
-    p.add_argument("dst", help="output folder (clipforge, hf, open_clip) or file (openai, open_clip .bin/.safetensors)")
-    p.add_argument("--to", required=True, choices=("clipforge", "open_clip", "hf", "openai"), help="output format")
-    p.add_argument("--model", default=None, help="architecture name when SRC carries no config (else inferred)")
+    p.add_argument(
+        "dst", help="output folder (clipforge, hf, open_clip) or file (openai, open_clip .bin/.safetensors)"
+    )
+    p.add_argument(
+        "--to", required=True, choices=("clipforge", "open_clip", "hf", "openai"), help="output format"
+    )
+    p.add_argument(
+        "--model", default=None, help="architecture name when SRC carries no config (else inferred)"
+    )
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="cast the weights")
     p.add_argument("--cache-dir", default=None, help="Hugging Face Hub cache folder")
     p.set_defaults(func=run)

@@ -171,7 +171,15 @@ def build_loader(data: Any, *, batch_size: int, num_workers: int = 0, seed: int 
     """
     from clipforge.data.loader import ResumableLoader
 
-    loader_keys = ("shuffle", "drop_last", "rank", "world_size", "pin_memory", "collate_fn", "prefetch_factor")
+    loader_keys = (
+        "shuffle",
+        "drop_last",
+        "rank",
+        "world_size",
+        "pin_memory",
+        "collate_fn",
+        "prefetch_factor",
+    )
     loader_kw = {k: kw.pop(k) for k in loader_keys if k in kw}
     if isinstance(data, str):
         for k in ("rank", "world_size", "shuffle"):

@@ -47,10 +47,25 @@ class EpochSampler(Sampler[int]):
     """This rank's indices for one epoch: seeded permutation, equal share per rank, offset start."""
 
     def __init__(
-        self, n: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool, start: int = 0
+        self,
+        n: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        drop_last: bool,
+        start: int = 0,
     ) -> None:
         self.n, self.rank, self.world_size = n, rank, world_size
-        self.seed, self.epoch, self.shuffle, self.drop_last, self.start = seed, epoch, shuffle, drop_last, start
+        self.seed, self.epoch, self.shuffle, self.drop_last, self.start = (
+            seed,
+            epoch,
+            shuffle,
+            drop_last,
+            start,
+        )
 
     def indices(self) -> list[int]:
         if self.shuffle:
@@ -102,13 +117,15 @@ class ResumableLoader:
         self.dataset = dataset
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
-        self.rank, self.world_size = _dist_defaults(rank, world_size)
         self.pin_memory, self.collate_fn = pin_memory, collate_fn
         self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
         self.is_stream = isinstance(dataset, IterableDataset)
         if self.is_stream and not isinstance(dataset, ShardDataset):
             raise DataError("ResumableLoader supports map-style datasets and ShardDataset streams")
-        if self.is_stream and (dataset.rank, dataset.world_size) != (self.rank, self.world_size):
+        if self.is_stream and rank is None and world_size is None:
+            rank, world_size = dataset.rank, dataset.world_size  # the stream already knows its split
+        self.rank, self.world_size = _dist_defaults(rank, world_size)
+        if self.is_stream:
             dataset.rank, dataset.world_size = self.rank, self.world_size
         self.epoch = 0
         self.batches_done = 0
@@ -131,7 +148,9 @@ class ResumableLoader:
             total = self.dataset._slots(w)
             self.dataset.set_epoch(self.epoch)
             return sum(
-                batches_per_worker(self.dataset.slot_length(total, self.rank * w + i), self.batch_size, self.drop_last)
+                batches_per_worker(
+                    self.dataset.slot_length(total, self.rank * w + i), self.batch_size, self.drop_last
+                )
                 for i in range(w)
             )
         n = len(self._sampler(0))

@@ -54,7 +54,14 @@ logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("image", "filepath", "image_path", "img", "path", "file", "filename", "url")
 CAPTION_KEYS = ("caption", "captions", "text", "title", "txt", "sentence", "sentences")
-TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+TABLE_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+}
 MAX_EXAMPLES = 20
 
 
@@ -121,8 +128,8 @@ class _PairsBase:
         self.issues: list[tuple[str, str, str]] = []  # (reason, where, detail), first few per table
         self._known_bad: set[int] = set()
 
-    def _issue(self, reason: str, where: str, detail: str = "", *, skip: bool = True) -> None:
-        self.stats[reason] += 1
+    def _issue(self, reason: str, where: str, detail: str = "", *, skip: bool = True, count: int = 1) -> None:
+        self.stats[reason] += count
         if len([i for i in self.issues if i[0] == reason]) < MAX_EXAMPLES:
             self.issues.append((reason, where, detail))
         if skip:
@@ -233,10 +240,18 @@ class PairsDataset(_PairsBase):
         self._image_key_arg, self._caption_key_arg = image_key, caption_key
         text, bad = decode_text(self.table.read_bytes())
         if bad:
-            self._issue("non_utf8", self.source, f"{bad} line(s) with invalid UTF-8 (replaced)", skip=False)
+            self._issue(
+                "non_utf8", self.source, f"{bad} line(s) with invalid UTF-8 (replaced)", skip=False, count=bad
+            )
         if "\x00" in text:
             nul_lines = sum(1 for line in text.split("\n") if "\x00" in line)
-            self._issue("nul", self.source, f"{nul_lines} line(s) with NUL characters (removed)", skip=False)
+            self._issue(
+                "nul",
+                self.source,
+                f"{nul_lines} line(s) with NUL characters (removed)",
+                skip=False,
+                count=nul_lines,
+            )
             text = text.replace("\x00", "")
         records = self._parse_csv(text, fmt) if fmt in ("csv", "tsv") else self._parse_json(text, fmt)
         self.image_paths, self.all_captions, self.rows = [], [], []
@@ -276,7 +291,11 @@ class PairsDataset(_PairsBase):
         for record in reader:
             where = f"{self.table}:{reader.line_num}"
             if None in record:  # more fields than the header
-                self._issue("malformed_row", where, f"{len(columns) + len(record[None])} fields, header has {len(columns)}")
+                self._issue(
+                    "malformed_row",
+                    where,
+                    f"{len(columns) + len(record[None])} fields, header has {len(columns)}",
+                )
                 continue
             out.append((where, record))
         return out
@@ -300,7 +319,9 @@ class PairsDataset(_PairsBase):
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     if self.strict:
-                        raise DataError(f"{where}: malformed JSONL line ({e.msg} at column {e.colno})") from None
+                        raise DataError(
+                            f"{where}: malformed JSONL line ({e.msg} at column {e.colno})"
+                        ) from None
                     self._issue("malformed_row", where, f"invalid JSON: {e.msg}")
                     continue
                 out.append((where, record))

@@ -269,7 +269,9 @@ def write_shards(
     tmp_manifest = out / f".{MANIFEST}.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     os.replace(tmp_manifest, out / MANIFEST)
-    logger.info("wrote %d sample(s) in %d shard(s) to %s; %s", sum(counts), len(paths), out, skipped.summary())
+    logger.info(
+        "wrote %d sample(s) in %d shard(s) to %s; %s", sum(counts), len(paths), out, skipped.summary()
+    )
     return ShardWriteResult(paths, counts, skipped.counts(), str(out / pattern))
 
 
@@ -354,7 +356,34 @@ class ShardDataset(IterableDataset):
 
     # -- the deterministic reference stream --------------------------------------------
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.start_positions = {}
         self.epoch = int(epoch)
+
+    # -- position, for trainers that iterate the dataset in the main process ----------------
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch + next stream position per worker slot (only slot 0 without DataLoader workers).
+
+        Exact when the trainer iterates in the main process (``num_workers=0``): the position
+        advances as each sample is handed out. With workers use ``ResumableLoader``, which
+        tracks the positions carried by the batches instead.
+        """
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "positions": {str(k): v for k, v in self.start_positions.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
+            raise DataError(
+                f"shard stream state is for seed={state['seed']} world_size={state['world_size']}, "
+                f"this run has seed={self.seed} world_size={self.world_size}"
+            )
+        self.epoch = int(state["epoch"])
+        self.start_positions = {int(k): int(v) for k, v in state["positions"].items()}
 
     def _slots(self, num_workers: int) -> int:
         return self.world_size * max(1, num_workers)
@@ -414,7 +443,9 @@ class ShardDataset(IterableDataset):
         limit = math.inf if infinite else self.slot_length(total_slots, slot)
         refs = self._refs(slot, total_slots)
         if self.shuffle:
-            refs = _shuffle_buffer(refs, self.buffer_size, random.Random(f"{self.seed}:{self.epoch}:{slot}:buf"))
+            refs = _shuffle_buffer(
+                refs, self.buffer_size, random.Random(f"{self.seed}:{self.epoch}:{slot}:buf")
+            )
         for n, ref in enumerate(refs):
             if n >= limit:
                 return
@@ -460,11 +491,20 @@ class ShardDataset(IterableDataset):
             except ValueError:
                 pass
         if not any(captions) and "txt" in members:
-            captions = [self._read(s, *members["txt"]).decode("utf-8", errors="replace").replace("\x00", "").strip()]
+            captions = [
+                self._read(s, *members["txt"]).decode("utf-8", errors="replace").replace("\x00", "").strip()
+            ]
         captions = [c for c in captions if c]
         if not captions:
-            raise BadImageError("empty_caption" if "txt" in members else "missing_caption", where, "no caption")
-        image = load_image(self._read(s, *members[ext]), max_pixels=self.max_pixels, min_side=self.min_side)
+            raise BadImageError(
+                "empty_caption" if "txt" in members else "missing_caption", where, "no caption"
+            )
+        try:
+            image = load_image(
+                self._read(s, *members[ext]), max_pixels=self.max_pixels, min_side=self.min_side
+            )
+        except BadImageError as e:
+            raise BadImageError(e.reason, f"{where}.{ext}", e.detail) from None
         image.info.clear()
         if len(captions) == 1:
             return image, captions[0]
@@ -492,17 +532,20 @@ class ShardDataset(IterableDataset):
                 continue
             try:
                 image, caption = self.load_sample(s, j)
+                item = self._apply(image, caption)
             except BadImageError as e:
                 self.skipped.add(e.reason, str(e))
                 continue
-            item = self._apply(image, caption)
+            finally:
+                self.start_positions[local] = pos + 1  # consumed, whether emitted or skipped
             yield (*item, torch.tensor([local, pos])) if self.with_positions else item
+        self.start_positions.pop(local, None)  # epoch done: a new iter() starts it over
 
     def __len__(self) -> int:
-        """Samples this rank emits per epoch (all its workers), before corrupt ones are skipped."""
-        w = self.num_workers_hint
-        total = self._slots(w)
-        return sum(self.slot_length(total, self.rank * w + i) for i in range(w))
+        """Samples per epoch over *all* ranks and workers (before corrupt ones are skipped);
+        divide by ``batch_size * world_size`` for steps per epoch."""
+        total = self._slots(self.num_workers_hint)
+        return sum(self.slot_length(total, s) for s in range(total))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -96,7 +96,9 @@ def sample_spec(index: int, *, seed: int = 0, split: str = "train") -> tuple[Sha
     rng = random.Random(f"shapes:{seed}:{split}:{index}")
     shape, colour = rng.choice(_pairs_for(split))
     backgrounds = [b for b in BACKGROUNDS if b != colour]
-    spec = ShapeSpec(shape, colour, rng.choice(tuple(SIZES)), rng.choice(tuple(POSITIONS)), rng.choice(backgrounds))
+    spec = ShapeSpec(
+        shape, colour, rng.choice(tuple(SIZES)), rng.choice(tuple(POSITIONS)), rng.choice(backgrounds)
+    )
     return spec, rng
 
 
@@ -107,7 +109,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        return [
+            (cx + r * math.cos(a), cy - r * math.sin(a))
+            for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+        ]
     if shape == "star":
         pts = []
         for k in range(10):

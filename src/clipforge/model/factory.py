@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from clipforge.checkpoints.hub import hub_file, is_hub_spec, resolve_hub
-from clipforge.checkpoints.load import LoadedCheckpoint, _cfg_signature, _warn_activation, apply_state_dict, load_any
+from clipforge.checkpoints.load import (
+    LoadedCheckpoint,
+    _cfg_signature,
+    _warn_activation,
+    apply_state_dict,
+    load_any,
+)
 from clipforge.checkpoints.pretrained import PretrainedWeights, is_pretrained_tag, resolve_pretrained
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.model.config import CLIPConfig
@@ -66,7 +72,9 @@ def _looks_like_path(value: str) -> bool:
     return any(sep in value for sep in ("/", "\\", ".")) or value.startswith("~")
 
 
-def resolve_weights(name: str | None, pretrained: str | Path, cache_dir: str | Path | None = None) -> _Weights:
+def resolve_weights(
+    name: str | None, pretrained: str | Path, cache_dir: str | Path | None = None
+) -> _Weights:
     """Turn ``pretrained`` (tag, ``hf-hub:``, file or folder) into loaded weights."""
     spec = str(pretrained)
     if name is not None and not Path(spec).expanduser().exists() and is_pretrained_tag(name, spec):
@@ -116,7 +124,9 @@ def _choose_config(
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def _attach_settings(model: torch.nn.Module, weights: _Weights | None, image_overrides: dict[str, Any]) -> None:
+def _attach_settings(
+    model: torch.nn.Module, weights: _Weights | None, image_overrides: dict[str, Any]
+) -> None:
     """Set ``model.preprocess_cfg`` and ``model.tokenizer_cfg`` from the checkpoint or defaults."""
     cfg: CLIPConfig = model.config
     pre: dict[str, Any] | None = None
@@ -153,12 +163,18 @@ def create_model(
     """
     from clipforge.model.clip import CLIP
 
-    weights = resolve_weights(name_or_config if isinstance(name_or_config, str) else None, pretrained, cache_dir) if pretrained else None
+    weights = (
+        resolve_weights(name_or_config if isinstance(name_or_config, str) else None, pretrained, cache_dir)
+        if pretrained
+        else None
+    )
     cfg = _choose_config(name_or_config, weights, overrides)
     model = CLIP(cfg)
     if weights is not None:
         _warn_activation(model, weights.loaded)
-        apply_state_dict(model, weights.loaded.state_dict, f"{weights.loaded.path} ({weights.loaded.format})", strict)
+        apply_state_dict(
+            model, weights.loaded.state_dict, f"{weights.loaded.path} ({weights.loaded.format})", strict
+        )
     image_overrides = {
         "mean": image_mean,
         "std": image_std,
@@ -192,7 +208,9 @@ def create_model_from_pretrained(
 ) -> tuple[torch.nn.Module, Any]:
     """``(model, preprocess_val)`` with weights required (as in open_clip)."""
     if pretrained is None and not (isinstance(name_or_config, str) and _is_source(name_or_config)):
-        raise ConfigError("create_model_from_pretrained needs pretrained= (a tag, 'hf-hub:...', a file or a folder)")
+        raise ConfigError(
+            "create_model_from_pretrained needs pretrained= (a tag, 'hf-hub:...', a file or a folder)"
+        )
     if pretrained is None:  # create_model_from_pretrained("hf-hub:org/name") / ("path/to/dir")
         name_or_config, pretrained = None, name_or_config
     model, _, val = create_model_and_transforms(name_or_config, pretrained, **kwargs)

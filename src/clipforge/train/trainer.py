@@ -9,7 +9,6 @@ Checkpointing lives in :mod:`clipforge.train.state`, the objective in
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
 from clipforge.train import state as ckpt
 from clipforge.train.config import TrainConfig
 from clipforge.train.distributed import DistInfo, any_rank, barrier, cleanup_distributed, setup_distributed, wrap_model
-from clipforge.train.loader import ResumableLoader
+from clipforge.train.loader import TrainBatches
 from clipforge.train.logger import RunLogger
 from clipforge.train.optim import build_optimizer as make_optimizer
 from clipforge.train.optim import build_scheduler
@@ -75,7 +74,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    loader: ResumableLoader
+    loader: TrainBatches
     tokenizer: Any
     preprocess_val: Any
     skips: Any
@@ -110,13 +109,10 @@ def configure_runtime(cfg: TrainConfig) -> None:
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any, Any]:
     """The CLIP to train, its train/val preprocessing and tokenizer, with locks/LoRA applied."""
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
-    from clipforge.model.registry import get_model_config
 
-    model_cfg = get_model_config(cfg.model)
-    if cfg.patch_dropout is not None:
-        model_cfg = model_cfg.replace(vision={"patch_dropout": cfg.patch_dropout})
-    model, preprocess_train, preprocess_val = create_model_and_transforms(model_cfg, pretrained=cfg.pretrained)
-    tokenizer = get_tokenizer(cfg.model)
+    overrides = {"vision": {"patch_dropout": cfg.patch_dropout}} if cfg.patch_dropout is not None else {}
+    model, preprocess_train, preprocess_val = create_model_and_transforms(cfg.model, cfg.pretrained, **overrides)
+    tokenizer = get_tokenizer(model)
     if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
         raise ConfigError(f"loss 'siglip' needs a model with a logit_bias (e.g. tiny-vit-siglip); {cfg.model} has none")
     lock_towers(model, lock_image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
@@ -130,31 +126,23 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
 
 
 def build_dataset(spec: str, *, transform: Any, tokenizer: Any, seed: int, skips: Any, cfg: TrainConfig,
-                  train: bool = True) -> Any:
-    """Resolve a data spec through ``clipforge.data.build_dataset``, passing the options it takes."""
-    import clipforge.data as data
+                  **extra: Any) -> Any:
+    """Resolve a data spec with ``clipforge.data.build_dataset`` (tables, folders, shards, synthetic)."""
+    from clipforge.data import build_dataset as build
 
-    options = {"transform": transform, "tokenizer": tokenizer, "seed": seed, "skip_counter": skips,
-               "image_key": cfg.image_key, "caption_key": cfg.caption_key, "train": train}
-    builder = getattr(data, "build_dataset", None)
-    if builder is None:  # before DATA's spec parser lands: tables only
-        from clipforge.data.pairs import PairsDataset
-
-        builder = PairsDataset
-    params = inspect.signature(builder).parameters
-    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in options.items() if (accepts_all or k in params) and v is not None}
-    return builder(spec, **kwargs)
+    options = {"image_key": cfg.image_key, "caption_key": cfg.caption_key, **extra}
+    options = {k: v for k, v in options.items() if v is not None}
+    return build(spec, transform=transform, tokenizer=tokenizer, seed=seed, skip_counter=skips, **options)
 
 
-def build_data(cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any, skips: Any) -> ResumableLoader:
+def build_data(cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any, skips: Any) -> TrainBatches:
     if not cfg.data:
         raise ConfigError("no training data: pass --data (a table, folder, shards or synthetic:shapes)")
-    dataset = build_dataset(cfg.data, transform=transform, tokenizer=tokenizer, seed=cfg.seed, skips=skips, cfg=cfg)
-    return ResumableLoader(dataset, cfg.batch_size * cfg.accum_steps, seed=cfg.seed, rank=info.rank,
-                           world_size=info.world_size, workers=cfg.workers, tokenizer=tokenizer,
-                           steps_per_epoch=cfg.steps_per_epoch, skips=skips,
-                           pin_memory=info.device.type == "cuda")
+    dataset = build_dataset(cfg.data, transform=transform, tokenizer=tokenizer, seed=cfg.seed, skips=skips, cfg=cfg,
+                            rank=info.rank, world_size=info.world_size)
+    return TrainBatches(dataset, cfg.batch_size * cfg.accum_steps, seed=cfg.seed, rank=info.rank,
+                        world_size=info.world_size, workers=cfg.workers, steps_per_epoch=cfg.steps_per_epoch,
+                        pin_memory=info.device.type == "cuda")
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int) -> tuple[Any, Any, torch.amp.GradScaler]:
@@ -219,6 +207,7 @@ def _full_state_dicts(run: Run) -> tuple[dict, dict]:
 def save_training_checkpoint(run: Run) -> Path | None:
     """All ranks call this (states are gathered); rank 0 writes. Returns the path or None on failure."""
     rngs = _gather_objects(ckpt.capture_rng(), run.info)
+    data_states = _gather_objects(run.loader.state_dict(), run.info)
     model_sd, optim_sd = _full_state_dicts(run)
     path = None
     if run.info.is_main:
@@ -229,7 +218,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
             "scaler": run.scaler.state_dict(),
             "ema": run.task.ema.state_dict() if run.task.ema else None,
             "rng": rngs,
-            "data": run.loader.state_dict(),
+            "data": data_states,  # one per rank: shard positions differ between ranks
             "skips": run.skips.counts() if run.skips is not None else {},
             "train_state": run.state.to_dict(),
             "config": run.cfg.to_dict(),
@@ -264,13 +253,19 @@ def maybe_resume(run: Run) -> None:
     run.scaler.load_state_dict(saved["scaler"])
     if run.task.ema is not None and saved.get("ema") is not None:
         run.task.ema.load_state_dict(saved["ema"])
-    run.loader.load_state_dict(saved["data"])
+    run.loader.load_state_dict(_for_rank(saved["data"], run.info.rank))
     if run.skips is not None and saved.get("skips"):
         run.skips.merge(saved["skips"])
     run.state = ckpt.TrainState(**saved["train_state"])
-    rngs = saved["rng"]
-    ckpt.restore_rng(rngs[run.info.rank] if run.info.rank < len(rngs) else rngs[0])
+    ckpt.restore_rng(_for_rank(saved["rng"], run.info.rank))
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.state.step, run.loader.epoch, run.loader.batch)
+
+
+def _for_rank(per_rank: list[Any], rank: int) -> Any:
+    if len(per_rank) <= rank:
+        log.warning("checkpoint has state for %d rank(s); rank %d reuses rank 0's", len(per_rank), rank)
+        return per_rank[0]
+    return per_rank[rank]
 
 
 _EXACTNESS_KEYS = ("model", "data", "batch_size", "accum_steps", "seed", "lr", "schedule", "loss", "epochs", "max_steps")
@@ -397,9 +392,9 @@ def fit(run: Run) -> TrainResult:
                     save_training_checkpoint(run)
             if run.stop.is_set():
                 break
-            if run.loader.batch >= run.loader.steps_per_epoch:
-                run.loader.next_epoch()
+            if run.loader.epoch_done(state.epoch):
                 state.epoch += 1
+                run.loader.advance_to(state.epoch)
                 if cfg.val_data and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
                     eval_metrics = evaluate(run, rlog)
                 if cfg.save_every_epochs and state.epoch % cfg.save_every_epochs == 0 and state.step < run.total_steps:
@@ -468,42 +463,30 @@ def save_final_model(run: Run) -> Path | None:
     return out
 
 
-@torch.no_grad()
-def encode_dataset(model: nn.Module, dataset: Any, batch_size: int, device: torch.device,
-                   tokenizer: Any = None) -> tuple[Tensor, Tensor]:
-    """Normalised image and text features of every pair in ``dataset`` (eval mode)."""
-    from torch.utils.data import DataLoader
-
-    from clipforge.train.loader import Collate
-
-    images, texts = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collate(tokenizer), generator=torch.Generator())
-        for batch_images, batch_tokens in loader:
-            images.append(model.encode_image(batch_images.to(device), normalize=True).float().cpu())
-            texts.append(model.encode_text(batch_tokens.to(device), normalize=True).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(images), torch.cat(texts)
-
-
 def evaluate(run: Run, rlog: RunLogger) -> dict[str, Any]:
-    """Retrieval Recall@K on ``val_data`` (rank 0 computes; others wait)."""
+    """Retrieval Recall@K (and zero-shot accuracy when ``val_data`` has classes) on rank 0."""
     metrics: dict[str, Any] = {}
     if run.info.is_main:
-        from clipforge.eval.retrieval import retrieval_metrics
+        from clipforge.eval.datasets import load_eval_dataset
+        from clipforge.eval.runner import evaluate as run_eval
 
-        dataset = build_dataset(run.cfg.val_data, transform=run.preprocess_val, tokenizer=run.tokenizer,
-                                seed=run.cfg.seed, skips=None, cfg=run.cfg, train=False)
         model = run.task.ema.module if run.task.ema is not None else run.model
-        image_f, text_f = encode_dataset(model, dataset, max(64, run.cfg.batch_size), run.info.device, run.tokenizer)
-        metrics = retrieval_metrics(image_f, text_f, torch.arange(len(text_f)))
+        common = {"device": run.info.device, "batch_size": max(64, run.cfg.batch_size), "model_name": run.cfg.model,
+                  "report_dir": Path(run.cfg.output_dir) / "eval"}
+        ds = load_eval_dataset(run.cfg.val_data, task="retrieval", transform=run.preprocess_val)
+        if ds.supports_retrieval:
+            metrics.update(run_eval(model, run.tokenizer, run.preprocess_val, ds, task="retrieval", **common)["metrics"])
+        ds = load_eval_dataset(run.cfg.val_data, task="classification", transform=run.preprocess_val)
+        if ds.supports_classification:
+            result = run_eval(model, run.tokenizer, run.preprocess_val, ds, task="zeroshot",
+                              templates=run.cfg.zeroshot_templates, **common)
+            metrics.update({f"zeroshot_{k}": v for k, v in result["metrics"].items()})
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         rlog.log(run.state.step, {**metrics, "epoch": run.state.epoch}, kind="eval")
-        rlog.write(f"eval @ epoch {run.state.epoch}: text->image R@1 {metrics['image_retrieval_recall@1']:.3f}, "
-                   f"image->text R@1 {metrics['text_retrieval_recall@1']:.3f}")
+        shown = {k: metrics[k] for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "zeroshot_acc1")
+                 if k in metrics}
+        rlog.write(f"eval @ epoch {run.state.epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+        run.model.train()
     barrier()
     return metrics
 

@@ -1,0 +1,221 @@
+"""Approximate vs exact search on a million clustered 512-d unit vectors.
+
+    python benchmarks/search.py                 # n = 1,000,000 (needs ~5 GB RAM, ~3 GB disk)
+    python benchmarks/search.py --n 200000 --kinds auto,hnsw,ivfpq
+
+The vectors imitate CLIP image embeddings (``make_embeddings``):
+
+* a shared mean direction: every vector has cosine ~0.5 with it (CLIP embeddings live in a narrow
+  cone; unrelated images still have cosine ~0.3-0.5);
+* a low effective rank: all variation is drawn through a spectrum decaying as ``i**-0.8`` and
+  then randomly rotated, so no axis is special (matters for product quantisation);
+* two-level clustering: ``n/5000`` topics, each holding clusters (``n/500`` in all) whose sizes
+  follow a log-normal law (sigma 1.2: a few clusters hold thousands of vectors, many hold a
+  handful) and whose spreads vary (log-normal, sigma 0.35) - tight near-duplicate groups next
+  to diffuse ones;
+* queries are fresh draws from the same process (same clusters, new noise), never indexed.
+
+Exact inner-product search (faiss ``IndexFlatIP``) gives the ground truth and the baseline latency.
+Each other index is built by ``clipforge.search.index.build_index`` exactly as ``clipforge
+index`` would (the calibrated search setting included), loaded memory-mapped, and queried one
+query at a time through ``search_index``. Printed: build time, index memory (estimate and RSS
+growth after loading), recall@10 against exact, p50/p99 single-query latency and speed-up.
+Targets (issue 5): auto index recall@10 >= 0.95 and p50 >= 20x faster than exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _spectrum(d: int, decay: float) -> np.ndarray:
+    s = (1.0 + np.arange(d)) ** -decay
+    return s / np.linalg.norm(s)
+
+
+class EmbeddingModel:
+    """The generative process; ``sample(n)`` draws database or query vectors from it."""
+
+    def __init__(self, n: int, d: int = 512, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.d = d
+        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        self.rot = q.astype(np.float32)  # random rotation: the spectrum is not axis-aligned
+        self.scale = _spectrum(d, 0.8).astype(np.float32) * np.sqrt(d)
+        self.mean = self._unit(rng.standard_normal(d).astype(np.float32))
+        n_topics = max(4, n // 5000)
+        n_clusters = max(16, n // 500)
+        topics = self._directions(rng, n_topics)
+        topic_of = rng.integers(0, n_topics, n_clusters)
+        offsets = self._directions(rng, n_clusters)
+        # centre = shared mean + topic + cluster offset (cosine with the mean ~0.5)
+        self.centres = self._unit(0.55 * self.mean + 0.55 * topics[topic_of] + 0.45 * offsets)
+        w = rng.lognormal(0.0, 1.2, n_clusters)
+        self.weights = w / w.sum()
+        self.spread = (0.22 * rng.lognormal(0.0, 0.35, n_clusters)).astype(np.float32)
+
+    @staticmethod
+    def _unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    def _directions(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        z = rng.standard_normal((n, self.d)).astype(np.float32) * self.scale
+        return self._unit(z @ self.rot)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        c = rng.choice(len(self.centres), size=n, p=self.weights)
+        noise = self._directions(rng, n) * self.spread[c, None]
+        return self._unit(self.centres[c] + noise)
+
+
+def write_embedding_dir(out: Path, gen: EmbeddingModel, n: int, seed: int, shard: int = 100_000) -> None:
+    """Write vectors in the ``clipforge embed`` layout (float16 shards, metadata, manifest)."""
+    from clipforge.search.tables import atomic_save_npy, atomic_write_json, write_table
+
+    rng = np.random.default_rng(seed)
+    shards = []
+    for s, start in enumerate(range(0, n, shard)):
+        rows = min(shard, n - start)
+        atomic_save_npy(out / f"img_emb_{s:05d}.npy", gen.sample(rows, rng).astype(np.float16))
+        shards.append({"image": f"img_emb_{s:05d}.npy", "rows": rows, "text": None})
+    ids = list(range(n))
+    write_table(out / "metadata.csv", {"id": ids, "path": [f"v{i}" for i in ids], "caption": [""] * n,
+                                        "width": [0] * n, "height": [0] * n, "tar_offset": [-1] * n,
+                                        "tar_size": [-1] * n})
+    atomic_write_json(out / "embed_manifest.json", {
+        "format": "clipforge-embeddings", "version": 1, "model": None, "pretrained": None, "dim": gen.d,
+        "count": n, "skipped": 0, "dtype": "float16", "normalized": True, "has_text": False,
+        "metadata": "metadata.csv", "shards": shards})
+
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def latencies(fn, queries: np.ndarray) -> np.ndarray:
+    out = np.empty(len(queries))
+    for i in range(len(queries)):
+        t0 = time.perf_counter()
+        fn(queries[i : i + 1])
+        out[i] = time.perf_counter() - t0
+    return out * 1000
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def stats(gen: EmbeddingModel, emb: np.ndarray) -> dict[str, float]:
+    """How embedding-like the data is: cosines to the mean, to a random vector, to the 1st neighbour."""
+    rng = np.random.default_rng(1)
+    x = np.asarray(emb[rng.choice(len(emb), 2000, replace=False)], np.float32)
+    pairs = (x[:1000] * x[1000:]).sum(1)
+    return {"cos_to_mean": float((x @ gen.mean).mean()), "cos_random_pair": float(pairs.mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=1000, help="held-out queries for recall")
+    ap.add_argument("--latency-queries", type=int, default=300)
+    ap.add_argument("--exact-latency-queries", type=int, default=60)
+    ap.add_argument("--kinds", default="auto,ivfpq", help="comma list of kinds to try (auto, flat, hnsw, ivf, ivfpq)")
+    ap.add_argument("--pq-memory", default=None, help="--max-memory used for ivfpq (default: a quarter of ivf's)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import faiss
+
+    from clipforge.search.index import build_index, estimate_memory, load_index, search_index
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="clipforge-bench-"))
+    emb_dir = work / "emb"
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; workdir {work}")
+    t0 = time.perf_counter()
+    gen = EmbeddingModel(args.n, args.dim, seed=0)
+    write_embedding_dir(emb_dir, gen, args.n, seed=1)
+    queries = gen.sample(args.queries, np.random.default_rng(2))
+    print(f"generated {args.n:,} x {args.dim} vectors ({len(gen.centres)} clusters) in {time.perf_counter() - t0:.1f}s")
+
+    # ---- exact baseline (on the float16-rounded vectors the indexes see)
+    r0 = rss()
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(args.dim)
+    for f in sorted(emb_dir.glob("img_emb_*.npy")):
+        flat.add(np.load(f).astype(np.float32))
+    build = time.perf_counter() - t0
+    mem = rss() - r0
+    truth = flat.search(queries, 11)[1]
+    nn_cos = flat.search(queries[:200], 1)[0].mean()
+    s = stats(gen, np.load(sorted(emb_dir.glob("img_emb_*.npy"))[0], mmap_mode="r"))
+    print(f"data: cos(x, mean) {s['cos_to_mean']:.3f}, cos(random pair) {s['cos_random_pair']:.3f}, "
+          f"cos(query, nearest) {nn_cos:.3f}")
+    lat_exact = latencies(lambda q: flat.search(q, 10), queries[: args.exact_latency_queries])
+    rows = [{"kind": "flat (exact)", "build_s": build, "memory_mb": mem / 1e6, "est_mb": args.n * args.dim * 4 / 1e6,
+             "recall@10": 1.0, "p50_ms": float(np.median(lat_exact)), "p99_ms": float(np.percentile(lat_exact, 99)),
+             "params": ""}]
+    truth = truth[:, :10]
+    del flat
+    gc.collect()
+
+    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+        out = work / f"index-{kind}"
+        max_mem = None
+        if kind == "ivfpq":
+            max_mem = args.pq_memory or estimate_memory("ivf", args.n, args.dim) // 4
+        t0 = time.perf_counter()
+        m = build_index(emb_dir, out, kind=kind, max_memory=max_mem, progress=False)
+        build = time.perf_counter() - t0
+        gc.collect()
+        r0 = rss()
+        index, manifest = load_index(out)
+        emb = np.load(out / manifest["embeddings_file"], mmap_mode="r")
+        params = manifest["search_params"]
+
+        def one(q, index=index, manifest=manifest, emb=emb, params=params):
+            return search_index(index, manifest["kind"], manifest["metric"], emb, q, 10, params)
+
+        found = np.vstack([one(queries[i : i + 1])[1] for i in range(len(queries))])
+        lat = latencies(one, queries[: args.latency_queries])
+        rows.append({"kind": f"{kind} -> {m['kind']}", "build_s": build, "memory_mb": (rss() - r0) / 1e6,
+                     "est_mb": m["memory_bytes"] / 1e6, "recall@10": recall(found, truth),
+                     "calibrated_recall": m["expected_recall_at_10"],
+                     "p50_ms": float(np.median(lat)), "p99_ms": float(np.percentile(lat, 99)),
+                     "params": ", ".join(f"{k}={v}" for k, v in {**m["build_params"], **params}.items())})
+        del index, emb
+        gc.collect()
+        shutil.rmtree(out, ignore_errors=True)
+
+    base = rows[0]["p50_ms"]
+    print(f"\n{'index':<18}{'build s':>9}{'RSS MB':>9}{'est MB':>9}{'recall@10':>11}{'p50 ms':>9}{'p99 ms':>9}{'speed-up':>10}  params")
+    for r in rows:
+        print(f"{r['kind']:<18}{r['build_s']:>9.1f}{r['memory_mb']:>9.0f}{r['est_mb']:>9.0f}{r['recall@10']:>11.4f}"
+              f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{base / r['p50_ms']:>9.1f}x  {r['params']}")
+    auto = next((r for r in rows if r["kind"].startswith("auto")), None)
+    if auto:
+        ok = auto["recall@10"] >= 0.95 and base / auto["p50_ms"] >= 20
+        print(f"\nauto index: recall@10 {auto['recall@10']:.4f} (target >= 0.95), p50 speed-up "
+              f"{base / auto['p50_ms']:.1f}x (target >= 20x): {'PASS' if ok else 'FAIL'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

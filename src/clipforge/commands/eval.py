@@ -1,0 +1,124 @@
+"""``clipforge eval``: zero-shot classification, retrieval or linear probe -> JSON (+ report);
+``clipforge eval merge``: many result JSONs -> one CSV table."""
+
+from __future__ import annotations
+
+import argparse
+
+TASKS = ("zeroshot", "retrieval", "linear-probe")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model (zero-shot, retrieval, linear probe); 'eval merge' tabulates results",
+        description="Evaluate a CLIP model and write a CLIP_benchmark-style JSON result. "
+        "Data specs: an ImageFolder dir, a pairs table (.csv/.tsv/.jsonl), a caption folder, "
+        "webdataset shards (dir, x.tar, x-{000..009}.tar), synthetic:shapes?split=heldout, "
+        "cifar10:ROOT (any torchvision dataset: torchvision:NAME:ROOT).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", help="architecture name (see 'clipforge models')")
+    p.add_argument("--pretrained", help="weights: tag, hf-hub:org/name, checkpoint file or folder")
+    p.add_argument("--task", choices=TASKS, default="zeroshot")
+    p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
+    p.add_argument("--train-data", metavar="SPEC", help="linear probe training data (default: half of --data)")
+    p.add_argument("--templates", default=None, help="imagenet | simple | FILE (one '{}' template per line)")
+    p.add_argument("--classnames", metavar="FILE", help="class names, one per line, overriding the dataset's")
+    p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], metavar="K")
+    p.add_argument("--report", metavar="DIR", help="also write PNG plots and index.html to DIR")
+    p.add_argument("--output", metavar="FILE", help="result JSON (default results.json when --report is not given)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--split", default=None, help="dataset split for torchvision/synthetic data")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run, eval_command=None)
+
+    sub = p.add_subparsers(dest="eval_command", metavar="merge", required=False)
+    m = sub.add_parser("merge", help="merge result JSON files into one CSV table")
+    m.add_argument("results", nargs="+", metavar="RESULT.json")
+    m.add_argument("--out", required=True, metavar="TABLE.csv")
+    m.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from clipforge.eval.results import format_table, merge_results, write_csv
+
+    rows = merge_results(args.results)
+    path = write_csv(rows, args.out)
+    print(format_table(rows))
+    print(f"\n{len(rows)} result(s) -> {path}")
+    return 0
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clipforge.errors import ClipforgeError
+
+    if not args.model and not args.pretrained:
+        raise ClipforgeError("--model (or --pretrained with a checkpoint folder) is required")
+    if not args.data:
+        raise ClipforgeError("--data is required (e.g. --data synthetic:shapes?split=heldout)")
+
+    from clipforge.eval.datasets import load_eval_dataset
+    from clipforge.eval.runner import evaluate, format_examples, format_summary
+    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+
+    device = _device(args.device)
+    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
+    model.eval()
+    tokenizer = get_tokenizer(model)
+    kind = "retrieval" if args.task == "retrieval" else "classification"
+    dataset = load_eval_dataset(args.data, task=kind, transform=preprocess, download=args.download, split=args.split)
+    train = None
+    if args.train_data:
+        train = load_eval_dataset(args.train_data, transform=preprocess, download=args.download, split="train")
+    classnames = None
+    if args.classnames:
+        classnames = [n.strip() for n in Path(args.classnames).read_text(encoding="utf-8").splitlines() if n.strip()]
+    output = args.output or (None if args.report else "results.json")
+    result = evaluate(
+        model,
+        tokenizer,
+        preprocess,
+        dataset,
+        task=args.task,
+        templates=args.templates,
+        classnames=classnames,
+        train_dataset=train,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        ks=tuple(args.recall_k),
+        model_name=args.model or "",
+        pretrained=args.pretrained,
+        dataset_name=args.data,
+        report_dir=args.report,
+        output=output,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
+    print(format_summary(result))
+    if args.task == "retrieval":
+        examples = format_examples(result, dataset)
+        if examples:
+            print("example text -> image searches:")
+            print(examples)
+    print(f"time {result['timings']['total']:.1f}s")
+    if output:
+        print(f"result: {output}")
+    if args.report:
+        print(f"report: {Path(args.report) / 'index.html'}")
+    return 0

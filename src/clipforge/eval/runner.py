@@ -1,0 +1,248 @@
+"""One call from (model, tokenizer, preprocess, dataset) to a results record (and a report).
+
+This is what the CLI, the trainer's periodic evaluation and ``clipforge demo`` share::
+
+    result = evaluate(model, tokenizer, preprocess, "synthetic:shapes?split=heldout",
+                      task="zeroshot", report_dir="out/")
+    result["metrics"]["acc1"]
+
+The record is :func:`clipforge.eval.results.make_result`'s CLIP_benchmark-shaped dict. With
+``report_dir`` the JSON, PNG plots and an ``index.html`` (covering every result in the folder)
+are written there; with ``output`` the JSON alone goes to that path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.errors import ClipforgeError
+from clipforge.eval.datasets import (
+    EvalDataset,
+    as_eval_dataset,
+    encode_texts,
+    extract_features,
+    make_loader,
+)
+from clipforge.eval.results import benchmark_task, make_result, write_result
+from clipforge.eval.templates import TemplateSpec, resolve_templates
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    preprocess: Callable | None,
+    dataset: Any,
+    *,
+    task: str = "zeroshot",
+    templates: TemplateSpec | None = None,
+    classnames: Sequence[str] | None = None,
+    train_dataset: Any = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    ks: Sequence[int] = (1, 5, 10),
+    model_name: str = "",
+    pretrained: str | None = None,
+    dataset_name: str | None = None,
+    report_dir: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    num_examples: int = 6,
+    progress: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``dataset`` (an :class:`EvalDataset`, a ``--data`` spec string, or a
+    clipforge/torchvision dataset) for ``task`` in {"zeroshot", "retrieval", "linear-probe"}.
+
+    ``preprocess`` turns a PIL image into the model's input tensor. Linear probe trains on
+    ``train_dataset`` if given, else on a seeded random half of ``dataset``.
+    """
+    bench_task = benchmark_task(task)
+    kind = "retrieval" if bench_task == "zeroshot_retrieval" else "classification"
+    t0 = time.perf_counter()
+    ds = as_eval_dataset(dataset, task=kind, transform=preprocess)
+    loader_kw = {"batch_size": batch_size, "num_workers": num_workers}
+    run = _Run(model, tokenizer, ds, device, loader_kw, progress)
+    if bench_task == "zeroshot_classification":
+        metrics, details, config = run.zero_shot(templates, classnames)
+    elif bench_task == "zeroshot_retrieval":
+        metrics, details, config = run.retrieval(ks, num_examples)
+    else:
+        train_ds = as_eval_dataset(train_dataset, transform=preprocess) if train_dataset is not None else None
+        metrics, details, config = run.linear_probe(train_ds, seed)
+    run.timings["total"] = time.perf_counter() - t0
+    config.update({"batch_size": batch_size, "device": str(run.device), "num_images": len(ds)})
+    result = make_result(
+        dataset=dataset_name or ds.name,
+        model=model_name or type(model).__name__,
+        pretrained=pretrained,
+        task=task,
+        metrics=metrics,
+        details=details,
+        timings=run.timings,
+        config=config,
+    )
+    if output is not None:
+        write_result(result, output)
+    if report_dir is not None:
+        from clipforge.eval.report import write_report
+
+        result["report"] = write_report(report_dir, result, dataset=ds, ranks=run.ranks)
+    return result
+
+
+class _Run:
+    """State shared by the task methods: model, data, device and the timings they record."""
+
+    def __init__(self, model, tokenizer, ds: EvalDataset, device, loader_kw, progress) -> None:
+        from clipforge.eval.zero_shot import model_device
+
+        self.model, self.tokenizer, self.ds = model, tokenizer, ds
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.loader_kw, self.progress = loader_kw, progress
+        self.timings: dict[str, float] = {}
+        self.ranks: dict[str, torch.Tensor] = {}
+
+    def _timed(self, name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    def image_features(self, ds: EvalDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = make_loader(ds, **self.loader_kw)
+        return self._timed("encode_images", extract_features, self.model, loader, self.device, progress=self.progress)
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def zero_shot(self, templates, classnames) -> tuple[dict, dict, dict]:
+        from clipforge.eval.zero_shot import accuracy_metrics, zero_shot_classifier
+
+        ds = self.ds
+        if not ds.supports_classification:
+            raise ClipforgeError(f"{ds.name}: no class labels, so zero-shot classification is impossible")
+        names = list(classnames or ds.classnames or [])
+        if len(names) != len(ds.classnames or []):
+            raise ClipforgeError(f"{len(names)} class names given, dataset {ds.name} has {len(ds.classnames or [])}")
+        prompts = resolve_templates(templates if templates is not None else (ds.templates or "imagenet"))
+        clf = self._timed(
+            "classifier", zero_shot_classifier, self.model, self.tokenizer, names, prompts, device=self.device
+        )
+        feats, idx = self.image_features(ds)
+        labels = torch.tensor(ds.labels)[idx]
+        t = time.perf_counter()
+        metrics = accuracy_metrics(feats @ clf.cpu(), labels, len(names))
+        self.timings["metrics"] = time.perf_counter() - t
+        details = {"classnames": names, "skipped_images": len(ds) - len(idx)}
+        config = {"templates": prompts if len(prompts) <= 10 else f"{len(prompts)} templates", "num_templates": len(prompts)}
+        return metrics, details, config
+
+    def retrieval(self, ks: Sequence[int], num_examples: int) -> tuple[dict, dict, dict]:
+        from clipforge.eval.retrieval import retrieval_metrics, topk_retrieve
+
+        ds = self.ds
+        if not ds.supports_retrieval:
+            raise ClipforgeError(f"{ds.name}: no captions, so retrieval is impossible")
+        img, idx = self.image_features(ds)
+        texts, t2i = [], []
+        for pos, i in enumerate(idx.tolist()):
+            for caption in ds.captions[i]:
+                texts.append(caption)
+                t2i.append(pos)
+        if not texts:
+            raise ClipforgeError(f"{ds.name}: the loaded images have no captions")
+        txt = self._timed(
+            "encode_texts", encode_texts, self.model, self.tokenizer, texts, self.device, progress=self.progress
+        )
+        t = time.perf_counter()
+        m = retrieval_metrics(img, txt, torch.tensor(t2i), ks=ks, device=self.device, return_ranks=True)
+        self.timings["metrics"] = time.perf_counter() - t
+        self.ranks = {"image_retrieval": m.pop("image_retrieval_ranks"), "text_retrieval": m.pop("text_retrieval_ranks")}
+        # example text->image searches, spread over the dataset, for the report and the terminal
+        examples = []
+        if num_examples > 0:
+            picks = torch.linspace(0, len(texts) - 1, min(num_examples, len(texts))).round().long().unique()
+            top_idx, top_val = topk_retrieve(txt[picks], img, k=5)
+            for q, row, vals in zip(picks.tolist(), top_idx.tolist(), top_val.tolist()):
+                examples.append(
+                    {
+                        "query": texts[q],
+                        "target": int(idx[t2i[q]]),
+                        "rank": int(self.ranks["image_retrieval"][q]),
+                        "top": [int(idx[j]) for j in row],
+                        "scores": [round(v, 4) for v in vals],
+                        "correct": [j == t2i[q] for j in row],
+                    }
+                )
+        details = {"examples": examples, "skipped_images": len(ds) - len(idx)}
+        return m, details, {"ks": list(ks)}
+
+    def linear_probe(self, train_ds: EvalDataset | None, seed: int) -> tuple[dict, dict, dict]:
+        from clipforge.eval.linear_probe import linear_probe
+
+        ds = self.ds
+        if not ds.supports_classification:
+            raise ClipforgeError(f"{ds.name}: no class labels, so a linear probe is impossible")
+        feats, idx = self.image_features(ds)
+        labels = torch.tensor(ds.labels)[idx]
+        if train_ds is not None:
+            tr_feats, tr_idx = self.image_features(train_ds)
+            tr_labels = torch.tensor(train_ds.labels)[tr_idx]
+            te_feats, te_labels, split = feats, labels, "train_dataset"
+        else:
+            perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+            half = len(perm) // 2
+            tr_feats, tr_labels = feats[perm[:half]], labels[perm[:half]]
+            te_feats, te_labels, split = feats[perm[half:]], labels[perm[half:]], "random half"
+        t = time.perf_counter()
+        metrics = linear_probe(
+            tr_feats, tr_labels, te_feats, te_labels, num_classes=len(ds.classnames), seed=seed, device=self.device
+        )
+        self.timings["fit"] = time.perf_counter() - t
+        details = {"classnames": ds.classnames, "l2_sweep": metrics.pop("l2_sweep")}
+        config = {"train_split": split, "num_train": len(tr_labels), "num_test": len(te_labels), "seed": seed}
+        return metrics, details, config
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A few lines for the terminal: the headline metrics of one result."""
+    m = result["metrics"]
+    head = f"{result['task']} on {result['dataset']} ({result['model']} {result.get('pretrained') or ''})".rstrip()
+    if result["task"] == "zeroshot_retrieval":
+        ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("image_retrieval_recall@"))
+        t2i = "  ".join(f"R@{k} {100 * m[f'image_retrieval_recall@{k}']:.1f}" for k in ks)
+        i2t = "  ".join(f"R@{k} {100 * m[f'text_retrieval_recall@{k}']:.1f}" for k in ks)
+        body = [f"  text->image  {t2i}", f"  image->text  {i2t}"]
+    else:
+        body = [
+            f"  acc1 {100 * m['acc1']:.1f}%  acc5 {100 * m.get('acc5', float('nan')):.1f}%  "
+            f"mean per-class recall {100 * m['mean_per_class_recall']:.1f}%"
+        ]
+    return "\n".join([head, *body])
+
+
+def format_examples(result: dict[str, Any], dataset: EvalDataset | None = None) -> str:
+    """Example text->image searches as text: query, then the top-5 with a tick on the right one."""
+    lines = []
+    for ex in result.get("details", {}).get("examples", []):
+        lines.append(f'  "{ex["query"]}"')
+        for rank, (j, s, ok) in enumerate(zip(ex["top"], ex["scores"], ex["correct"]), start=1):
+            what = _describe_item(dataset, j)
+            lines.append(f"     {rank}. {'✓' if ok else ' '} {s:+.3f}  {what}")
+    return "\n".join(lines)
+
+
+def _describe_item(dataset: EvalDataset | None, j: int) -> str:
+    if dataset is not None and dataset.captions is not None and dataset.captions[j]:
+        return f"image {j}: {dataset.captions[j][0]}"
+    paths = getattr(dataset, "paths", None)
+    if paths:
+        return str(Path(paths[j]).name)
+    return f"image {j}"
