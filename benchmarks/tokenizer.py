@@ -23,7 +23,9 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
     with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1:48895]
-    words = [a + b[:-4] for a, b in (m.split() for m in merges) if b.endswith("</w>") and (a + b[:-4]).isalpha()]
+    words = [
+        a + b[:-4] for a, b in (m.split() for m in merges) if b.endswith("</w>") and (a + b[:-4]).isalpha()
+    ]
     rng = random.Random(seed)
     weights = [1.0 / (i + 10) for i in range(len(words))]  # frequent words first in the merge list
     extras = ["café", "naïve", "😀", "&amp;", "日本", "—", "“nice”", "2024", "3.5", "#travel"]
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    import ftfy  # noqa: F401  (open_clip imports it eagerly, clipforge lazily: keep it out of timings)
     import open_clip
 
     from clipforge.tokenizer import Tokenizer
@@ -73,7 +76,8 @@ def main() -> None:
     our_cold, our_warm, our_out = time_passes(ours, texts, args.repeats)
     identical = torch.equal(ref_out, our_out)
 
-    print(f"captions: {len(texts)} (5-30 words), ids identical: {identical}")
+    ascii_share = sum(t.isascii() for t in texts) / len(texts)
+    print(f"captions: {len(texts)} (5-30 words, {ascii_share:.0%} plain ASCII), ids identical: {identical}")
     print(f"{'':10s}{'open_clip':>14s}{'clipforge':>14s}{'ratio':>8s}")
     for name, ref_t, our_t in [("cold", ref_cold, our_cold), ("warm", ref_warm, our_warm)]:
         print(

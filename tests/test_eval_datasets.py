@@ -85,12 +85,19 @@ def test_image_folder_and_skipping(image_folder):
     assert torch.equal(feats.argmax(1), torch.tensor([2, 1, 0])[labels])  # blue->B, green->G, red->R
 
 
+@pytest.mark.slow
 def test_runner_zero_shot_and_linear_probe_on_folder(image_folder, tmp_path):
     from clipforge.eval.runner import evaluate, format_summary
 
     out = tmp_path / "r.json"
     res = evaluate(
-        MeanColour(), colour_tokenizer, _to_tensor, str(image_folder), task="zeroshot", templates=["a {} thing"], output=out
+        MeanColour(),
+        colour_tokenizer,
+        _to_tensor,
+        str(image_folder),
+        task="zeroshot",
+        templates=["a {} thing"],
+        output=out,
     )
     assert res["metrics"]["acc1"] == 1.0 and res["metrics"]["mean_per_class_recall"] == 1.0
     assert res["details"]["skipped_images"] == 1
@@ -113,7 +120,9 @@ def test_pairs_table_multi_caption_retrieval(tmp_path):
     table.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ds = load_eval_dataset(table, task="retrieval")
     assert ds.captions == [r["captions"] for r in rows]
-    res = evaluate(MeanColour(), colour_tokenizer, _to_tensor, ds, task="retrieval", ks=(1, 2), num_examples=2)
+    res = evaluate(
+        MeanColour(), colour_tokenizer, _to_tensor, ds, task="retrieval", ks=(1, 2), num_examples=2
+    )
     m = res["metrics"]
     assert m["image_retrieval_recall@1"] == 1.0 and m["text_retrieval_recall@1"] == 1.0
     assert m["num_images"] == 3 and m["num_texts"] == 6
@@ -127,7 +136,11 @@ def test_caption_folder(tmp_path):
         (tmp_path / f"{name}.png").write_bytes(_png(rgb))
         (tmp_path / f"{name}.txt").write_text(f"a {name} image\nplain {name}\n")
     ds = load_eval_dataset(tmp_path, task="retrieval")
-    assert ds.supports_retrieval and sorted(c[0] for c in ds.captions) == ["a blue image", "a green image", "a red image"]
+    assert ds.supports_retrieval and sorted(c[0] for c in ds.captions) == [
+        "a blue image",
+        "a green image",
+        "a red image",
+    ]
 
 
 def _write_shard(path, items):
@@ -144,7 +157,11 @@ def test_webdataset_shards_both_tasks(tmp_path):
     for s in range(2):
         items = []
         for i, name in enumerate(names):
-            fields = {"png": _png(COLOURS[name]), "cls": str(i).encode(), "txt": f"a {name} one\nthe {name}".encode()}
+            fields = {
+                "png": _png(COLOURS[name]),
+                "cls": str(i).encode(),
+                "txt": f"a {name} one\nthe {name}".encode(),
+            }
             items.append((f"sub/{s:02d}_{i:03d}", fields))
         _write_shard(tmp_path / f"shard-{s:03d}.tar", items)
     (tmp_path / "classnames.txt").write_text("\n".join(names) + "\n")

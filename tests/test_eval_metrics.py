@@ -130,10 +130,14 @@ def test_blocked_equals_unblocked(block_size):
         assert blocked[key] == pytest.approx(value), key
 
 
-def test_query_ranks_without_positive():
-    q = torch.eye(2)
-    ranks = query_ranks(q, q, torch.tensor([0, 7]), torch.tensor([0, 1]), block_size=1)
-    assert ranks.tolist() == [1, 3]
+def test_query_ranks_without_positive_and_tied_positives():
+    q = torch.eye(3)
+    # query 0 -> candidate 0; query 1 has none; query 2 has two positives tied with a negative
+    c = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
+    ranks = query_ranks(q, c, torch.tensor([0, 2, 2]), torch.tensor([0, 1, 2]), block_size=1)
+    assert ranks.tolist() == [1, 5, 2]
+    with pytest.raises(ValueError, match="sorted"):
+        query_ranks(q, c, torch.tensor([2, 0]), torch.tensor([0, 1]))
 
 
 def test_retrieval_rejects_bad_mapping():
@@ -218,7 +222,9 @@ class FakeModel(torch.nn.Module):
 
 
 def fake_tokenizer(texts):
-    return torch.tensor([[sum(map(ord, w)) * 7 % 1000 for w in (t.split() + ["<pad>"] * 8)[:8]] for t in texts])
+    return torch.tensor(
+        [[sum(map(ord, w)) * 7 % 1000 for w in (t.split() + ["<pad>"] * 8)[:8]] for t in texts]
+    )
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 1000])
@@ -259,6 +265,13 @@ def test_template_sets():
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
     assert resolve_templates("simple") == list(SIMPLE_TEMPLATES)
     assert resolve_templates(["x {} y"]) == ["x {} y"]
+
+
+def test_callable_templates_give_the_same_classifier():
+    model = FakeModel()
+    strings = zero_shot_classifier(model, fake_tokenizer, ["cat", "dog"], ["a {} here", "the {}"])
+    lambdas = zero_shot_classifier(model, fake_tokenizer, ["cat", "dog"], [lambda c: f"a {c} here", lambda c: f"the {c}"])
+    assert torch.equal(strings, lambdas)
 
 
 def test_template_validation_names_file_and_line(tmp_path):

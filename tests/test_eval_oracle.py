@@ -73,6 +73,7 @@ def _cb_recall_hits(scores: torch.Tensor, positive_pairs: torch.Tensor, k: int) 
     return int((recall > 0).sum())
 
 
+@pytest.mark.slow
 def test_zero_shot_matches_open_clip(models):
     ours, theirs, cfg = models
     classnames = synthetic.class_names("colour_shape")
@@ -102,6 +103,7 @@ def test_zero_shot_matches_open_clip(models):
     assert result["task"] == "zeroshot_classification"
 
 
+@pytest.mark.slow
 def test_retrieval_matches_clip_benchmark(models):
     ours, theirs, cfg = models
     preprocess = _preprocess(cfg.vision.image_size)
@@ -130,3 +132,12 @@ def test_retrieval_matches_clip_benchmark(models):
         assert round(m[f"text_retrieval_recall@{k}"] * len(images)) == text_hits, k
         assert m[f"image_retrieval_recall@{k}"] == pytest.approx(image_hits / len(texts), abs=1e-12)
     assert 0 < m["image_retrieval_recall@10"] < 1  # random weights: informative, not saturated
+
+
+def test_template_sets_match_the_published_ones():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    from clipforge.eval.templates import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES
+
+    assert [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] == list(IMAGENET_TEMPLATES)
+    assert [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES] == list(SIMPLE_TEMPLATES)

@@ -103,7 +103,9 @@ def test_state_dict_key_contract() -> None:
     ):
         assert key in vit, key
     assert "visual.conv1.bias" not in vit and not any("attn_mask" in k for k in vit)
-    assert vit["logit_scale"].shape == () and vit["visual.transformer.resblocks.0.attn.in_proj.weight"].shape == (192, 64)
+    assert vit["logit_scale"].shape == () and vit[
+        "visual.transformer.resblocks.0.attn.in_proj.weight"
+    ].shape == (192, 64)
     rn = CLIP(get_model_config("tiny-rn")).state_dict()
     for key in ("visual.conv3.weight", "visual.bn3.running_var", "visual.layer2.0.downsample.0.weight",
                 "visual.layer4.0.downsample.1.bias", "visual.attnpool.positional_embedding",
@@ -248,7 +250,9 @@ def test_patch_dropout_keeps_class_token() -> None:
     x = torch.randn(2, 17, 8)
     y = drop(x)
     assert y.shape == (2, 9, 8) and torch.equal(y[:, 0], x[:, 0])
-    assert all(any(torch.equal(y[b, i], x[b, j]) for j in range(1, 17)) for b in range(2) for i in range(1, 9))
+    assert all(
+        any(torch.equal(y[b, i], x[b, j]) for j in range(1, 17)) for b in range(2) for i in range(1, 9)
+    )
     drop.eval()
     assert drop(x) is x
     model = CLIP(get_model_config("tiny-vit").replace(vision={"patch_dropout": 0.5}))
@@ -287,7 +291,12 @@ def test_intermediates_and_tokens() -> None:
 def test_vit_pool_variants() -> None:
     images = None
     results = {}
-    for variant in ({"pool_type": "tok"}, {"pool_type": "avg"}, {"final_ln_after_pool": True}, {"no_ln_pre": True}):
+    for variant in (
+        {"pool_type": "tok"},
+        {"pool_type": "avg"},
+        {"final_ln_after_pool": True},
+        {"no_ln_pre": True},
+    ):
         torch.manual_seed(0)
         model = CLIP(get_model_config("tiny-vit").replace(vision=variant)).eval()
         images = images_for(model) if images is None else images
@@ -322,7 +331,9 @@ def test_hf_text_tower(tmp_path) -> None:
     feats = model.encode_text(tokens, normalize=True)
     assert feats.shape == (2, 64) and torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
     hidden = model.text.forward_hidden(tokens)
-    assert len(hidden.hidden_states) == 3 and torch.allclose(hidden.pooled, model.encode_text(tokens), atol=1e-6)
+    assert len(hidden.hidden_states) == 3 and torch.allclose(
+        hidden.pooled, model.encode_text(tokens), atol=1e-6
+    )
     model.lock_text_tower(unlocked_groups=1)
     trainable = {n for n, p in model.text.named_parameters() if p.requires_grad}
     assert "proj.weight" in trainable and any(".layer.1." in n for n in trainable)

@@ -37,7 +37,12 @@ def _classification_result(num_classes=5, n=200):
     names = [f"class {i}" for i in range(num_classes)]
     m = accuracy_metrics(logits, labels)
     return make_result(
-        dataset="toy", model="tiny-vit", pretrained="", task="zeroshot", metrics=m, details={"classnames": names}
+        dataset="toy",
+        model="tiny-vit",
+        pretrained="",
+        task="zeroshot",
+        metrics=m,
+        details={"classnames": names},
     )
 
 
@@ -52,26 +57,50 @@ def _colour_image(i: int) -> Image.Image:
 def test_individual_plots_have_requested_size(tmp_path):
     res = _classification_result()
     d = res["details"]
-    p = report.plot_confusion_matrix(d["confusion_matrix"], d["classnames"], tmp_path / "cm.png", size=(600, 500))
+    p = report.plot_confusion_matrix(
+        d["confusion_matrix"], d["classnames"], tmp_path / "cm.png", size=(600, 500)
+    )
     _check_png(p, (600, 500))
-    p = report.plot_per_class_accuracy(d["per_class_accuracy"], d["classnames"], tmp_path / "pc.png", size=(700, 400))
+    p = report.plot_per_class_accuracy(
+        d["per_class_accuracy"], d["classnames"], tmp_path / "pc.png", size=(700, 400)
+    )
     _check_png(p, (700, 400))
     ranks = {"image_retrieval": torch.tensor([1, 2, 3, 8, 1]), "text_retrieval": torch.tensor([1, 1, 4])}
-    metrics = {"image_retrieval_recall@1": 0.4, "text_retrieval_recall@1": 2 / 3, "num_images": 3, "num_texts": 5}
+    metrics = {
+        "image_retrieval_recall@1": 0.4,
+        "text_retrieval_recall@1": 2 / 3,
+        "num_images": 3,
+        "num_texts": 5,
+    }
     _check_png(report.plot_recall_at_k(metrics, tmp_path / "r.png", ranks, size=(800, 450)), (800, 450))
     ks, values = report.recall_curve(torch.tensor([1, 2, 2, 5]), 5)
     assert ks == [1, 2, 3, 4, 5] and values == pytest.approx([0.25, 0.75, 0.75, 0.75, 1.0])
-    ex = [{"query": "a red square", "top": [0, 1, 2, 3, 4], "scores": [0.9, 0.8, 0.7, 0.6, 0.5], "correct": [0, 1, 0, 0, 0]}]
-    _check_png(report.plot_retrieval_examples(ex, _colour_image, tmp_path / "g.png", size=(900, 300)), (900, 300))
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))  # atomic writes leave no temp files
+    ex = [
+        {
+            "query": "a red square",
+            "top": [0, 1, 2, 3, 4],
+            "scores": [0.9, 0.8, 0.7, 0.6, 0.5],
+            "correct": [0, 1, 0, 0, 0],
+        }
+    ]
+    _check_png(
+        report.plot_retrieval_examples(ex, _colour_image, tmp_path / "g.png", size=(900, 300)), (900, 300)
+    )
+    assert not list(tmp_path.glob("*.tmp")) and not list(
+        tmp_path.glob(".*")
+    )  # atomic writes leave no temp files
 
 
 def test_many_classes_still_render(tmp_path):
     res = _classification_result(num_classes=80, n=800)
     d = res["details"]
-    img = _check_png(report.plot_confusion_matrix(d["confusion_matrix"], d["classnames"], tmp_path / "cm.png"))
+    img = _check_png(
+        report.plot_confusion_matrix(d["confusion_matrix"], d["classnames"], tmp_path / "cm.png")
+    )
     assert max(img.size) <= 1600
-    img = _check_png(report.plot_per_class_accuracy(d["per_class_accuracy"], d["classnames"], tmp_path / "pc.png"))
+    img = _check_png(
+        report.plot_per_class_accuracy(d["per_class_accuracy"], d["classnames"], tmp_path / "pc.png")
+    )
     assert img.size[1] <= 1800
 
 
@@ -85,14 +114,30 @@ def test_write_report_folder_and_html(tmp_path):
     img = F.normalize(torch.randn(12, 8, generator=gen), dim=-1)
     txt = F.normalize(img + 0.7 * torch.randn(12, 8, generator=gen), dim=-1)
     m = retrieval_metrics(img, txt, torch.arange(12), return_ranks=True)
-    ranks = {"image_retrieval": m.pop("image_retrieval_ranks"), "text_retrieval": m.pop("text_retrieval_ranks")}
+    ranks = {
+        "image_retrieval": m.pop("image_retrieval_ranks"),
+        "text_retrieval": m.pop("text_retrieval_ranks"),
+    }
     top, val = topk_retrieve(txt[:3], img, 5)
     examples = [
-        {"query": f"caption {q}", "top": t, "scores": v, "correct": [j == q for j in t], "rank": int(ranks["image_retrieval"][q])}
+        {
+            "query": f"caption {q}",
+            "top": t,
+            "scores": v,
+            "correct": [j == q for j in t],
+            "rank": int(ranks["image_retrieval"][q]),
+        }
         for q, t, v in zip(range(3), top.tolist(), val.tolist())
     ]
     ds = EvalDataset("toy-pairs", 12, _colour_image, captions=[[f"caption {i}"] for i in range(12)])
-    res = make_result(dataset="toy-pairs", model="m", pretrained="p", task="retrieval", metrics=m, details={"examples": examples})
+    res = make_result(
+        dataset="toy-pairs",
+        model="m",
+        pretrained="p",
+        task="retrieval",
+        metrics=m,
+        details={"examples": examples},
+    )
     info2 = report.write_report(out, res, dataset=ds, ranks=ranks)
     assert len(info2["plots"]) == 2
 

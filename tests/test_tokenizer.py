@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from clipforge.errors import ConfigError
 from clipforge.tokenizer import (
+    _MAX_TOKEN_CHARS,
     DEFAULT_CONTEXT_LENGTH,
     MAX_WORD_CHARS,
     VOCAB_SIZE,
@@ -28,12 +29,60 @@ WORDS = (
     "sunset people man woman child playing ball with on in at sky mountain river boat train city "
     "night snow rain coffee cup table chair window door book phone laptop pizza sandwich"
 ).split()
-ACCENTED = ["café", "naïve", "Ångström", "straße", "résumé", "jalapeño", "Zürich", "e\u0301", "İstanbul", "ΣΊΣΥΦΟΣ"]
-SCRIPTS = ["Привет мир", "γειά σου", "שלום", "مرحبا بالعالم", "नमस्ते", "สวัสดี", "안녕하세요", "こんにちは", "你好世界"]
-ENTITIES = ["&amp;", "&#39;", "&quot;", "&lt;b&gt;", "&amp;amp;", "&nbsp;", "&#x27;", "&copy;", "&AMP;", "&amp", "&#128512;"]
+ACCENTED = [
+    "café",
+    "naïve",
+    "Ångström",
+    "straße",
+    "résumé",
+    "jalapeño",
+    "Zürich",
+    "e\u0301",
+    "İstanbul",
+    "ΣΊΣΥΦΟΣ",
+]
+SCRIPTS = [
+    "Привет мир",
+    "γειά σου",
+    "שלום",
+    "مرحبا بالعالم",
+    "नमस्ते",
+    "สวัสดี",
+    "안녕하세요",
+    "こんにちは",
+    "你好世界",
+]
+ENTITIES = [
+    "&amp;",
+    "&#39;",
+    "&quot;",
+    "&lt;b&gt;",
+    "&amp;amp;",
+    "&nbsp;",
+    "&#x27;",
+    "&copy;",
+    "&AMP;",
+    "&amp",
+    "&#128512;",
+]
 URLS = ["https://example.com/path?q=1&x=2#frag", "www.Foo-Bar.org/a_b/c.html", "mailto:someone@example.com"]
 NUMBERS = ["3.14", "1,000,000", "2024-01-01", "42", "0x1F", "½", "²", "٣", "1st", "10km/h"]
-PUNCT = ["...", "!?", "—", "–", "“quoted”", "‘single’", "(parens)", "[x]", "{y}", "#tag", "@user", "'s", "'ll", "don't"]
+PUNCT = [
+    "...",
+    "!?",
+    "—",
+    "–",
+    "“quoted”",
+    "‘single’",
+    "(parens)",
+    "[x]",
+    "{y}",
+    "#tag",
+    "@user",
+    "'s",
+    "'ll",
+    "don't",
+]
 ODD = [
     "cafÃ©",  # mojibake ftfy repairs
     "\x1b[31mred\x1b[0m",  # terminal escapes
@@ -84,7 +133,9 @@ def _fragment(rng: random.Random) -> str:
     if kind == 10:
         return _emoji(rng)
     # random code points: CJK, Hangul, Latin-extended, or anything in the BMP but surrogates
-    lo, hi = rng.choice([(0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x100, 0x24F), (0x20, 0xD7FF), (0xE000, 0xFFFD)])
+    lo, hi = rng.choice(
+        [(0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x100, 0x24F), (0x20, 0xD7FF), (0xE000, 0xFFFD)]
+    )
     return _random_chars(rng, lo, hi, rng.randint(1, 6))
 
 
@@ -219,6 +270,20 @@ def test_decode_round_trip_plain_text(tok: Tokenizer) -> None:
     assert kept.startswith("<start_of_text>a dog") and "<end_of_text>" in kept
     assert decode(tokenize("a red bus")[0]) == "a red bus"
     assert tok.batch_decode(tok(["one", "two words"])) == ["one", "two words"]
+
+
+def test_longest_vocabulary_entry_bounds_word_cut(tok: Tokenizer) -> None:
+    """The batched call cuts giant words at MAX_TOKEN_CHARS * context: that relies on no token
+    spanning more than MAX_TOKEN_CHARS characters."""
+    longest = max(len(t.replace("</w>", "")) for t in tok._vocab.encoder if not t.startswith("<"))
+    assert longest <= _MAX_TOKEN_CHARS
+
+
+def test_small_cache_evicts_and_stays_correct(ref) -> None:
+    small = Tokenizer(cache_size=8)
+    texts = generate_texts(200, seed=9)
+    assert torch.equal(small(texts), ref(texts))
+    assert len(small._word_cache) <= 8
 
 
 def test_decode_rejects_unknown_ids(tok: Tokenizer) -> None:

@@ -229,6 +229,35 @@ def _blocks(n: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
+# exp() of anything below this is < 2e-35: negligible next to the row/column maximum's exp(0) = 1,
+# but still a normal float32. Clamping first keeps exp() from producing denormals, which are ~10x
+# slower on x86 and appear in practice once the logit scale nears 100.
+_EXP_FLOOR = -80.0
+
+
+class _TileBuffers:
+    """Two reusable ``chunk x chunk`` scratch tiles: no 64 MiB malloc/page-faulting per tile."""
+
+    def __init__(self, rows: int, cols: int, like: Tensor, dtype: torch.dtype) -> None:
+        self.tile = torch.empty(rows * cols, device=like.device, dtype=dtype)
+        self.work = torch.empty(rows * cols, device=like.device, dtype=dtype)
+
+    def similarity(self, q_scaled: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``(q_scaled @ k.T, scratch)`` as ``[len(q), len(k)]`` views of the buffers."""
+        r, c = q_scaled.shape[0], k.shape[0]
+        tile, work = self.tile[: r * c].view(r, c), self.work[: r * c].view(r, c)
+        if q_scaled.dtype == tile.dtype:
+            torch.mm(q_scaled, k.T, out=tile)
+        else:  # low-precision matmul, float32 softmax statistics
+            tile.copy_(q_scaled @ k.T)
+        return tile, work
+
+
+def _merge_lse(acc: Tensor, tile_max: Tensor, tile_sum: Tensor) -> Tensor:
+    """log(exp(acc) + exp(tile_max) * tile_sum), the online log-sum-exp update."""
+    return torch.logaddexp(acc, tile_max + tile_sum.log())
+
+
 class _ChunkedInfoNCE(torch.autograd.Function):
     """Cross-entropy over the rows (and, if ``symmetric``, the columns) of ``S = scale * q @ k.T``.
 
@@ -238,31 +267,41 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     ``symmetric=False`` returns ``mean_i CE(row_i)`` - one direction, used for ``local_loss``.
 
     Math. With ``lse_r``/``lse_c`` the row/column log-sum-exp of ``S``:
-    ``loss = c_r * sum(lse_r) + c_c * sum(lse_c) - (1/n) * sum_i S[i, i + offset]`` and
-    ``dloss/dS = c_r * softmax_rows(S) + c_c * softmax_cols(S) - (1/n) * onehot(labels)`` where
-    ``c_r = 1/(2n), c_c = 1/(2n)`` (symmetric) or ``c_r = 1/n, c_c = 0``. Writing ``G = dloss/dS``:
+    ``loss = c * sum(lse_r) + c * sum(lse_c) - (1/n) * sum_i S[i, i + offset]`` and
+    ``dloss/dS = c * softmax_rows(S) + c * softmax_cols(S) - (1/n) * onehot(labels)`` with
+    ``c = 1/(2n)`` (symmetric) or ``c = 1/n`` and no column terms. Writing ``G = dloss/dS``:
     ``dq = scale * G @ k``, ``dk = scale * G.T @ q`` and ``dscale = sum(G * q @ k.T) = sum(q * (G @ k))``
     - so the scale gradient costs ``O(n D)`` once ``G @ k`` is accumulated; no extra tile pass.
+    Per tile: forward = 1 matmul + row/column max, exp, sum; backward = 1 matmul (recompute) +
+    2 matmuls into the gradient accumulators.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, scale: Tensor, offset: int, symmetric: bool, chunk: int):  # type: ignore[override]
         n, m = q.shape[0], k.shape[0]
+        if offset < 0 or offset + n > m or (symmetric and (n != m or offset)):
+            raise ClipforgeError(f"losses: bad chunked InfoNCE shapes n={n}, m={m}, offset={offset}")
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         q_scaled = q * scale.to(q.dtype)
+        buffers = _TileBuffers(min(chunk, n), min(chunk, m), q, acc)
         lse_r = torch.full((n,), -math.inf, device=q.device, dtype=acc)
         lse_c = torch.full((m,), -math.inf, device=q.device, dtype=acc) if symmetric else None
         for rows in _blocks(n, chunk):
             for cols in _blocks(m, chunk):
-                tile = (q_scaled[rows] @ k[cols].T).to(acc)
-                lse_r[rows] = torch.logaddexp(lse_r[rows], torch.logsumexp(tile, dim=1))
+                tile, work = buffers.similarity(q_scaled[rows], k[cols])
+                row_max = tile.amax(dim=1)
                 if lse_c is not None:
-                    lse_c[cols] = torch.logaddexp(lse_c[cols], torch.logsumexp(tile, dim=0))
-        positives = (q_scaled.to(acc) * k[offset : offset + n].to(acc)).sum(dim=1)
+                    col_max = tile.amax(dim=0)
+                    torch.sub(tile, col_max, out=work).clamp_min_(_EXP_FLOOR).exp_()
+                    lse_c[cols] = _merge_lse(lse_c[cols], col_max, work.sum(dim=0))
+                tile.sub_(row_max[:, None]).clamp_min_(_EXP_FLOOR).exp_()
+                lse_r[rows] = _merge_lse(lse_r[rows], row_max, tile.sum(dim=1))
+        del buffers
+        positives = (q_scaled.to(acc) * k[offset : offset + n].to(acc)).sum()
         if lse_c is not None:
-            loss = (lse_r.sum() + lse_c.sum()) / (2 * n) - positives.sum() / n
+            loss = (lse_r.sum() + lse_c.sum()) / (2 * n) - positives / n
         else:
-            loss = lse_r.sum() / n - positives.sum() / n
+            loss = (lse_r.sum() - positives) / n
         ctx.save_for_backward(q, k, scale, lse_r, lse_c if lse_c is not None else lse_r)
         ctx.offset, ctx.symmetric, ctx.chunk = offset, symmetric, chunk
         return loss.to(q.dtype)
@@ -273,34 +312,37 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         offset, symmetric, chunk = ctx.offset, ctx.symmetric, ctx.chunk
         n, m = q.shape[0], k.shape[0]
         acc = lse_r.dtype
-        go = grad_output.to(acc)
-        weight = go / (2 * n) if symmetric else go / n  # c_r (== c_c when symmetric), times dL
         q_scaled = q * scale.to(q.dtype)
         q_acc, k_acc = q.to(acc), k.to(acc)
-        g_k = torch.zeros(n, q.shape[1], device=q.device, dtype=acc)  # G @ k
-        g_q = torch.zeros(m, q.shape[1], device=q.device, dtype=acc)  # G.T @ q
+        buffers = _TileBuffers(min(chunk, n), min(chunk, m), q, acc)
+        # Accumulate the un-weighted softmax parts: g_k = P @ k, g_q = P.T @ q with
+        # P = softmax_rows(S) (+ softmax_cols(S) if symmetric); weights applied once at the end.
+        g_k = torch.zeros(n, q.shape[1], device=q.device, dtype=acc)
+        g_q = torch.zeros(m, q.shape[1], device=q.device, dtype=acc)
         for rows in _blocks(n, chunk):
             for cols in _blocks(m, chunk):
-                tile = (q_scaled[rows] @ k[cols].T).to(acc)
+                tile, work = buffers.similarity(q_scaled[rows], k[cols])
                 if symmetric:
-                    col_soft = torch.sub(tile, lse_c[cols]).exp_()
-                    tile.sub_(lse_r[rows, None]).exp_().add_(col_soft)
-                    del col_soft
-                else:
-                    tile.sub_(lse_r[rows, None]).exp_()
-                tile.mul_(weight)
+                    torch.sub(tile, lse_c[cols], out=work).clamp_min_(_EXP_FLOOR).exp_()
+                tile.sub_(lse_r[rows, None]).clamp_min_(_EXP_FLOOR).exp_()
+                if symmetric:
+                    tile.add_(work)
                 g_k[rows].addmm_(tile, k_acc[cols])
                 g_q[cols].addmm_(tile.T, q_acc[rows])
-        # The label term -(1/n) * onehot(i, i + offset), scaled by dL.
-        label_w = go / n
-        g_k.sub_(label_w * k_acc[offset : offset + n])
-        g_q[offset : offset + n].sub_(label_w * q_acc)
+        del buffers
+        go = grad_output.to(acc)
+        soft_w = go / (2 * n) if symmetric else go / n
+        label_w = go / n  # the -(1/n) * onehot(i, i + offset) term
+        g_k.mul_(soft_w).sub_(label_w * k_acc[offset : offset + n])  # now G @ k
+        g_q.mul_(soft_w)[offset : offset + n].sub_(label_w * q_acc)  # now G.T @ q
         scale_acc = scale.to(acc)
-        grad_q = (scale_acc * g_k).to(q.dtype) if ctx.needs_input_grad[0] else None
-        grad_k = (scale_acc * g_q).to(k.dtype) if ctx.needs_input_grad[1] else None
-        grad_scale = None
+        grad_q = grad_k = grad_scale = None
         if ctx.needs_input_grad[2]:
             grad_scale = (q_acc * g_k).sum().to(scale.dtype).reshape(scale.shape)
+        if ctx.needs_input_grad[0]:
+            grad_q = g_k.mul_(scale_acc).to(q.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_k = g_q.mul_(scale_acc).to(k.dtype)
         return grad_q, grad_k, grad_scale, None, None, None
 
 

@@ -49,14 +49,14 @@ VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
 # entry is at most 32 bytes, so one chunk already yields > 77 tokens: batched outputs are identical
 # to the reference for any text whose "words" are shorter than this, which is every real caption.
 MAX_WORD_CHARS = 2560
+_MAX_TOKEN_CHARS = 32  # longest vocabulary entry, in bytes (so also in characters)
+_MAX_CACHED_CHARS = 128  # longer words/pieces are not memoised (bounded cache memory)
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 
 _WORD_SUFFIX = "</w>"
 # CLIP's pre-tokenisation: the specials, English contractions, runs of letters, single digits,
 # runs of anything that is neither whitespace, letter nor digit.
-_PIECE_PATTERN = (
-    r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
-)
+_PIECE_PATTERN = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 # Characters for which ftfy.fix_text and html.unescape are guaranteed no-ops: printable ASCII
 # except '&' (entities), plus tab and newline. Anything else takes the full (reference) path.
 _ASCII_CONTROL = re.compile(r"[^\t\n\x20-\x7e]")
@@ -77,7 +77,11 @@ def bytes_to_unicode() -> dict[int, str]:
     byte string has a reversible text form. The dict order (printable bytes first, then the
     shifted ones) is the order of the first 256 vocabulary ids, so it must not be sorted.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     shifted = 0
     for b in range(256):
@@ -178,7 +182,9 @@ class Tokenizer:
         cache_size: int = 1 << 18,
     ) -> None:
         if not isinstance(context_length, int) or context_length < 2:
-            raise ConfigError(f"tokenizer context_length must be an int >= 2 (room for SOT/EOT), got {context_length!r}")
+            raise ConfigError(
+                f"tokenizer context_length must be an int >= 2 (room for SOT/EOT), got {context_length!r}"
+            )
         if clean not in _CLEANERS:
             raise ConfigError(f"tokenizer clean={clean!r} is not one of {CLEAN_MODES}")
         self.context_length = context_length
@@ -224,7 +230,9 @@ class Tokenizer:
             raise ConfigError(f"unknown tokenizer config key(s) {unknown}; known: {sorted(known)}")
         if d.get("type", "clip_bpe") != "clip_bpe":
             raise ConfigError(f"tokenizer type {d['type']!r} is not supported (only 'clip_bpe')")
-        return cls(context_length=d.get("context_length", DEFAULT_CONTEXT_LENGTH), clean=d.get("clean", "lower"))
+        return cls(
+            context_length=d.get("context_length", DEFAULT_CONTEXT_LENGTH), clean=d.get("clean", "lower")
+        )
 
     def __repr__(self) -> str:
         return f"Tokenizer(context_length={self.context_length}, clean={self.clean!r}, vocab_size={self.vocab_size})"
@@ -262,20 +270,18 @@ class Tokenizer:
         return word
 
     def _piece_to_ids(self, piece: str) -> tuple[int, ...]:
-        """Ids for one regex piece (memoised by ``_piece_ids``)."""
+        """Ids for one regex piece (memoised by ``_piece_ids`` when short)."""
         encoder = self._vocab.encoder
         if piece == SOT_TOKEN or piece == EOT_TOKEN:  # the reference matches specials inside text
             return (encoder[piece],)
-        symbols = piece.encode("utf-8").decode("latin-1").translate(self._vocab.byte_translation)
-        if len(piece) <= MAX_WORD_CHARS:
-            return tuple(encoder[t] for t in self._bpe(symbols))
-        # Degenerate "word" (a run of thousands of letters): BPE it in chunks, the first of which
-        # already fills any context; see MAX_WORD_CHARS. Its chunks are kept out of the cache.
+        translation = self._vocab.byte_translation
         ids: list[int] = []
+        # A degenerate "word" (thousands of letters) is BPE'd in chunks; see MAX_WORD_CHARS.
         for start in range(0, len(piece), MAX_WORD_CHARS):
-            chunk = piece[start : start + MAX_WORD_CHARS]
-            chunk_symbols = chunk.encode("utf-8").decode("latin-1").translate(self._vocab.byte_translation)
-            ids.extend(encoder[t] for t in self._bpe(chunk_symbols))
+            symbols = (
+                piece[start : start + MAX_WORD_CHARS].encode("utf-8").decode("latin-1").translate(translation)
+            )
+            ids.extend(encoder[t] for t in self._bpe(symbols))
         return tuple(ids)
 
     def _word_to_ids(self, word: str) -> tuple[int, ...]:
@@ -286,9 +292,27 @@ class Tokenizer:
         the cache skip the regex for every word seen before.
         """
         pieces = self._pattern.findall(word)
+        if len(word) > _MAX_CACHED_CHARS:  # keep huge strings out of the memo
+            return tuple(chain.from_iterable(map(self._piece_to_ids, pieces)))
         if len(pieces) == 1:
             return self._piece_ids(pieces[0])
         return tuple(chain.from_iterable(map(self._piece_ids, pieces)))
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        ids = self._word_cache.get(word)
+        if ids is None:
+            ids = self._word_to_ids(word)
+            if len(word) <= _MAX_CACHED_CHARS:
+                if len(self._word_cache) >= self.cache_size:
+                    self._evict()
+                self._word_cache[word] = ids
+        return ids
+
+    def _evict(self) -> None:
+        """Drop the oldest half of the word memo (dicts keep insertion order)."""
+        cache = self._word_cache
+        for key in list(islice(cache, len(cache) // 2 + 1)):
+            cache.pop(key, None)
 
     # -- public API ------------------------------------------------------------------------------
     def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
@@ -298,33 +322,24 @@ class Tokenizer:
         longer): the batched call uses it to avoid encoding text that truncation throws away.
         """
         words = self._words_fn(text)
-        cache = self._word_cache
-        if max_tokens is None or len(words) <= max_tokens:
-            try:
-                return list(chain.from_iterable(map(cache.__getitem__, words)))
-            except KeyError:
-                return list(chain.from_iterable(map(self._word_ids, words)))
+        if max_tokens is not None and (len(words) > max_tokens or len(text) > MAX_WORD_CHARS // 4):
+            return self._encode_bounded(words, max_tokens)
+        try:
+            return list(chain.from_iterable(map(self._word_cache.__getitem__, words)))
+        except KeyError:  # some word not memoised yet
+            return list(chain.from_iterable(map(self._word_ids, words)))
+
+    def _encode_bounded(self, words: list[str], max_tokens: int) -> list[int]:
+        """Encode words until ``max_tokens`` ids exist. Words are cut to a length that still
+        yields more than ``max_tokens`` ids (a token spans at most 32 characters), so a
+        megabyte-long "word" costs no more than a context's worth of BPE."""
+        cut = max(MAX_WORD_CHARS, _MAX_TOKEN_CHARS * max_tokens)
         ids: list[int] = []
         for word in words:
-            ids.extend(self._word_ids(word))
+            ids.extend(self._word_ids(word if len(word) <= cut else word[:cut]))
             if len(ids) >= max_tokens:
                 break
         return ids
-
-    def _word_ids(self, word: str) -> tuple[int, ...]:
-        ids = self._word_cache.get(word)
-        if ids is None:
-            ids = self._word_to_ids(word)
-            if len(self._word_cache) >= self.cache_size:
-                self._evict()
-            self._word_cache[word] = ids
-        return ids
-
-    def _evict(self) -> None:
-        """Drop the oldest half of the word memo (dicts keep insertion order)."""
-        cache = self._word_cache
-        for key in list(islice(cache, len(cache) // 2 + 1)):
-            del cache[key]
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """Tokenise one text or a batch into ``LongTensor[B, context_length]``.
@@ -376,14 +391,18 @@ class Tokenizer:
         try:
             symbols = "".join(decoder[i] for i in id_list)
         except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is outside the vocabulary [0, {self.vocab_size})") from None
+            raise ValueError(
+                f"token id {e.args[0]} is outside the vocabulary [0, {self.vocab_size})"
+            ) from None
         byte_decoder = self._vocab.byte_decoder
         # Special tokens are plain ASCII symbols, so they decode to their own text when kept.
         text = bytes(byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
         text = text.replace(_WORD_SUFFIX, " ")
         return text.strip() if skip_special_tokens else text
 
-    def batch_decode(self, rows: torch.Tensor | Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+    def batch_decode(
+        self, rows: torch.Tensor | Sequence[Sequence[int]], skip_special_tokens: bool = True
+    ) -> list[str]:
         """``decode`` applied to each row of a 2-D batch."""
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
 

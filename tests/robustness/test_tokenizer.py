@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,9 @@ from hypothesis import strategies as st
 from clipforge.tokenizer import VOCAB_SIZE, Tokenizer
 
 TOK = Tokenizer()
-SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def assert_valid_row(row: torch.Tensor, context_length: int) -> None:
@@ -59,6 +63,8 @@ def test_batches_and_context_lengths(texts: list[str], context_length: int) -> N
         "&amp;" * 2000,
         "\u0301" * 300,  # combining marks with no base
         "z" * 12_000,  # one degenerate 'word': chunked, bounded time
+        "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(200_000)),
+        "a photo of " + "&amp;" * 100_000,  # 500 kB of entities
     ],
 )
 def test_hostile_texts(text: str) -> None:

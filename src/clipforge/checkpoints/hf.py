@@ -255,15 +255,19 @@ def is_hf_dir(path: str | Path) -> bool:
     return isinstance(data, dict) and (data.get("model_type") == "clip" or "vision_config" in data)
 
 
-def load_hf_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
-    """clipforge-named weights and config from a ``CLIPModel.save_pretrained`` folder."""
-    path = Path(path)
-    config_path = path / "config.json"
+def load_hf_config(path: str | Path) -> CLIPConfig:
+    config_path = Path(path) / "config.json"
     try:
         data = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{config_path}: cannot read Hugging Face config: {e}") from None
-    cfg = config_from_hf(data, str(config_path))
+    return config_from_hf(data, str(config_path))
+
+
+def load_hf_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
+    """clipforge-named weights and config from a ``CLIPModel.save_pretrained`` folder."""
+    path = Path(path)
+    cfg = load_hf_config(path)
     weights = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), None)
     if weights is None:
         if any(path.glob("*.index.json")):

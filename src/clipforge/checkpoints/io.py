@@ -157,6 +157,27 @@ def is_torchscript_archive(path: PathLike) -> bool:
         return False
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """numpy scalars/arrays/dtypes, which training loops often leave in checkpoints (best metric,
+    epoch counters). They are data, not code: reconstructing them calls only numpy constructors,
+    and anything nested inside still goes through torch's restricted unpickler. Both the numpy 1
+    (``numpy.core``) and numpy 2 (``numpy._core``) spellings are accepted.
+    """
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [np.dtype, np.ndarray]
+    for name in ("scalar", "_reconstruct"):
+        fn = getattr(core.multiarray, name)
+        allowed += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
 def safe_torch_load(path: PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a ``torch.save`` file (or a TorchScript archive's weights) without running its code.
 
@@ -172,7 +193,8 @@ def safe_torch_load(path: PathLike, map_location: str | torch.device = "cpu") ->
         return load_torchscript_state_dict(path)
     is_zip = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         msg = str(e)
         match = _GLOBAL_RE.search(msg)
@@ -184,9 +206,11 @@ def safe_torch_load(path: PathLike, map_location: str | torch.device = "cpu") ->
                 "tool to safetensors if you trust its source."
             ) from None
         raise CheckpointError(f"{path}: corrupt checkpoint pickle: {msg.splitlines()[0]}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # torch raises many types (RuntimeError, EOFError, IndexError, ...) on garbage
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first}") from None
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated, corrupt or not a torch file?): {type(e).__name__}: {first}"
+        ) from None
 
 
 # --- TorchScript archives -------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from clipforge.checkpoints.open_clip import (
     strip_prefixes,
 )
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+from clipforge.model.config import CLIPConfig
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,18 @@ def _read_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return sd, fmt
 
 
+def _check_json(path: Path) -> None:
+    """A config that exists but does not parse must stop the load, not be silently skipped."""
+    if path.is_file():
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: invalid JSON ({e}); fix or remove it") from None
+
+
 def _load_dir(path: Path) -> LoadedCheckpoint:
+    _check_json(path / "config.json")
+    _check_json(path / "open_clip_config.json")
     if clipforge_format.is_clipforge_dir(path):
         ck = clipforge_format.read_pretrained_dir(path)
         return LoadedCheckpoint(
@@ -321,7 +332,8 @@ def mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], sour
         name, exact = closest_architecture(infer_config(sd))
         kind = "matches" if exact else "is closest to"
         lines.append(
-            f"  the checkpoint {kind} the registered architecture {name!r}: create_model({name!r}, ...)"
+            f"  the checkpoint {kind} the registered architecture {name!r}: use create_model({name!r}, ...), "
+            "or create_model(None, pretrained=...) to build the architecture inferred from the checkpoint"
         )
     except (CheckpointError, ConfigError, KeyError, ValueError, IndexError) as e:
         lines.append(f"  (could not infer the checkpoint's architecture: {e})")
@@ -379,8 +391,6 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = Tru
 __all__ = [
     "FORMATS",
     "LoadedCheckpoint",
-    "TextConfig",
-    "VisionConfig",
     "apply_state_dict",
     "classify_state_dict",
     "closest_architecture",

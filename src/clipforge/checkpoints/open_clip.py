@@ -56,7 +56,9 @@ def _unwrap(sd: Mapping[str, Any]) -> Mapping[str, Any]:
 def is_open_clip_state_dict(sd: Mapping[str, Any]) -> bool:
     """True for open_clip/OpenAI layouts (text modules at the root or MHA-style in_proj names)."""
     keys = strip_prefixes(_unwrap(sd)).keys()
-    return any(k.startswith("token_embedding.") for k in keys) or any(k.endswith("attn.in_proj_weight") for k in keys)
+    return any(k.startswith("token_embedding.") for k in keys) or any(
+        k.endswith("attn.in_proj_weight") for k in keys
+    )
 
 
 def open_clip_to_clipforge(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,7 +138,9 @@ def _infer_text(sd: Mapping[str, Any], keys: list[str]) -> tuple[TextConfig, int
     vocab, width = _shape(sd, "text.token_embedding.weight")
     hidden = _shape(sd, "text.transformer.resblocks.0.mlp.c_fc.weight")[0]
     proj_bias = "text.text_projection.weight" in sd
-    embed_dim = _shape(sd, "text.text_projection.weight")[0] if proj_bias else _shape(sd, "text.text_projection")[1]
+    embed_dim = (
+        _shape(sd, "text.text_projection.weight")[0] if proj_bias else _shape(sd, "text.text_projection")[1]
+    )
     text = TextConfig(
         context_length=_shape(sd, "text.positional_embedding")[0],
         vocab_size=vocab,
@@ -157,10 +161,17 @@ def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
     v, t = cfg.vision, cfg.text
     for known in _REGISTRY.values():
         kv, kt = known.vision, known.text
-        if (kv.is_resnet, kv.width, kv.layers, kv.patch_size) == (v.is_resnet, v.width, v.layers, v.patch_size):
+        if (kv.is_resnet, kv.width, kv.layers, kv.patch_size) == (
+            v.is_resnet,
+            v.width,
+            v.layers,
+            v.patch_size,
+        ):
             if not v.is_resnet and int(kv.width * kv.mlp_ratio) == int(round(v.width * v.mlp_ratio)):
                 v.head_width, v.mlp_ratio = kv.head_width, kv.mlp_ratio
-        if (kt.width, kt.layers) == (t.width, t.layers) and int(kt.width * kt.mlp_ratio) == int(round(t.width * t.mlp_ratio)):
+        if (kt.width, kt.layers) == (t.width, t.layers) and int(kt.width * kt.mlp_ratio) == int(
+            round(t.width * t.mlp_ratio)
+        ):
             t.heads, t.mlp_ratio = kt.heads, kt.mlp_ratio
 
 
@@ -186,14 +197,18 @@ def infer_config(sd: Mapping[str, Any], *, quick_gelu: bool | None = None) -> CL
     vision, embed_dim = _infer_vision(sd, keys)
     text, text_dim = _infer_text(sd, keys)
     if text_dim != embed_dim:
-        raise CheckpointError(f"image projection gives embed dim {embed_dim} but text projection gives {text_dim}")
+        raise CheckpointError(
+            f"image projection gives embed dim {embed_dim} but text projection gives {text_dim}"
+        )
     bias = sd.get("logit_bias")
     cfg = CLIPConfig(
         embed_dim=embed_dim,
         vision=vision,
         text=text,
         quick_gelu=openai_file if quick_gelu is None else quick_gelu,
-        init_logit_bias=float(bias) if isinstance(bias, torch.Tensor) and bias.device.type != "meta" else None,
+        init_logit_bias=float(bias)
+        if isinstance(bias, torch.Tensor) and bias.device.type != "meta"
+        else None,
     )
     if isinstance(bias, torch.Tensor) and cfg.init_logit_bias is None:
         cfg.init_logit_bias = -10.0

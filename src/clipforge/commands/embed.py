@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(args.model, pretrained=args.pretrained, device=args.device)
-    tokenizer = None if args.no_captions else get_tokenizer(args.model)
+    tokenizer = None if args.no_captions else get_tokenizer(model)
     source = args.images[0] if len(args.images) == 1 else args.images
     m = embed_images(model, preprocess, source, args.out, batch_size=args.batch_size, num_workers=args.workers,
                      shard_size=args.shard_size, dtype=args.dtype, tokenizer=tokenizer, model_name=args.model,

@@ -22,12 +22,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", help="weights: tag, hf-hub:org/name, checkpoint file or folder")
     p.add_argument("--task", choices=TASKS, default="zeroshot")
     p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
-    p.add_argument("--train-data", metavar="SPEC", help="linear probe training data (default: half of --data)")
+    p.add_argument(
+        "--train-data", metavar="SPEC", help="linear probe training data (default: half of --data)"
+    )
     p.add_argument("--templates", default=None, help="imagenet | simple | FILE (one '{}' template per line)")
     p.add_argument("--classnames", metavar="FILE", help="class names, one per line, overriding the dataset's")
     p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], metavar="K")
     p.add_argument("--report", metavar="DIR", help="also write PNG plots and index.html to DIR")
-    p.add_argument("--output", metavar="FILE", help="result JSON (default results.json when --report is not given)")
+    p.add_argument(
+        "--output", metavar="FILE", help="result JSON (default results.json when --report is not given)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -81,13 +85,19 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
     tokenizer = get_tokenizer(model)
     kind = "retrieval" if args.task == "retrieval" else "classification"
-    dataset = load_eval_dataset(args.data, task=kind, transform=preprocess, download=args.download, split=args.split)
+    dataset = load_eval_dataset(
+        args.data, task=kind, transform=preprocess, download=args.download, split=args.split
+    )
     train = None
     if args.train_data:
-        train = load_eval_dataset(args.train_data, transform=preprocess, download=args.download, split="train")
+        train = load_eval_dataset(
+            args.train_data, transform=preprocess, download=args.download, split="train"
+        )
     classnames = None
     if args.classnames:
-        classnames = [n.strip() for n in Path(args.classnames).read_text(encoding="utf-8").splitlines() if n.strip()]
+        classnames = [
+            n.strip() for n in Path(args.classnames).read_text(encoding="utf-8").splitlines() if n.strip()
+        ]
     output = args.output or (None if args.report else "results.json")
     result = evaluate(
         model,

@@ -48,7 +48,15 @@ def _num(value: object) -> str:
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
-    header = ("model", "image params (M)", "text params (M)", "image GFLOPs", "text GFLOPs", "embed dim", "image size")
+    header = (
+        "model",
+        "image params (M)",
+        "text params (M)",
+        "image GFLOPs",
+        "text GFLOPs",
+        "embed dim",
+        "image size",
+    )
     lines = [
         (
             str(r["name"]),
@@ -61,7 +69,9 @@ def format_table(rows: list[dict[str, object]]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)
+    ]
     fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*header), *(fmt.format(*line) for line in lines)])
 

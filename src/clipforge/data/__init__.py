@@ -122,7 +122,8 @@ def build_dataset(
     **kw: Any,
 ) -> Any:
     """One dataset from a spec string (see the module doc). Extra keywords go to the dataset
-    types that accept them (``image_key``/``caption_key`` to tables, ``resampled`` to shards...)."""
+    types that accept them (``image_key``/``caption_key`` to tables, ``resampled`` to shards...);
+    others are ignored. ``train=False`` makes ``synthetic:shapes`` default to its ``val`` split."""
     from clipforge.data.images import SkipCounter
 
     counter = skip_counter or SkipCounter(spec)
@@ -146,6 +147,8 @@ def build_dataset(
         from clipforge.data.synthetic import SyntheticShapes, parse_synthetic_spec
 
         opts = {"seed": seed, **parse_synthetic_spec(path)}
+        if kw.get("train") is False and "split" not in opts:
+            opts["split"] = "val"  # evaluation data must not be the training stream
         return SyntheticShapes(transform=transform, tokenizer=tokenizer, **opts)
     if kind == "shards":
         from clipforge.data.shards import ShardDataset

@@ -226,7 +226,11 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None) -> 
     if not paths:
         raise DataError(f"{root}: class folders contain no images ({', '.join(IMAGE_EXTS)})")
     ds = EvalDataset(
-        str(root), len(paths), partial(_open_nth, paths), labels=labels, classnames=[_pretty(c) for c in classes]
+        str(root),
+        len(paths),
+        partial(_open_nth, paths),
+        labels=labels,
+        classnames=[_pretty(c) for c in classes],
     )
     ds.paths = paths  # type: ignore[attr-defined]
     return ds.with_transform(transform)
@@ -277,9 +281,13 @@ def synthetic_shapes(
             n, split=split, seed=seed, image_size=image_size, caption_style=caption_style
         )
         name = f"synthetic:shapes?split={split}&n={n}&seed={seed}"
-        return EvalDataset(name, n, images.__getitem__, captions=[[c] for c in captions]).with_transform(transform)
+        return EvalDataset(name, n, images.__getitem__, captions=[[c] for c in captions]).with_transform(
+            transform
+        )
     split, n, seed = split or "heldout", n or 600, 1 if seed is None else seed
-    ds = synthetic.SyntheticShapes(n, split=split, seed=seed, image_size=image_size, caption_style=caption_style)
+    ds = synthetic.SyntheticShapes(
+        n, split=split, seed=seed, image_size=image_size, caption_style=caption_style
+    )
     name = f"synthetic:shapes?split={split}&n={n}&seed={seed}&label={label}"
     out = EvalDataset(
         name,
@@ -333,7 +341,11 @@ def torchvision_dataset(
     if labels is None:
         labels = [int(ds[i][1]) for i in range(len(ds))]
     return EvalDataset(
-        f"{cls_name}:{split}", len(ds), partial(_first_item, ds), labels=labels, classnames=[_pretty(str(c)) for c in classes]
+        f"{cls_name}:{split}",
+        len(ds),
+        partial(_first_item, ds),
+        labels=labels,
+        classnames=[_pretty(str(c)) for c in classes],
     ).with_transform(transform)
 
 
@@ -544,7 +556,9 @@ def load_eval_dataset(
     )
 
 
-def as_eval_dataset(obj: Any, *, task: str = "classification", transform: Callable | None = None) -> EvalDataset:
+def as_eval_dataset(
+    obj: Any, *, task: str = "classification", transform: Callable | None = None
+) -> EvalDataset:
     """Adapt what users already have: an EvalDataset, a spec string, clipforge's synthetic or
     pairs datasets, or a torchvision-style dataset with ``classes`` and ``(image, label)`` items."""
     if isinstance(obj, EvalDataset):
@@ -566,8 +580,14 @@ def as_eval_dataset(obj: Any, *, task: str = "classification", transform: Callab
         return from_pairs(obj, transform=transform)
     if hasattr(obj, "classes") and hasattr(obj, "__getitem__"):
         targets = getattr(obj, "targets", None)
-        labels = [int(t) for t in targets] if targets is not None else [int(obj[i][1]) for i in range(len(obj))]
+        labels = (
+            [int(t) for t in targets] if targets is not None else [int(obj[i][1]) for i in range(len(obj))]
+        )
         return EvalDataset(
-            type(obj).__name__, len(obj), partial(_first_item, obj), labels=labels, classnames=list(obj.classes)
+            type(obj).__name__,
+            len(obj),
+            partial(_first_item, obj),
+            labels=labels,
+            classnames=list(obj.classes),
         ).with_transform(transform)
     raise DataError(f"cannot evaluate on {type(obj).__name__}: expected a dataset spec or an EvalDataset")

@@ -65,7 +65,7 @@ def fit_logistic_regression(
         w = torch.zeros(x.shape[1], num_classes, dtype=dtype, device=device, requires_grad=True)
         b = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+        [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
     )
 
     def closure() -> torch.Tensor:
@@ -116,7 +116,13 @@ def linear_probe(
     # strongest regularisation first: each fit warm-starts from the previous, smoother solution
     for l2 in sorted(l2_values, reverse=True):
         model = fit_logistic_regression(
-            train_features[tr], train_labels[tr], num_classes, l2, max_iter=max_iter, init=model, device=device
+            train_features[tr],
+            train_labels[tr],
+            num_classes,
+            l2,
+            max_iter=max_iter,
+            init=model,
+            device=device,
         )
         pred = model.logits(train_features[va].to(model.weight.device)).argmax(1).cpu()
         acc = int((pred == train_labels[va]).sum()) / len(va)
@@ -125,7 +131,9 @@ def linear_probe(
         if acc > best_acc + 1e-12:  # ties keep the stronger regularisation seen first
             best_l2, best_acc = l2, acc
     assert best_l2 is not None
-    final = fit_logistic_regression(train_features, train_labels, num_classes, best_l2, max_iter=max_iter, device=device)
+    final = fit_logistic_regression(
+        train_features, train_labels, num_classes, best_l2, max_iter=max_iter, device=device
+    )
     logits = final.logits(test_features.to(final.weight.device)).float().cpu()
     metrics = accuracy_metrics(logits, test_labels, num_classes)
     metrics["weight_decay"] = best_l2

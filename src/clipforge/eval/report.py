@@ -129,7 +129,13 @@ def plot_per_class_accuracy(
     ax.set_ylim(-0.6, len(values) - 0.4)
     for y, v in enumerate(values):
         ax.text(min(v + 1, 93), y, f"{v:.0f}%", va="center", fontsize=8)
-    ax.axvline(100 * mean, color="black", linestyle="--", linewidth=1, label=f"mean per-class recall {100 * mean:.1f}%")
+    ax.axvline(
+        100 * mean,
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"mean per-class recall {100 * mean:.1f}%",
+    )
     ax.axvline(100 * chance, color=BAD, linestyle=":", linewidth=1.5, label=f"chance {100 * chance:.1f}%")
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy (%)")
@@ -168,7 +174,9 @@ def plot_recall_at_k(
     n_max = 1
     for prefix, label in labels.items():
         points = sorted(
-            (int(k.rsplit("@", 1)[1]), float(v)) for k, v in metrics.items() if k.startswith(f"{prefix}_recall@")
+            (int(k.rsplit("@", 1)[1]), float(v))
+            for k, v in metrics.items()
+            if k.startswith(f"{prefix}_recall@")
         )
         if points:
             label += "  (" + ", ".join(f"R@{k} {100 * v:.1f}" for k, v in points) + ")"
@@ -255,12 +263,18 @@ def write_report(
     plots: list[str] = []
     if "confusion_matrix" in details:
         names = details.get("classnames") or [str(i) for i in range(len(details["confusion_matrix"]))]
-        plots.append(plot_confusion_matrix(details["confusion_matrix"], names, out / f"{name}-confusion.png").name)
-        plots.append(plot_per_class_accuracy(details["per_class_accuracy"], names, out / f"{name}-per-class.png").name)
+        plots.append(
+            plot_confusion_matrix(details["confusion_matrix"], names, out / f"{name}-confusion.png").name
+        )
+        plots.append(
+            plot_per_class_accuracy(details["per_class_accuracy"], names, out / f"{name}-per-class.png").name
+        )
     if result["task"] == "zeroshot_retrieval":
         plots.append(plot_recall_at_k(metrics, out / f"{name}-recall.png", ranks).name)
         if details.get("examples") and dataset is not None:
-            grid = plot_retrieval_examples(details["examples"], dataset.load_image, out / f"{name}-examples.png")
+            grid = plot_retrieval_examples(
+                details["examples"], dataset.load_image, out / f"{name}-examples.png"
+            )
             plots.append(grid.name)
     info = {"json": f"{name}.json", "html": "index.html", "plots": plots}
     write_result({**result, "report": info}, out / info["json"])
@@ -285,7 +299,11 @@ def _load_results(out: Path) -> list[dict[str, Any]]:
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
     rows = []
     for k, v in metrics.items():
-        shown = f"{100 * v:.2f}%" if isinstance(v, float) and ("acc" in k or "recall" in k) else html.escape(str(v))
+        shown = (
+            f"{100 * v:.2f}%"
+            if isinstance(v, float) and ("acc" in k or "recall" in k)
+            else html.escape(str(v))
+        )
         rows.append(f"<tr><th>{html.escape(k)}</th><td>{shown}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 

@@ -168,7 +168,9 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A plain-text table for the terminal (floats as percentages where they look like rates)."""
-    columns = list(columns or [c for c in table_columns(rows) if c not in ("file", "language", "model_fullname")])
+    columns = list(
+        columns or [c for c in table_columns(rows) if c not in ("file", "language", "model_fullname")]
+    )
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):

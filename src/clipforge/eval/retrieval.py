@@ -15,10 +15,12 @@ whose tie-breaking is left to ``torch.topk`` and is therefore unspecified. Recal
 ``rank <= K``; mean and median rank follow open_clip (median of an even count = the lower
 middle value).
 
-Memory: scores are produced in ``block_size x block_size`` tiles and reduced immediately, so a
-100k x 500k similarity matrix never exists. Two passes over the tiles: the first finds each
-query's best positive score, the second counts negatives at or above it. Both passes use the same
-tiles, so the positive scores compared are bit-identical to the scores they are compared with.
+Memory: queries are processed in blocks of ``block_size`` rows; each block's scores against all
+candidates (``block_size x N``, one matrix product) are reduced to ranks at once and dropped, so
+a 100k x 500k similarity matrix never exists. The default block size keeps a block under
+``2**26`` scores (256 MiB in float32). Positive scores are read out of the same block matrix
+they are compared with, so ties are judged on bit-identical numbers, and positives are kept as a
+sparse (query, candidate) pair list: no dense mask is built.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def retrieval_metrics(
     text_features: torch.Tensor,
     text_to_image: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
-    block_size: int = 4096,
+    block_size: int | None = None,
     *,
     device: torch.device | str | None = None,
     return_ranks: bool = False,
@@ -46,10 +48,11 @@ def retrieval_metrics(
 
     ``image_features [N_img, D]`` and ``text_features [N_txt, D]`` should be L2-normalised (the
     metric is a dot product). ``text_to_image [N_txt]`` gives the image index of every caption.
+    ``block_size`` is the number of query rows scored at once (default: memory-bounded).
     Images without any caption are left out of the image->text metrics (with a warning).
     With ``return_ranks`` the per-query 1-based ranks are included as tensors.
     """
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long).reshape(-1)
+    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long).reshape(-1).cpu()
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
     if text_to_image.numel() != n_txt:
         raise ValueError(f"text_to_image has {text_to_image.numel()} entries for {n_txt} captions")
@@ -58,12 +61,13 @@ def retrieval_metrics(
     if image_features.shape[1:] != text_features.shape[1:]:
         raise ValueError(f"feature dims differ: {tuple(image_features.shape)} vs {tuple(text_features.shape)}")
     device = torch.device(device) if device is not None else image_features.device
-    image_ids = torch.arange(n_img)
+    text_ids = torch.arange(n_txt)
 
-    # text -> image ("image retrieval"): query key = its image, candidate key = image index
-    t2i_ranks = query_ranks(text_features, image_features, text_to_image, image_ids, block_size, device)
-    # image -> text ("text retrieval"): query key = image index, candidate key = caption's image
-    i2t_ranks = query_ranks(image_features, text_features, image_ids, text_to_image, block_size, device)
+    # text -> image ("image retrieval"): positive pairs (text t, image t2i[t]), sorted by text
+    t2i_ranks = query_ranks(text_features, image_features, text_ids, text_to_image, block_size, device)
+    # image -> text ("text retrieval"): pairs (image, caption) sorted by image
+    order = torch.argsort(text_to_image, stable=True)
+    i2t_ranks = query_ranks(image_features, text_features, text_to_image[order], order, block_size, device)
     has_caption = torch.bincount(text_to_image, minlength=n_img) > 0
     if not bool(has_caption.all()):
         log.warning("%d of %d images have no caption; left out of text retrieval", int((~has_caption).sum()), n_img)
@@ -85,70 +89,73 @@ def retrieval_metrics(
     return metrics
 
 
+def default_block_size(num_candidates: int, max_scores: int = 2**26) -> int:
+    return max(1, min(8192, max_scores // max(num_candidates, 1)))
+
+
 def query_ranks(
     queries: torch.Tensor,
     candidates: torch.Tensor,
-    query_keys: torch.Tensor,
-    candidate_keys: torch.Tensor,
-    block_size: int = 4096,
+    pos_query: torch.Tensor,
+    pos_candidate: torch.Tensor,
+    block_size: int | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """1-based pessimistic rank of each query's best positive; candidate j is a positive of query
-    i when ``query_keys[i] == candidate_keys[j]``. Queries without a positive get rank
-    ``len(candidates) + 1``."""
+    """1-based pessimistic rank of each query's best positive.
+
+    Positives are the pairs ``(pos_query[p], pos_candidate[p])``, with ``pos_query`` sorted
+    ascending. Queries without a positive get rank ``len(candidates) + 1``.
+    """
+    block_size = block_size or default_block_size(candidates.shape[0])
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
     device = torch.device(device) if device is not None else queries.device
+    pos_query = torch.as_tensor(pos_query, dtype=torch.long).cpu()
+    pos_candidate = torch.as_tensor(pos_candidate, dtype=torch.long).cpu()
+    if pos_query.numel() > 1 and bool((pos_query[1:] < pos_query[:-1]).any()):
+        raise ValueError("pos_query must be sorted ascending")
     nq, nc = queries.shape[0], candidates.shape[0]
-    ranks = torch.empty(nq, dtype=torch.long)
+    cand = candidates.to(device, torch.float32)
+    ranks = torch.full((nq,), nc + 1, dtype=torch.long)
     for q0 in range(0, nq, block_size):
-        q = queries[q0 : q0 + block_size].to(device, torch.float32)
-        qk = query_keys[q0 : q0 + block_size].to(device)
-        best = torch.full((q.shape[0],), float("-inf"), device=device)
-        has_pos = torch.zeros(q.shape[0], dtype=torch.bool, device=device)
-        for scores, pos in _tiles(q, qk, candidates, candidate_keys, block_size, device):
-            best = torch.maximum(best, scores.masked_fill(~pos, float("-inf")).amax(dim=1))
-            has_pos |= pos.any(dim=1)
-        above = torch.zeros(q.shape[0], dtype=torch.long, device=device)
-        for scores, pos in _tiles(q, qk, candidates, candidate_keys, block_size, device):
-            above += ((scores >= best[:, None]) & ~pos).sum(dim=1)
-        block_ranks = torch.where(has_pos, above + 1, torch.full_like(above, nc + 1))
-        ranks[q0 : q0 + q.shape[0]] = block_ranks.cpu()
+        q1 = min(q0 + block_size, nq)
+        scores = queries[q0:q1].to(device, torch.float32) @ cand.T  # [b, N]
+        lo, hi = torch.searchsorted(pos_query, torch.tensor([q0, q1])).tolist()
+        if lo == hi:
+            continue
+        rows = (pos_query[lo:hi] - q0).to(device)
+        pos_scores = scores[rows, pos_candidate[lo:hi].to(device)]
+        best = torch.full((q1 - q0,), float("-inf"), device=device)
+        best = best.scatter_reduce(0, rows, pos_scores, reduce="amax")
+        at_or_above = (scores >= best[:, None]).sum(dim=1)
+        # positives at or above the best (the best itself, plus tied positives) are not negatives
+        pos_above = torch.zeros(q1 - q0, dtype=torch.long, device=device)
+        pos_above = pos_above.scatter_add(0, rows, (pos_scores >= best[rows]).long())
+        has_pos = torch.isfinite(best)
+        block_ranks = at_or_above - pos_above + 1
+        ranks[q0:q1] = torch.where(has_pos, block_ranks, torch.full_like(block_ranks, nc + 1)).cpu()
     return ranks
-
-
-def _tiles(q, qk, candidates, candidate_keys, block_size, device):
-    for c0 in range(0, candidates.shape[0], block_size):
-        c = candidates[c0 : c0 + block_size].to(device, torch.float32)
-        ck = candidate_keys[c0 : c0 + block_size].to(device)
-        yield q @ c.T, qk[:, None] == ck[None, :]
 
 
 def topk_retrieve(
     queries: torch.Tensor,
     candidates: torch.Tensor,
     k: int = 5,
-    block_size: int = 4096,
+    block_size: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k candidate indices and scores per query, merging per-tile top-k (for report grids and
-    demo searches). Ties go to the lower candidate index."""
+    """Top-k candidate indices and scores per query (for report grids and demo searches).
+    Ties go to the lower candidate index (stable sort)."""
     device = torch.device(device) if device is not None else queries.device
+    block_size = block_size or default_block_size(candidates.shape[0])
     k = min(k, candidates.shape[0])
+    cand = candidates.to(device, torch.float32)
     out_idx, out_val = [], []
     for q0 in range(0, queries.shape[0], block_size):
-        q = queries[q0 : q0 + block_size].to(device, torch.float32)
-        best_val = torch.empty(q.shape[0], 0, device=device)
-        best_idx = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
-        for c0 in range(0, candidates.shape[0], block_size):
-            s = q @ candidates[c0 : c0 + block_size].to(device, torch.float32).T
-            idx = torch.arange(c0, c0 + s.shape[1], device=device).expand_as(s)
-            vals, idxs = torch.cat([best_val, s], 1), torch.cat([best_idx, idx], 1)
-            # stable sort by descending score keeps lower indices first among ties
-            order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
-            best_val, best_idx = vals.gather(1, order), idxs.gather(1, order)
-        out_idx.append(best_idx.cpu())
-        out_val.append(best_val.cpu())
+        scores = queries[q0 : q0 + block_size].to(device, torch.float32) @ cand.T
+        vals, idx = torch.sort(scores, dim=1, descending=True, stable=True)
+        out_idx.append(idx[:, :k].cpu())
+        out_val.append(vals[:, :k].cpu())
     return torch.cat(out_idx), torch.cat(out_val)
 
 

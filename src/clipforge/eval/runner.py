@@ -119,7 +119,9 @@ class _Run:
 
     def image_features(self, ds: EvalDataset) -> tuple[torch.Tensor, torch.Tensor]:
         loader = make_loader(ds, **self.loader_kw)
-        return self._timed("encode_images", extract_features, self.model, loader, self.device, progress=self.progress)
+        return self._timed(
+            "encode_images", extract_features, self.model, loader, self.device, progress=self.progress
+        )
 
     # -- tasks ---------------------------------------------------------------------------------
     def zero_shot(self, templates, classnames) -> tuple[dict, dict, dict]:
@@ -130,7 +132,9 @@ class _Run:
             raise ClipforgeError(f"{ds.name}: no class labels, so zero-shot classification is impossible")
         names = list(classnames or ds.classnames or [])
         if len(names) != len(ds.classnames or []):
-            raise ClipforgeError(f"{len(names)} class names given, dataset {ds.name} has {len(ds.classnames or [])}")
+            raise ClipforgeError(
+                f"{len(names)} class names given, dataset {ds.name} has {len(ds.classnames or [])}"
+            )
         prompts = resolve_templates(templates if templates is not None else (ds.templates or "imagenet"))
         clf = self._timed(
             "classifier", zero_shot_classifier, self.model, self.tokenizer, names, prompts, device=self.device
@@ -141,7 +145,11 @@ class _Run:
         metrics = accuracy_metrics(feats @ clf.cpu(), labels, len(names))
         self.timings["metrics"] = time.perf_counter() - t
         details = {"classnames": names, "skipped_images": len(ds) - len(idx)}
-        config = {"templates": prompts if len(prompts) <= 10 else f"{len(prompts)} templates", "num_templates": len(prompts)}
+        shown = [p if isinstance(p, str) else p("{}") for p in prompts]
+        config = {
+            "templates": shown if len(shown) <= 10 else f"{len(shown)} templates",
+            "num_templates": len(shown),
+        }
         return metrics, details, config
 
     def retrieval(self, ks: Sequence[int], num_examples: int) -> tuple[dict, dict, dict]:
@@ -159,12 +167,21 @@ class _Run:
         if not texts:
             raise ClipforgeError(f"{ds.name}: the loaded images have no captions")
         txt = self._timed(
-            "encode_texts", encode_texts, self.model, self.tokenizer, texts, self.device, progress=self.progress
+            "encode_texts",
+            encode_texts,
+            self.model,
+            self.tokenizer,
+            texts,
+            self.device,
+            progress=self.progress,
         )
         t = time.perf_counter()
         m = retrieval_metrics(img, txt, torch.tensor(t2i), ks=ks, device=self.device, return_ranks=True)
         self.timings["metrics"] = time.perf_counter() - t
-        self.ranks = {"image_retrieval": m.pop("image_retrieval_ranks"), "text_retrieval": m.pop("text_retrieval_ranks")}
+        self.ranks = {
+            "image_retrieval": m.pop("image_retrieval_ranks"),
+            "text_retrieval": m.pop("text_retrieval_ranks"),
+        }
         # example text->image searches, spread over the dataset, for the report and the terminal
         examples = []
         if num_examples > 0:
@@ -203,7 +220,13 @@ class _Run:
             te_feats, te_labels, split = feats[perm[half:]], labels[perm[half:]], "random half"
         t = time.perf_counter()
         metrics = linear_probe(
-            tr_feats, tr_labels, te_feats, te_labels, num_classes=len(ds.classnames), seed=seed, device=self.device
+            tr_feats,
+            tr_labels,
+            te_feats,
+            te_labels,
+            num_classes=len(ds.classnames),
+            seed=seed,
+            device=self.device,
         )
         self.timings["fit"] = time.perf_counter() - t
         details = {"classnames": ds.classnames, "l2_sweep": metrics.pop("l2_sweep")}

@@ -11,7 +11,7 @@ found to recover most of the ensemble's gain at a tenth of the text-encoding cos
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clipforge.errors import ConfigError
@@ -115,7 +115,8 @@ NAMED_TEMPLATES: dict[str, tuple[str, ...]] = {
     "photo": ("a photo of a {}.",),
 }
 
-TemplateSpec = str | os.PathLike | Sequence[str]
+Template = str | Callable[[str], str]
+TemplateSpec = str | os.PathLike | Sequence[Template]
 
 
 def validate_template(template: str, where: str = "template") -> str:
@@ -151,9 +152,13 @@ def load_template_file(path: str | os.PathLike) -> list[str]:
     return templates
 
 
-def resolve_templates(spec: TemplateSpec) -> list[str]:
-    """Turn a name ("imagenet", "simple", "photo"), a file path, or a list of strings into a
-    validated list of templates."""
+def format_template(template: Template, classname: str) -> str:
+    return template(classname) if callable(template) else template.format(classname)
+
+
+def resolve_templates(spec: TemplateSpec) -> list[Template]:
+    """Turn a name ("imagenet", "simple", "photo"), a file path, or a list of templates into a
+    validated list. Callables (open_clip's ``lambda c: f"a photo of a {c}."``) pass through."""
     if isinstance(spec, str | os.PathLike):
         key = os.fspath(spec)
         if key in NAMED_TEMPLATES:
@@ -163,8 +168,10 @@ def resolve_templates(spec: TemplateSpec) -> list[str]:
         if "{}" in key:  # a single inline template is a convenient shorthand
             return [validate_template(key)]
         names = ", ".join(NAMED_TEMPLATES)
-        raise ConfigError(f"templates {key!r}: not a known set ({names}), an existing file, or a '{{}}' template")
-    templates = [validate_template(t, where=f"templates[{i}]") for i, t in enumerate(spec)]
+        raise ConfigError(
+            f"templates {key!r}: not a known set ({names}), an existing file, or a '{{}}' template"
+        )
+    templates = [t if callable(t) else validate_template(t, where=f"templates[{i}]") for i, t in enumerate(spec)]
     if not templates:
         raise ConfigError("templates: empty list")
     return templates

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipforge.eval.templates import TemplateSpec, resolve_templates
+from clipforge.eval.templates import TemplateSpec, format_template, resolve_templates
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def zero_shot_classifier(
         raise ValueError("zero_shot_classifier: classnames is empty")
     prompts = resolve_templates(templates)
     device = torch.device(device) if device is not None else model_device(model)
-    texts = [t.format(c) for c in classnames for t in prompts]  # class-major: [C * T]
+    texts = [format_template(t, c) for c in classnames for t in prompts]  # class-major: [C * T]
     chunks = []
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(texts), batch_size):
@@ -110,7 +110,9 @@ class _Accumulator:
         labels = labels.detach().to("cpu", torch.long).reshape(-1)
         x = x.detach().cpu()
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}"
+            )
         if x.ndim == 2:
             if x.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {x.shape[1]} columns, expected {self.num_classes} classes")

@@ -12,7 +12,9 @@ config, build, load, attach preprocessing and tokenizer settings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,36 @@ def _choose_config(
     return cfg.replace(**overrides) if overrides else cfg
 
 
+_INIT_FUNCTIONS = (
+    "normal_",
+    "uniform_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+)
+
+
+@contextlib.contextmanager
+def _skip_random_init() -> Iterator[None]:
+    """Make ``torch.nn.init``'s random initialisers no-ops while a model is built.
+
+    Every parameter is about to be overwritten by a strict checkpoint load, and drawing ~100M+
+    random numbers first costs seconds on CPU for nothing (transformers does the same). Not
+    thread-safe: it patches module attributes for the duration of the build.
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _attach_settings(
     model: torch.nn.Module, weights: _Weights | None, image_overrides: dict[str, Any]
 ) -> None:
@@ -163,13 +195,18 @@ def create_model(
     """
     from clipforge.model.clip import CLIP
 
+    if isinstance(name_or_config, str) and is_hub_spec(name_or_config):
+        if pretrained is not None:
+            raise ConfigError(f"give either an 'hf-hub:' model ({name_or_config!r}) or pretrained=, not both")
+        name_or_config, pretrained = None, name_or_config  # open_clip style: create_model("hf-hub:org/name")
     weights = (
         resolve_weights(name_or_config if isinstance(name_or_config, str) else None, pretrained, cache_dir)
         if pretrained
         else None
     )
     cfg = _choose_config(name_or_config, weights, overrides)
-    model = CLIP(cfg)
+    with _skip_random_init() if weights is not None and strict else contextlib.nullcontext():
+        model = CLIP(cfg)
     if weights is not None:
         _warn_activation(model, weights.loaded)
         apply_state_dict(
@@ -221,6 +258,24 @@ def _is_source(value: str) -> bool:
     return is_hub_spec(value) or Path(value).expanduser().exists()
 
 
+def _tokenizer_settings(source: str) -> dict[str, Any]:
+    """Tokenizer settings stored with a checkpoint, read from its config alone when there is one."""
+    from clipforge.checkpoints import clipforge_format, hf
+
+    path = resolve_hub(source) if is_hub_spec(source) else Path(source).expanduser()
+    if path.is_dir() and clipforge_format.is_clipforge_dir(path):
+        data = clipforge_format.read_config(path)
+        context = data["model_config"].get("text", {}).get("context_length", 77)
+        return {"type": "clip_bpe", "context_length": context, **(data.get("tokenizer_cfg") or {})}
+    if path.is_dir() and hf.is_hf_dir(path):
+        config = hf.load_hf_config(path)
+        return {"type": "clip_bpe", "context_length": config.text.context_length}
+    loaded = load_any(path)
+    settings = dict(loaded.tokenizer_cfg or {"type": "clip_bpe"})
+    settings.setdefault("context_length", loaded.resolve_config().text.context_length)
+    return settings
+
+
 def get_tokenizer(name_or_model: Any = None, context_length: int | None = None, **kwargs: Any) -> Any:
     """The tokenizer a model (or a model name, ``hf-hub:`` ref or checkpoint folder) expects."""
     from clipforge.tokenizer import Tokenizer
@@ -234,9 +289,7 @@ def get_tokenizer(name_or_model: Any = None, context_length: int | None = None, 
     elif isinstance(name_or_model, CLIPConfig):
         settings["context_length"] = name_or_model.text.context_length
     elif isinstance(name_or_model, str) and _is_source(name_or_model):
-        loaded = load_any(resolve_hub(name_or_model) if is_hub_spec(name_or_model) else name_or_model)
-        settings = dict(loaded.tokenizer_cfg or settings)
-        settings.setdefault("context_length", loaded.resolve_config().text.context_length)
+        settings = _tokenizer_settings(name_or_model)
     elif isinstance(name_or_model, str):
         settings["context_length"] = get_model_config(name_or_model).text.context_length
     if context_length is not None:

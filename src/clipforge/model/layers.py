@@ -95,8 +95,26 @@ class Attention(nn.Module):
         # [B, L, 3, H, D] -> 3 x [B, H, L, D] without a copy until SDPA needs one.
         qkv = self.in_proj(x).view(batch, length, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None
+        )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+    def attend_from(self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output ``[B, W]`` for one query position per row (``index``) over all keys.
+
+        Keys and values still need every position, but the attention and ``out_proj`` are done
+        for a single query. ``in_proj`` is called as a module (not via sliced weights) so LoRA
+        adapters and quantised linears keep working.
+        """
+        batch, length, width = x.shape
+        heads = self.heads
+        qkv = self.in_proj(x).view(batch, length, 3, heads, width // heads)
+        rows = torch.arange(batch, device=x.device)
+        q = qkv[rows, index, 0].unsqueeze(2)  # [B, H, 1, D]
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(out.reshape(batch, width))
 
 
 class MLP(nn.Module):
@@ -137,6 +155,16 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """This block's output at position ``index[b]`` of each row ``b`` (``[B, W]``).
+
+        Equal to ``forward(x)[arange(B), index]``, without the MLP and attention work for the
+        positions nobody reads: the last block of a pooled tower only feeds one token per row.
+        """
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = x[rows, index] + self.ls_1(self.attn.attend_from(self.ln_1(x), index, attn_mask))
+        return y + self.ls_2(self.mlp(self.ln_2(y)))
+
 
 class Transformer(nn.Module):
     """A stack of residual blocks with optional activation checkpointing."""
@@ -158,7 +186,9 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value, act_layer) for _ in range(layers)
         )
 
-    def _run(self, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    def _run(
+        self, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
             # Non-reentrant checkpointing supports keyword args and mixes with autocast/compile.
             return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
@@ -175,6 +205,18 @@ class Transformer(nn.Module):
         for block in self.resblocks[: self.layers if num_layers is None else num_layers]:
             x = self._run(block, x, attn_mask, is_causal)
         return x
+
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        """Output of the stack at one position per row (``[B, W]``); see ``ResidualAttentionBlock.forward_at``."""
+        if not self.layers:
+            return x[torch.arange(x.shape[0], device=x.device), index]
+        for block in self.resblocks[:-1]:
+            x = self._run(block, x, None, is_causal)
+        mask = None
+        if is_causal:  # the single query at index b may see keys 0..index[b]
+            positions = torch.arange(x.shape[1], device=x.device)
+            mask = (positions[None, :] <= index[:, None])[:, None, None, :]
+        return self.resblocks[-1].forward_at(x, index, mask)
 
     def forward_hidden(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False

@@ -172,7 +172,11 @@ class ModifiedResNet(nn.Module):
             x = stage(x)
             maps.append(x)
         take = take_indices(len(maps), indices)
-        return VisionOutput(pooled=self.attnpool(x), tokens=x.flatten(2).transpose(1, 2), intermediates=[maps[i] for i in take])
+        return VisionOutput(
+            pooled=self.attnpool(x),
+            tokens=x.flatten(2).transpose(1, 2),
+            intermediates=[maps[i] for i in take],
+        )
 
     def forward_tokens(self, x: torch.Tensor) -> VisionOutput:
         """Pooled features and the final feature map as ``[B, HW, C]`` tokens."""

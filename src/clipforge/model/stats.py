@@ -45,7 +45,9 @@ def _transformer_macs(tokens: int, width: int, layers: int, mlp_ratio: float) ->
 def vit_macs(cfg: VisionConfig, embed_dim: int) -> int:
     grid, patch, width = cfg.grid_size, cfg.patch_size, cfg.width
     patch_embed = grid * grid * width * 3 * patch * patch
-    return patch_embed + _transformer_macs(grid * grid + 1, width, cfg.layers, cfg.mlp_ratio) + width * embed_dim
+    return (
+        patch_embed + _transformer_macs(grid * grid + 1, width, cfg.layers, cfg.mlp_ratio) + width * embed_dim
+    )
 
 
 def resnet_macs(cfg: VisionConfig, embed_dim: int) -> int:
@@ -66,7 +68,9 @@ def resnet_macs(cfg: VisionConfig, embed_dim: int) -> int:
             inplanes, res = planes * 4, out_res
     channels, tokens = width * 32, res * res + 1
     # Attention pool: k/v over all tokens, q for the single pooled query, then the output proj.
-    macs += 2 * tokens * channels * channels + channels * channels + 2 * tokens * channels + channels * embed_dim
+    macs += (
+        2 * tokens * channels * channels + channels * channels + 2 * tokens * channels + channels * embed_dim
+    )
     return macs
 
 

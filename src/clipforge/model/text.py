@@ -45,7 +45,9 @@ class TextOutput:
 def _tracing() -> bool:
     """True under torch.compile / jit / ONNX export, where data-dependent shapes must be avoided."""
     compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    return bool(compiling or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+    return bool(
+        compiling or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    )
 
 
 class TextTransformer(nn.Module):
@@ -63,7 +65,9 @@ class TextTransformer(nn.Module):
 
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer)
+        self.transformer = Transformer(
+            cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer
+        )
         self.ln_final = LayerNorm(cfg.width)
         if cfg.proj_bias:
             self.text_projection: nn.Module | nn.Parameter = nn.Linear(cfg.width, embed_dim)
@@ -144,9 +148,9 @@ class TextTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         idx = self.eot_indices(tokens)
         tokens = tokens[:, : self._trim_length(tokens, idx)]
-        x = self.transformer(self.embed(tokens), is_causal=True)
-        # LayerNorm is per token, so normalising only the pooled rows is exact and cheaper.
-        pooled = x[torch.arange(x.shape[0], device=x.device), idx]
+        # Only the EOT row of the last block is read: forward_at skips the rest of its work, and
+        # LayerNorm being per token, normalising just the pooled rows is exact.
+        pooled = self.transformer.forward_at(self.embed(tokens), idx, is_causal=True)
         return self.project(self.ln_final(pooled))
 
     def forward_hidden(self, tokens: torch.Tensor, pad_to_context: bool = False) -> TextOutput:

@@ -45,7 +45,9 @@ class TimmImageTower(nn.Module):
             self.head = nn.Sequential(OrderedDict(proj=nn.Linear(features, embed_dim, bias=False)))
         elif cfg.timm_proj in ("none", ""):
             if features != embed_dim:
-                raise ConfigError(f"timm_proj='none' needs trunk features ({features}) == embed_dim ({embed_dim})")
+                raise ConfigError(
+                    f"timm_proj='none' needs trunk features ({features}) == embed_dim ({embed_dim})"
+                )
             self.head = nn.Identity()
         else:
             raise ConfigError(f"vision.timm_proj must be 'linear' or 'none', got {cfg.timm_proj!r}")
@@ -92,7 +94,9 @@ class HFTextTower(nn.Module):
             self.proj: nn.Module = nn.Linear(width, embed_dim, bias=False)
         elif cfg.hf_proj_type == "mlp":
             hidden = (width + embed_dim) // 2
-            self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
+            self.proj = nn.Sequential(
+                nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False)
+            )
         else:
             raise ConfigError(f"text.hf_proj_type must be 'linear' or 'mlp', got {cfg.hf_proj_type!r}")
         if self.pooler_type not in ("mean", "cls", "max"):
@@ -113,7 +117,9 @@ class HFTextTower(nn.Module):
         out = self.transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
         hidden = list(out.hidden_states)
         pooled = self.proj(self._pool(out.last_hidden_state, mask))
-        return TextOutput(pooled=pooled, last_hidden=out.last_hidden_state, hidden_states=hidden, penultimate=hidden[-2])
+        return TextOutput(
+            pooled=pooled, last_hidden=out.last_hidden_state, hidden_states=hidden, penultimate=hidden[-2]
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = (tokens != self.pad_id).long()

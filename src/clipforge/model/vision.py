@@ -27,7 +27,9 @@ class VisionOutput:
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig, embed_dim: int, act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
+    def __init__(
+        self, cfg: VisionConfig, embed_dim: int, act_layer: Callable[[], nn.Module] = nn.GELU
+    ) -> None:
         super().__init__()
         width = cfg.width
         self.image_size = cfg.image_size
@@ -43,7 +45,9 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size**2 + 1, width))
         self.patch_dropout = PatchDropout(cfg.patch_dropout) if cfg.patch_dropout > 0 else nn.Identity()
         self.ln_pre = nn.Identity() if cfg.no_ln_pre else LayerNorm(width)
-        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer)
+        self.transformer = Transformer(
+            width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer
+        )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
         self.init_parameters()
@@ -95,7 +99,11 @@ class VisionTransformer(nn.Module):
         return x[:, 0], x[:, 1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.transformer(self.embed(x)))[0]
+        x = self.embed(x)
+        if self.pool_type == "tok":  # only the class token leaves the last block: skip the rest
+            cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            return self.ln_post(self.transformer.forward_at(x, cls_index)) @ self.proj
+        return self.pool(self.transformer(x))[0]
 
     def forward_tokens(self, x: torch.Tensor) -> VisionOutput:
         pooled, tokens = self.pool(self.transformer(self.embed(x)))

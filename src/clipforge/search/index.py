@@ -17,7 +17,7 @@ is what ``clipforge index`` prints as the expected recall.
 
 Index folder layout (generation ``g`` increments on every rewrite; ``manifest.json`` is written
 last and names the live files, so a crash at any point leaves a consistent index):
-``index-g.faiss``, ``embeddings-g.npy`` (float16, for query-by-id, dedup and re-scoring),
+``index-g.faiss``, ``embeddings-g.npy`` (the embed dtype; for query-by-id, dedup and re-scoring),
 ``metadata-g.csv|parquet``, ``manifest.json``.
 """
 
@@ -259,7 +259,8 @@ def build_index(
     gen = _next_generation(out)
     t0 = time.perf_counter()
     emb_path = out / f"embeddings-{gen}.npy"
-    _write_embeddings(emb_path, iter_embedding_chunks(emb_dir), n, dim)
+    dtype = emb_manifest.get("dtype", "float16")
+    _write_embeddings(emb_path, iter_embedding_chunks(emb_dir), n, dim, dtype)
     emb = np.load(emb_path, mmap_mode="r")
     index = _new_index(plan, dim, metric)
     with omp_threads(n):
@@ -277,6 +278,7 @@ def build_index(
         "metric": metric,
         "count": int(index.ntotal),
         "dim": dim,
+        "dtype": dtype,
         "build_params": plan.params,
         "search_params": params,
         "expected_recall_at_10": recall,
@@ -304,12 +306,12 @@ def _add_with_progress(index: Any, chunks: Iterable[np.ndarray], total: int, pro
             bar.update(len(chunk))
 
 
-def _write_embeddings(path: Path, chunks: Iterable[np.ndarray], n: int, dim: int) -> None:
-    """Stream chunks into one float16 ``.npy`` (temp file, then rename): never all in RAM."""
+def _write_embeddings(path: Path, chunks: Iterable[np.ndarray], n: int, dim: int, dtype: str = "float16") -> None:
+    """Stream chunks into one ``.npy`` (temp file, then rename): never all in RAM."""
     from clipforge.checkpoints.io import atomic_path
 
     with atomic_path(path) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
         pos = 0
         for chunk in chunks:
             if chunk.shape[1] != dim:
@@ -501,7 +503,7 @@ def add_to_index(index_dir: str | os.PathLike, new_emb_dir: str | os.PathLike, *
     old_emb = np.load(out / manifest["embeddings_file"], mmap_mode="r")
     emb_path = out / f"embeddings-{gen}.npy"
     _write_embeddings(emb_path, [*_chunks([old_emb]), *iter_embedding_chunks(new_emb_dir)] if n_new
-                      else _chunks([old_emb]), n_old + n_new, dim)
+                      else _chunks([old_emb]), n_old + n_new, dim, manifest.get("dtype", "float16"))
     if n_new:
         _add_with_progress(index, _chunks(iter_embedding_chunks(new_emb_dir)), n_new, progress)
     meta = read_table(out / manifest["metadata_file"])

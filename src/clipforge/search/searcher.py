@@ -96,7 +96,7 @@ class Searcher:
                                                                device=self.device)
             self.model = self.model or model
             self.preprocess = self.preprocess or preprocess
-            self.tokenizer = self.tokenizer or get_tokenizer(info["name"])
+            self.tokenizer = self.tokenizer or get_tokenizer(model)  # the checkpoint's tokenizer settings
             self.model.eval()
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:

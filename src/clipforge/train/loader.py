@@ -100,7 +100,8 @@ class TrainBatches:
 
         self.dataset = dataset
         self.is_stream = isinstance(dataset, IterableDataset)
-        items = dataset if self.is_stream else SeededItems(dataset, mix_seed(seed, rank))
+        # Seeded by the global sample index (not the rank), so N ranks see the augmentations one process would.
+        items = dataset if self.is_stream else SeededItems(dataset, seed)
         if not self.is_stream and len(dataset) // world_size < batch_size:
             raise DataError(f"the training data has {len(dataset)} samples: too few for batch size "
                             f"{batch_size} on {world_size} process(es)")

@@ -105,7 +105,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     payload = {"format_version": STATE_FORMAT_VERSION, **state}
     try:
         with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+            _dump(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -120,6 +120,11 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
         old.unlink(missing_ok=True)
     _clean_stale_tmp(directory)
     return path
+
+
+def _dump(payload: dict[str, Any], fh: Any) -> None:
+    """Serialise into an open file (one seam for fault-injection tests)."""
+    torch.save(payload, fh)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -27,8 +27,13 @@ def lock_towers(model: nn.Module, *, lock_image: bool = False, image_unlocked_gr
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float = 0.0,
-               targets: Sequence[str] = ("in_proj", "out_proj", "c_fc", "c_proj")) -> nn.Module:
-    """Inject LoRA adapters in place and freeze everything else; returns the same module."""
+               targets: Sequence[str] = ("in_proj", "out_proj", "c_fc", "c_proj"),
+               towers: Sequence[str] | None = None) -> nn.Module:
+    """Inject LoRA adapters in place and freeze everything else; returns the same module.
+
+    ``towers`` (e.g. ``["text"]`` when the image tower is locked) limits adapters to those
+    submodules, so a locked tower stays exactly as loaded.
+    """
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
@@ -37,13 +42,19 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float 
     missing = [t for t in targets if t not in present]
     if missing:
         raise ConfigError(f"lora_targets {missing} match no nn.Linear in the model; available: {sorted(present)}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    target: list[str] | str = list(targets)
+    if towers is not None:
+        if not towers:
+            raise ConfigError("LoRA with both towers locked leaves nothing to adapt; unlock one tower")
+        # peft full-matches a string target as a regex against the module path
+        target = rf"^({'|'.join(towers)})\..*\.({'|'.join(targets)})$"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, bias="none")
     inject_adapter_in_model(config, model)
     n_train = 0
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
         n_train += param.numel() if param.requires_grad else 0
-    log.info("LoRA r=%d on %s: %d trainable parameters", rank, list(targets), n_train)
+    log.info("LoRA r=%d on %s of %s: %d trainable parameters", rank, list(targets), towers or "both towers", n_train)
     return model
 
 

@@ -17,6 +17,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
                 freeze_bn_stats=cfg.lock_image_freeze_bn_stats, lock_text=cfg.lock_text,
                 text_unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        towers = [name for name, locked in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if not locked]
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, towers)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.to(device), preprocess_train, preprocess_val, tokenizer
@@ -318,7 +320,9 @@ def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, 
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.task.after_step()
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        run.scheduler.step()
     run.state.step += 1
     run.state.samples_seen += images.shape[0] * run.info.world_size
     if bad:
@@ -388,7 +392,8 @@ def fit(run: Run) -> TrainResult:
                     break
                 if state.step >= run.total_steps:
                     break
-                if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
+                # No periodic checkpoint in the middle of a NaN streak: the last one stays the last good one.
+                if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and not state.bad_in_a_row:
                     save_training_checkpoint(run)
             if run.stop.is_set():
                 break
@@ -448,7 +453,8 @@ def save_final_model(run: Run) -> Path | None:
         model.preprocess_cfg = run.model.preprocess_cfg
         if has_lora(run.model):
             c = run.cfg
-            apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
+            towers = [name for name, locked in (("visual", c.lock_image), ("text", c.lock_text)) if not locked]
+            apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets, towers)
         model.load_state_dict(model_sd)
     if not run.info.is_main:
         return None
@@ -517,8 +523,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train (or fine-tune) a CLIP model as described by ``cfg``; see :class:`TrainConfig`."""
     cfg.validate()
     configure_runtime(cfg)
+    already = torch.distributed.is_available() and torch.distributed.is_initialized()
     info = setup_distributed(cfg.device)
-    owns_group = info.distributed
+    owns_group = info.distributed and not already  # leave a caller's process group alone
     try:
         if info.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

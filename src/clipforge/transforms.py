@@ -1,0 +1,450 @@
+"""Image preprocessing: any PIL image -> normalised ``FloatTensor[3, H, W]`` for a CLIP model.
+
+The eval transform is numerically identical to open_clip's (torchvision bicubic resize of the
+shortest side, center crop, ``ToTensor``, CLIP mean/std) on RGB and grayscale images. Where we
+differ, it is on purpose, in :func:`to_rgb`, which runs *first* (open_clip converts after
+resizing, with ``Image.convert("RGB")``):
+
+- transparent pixels (RGBA, LA, PA, P with a transparent colour) are composited on a background
+  (white by default) instead of showing whatever colour the hidden RGB channels hold;
+- 16-bit images (``I;16*``) are scaled 0..65535 -> 0..255 instead of clipped at 255 (which turns
+  most of a 16-bit image white); 32-bit ``I`` and float ``F`` images are scaled by their range;
+- palette and 1-bit images are converted before resizing, so they get the same bicubic
+  filtering as everything else (PIL resizes "P" and "1" images with nearest neighbour);
+- CMYK images carrying an ICC profile are colour-managed to sRGB when littlecms is available.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from clipforge.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+WHITE: tuple[int, int, int] = (255, 255, 255)
+
+INTERPOLATIONS = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+RESIZE_MODES = ("shortest", "longest", "squash")
+_PIL_RESAMPLE = {
+    T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    T.InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class UnsupportedImageModeError(DataError, ValueError):
+    """A PIL image mode we cannot turn into RGB (a ValueError so image loaders skip it)."""
+
+
+# -- mode conversion ---------------------------------------------------------------------------------
+def to_rgb(img: Image.Image, background: Sequence[int] = WHITE) -> Image.Image:
+    """Any PIL image -> an RGB image with the colours a viewer would show.
+
+    ``background`` (an RGB triple) fills transparent areas. RGB input is returned unchanged
+    (same object), so calling this on already converted images is free.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and _palette_has_transparency(img):
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        return _composite(img, background)
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(img), "L").convert("RGB")
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        managed = _cmyk_with_profile(img)
+        if managed is not None:
+            return managed
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise UnsupportedImageModeError(f"cannot convert PIL image mode {mode!r} to RGB: {e}") from None
+
+
+def _palette_has_transparency(img: Image.Image) -> bool:
+    has = getattr(img, "has_transparency_data", None)  # Pillow >= 10.1
+    if has is not None:
+        return bool(has)
+    return "transparency" in img.info
+
+
+def _composite(img: Image.Image, background: Sequence[int]) -> Image.Image:
+    """Alpha-blend over an opaque background; fully opaque images skip the blend (same result)."""
+    if img.mode == "La":
+        img = img.convert("LA")
+    rgba = img.convert("RGBA")
+    if rgba.getextrema()[3][0] == 255:
+        return rgba.convert("RGB")
+    bg = tuple(int(c) for c in background)
+    if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
+        raise ConfigError(f"background must be an RGB triple of 0..255 ints, got {background!r}")
+    base = Image.new("RGBA", rgba.size, (*bg, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    """Scale 16-bit, 32-bit integer and float pixels to 0..255 instead of clipping them.
+
+    ``I;16*`` is scaled by 255/65535 (exact integer rounding). ``I`` and ``F`` carry no bit
+    depth, so their values decide: <= 1.0 (float) is taken as 0..1, <= 255 as 8-bit, <= 65535 as
+    16-bit (the usual origin of mode "I"), anything larger is scaled by its maximum.
+    """
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        wide = arr.astype(np.uint32)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    values = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    values = np.clip(values, 0.0, None)
+    hi = float(values.max()) if values.size else 0.0
+    if img.mode == "F" and hi <= 1.0:
+        scale = 255.0
+    elif hi <= 255.0:
+        scale = 1.0
+    elif hi <= 65535.0:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 255.0 / hi
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
+def _cmyk_with_profile(img: Image.Image) -> Image.Image | None:
+    """Colour-manage CMYK through its embedded ICC profile; None if littlecms cannot."""
+    try:
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+        dst = ImageCms.createProfile("sRGB")
+        return ImageCms.profileToProfile(img, src, dst, outputMode="RGB")
+    except Exception as e:  # broken/unsupported profile: fall back to PIL's plain formula
+        logger.debug("ICC conversion of a CMYK image failed (%s); using PIL's formula", e)
+        return None
+
+
+# -- configuration -------------------------------------------------------------------------------------
+@dataclass
+class PreprocessConfig:
+    """Everything that turns an image into model input; saved inside clipforge checkpoints.
+
+    ``image_size`` is an int (square) or ``(height, width)``. ``resize_mode``: "shortest"
+    (resize the short side, center crop: CLIP), "longest" (fit inside, pad with ``fill_color``)
+    or "squash" (resize to the exact size, ignoring aspect). ``background`` fills transparent
+    pixels when a raw RGBA/LA/P image reaches the transform.
+    """
+
+    image_size: int | tuple[int, int] = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+    background: tuple[int, int, int] = field(default=WHITE)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, (list, tuple)):
+            self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+            if len(self.image_size) == 1:
+                self.image_size = self.image_size[0]
+        self.mean = _triple(self.mean, "mean")
+        self.std = _triple(self.std, "std")
+        self.background = tuple(int(c) for c in self.background)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        h, w = self.size
+        if min(h, w) < 1:
+            raise ConfigError(f"preprocess image_size must be positive, got {self.image_size!r}")
+        if any(not (s > 0 and math.isfinite(s)) for s in self.std):
+            raise ConfigError(f"preprocess std must be > 0, got {self.std!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"preprocess interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}"
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"preprocess resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
+        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
+            raise ConfigError(
+                f"preprocess background must be an RGB triple of 0..255, got {self.background!r}"
+            )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the model input."""
+        if isinstance(self.image_size, tuple):
+            return self.image_size  # type: ignore[return-value]
+        return (int(self.image_size), int(self.image_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Accepts our keys and open_clip's ``preprocess_cfg`` keys (``size``, ``mode``)."""
+        d = dict(d)
+        if "size" in d:
+            if "image_size" in d:
+                raise ConfigError("preprocess config has both 'size' and 'image_size'")
+            d["image_size"] = d.pop("size")
+        mode = d.pop("mode", "RGB")
+        if mode != "RGB":
+            raise ConfigError(f"preprocess mode {mode!r} is not supported (only 'RGB')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown preprocess config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _triple(value: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) == 1:
+        return values * 3
+    if len(values) != 3:
+        raise ConfigError(f"preprocess {name} must have 1 or 3 values, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+# -- transform steps (module-level classes so transforms pickle into DataLoader workers) -----------
+class ToRGB:
+    """PIL image -> RGB via :func:`to_rgb`; tensors pass through."""
+
+    def __init__(self, background: Sequence[int] = WHITE) -> None:
+        self.background = tuple(background)
+
+    def __call__(self, img: Any) -> Any:
+        if isinstance(img, torch.Tensor):
+            return img
+        return to_rgb(img, self.background)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(background={self.background})"
+
+
+class ResizeKeepRatio:
+    """Resize preserving aspect so the image covers (``longest=False``) or fits inside
+    (``longest=True``) the target ``(h, w)``; sides are rounded to the nearest pixel."""
+
+    def __init__(self, size: tuple[int, int], longest: bool, interpolation: T.InterpolationMode) -> None:
+        self.size, self.longest, self.interpolation = size, longest, interpolation
+
+    def __call__(self, img: Any) -> Any:
+        _, h, w = TF.get_dimensions(img)
+        ratios = (h / self.size[0], w / self.size[1])
+        ratio = max(ratios) if self.longest else min(ratios)
+        new_size = [max(1, round(h / ratio)), max(1, round(w / ratio))]
+        return TF.resize(img, new_size, self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, longest={self.longest}, interpolation={self.interpolation.value})"
+
+
+class ResizeCoverCrop:
+    """Resize so the image covers ``(h, w)``, then center crop: the "shortest" resize mode.
+
+    A square target uses torchvision's scalar ``Resize`` rule (long side truncated), as CLIP and
+    open_clip do, so results are bit-identical to them. For PIL images whose resized size would
+    exceed ``max_area_factor`` times the target area (aspect ratios beyond ~16:1, e.g. a 1x4000
+    banner would otherwise become 224x896000 = 600 MB), the resize and crop are fused into one
+    PIL ``resize(box=...)`` of the kept region: bounded memory and time, at the price of
+    differences of a few grey levels near the crop edges.
+    """
+
+    def __init__(
+        self, size: tuple[int, int], interpolation: T.InterpolationMode, max_area_factor: float = 16.0
+    ) -> None:
+        self.size, self.interpolation, self.max_area_factor = size, interpolation, max_area_factor
+
+    def _resized_size(self, h: int, w: int) -> tuple[int, int]:
+        th, tw = self.size
+        if th == tw:
+            if h <= w:
+                return th, int(th * w / h)
+            return int(tw * h / w), tw
+        ratio = min(h / th, w / tw)
+        return max(1, round(h / ratio)), max(1, round(w / ratio))
+
+    def __call__(self, img: Any) -> Any:
+        _, h, w = TF.get_dimensions(img)
+        nh, nw = self._resized_size(h, w)
+        th, tw = self.size
+        if isinstance(img, Image.Image) and nh * nw > self.max_area_factor * th * tw:
+            top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+            sy, sx = h / nh, w / nw
+            box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+            resample = _PIL_RESAMPLE[self.interpolation]
+            return img.resize((tw, th), resample, box=box)
+        return TF.center_crop(TF.resize(img, [nh, nw], self.interpolation), [th, tw])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
+
+
+class CenterCropOrPad:
+    """Center crop to ``(h, w)``, padding with ``fill`` first where the image is smaller."""
+
+    def __init__(self, size: tuple[int, int], fill: int = 0) -> None:
+        self.size, self.fill = size, fill
+
+    def __call__(self, img: Any) -> Any:
+        _, h, w = TF.get_dimensions(img)
+        th, tw = self.size
+        if th > h or tw > w:
+            pad_w, pad_h = max(tw - w, 0), max(th - h, 0)
+            img = TF.pad(img, [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2], fill=self.fill)
+            _, h, w = TF.get_dimensions(img)
+        if (h, w) == (th, tw):
+            return img
+        return TF.crop(img, int(round((h - th) / 2.0)), int(round((w - tw) / 2.0)), th, tw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, fill={self.fill})"
+
+
+class ToFloatTensor:
+    """PIL -> float tensor in [0, 1] (torchvision ``to_tensor``); uint8 tensors are scaled."""
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        if isinstance(img, torch.Tensor):
+            return img.float().div(255) if img.dtype == torch.uint8 else img
+        return TF.to_tensor(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class RandomGrayscale3:
+    """Grayscale with probability ``p``, keeping 3 channels (PIL images)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.gray = T.Grayscale(num_output_channels=3)
+
+    def __call__(self, img: Any) -> Any:
+        return self.gray(img) if torch.rand(()) < self.p else img
+
+
+# -- builders ----------------------------------------------------------------------------------------
+_TRAIN_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "color_jitter_prob", "gray_scale_prob")
+
+
+def image_transform(
+    cfg: PreprocessConfig | dict[str, Any] | int | None = None,
+    is_train: bool = False,
+    *,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    hflip: float = 0.0,
+    color_jitter: float | Sequence[float] | None = None,
+    color_jitter_prob: float | None = None,
+    gray_scale_prob: float = 0.0,
+    **unknown: Any,
+) -> Callable[[Any], torch.Tensor]:
+    """Build the preprocessing callable: PIL image (any mode) -> ``FloatTensor[3, H, W]``.
+
+    Eval: resize per ``cfg.resize_mode`` (bicubic, shortest side by default), center crop (or
+    pad), to tensor, normalise: identical to ``open_clip.image_transform(size, is_train=False)``.
+    Train: ``RandomResizedCrop(scale, ratio)`` then optional horizontal flip, colour jitter
+    (``color_jitter`` = brightness, contrast, saturation[, hue], applied with
+    ``color_jitter_prob``, default 1) and grayscale. Randomness comes from torch's global RNG, so
+    ``torch.manual_seed`` makes it reproducible (DataLoader seeds each worker).
+    """
+    if unknown:
+        unsupported = {"re_prob", "re_count", "use_timm"} & set(unknown)
+        hint = (
+            f" ({sorted(unsupported)} are open_clip/timm options clipforge does not implement)"
+            if unsupported
+            else ""
+        )
+        raise ConfigError(
+            f"unknown train transform option(s) {sorted(unknown)}; known: {list(_TRAIN_OPTIONS)}{hint}"
+        )
+    cfg = _as_config(cfg)
+    interpolation = INTERPOLATIONS[cfg.interpolation]
+    steps: list[Callable[[Any], Any]] = [ToRGB(cfg.background)]
+    if is_train:
+        steps += _train_steps(
+            cfg, interpolation, scale, ratio, hflip, color_jitter, color_jitter_prob, gray_scale_prob
+        )
+    else:
+        steps += _eval_resize_steps(cfg, interpolation)
+    steps += [ToFloatTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)]
+    return T.Compose(steps)
+
+
+def _as_config(cfg: PreprocessConfig | dict[str, Any] | int | None) -> PreprocessConfig:
+    if cfg is None:
+        return PreprocessConfig()
+    if isinstance(cfg, PreprocessConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return PreprocessConfig.from_dict(cfg)
+    if isinstance(cfg, (int, tuple, list)):
+        return PreprocessConfig(image_size=cfg)  # type: ignore[arg-type]
+    raise ConfigError(f"image_transform expects a PreprocessConfig, dict or size, got {type(cfg).__name__}")
+
+
+def _eval_resize_steps(
+    cfg: PreprocessConfig, interpolation: T.InterpolationMode
+) -> list[Callable[[Any], Any]]:
+    size = cfg.size
+    if cfg.resize_mode == "squash":
+        return [T.Resize(size, interpolation=interpolation)]
+    if cfg.resize_mode == "longest":
+        return [
+            ResizeKeepRatio(size, longest=True, interpolation=interpolation),
+            CenterCropOrPad(size, cfg.fill_color),
+        ]
+    return [ResizeCoverCrop(size, interpolation)]
+
+
+def _train_steps(
+    cfg: PreprocessConfig,
+    interpolation: T.InterpolationMode,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+    color_jitter: float | Sequence[float] | None,
+    color_jitter_prob: float | None,
+    gray_scale_prob: float,
+) -> list[Callable[[Any], Any]]:
+    lo, hi = (float(s) for s in scale)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"train transform scale must satisfy 0 < min <= max <= 1, got {scale!r}")
+    steps: list[Callable[[Any], Any]] = [
+        T.RandomResizedCrop(cfg.size, scale=(lo, hi), ratio=tuple(ratio), interpolation=interpolation)
+    ]
+    if hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
+    if color_jitter is not None:
+        jitter = (color_jitter,) * 3 if isinstance(color_jitter, (int, float)) else tuple(color_jitter)
+        if len(jitter) not in (3, 4):
+            raise ConfigError(f"color_jitter must be a number or 3-4 numbers, got {color_jitter!r}")
+        prob = 1.0 if color_jitter_prob is None else float(color_jitter_prob)
+        steps.append(T.RandomApply([T.ColorJitter(*jitter)], p=prob))
+    if gray_scale_prob > 0:
+        steps.append(RandomGrayscale3(gray_scale_prob))
+    return steps
