@@ -253,6 +253,9 @@ def test_evaluate_zero_shot_equals_accuracy_metrics():
     ref = accuracy_metrics(F.normalize(feats, dim=-1) @ clf, labels)
     assert m == ref
     assert m["num_samples"] == 50
+    # a bf16 model gets bf16 images (no dtype mismatch), metrics still computed in float32
+    half = evaluate_zero_shot(FakeModel().to(torch.bfloat16), loader, clf, "cpu")
+    assert half["num_samples"] == 50 and abs(half["acc1"] - ref["acc1"]) <= 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +273,9 @@ def test_template_sets():
 def test_callable_templates_give_the_same_classifier():
     model = FakeModel()
     strings = zero_shot_classifier(model, fake_tokenizer, ["cat", "dog"], ["a {} here", "the {}"])
-    lambdas = zero_shot_classifier(model, fake_tokenizer, ["cat", "dog"], [lambda c: f"a {c} here", lambda c: f"the {c}"])
+    lambdas = zero_shot_classifier(
+        model, fake_tokenizer, ["cat", "dog"], [lambda c: f"a {c} here", lambda c: f"the {c}"]
+    )
     assert torch.equal(strings, lambdas)
 
 

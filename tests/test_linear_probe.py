@@ -16,6 +16,7 @@ def _gaussian_classes(n: int, dim: int, num_classes: int, spread: float, seed: i
     return centers[labels] + spread * torch.randn(n, dim, generator=gen), labels
 
 
+@pytest.mark.slow
 def test_separable_features_reach_high_accuracy():
     xtr, ytr = _gaussian_classes(400, 16, 5, 1.0, seed=0)
     xte, yte = _gaussian_classes(200, 16, 5, 1.0, seed=1)

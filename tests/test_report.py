@@ -91,6 +91,7 @@ def test_individual_plots_have_requested_size(tmp_path):
     )  # atomic writes leave no temp files
 
 
+@pytest.mark.slow
 def test_many_classes_still_render(tmp_path):
     res = _classification_result(num_classes=80, n=800)
     d = res["details"]

@@ -309,7 +309,7 @@ def test_cli_embed_index_search(setup, tmp_path, searcher, capsys):
     got, want = json.loads(capsys.readouterr().out), searcher.search(text=QUERY, k=6)
     assert _ids(got) == _ids(want)
     np.testing.assert_allclose(_scores(got), _scores(want), atol=1e-5)
-    assert main(["index", str(emb), "--out", str(tmp_path / "pq"), "--kind", "ivfpq", "--max-memory", "10KB"]) == 0
+    assert main(["index", str(emb), "--out", str(tmp_path / "pq"), "--kind", "ivfpq", "--max-memory", "30KB"]) == 0
     assert "ivfpq" in capsys.readouterr().out
     assert main(["index", str(emb), "--out", str(tmp_path / "x"), "--max-memory", "1KB"]) == 2
 

@@ -30,6 +30,8 @@ _API: dict[str, str] = {
     "PreprocessConfig": "clipforge.transforms",
     "image_transform": "clipforge.transforms",
     "zero_shot_classifier": "clipforge.eval.zero_shot",
+    "CLIPGuidance": "clipforge.guidance",
+    "encode_text_for_conditioning": "clipforge.conditioning",
     "ClipforgeError": "clipforge.errors",
 }
 

@@ -65,6 +65,8 @@ _MAGIC = (
     b"MM\x00*",
 )
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
 
 
@@ -322,6 +324,3 @@ def iter_image_files(root: str | os.PathLike, extensions: Iterable[str] | None =
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
                 out.append(Path(dirpath) / f)
     return out
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -150,16 +150,17 @@ def extract_features(
     The loader yields ``(images, targets)``: indices for an :class:`EvalDataset`, labels for an
     ordinary classification loader. ``None`` batches (all items failed to load) are skipped.
     """
-    from clipforge.eval.zero_shot import _maybe_tqdm, eval_mode, model_device
+    from clipforge.eval.zero_shot import _maybe_tqdm, eval_mode, model_device, model_dtype
 
     device = torch.device(device) if device is not None else model_device(model)
+    dtype = model_dtype(model)
     feats, targets = [], []
     with eval_mode(model), torch.inference_mode():
         for batch in _maybe_tqdm(loader, progress, "encode images"):
             if batch is None:
                 continue
             images, target = batch
-            x = model.encode_image(images.to(device)).float()
+            x = model.encode_image(images.to(device, dtype)).float()
             if normalize:
                 x = torch.nn.functional.normalize(x, dim=-1)
             feats.append(x.cpu())

@@ -39,13 +39,14 @@ def _figure(width_px: int, height_px: int):
 
 def _save(fig, path: str | os.PathLike) -> Path:
     from clipforge.checkpoints.io import atomic_write
+    from clipforge.eval.results import publish
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     path = Path(path)
     with atomic_write(path, "wb") as f:
         f.write(buf.getvalue())
-    return path
+    return publish(path)
 
 
 def _clamp(v: float, lo: int, hi: int) -> int:
@@ -311,6 +312,7 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
 def write_index(out_dir: str | os.PathLike, title: str = "clipforge evaluation report") -> Path:
     """An HTML page with one section per result: headline metrics, plots, timings, versions."""
     from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.eval.results import publish
 
     out = Path(out_dir)
     sections = []
@@ -347,4 +349,4 @@ figure {{ margin: 1em 0; }}
 """
     path = out / "index.html"
     atomic_write_text(path, page)
-    return path
+    return publish(path)

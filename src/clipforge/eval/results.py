@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -102,13 +103,23 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def publish(path: Path) -> Path:
+    """Atomic writes go through ``mkstemp`` (mode 0600); results and reports are meant to be
+    read by others (a web server, a colleague), so give them the usual 0644."""
+    try:
+        os.chmod(path, 0o644)
+    except OSError:  # pragma: no cover - e.g. a filesystem without permissions
+        pass
+    return path
+
+
 def write_result(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write atomically (temp file in the same folder, then rename)."""
     from clipforge.checkpoints.io import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
-    return path
+    return publish(path)
 
 
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
@@ -163,14 +174,28 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     path = Path(path)
     atomic_write_text(path, buf.getvalue())
-    return path
+    return publish(path)
+
+
+HEADLINE = ("acc1", "acc5", "mean_per_class_recall")
+
+
+def _headline_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Identity columns plus the metrics people compare; the CSV keeps everything."""
+    present = table_columns(rows)
+    recall = [c for c in present if re.fullmatch(r"(image|text)_retrieval_recall@\d+", c)]
+    return [c for c in ("model", "pretrained", "dataset", "task") if c in present] + [
+        c for c in present if c in HEADLINE or c in recall
+    ]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain-text table for the terminal (floats as percentages where they look like rates)."""
-    columns = list(
-        columns or [c for c in table_columns(rows) if c not in ("file", "language", "model_fullname")]
-    )
+    """A plain-text table for the terminal (headline metrics by default)."""
+    columns = list(columns or _headline_columns(rows))
+    short = {
+        c: c.replace("_retrieval_recall@", " R@").replace("mean_per_class_recall", "mean_recall")
+        for c in columns
+    }
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -178,8 +203,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
         return "" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    widths = [max(len(short[c]), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(short[c].ljust(w) for c, w in zip(columns, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)

@@ -59,7 +59,9 @@ def retrieval_metrics(
     if n_txt and (text_to_image.min() < 0 or text_to_image.max() >= n_img):
         raise ValueError(f"text_to_image values must lie in [0, {n_img})")
     if image_features.shape[1:] != text_features.shape[1:]:
-        raise ValueError(f"feature dims differ: {tuple(image_features.shape)} vs {tuple(text_features.shape)}")
+        raise ValueError(
+            f"feature dims differ: {tuple(image_features.shape)} vs {tuple(text_features.shape)}"
+        )
     device = torch.device(device) if device is not None else image_features.device
     text_ids = torch.arange(n_txt)
 
@@ -70,7 +72,9 @@ def retrieval_metrics(
     i2t_ranks = query_ranks(image_features, text_features, text_to_image[order], order, block_size, device)
     has_caption = torch.bincount(text_to_image, minlength=n_img) > 0
     if not bool(has_caption.all()):
-        log.warning("%d of %d images have no caption; left out of text retrieval", int((~has_caption).sum()), n_img)
+        log.warning(
+            "%d of %d images have no caption; left out of text retrieval", int((~has_caption).sum()), n_img
+        )
     i2t_valid = i2t_ranks[has_caption]
 
     metrics: dict[str, Any] = {}
@@ -119,10 +123,10 @@ def query_ranks(
     ranks = torch.full((nq,), nc + 1, dtype=torch.long)
     for q0 in range(0, nq, block_size):
         q1 = min(q0 + block_size, nq)
-        scores = queries[q0:q1].to(device, torch.float32) @ cand.T  # [b, N]
         lo, hi = torch.searchsorted(pos_query, torch.tensor([q0, q1])).tolist()
         if lo == hi:
-            continue
+            continue  # no positives in this block: ranks stay at N + 1
+        scores = queries[q0:q1].to(device, torch.float32) @ cand.T  # [b, N]
         rows = (pos_query[lo:hi] - q0).to(device)
         pos_scores = scores[rows, pos_candidate[lo:hi].to(device)]
         best = torch.full((q1 - q0,), float("-inf"), device=device)
@@ -134,6 +138,7 @@ def query_ranks(
         has_pos = torch.isfinite(best)
         block_ranks = at_or_above - pos_above + 1
         ranks[q0:q1] = torch.where(has_pos, block_ranks, torch.full_like(block_ranks, nc + 1)).cpu()
+        del scores  # free this block before the next one is allocated
     return ranks
 
 

@@ -237,7 +237,8 @@ class _Run:
 def format_summary(result: dict[str, Any]) -> str:
     """A few lines for the terminal: the headline metrics of one result."""
     m = result["metrics"]
-    head = f"{result['task']} on {result['dataset']} ({result['model']} {result.get('pretrained') or ''})".rstrip()
+    model = f"{result['model']} {result.get('pretrained') or ''}".strip()
+    head = f"{result['task']} on {result['dataset']} ({model})"
     if result["task"] == "zeroshot_retrieval":
         ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("image_retrieval_recall@"))
         t2i = "  ".join(f"R@{k} {100 * m[f'image_retrieval_recall@{k}']:.1f}" for k in ks)

@@ -171,7 +171,9 @@ def resolve_templates(spec: TemplateSpec) -> list[Template]:
         raise ConfigError(
             f"templates {key!r}: not a known set ({names}), an existing file, or a '{{}}' template"
         )
-    templates = [t if callable(t) else validate_template(t, where=f"templates[{i}]") for i, t in enumerate(spec)]
+    templates = [
+        t if callable(t) else validate_template(t, where=f"templates[{i}]") for i, t in enumerate(spec)
+    ]
     if not templates:
         raise ConfigError("templates: empty list")
     return templates

@@ -40,6 +40,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Images are fed in the model's floating dtype, so a bf16/fp16 model needs no autocast."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def zero_shot_classifier(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -170,9 +178,10 @@ def evaluate_zero_shot(
     classifier = classifier.to(device, torch.float32)
     acc = _Accumulator(classifier.shape[1], topk)
     batches = _maybe_tqdm(dataloader, progress, "zero-shot")
+    dtype = model_dtype(model)
     with eval_mode(model), torch.inference_mode():
         for images, labels in batches:
-            feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
+            feats = F.normalize(model.encode_image(images.to(device, dtype)).float(), dim=-1)
             acc.update(feats @ classifier, torch.as_tensor(labels))
     return acc.result()
 

@@ -91,6 +91,8 @@ class ModifiedResNet(nn.Module):
         self.image_size = cfg.image_size
         self.output_dim = embed_dim
         self._bn_frozen = False
+        #: Set by ``clipforge.inference.optimize_for_inference``: feed convolutions NHWC tensors.
+        self.channels_last = False
         # 3-conv stem, then a 2x average pool (OpenAI: no max pool).
         self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
@@ -156,9 +158,13 @@ class ModifiedResNet(nn.Module):
         x = self.act3(self.bn3(self.conv3(x)))
         return self.avgpool(x)
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.conv1.weight.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map ``[B, 32*width, H/32, W/32]`` before attention pooling."""
-        x = x.to(self.conv1.weight.dtype)
+        x = self._prepare(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +173,7 @@ class ModifiedResNet(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: list[int] | int | None = None) -> VisionOutput:
         """Pooled features plus feature maps of (stem, layer1..4) selected by ``indices``."""
         maps = []
-        x = x.to(self.conv1.weight.dtype)
+        x = self._prepare(x)
         for stage in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)
             maps.append(x)

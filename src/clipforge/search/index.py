@@ -123,7 +123,7 @@ def estimate_memory(kind: str, n: int, dim: int, **params: Any) -> int:
         return n * (dim * 4 + 8) + nlist * dim * 4
     if kind == "ivfpq":
         m = params.get("pq_m", _pq_choices(dim)[0])
-        return n * (m + 8) + nlist * dim * 4 + dim * 256 * 4
+        return n * (m + 8) + nlist * dim * 4 + dim * 2 ** params.get("pq_nbits", 8) * 4
     raise SearchIndexError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
 
 

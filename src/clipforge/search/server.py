@@ -1,5 +1,8 @@
 """HTTP search service: ``create_app(searcher)`` returns a FastAPI app; ``serve`` runs it with uvicorn.
 
+(This module imports FastAPI at the top: FastAPI resolves the endpoints' annotations from module
+globals. Only ``clipforge serve`` and tests import it, so ``import clipforge`` stays light.)
+
 Endpoints: ``GET|POST /search``, ``GET /image/{id}`` (thumbnail), ``GET /health``, ``GET /`` (the
 web page). Every bad input is answered with a 4xx and a JSON body ``{"error": "..."}``; a 5xx
 means a bug. Three things keep a hostile or careless client from hurting other users:
@@ -30,6 +33,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipforge.search.searcher import Query, QueryError, Searcher, open_image
 
@@ -315,11 +323,6 @@ def create_app(
     warmup: bool = True,
 ) -> Any:
     """Build the FastAPI app around a loaded :class:`Searcher` (the model is loaded once, here)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     if warmup and (searcher.model is not None or (searcher.manifest.get("model") or {}).get("name")):
         searcher.ensure_model()
     parser = RequestParser(searcher, max_k=max_k, max_text_chars=max_text_chars,

@@ -1,0 +1,247 @@
+"""Throughput measurement: images/s and texts/s for a model on this machine.
+
+Numbers are only comparable inside one run, so every comparison here is *interleaved*: each
+round times every variant once, in turn, and the reported figure is the median over rounds.
+Background load then slows all variants alike instead of whichever happened to run during it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_WORDS = (
+    "a an the two three small large red blue green yellow black white old young happy wooden metal "
+    "dog cat man woman child bicycle car bus train boat bird horse kitchen street beach mountain "
+    "table chair window door tree flower field river city park room plate pizza cake phone laptop "
+    "sitting standing walking running riding holding looking eating playing parked flying next to "
+    "on in under near with of at behind front top side photo picture view close-up group pair"
+).split()
+
+
+def realistic_captions(n: int, *, min_words: int = 5, max_words: int = 30, seed: int = 0) -> list[str]:
+    """``n`` caption-like strings of uniformly random length in words (COCO/LAION-like 5-30)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(_WORDS, k=rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+@dataclass
+class Timing:
+    name: str
+    items_per_s: float
+    seconds_per_call: float
+
+
+def interleaved_throughput(
+    fns: dict[str, Callable[[], Any]], items_per_call: int, *, rounds: int = 5, warmup: int = 1
+) -> dict[str, Timing]:
+    """Median items/s of each function, timing them round-robin so load affects all equally."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    out = {}
+    for name, times in samples.items():
+        median = statistics.median(times)
+        out[name] = Timing(name, items_per_call / median, median)
+    return out
+
+
+def feature_agreement(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(max abs diff of L2-normalised features, min cosine similarity) between two feature sets."""
+    a, b = F.normalize(ours.float(), dim=-1), F.normalize(reference.float(), dim=-1)
+    return float((a - b).abs().max()), float((a * b).sum(-1).min())
+
+
+@dataclass
+class BenchRow:
+    kind: str  # "image" | "text"
+    variant: str
+    batch_size: int
+    items_per_s: float
+    ratio: float  # vs the first variant of the same kind
+    max_abs_diff: float
+    min_cos: float
+
+
+def open_clip_kwargs(cfg: Any) -> dict[str, Any]:
+    """``open_clip.model.CLIP`` keyword arguments describing the same architecture as ``cfg``."""
+    v, t = cfg.vision, cfg.text
+    vision = {
+        "image_size": v.image_size, "width": v.width, "layers": v.layers, "head_width": v.head_width,
+        "mlp_ratio": v.mlp_ratio, "ls_init_value": v.ls_init_value, "pool_type": v.pool_type,
+        "final_ln_after_pool": v.final_ln_after_pool, "no_ln_pre": v.no_ln_pre,
+    }  # fmt: skip
+    if v.patch_size is not None:
+        vision["patch_size"] = v.patch_size
+    text = {
+        "context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
+        "layers": t.layers, "mlp_ratio": t.mlp_ratio, "ls_init_value": t.ls_init_value,
+        "proj_bias": t.proj_bias, "pool_type": t.pool_type,
+    }  # fmt: skip
+    return {
+        "embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text,
+        "quick_gelu": cfg.quick_gelu, "init_logit_bias": cfg.init_logit_bias,
+    }  # fmt: skip
+
+
+def open_clip_twin(model: nn.Module) -> nn.Module | None:
+    """The same architecture and weights in open_clip (when installed), for side-by-side numbers.
+
+    open_clip is an optional, user-installed comparison point: it is imported only here.
+    """
+    try:
+        import open_clip
+    except ImportError:
+        logger.warning("open_clip is not installed; skipping the side-by-side comparison")
+        return None
+    from clipforge.checkpoints.open_clip import clipforge_to_open_clip
+
+    twin = open_clip.model.CLIP(**open_clip_kwargs(model.config))
+    twin.load_state_dict(clipforge_to_open_clip(model.state_dict()), strict=True)
+    return twin.eval()
+
+
+class OnnxTower:
+    """onnxruntime session for one exported tower, callable like ``encode_image``/``encode_text``."""
+
+    def __init__(self, model: nn.Module, tower: str, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        from clipforge.export import export_onnx
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="clipforge-onnx-")
+        path = export_onnx(model, self._tmp.name, towers=(tower,), verify=False).paths[tower]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.tower = tower
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tower == "text":
+            from clipforge.inference import trim_tokens
+
+            x = trim_tokens(x)
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def _variants(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    from clipforge.inference import optimize_for_inference
+
+    built: dict[str, Any] = {}
+    for variant in names:
+        if variant == "clipforge":
+            built[variant] = optimize_for_inference(model)
+        elif variant == "open_clip":
+            built[variant] = open_clip_twin(model)
+        elif variant == "int8":
+            built[variant] = optimize_for_inference(model, quantize=True)
+        elif variant == "bf16":
+            built[variant] = optimize_for_inference(model).to(torch.bfloat16)
+        elif variant == "compile":
+            built[variant] = optimize_for_inference(model, compile=True)
+        elif variant == "onnx":
+            built[variant] = "onnx"  # sessions are created per tower below
+        else:
+            raise ConfigError(
+                f"unknown bench variant {variant!r}; choose from clipforge, open_clip, int8, bf16, compile, onnx"
+            )
+    return {k: v for k, v in built.items() if v is not None}
+
+
+def run_bench(
+    model: nn.Module,
+    *,
+    variants: list[str],
+    kinds: tuple[str, ...] = ("image", "text"),
+    batch_size: int = 32,
+    rounds: int = 5,
+    threads: int | None = None,
+    num_texts: int | None = None,
+    seed: int = 0,
+) -> list[BenchRow]:
+    """Time ``variants`` of one model side by side; the first variant is the ratio baseline.
+
+    Images: one random batch of ``batch_size`` per call. Texts: ``num_texts`` realistic captions
+    (default ``4 * batch_size``) encoded in batches of ``batch_size``; clipforge variants use
+    :func:`clipforge.inference.encode_texts` (length bucketing), open_clip plain batches.
+    """
+    from clipforge.inference import encode_texts
+    from clipforge.tokenizer import Tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = model.eval().float()
+    built = _variants(model, variants)
+    rows: list[BenchRow] = []
+    size = model.config.vision.image_size
+    images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    tokens = Tokenizer(model.config.text.context_length)(
+        realistic_captions(num_texts or 4 * batch_size, seed=seed)
+    )
+
+    def text_fn(m: Any) -> Callable[[], torch.Tensor]:
+        if m == "onnx":
+            tower = OnnxTower(model, "text", threads)
+            return lambda: torch.cat(
+                [tower(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+            )
+        if getattr(m, "text", None) is not None and hasattr(m.text, "trim"):  # clipforge
+            return lambda: encode_texts(m, tokens, batch_size=batch_size, normalize=False)
+        return lambda: torch.cat(
+            [m.encode_text(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+        )
+
+    def image_fn(m: Any) -> Callable[[], torch.Tensor]:
+        if m == "onnx":
+            tower = OnnxTower(model, "image", threads)
+            return lambda: tower(images)
+        dtype = next(m.parameters()).dtype
+        return lambda: m.encode_image(images.to(dtype))
+
+    for kind in kinds:
+        make, count = (image_fn, batch_size) if kind == "image" else (text_fn, len(tokens))
+        fns = {variant: make(m) for variant, m in built.items()}
+        with torch.inference_mode():
+            outputs = {variant: fn().float() for variant, fn in fns.items()}
+            timings = interleaved_throughput(fns, count, rounds=rounds)
+        base_name = next(iter(fns))
+        for variant, timing in timings.items():
+            diff, cos = feature_agreement(outputs[variant], outputs[base_name])
+            ratio = timing.items_per_s / timings[base_name].items_per_s
+            rows.append(BenchRow(kind, variant, batch_size, timing.items_per_s, ratio, diff, cos))
+    return rows
+
+
+def format_rows(rows: list[BenchRow], baseline: str) -> str:
+    lines = [
+        f"{'kind':5s}  {'variant':10s}  {'batch':>5s}  {'items/s':>9s}  {'vs ' + baseline:>14s}  {'max|diff|':>9s}  {'min cos':>8s}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.kind:5s}  {r.variant:10s}  {r.batch_size:5d}  {r.items_per_s:9.1f}  {r.ratio:13.2f}x  "
+            f"{r.max_abs_diff:9.2e}  {r.min_cos:8.5f}"
+        )
+    return "\n".join(lines)

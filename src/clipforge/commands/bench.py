@@ -1,0 +1,50 @@
+"""``clipforge bench``: images/s and texts/s for a model on this machine."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure images/s and texts/s (optionally side by side with open_clip, int8, ONNX)",
+        description="Time encode_image / encode_text for a model. Variants are timed round-robin, so the "
+        "ratios in the table hold even on a busy machine. Random weights unless --pretrained is given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="ViT-B-32", help="architecture name")
+    p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16 adds a bf16 variant (measure: on CPUs without bf16 units it is slower)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (median reported)")
+    p.add_argument("--kinds", default="image,text", help="comma-separated: image, text")
+    p.add_argument("--open-clip", action="store_true", help="also time open_clip with the same weights")
+    p.add_argument("--int8", action="store_true", help="also time int8 dynamic quantisation (CPU)")
+    p.add_argument("--onnx", action="store_true", help="also time ONNX Runtime")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow first call)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipforge.bench import format_rows, run_bench
+    from clipforge.errors import ConfigError
+    from clipforge.model.factory import create_model
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - {"image", "text"}:
+        raise ConfigError(f"--kinds must list image and/or text, got {args.kinds!r}")
+    variants = ["open_clip"] if args.open_clip else []
+    variants.append("clipforge")
+    variants += [v for v, on in (("bf16", args.dtype == "bfloat16"), ("int8", args.int8),
+                                 ("compile", args.compile), ("onnx", args.onnx)) if on]  # fmt: skip
+    model = create_model(args.model, args.pretrained)
+    rows = run_bench(model, variants=variants, kinds=kinds, batch_size=args.batch_size,
+                     rounds=args.rounds, threads=args.threads)  # fmt: skip
+    import torch
+
+    print(f"{args.model}  threads={torch.get_num_threads()}  device=cpu")
+    print(format_rows(rows, variants[0]))
+    return 0

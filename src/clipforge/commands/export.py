@@ -1,0 +1,49 @@
+"""``clipforge export``: image and text towers to ONNX (verified with onnxruntime) or torch.export."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export the image/text towers to ONNX or a torch.export program",
+        description="Write image.onnx and text.onnx (dynamic batch; text also dynamic length) and check "
+        "them against PyTorch with onnxruntime (max abs diff must stay below --atol).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="architecture name, e.g. ViT-B-32")
+    p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
+    p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--towers", default="image,text", help="comma-separated: image, text")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipforge.errors import ConfigError
+    from clipforge.export import TOWERS, export_onnx, export_program
+    from clipforge.model.factory import create_model
+
+    towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
+    unknown = sorted(set(towers) - set(TOWERS))
+    if unknown or not towers:
+        raise ConfigError(f"--towers: unknown {unknown or 'empty'}; choose from {', '.join(TOWERS)}")
+    model = create_model(args.model, args.pretrained).eval()
+    if args.format == "torch-export":
+        result = export_program(model, args.out, towers=towers)
+    else:
+        result = export_onnx(
+            model, args.out, towers=towers, opset=args.opset, dynamo=args.dynamo,
+            verify=not args.no_verify, atol=args.atol,
+        )  # fmt: skip
+    for tower, path in result.paths.items():
+        diff = result.max_abs_diff.get(tower)
+        check = f"  max abs diff vs PyTorch {diff:.2e}" if diff is not None else ""
+        print(f"{tower:5s} -> {path}{check}")
+    return 0

@@ -1,0 +1,160 @@
+"""Fast inference: one call to prepare a model, batched encoders that keep it busy.
+
+Every optimisation here is opt-in except the ones that cannot change results:
+``inference_mode``, eval mode, BatchNorm folded into convolutions and channels-last memory for
+the ResNets, and length bucketing for texts (each batch is trimmed to its own longest caption,
+see ``TextTransformer``). Int8 dynamic quantisation and ``torch.compile`` are flags, and what
+they change is measured by ``clipforge bench`` and ``benchmarks/inference.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from clipforge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def fuse_batchnorm(module: nn.Module) -> int:
+    """Fold every ``conv -> BatchNorm`` pair of a modified ResNet into the convolution (in place).
+
+    Inference-only: the BatchNorm becomes an ``Identity`` and the conv gains a bias, so the
+    state dict no longer matches the checkpoint layout. Returns the number of pairs folded.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from clipforge.model.resnet import Bottleneck, ModifiedResNet
+
+    pairs: list[tuple[nn.Module, str, str]] = []
+    for sub in module.modules():
+        if isinstance(sub, (ModifiedResNet, Bottleneck)):
+            pairs += [(sub, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        if isinstance(sub, Bottleneck) and sub.downsample is not None:
+            pairs.append((sub.downsample, "0", "1"))
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if isinstance(bn, nn.BatchNorm2d):
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+            setattr(parent, bn_name, nn.Identity())
+    return len(pairs)
+
+
+def quantize_linear_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations per batch).
+
+    CPU only. Matrix parameters that are not ``nn.Linear`` (``visual.proj``,
+    ``text.text_projection``) and convolutions stay float32.
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    fuse_bn: bool = True,
+    channels_last: bool | None = None,
+    quantize: bool = False,
+    compile: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """A copy of ``model`` (or the model itself with ``inplace=True``) ready to embed with.
+
+    - eval mode, gradients off;
+    - ResNet towers: BatchNorm folded into convolutions (``fuse_bn``) and channels-last
+      weights/activations (``channels_last``, default on for ResNets) -- identical outputs up to
+      float rounding;
+    - ``quantize``: int8 dynamic quantisation of linear layers (CPU; features move slightly,
+      cosine similarity to float32 is typically > 0.99 -- ``clipforge bench`` reports it);
+    - ``compile``: ``torch.compile`` on the image tower and the text transformer stack
+      (dynamic shapes, so trimmed text batches of any length reuse one graph).
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval().requires_grad_(False)
+    visual = getattr(model, "visual", None)
+    from clipforge.model.resnet import ModifiedResNet
+
+    if isinstance(visual, ModifiedResNet):
+        if fuse_bn:
+            fuse_batchnorm(visual)
+        if channels_last is None or channels_last:
+            visual.to(memory_format=torch.channels_last)
+            visual.channels_last = True
+    elif channels_last:
+        raise ConfigError("channels_last only applies to ResNet image towers")
+    if quantize:
+        quantize_linear_int8(model)
+    if compile:
+        model.visual = torch.compile(model.visual, dynamic=True)
+        text = getattr(model, "text", None)
+        if text is not None and hasattr(text, "transformer"):
+            text.transformer = torch.compile(text.transformer, dynamic=True)
+    return model
+
+
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the columns after the batch's last EOT (they cannot change CLIP's pooled feature)."""
+    if tokens.numel() == 0:
+        return tokens
+    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def encode_images(
+    model: nn.Module, images: torch.Tensor, *, batch_size: int = 64, normalize: bool = True
+) -> torch.Tensor:
+    """Embed ``[N, 3, H, W]`` images in batches under ``inference_mode``; float32 ``[N, D]`` on CPU."""
+    device = _device_of(model)
+    out = []
+    with torch.inference_mode():
+        for part in _batches(images.shape[0], batch_size):
+            out.append(model.encode_image(images[part].to(device, non_blocking=True), normalize=normalize).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, getattr(model.config, "embed_dim", 0))
+
+
+def encode_texts(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    normalize: bool = True,
+    bucket: bool = True,
+) -> torch.Tensor:
+    """Embed ``[N, L]`` token rows in batches; rows come back in input order.
+
+    With ``bucket=True`` rows are sorted by EOT position first, so every batch holds captions of
+    similar length and the text tower (which trims each batch to its longest caption) wastes
+    almost nothing on padding.
+    """
+    device = _device_of(model)
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True) if bucket else torch.arange(tokens.shape[0])
+    out = []
+    with torch.inference_mode():
+        for part in _batches(tokens.shape[0], batch_size):
+            batch = tokens[order[part]].to(device, non_blocking=True)
+            out.append(model.encode_text(batch, normalize=normalize).float().cpu())
+    if not out:
+        return torch.empty(0, getattr(model.config, "embed_dim", 0))
+    features = torch.cat(out)
+    result = torch.empty_like(features)
+    result[order] = features
+    return result
