@@ -185,7 +185,7 @@ def load_image(
         msg = str(e)
         code = "truncated" if ("truncat" in msg.lower() or isinstance(e, EOFError)) else "corrupt"
         raise BadImageError(code, name, msg) from None
-    except (SyntaxError, ValueError, TypeError, IndexError, KeyError, MemoryError) as e:
+    except (SyntaxError, ValueError, TypeError, IndexError, KeyError, MemoryError, DataError) as e:
         raise BadImageError("corrupt", name, f"{type(e).__name__}: {e}") from None
     if rgb is img and hasattr(img, "fp") and img.fp is not None:
         rgb = img.copy()  # detach from the file buffer
@@ -193,35 +193,11 @@ def load_image(
 
 
 def _to_rgb(img: Any) -> Any:
-    """Delegate to the shared mode converter so decoding and transforms agree on colours."""
-    try:
-        from clipforge.transforms import to_rgb
-    except ImportError:  # transforms not importable (partial install): use the local rules
-        return _to_rgb_local(img)
+    """The shared mode converter (transforms owns the colour rules: alpha on white, 16-bit
+    scaled, CMYK managed), imported lazily so this module stays free of torch."""
+    from clipforge.transforms import to_rgb
+
     return to_rgb(img)
-
-
-def _to_rgb_local(img: Any) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) if arr.size else 0.0
-        scale = 1.0 if hi <= 255 else (257.0 if hi <= 65535 else hi / 255.0)
-        arr8 = np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 class SkipCounter:
