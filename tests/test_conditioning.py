@@ -142,11 +142,18 @@ def _hf_clip(seed: int = 0):
     return hf
 
 
-@pytest.mark.parametrize("pad", [None, "eot"])
-def test_parity_with_hf_clip_text_model(tmp_path, pad):
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random HF CLIPModel and the clipforge model loaded from its saved folder."""
     hf = _hf_clip()
-    hf.save_pretrained(tmp_path / "hf")
-    model = create_model(None, pretrained=tmp_path / "hf").eval()
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    return hf, create_model(None, pretrained=folder).eval()
+
+
+@pytest.mark.parametrize("pad", [None, "eot"])
+def test_parity_with_hf_clip_text_model(hf_pair, pad):
+    hf, model = hf_pair
     tokenizer = get_tokenizer(model)
     with torch.no_grad():
         last = encode_text_for_conditioning(model, tokenizer, TEXTS, "last", pad=pad)

@@ -91,9 +91,9 @@ def test_web_page_search_shows_results(tmp_path):
             first = driver.find_elements(By.CSS_SELECTOR, "#results .result")[0]
             assert first.find_element(By.CLASS_NAME, "score").text.startswith("1.000")  # itself (or a copy)
             # an error from the server is shown, not swallowed
-            driver.execute_script("document.getElementById('k').value = -1")
+            driver.execute_script("document.getElementById('q').value = 'x'.repeat(1001)")
             driver.find_element(By.ID, "go").click()
-            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "k must be between"))
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "the limit is 1000"))
             assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
         finally:
             driver.quit()
