@@ -43,10 +43,22 @@ def open_clip_config(model: str) -> dict:
         "model_cfg": {
             "embed_dim": cfg.embed_dim,
             "quick_gelu": cfg.quick_gelu,
-            "vision_cfg": {"image_size": v.image_size, "layers": v.layers, "width": v.width,
-                           "head_width": v.head_width, "patch_size": v.patch_size, "mlp_ratio": v.mlp_ratio},
-            "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                         "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio},
+            "vision_cfg": {
+                "image_size": v.image_size,
+                "layers": v.layers,
+                "width": v.width,
+                "head_width": v.head_width,
+                "patch_size": v.patch_size,
+                "mlp_ratio": v.mlp_ratio,
+            },
+            "text_cfg": {
+                "context_length": t.context_length,
+                "vocab_size": t.vocab_size,
+                "width": t.width,
+                "heads": t.heads,
+                "layers": t.layers,
+                "mlp_ratio": t.mlp_ratio,
+            },
         },
         "preprocess_cfg": {"size": v.image_size},
     }
@@ -59,18 +71,52 @@ def make_data(root: Path, n: int, image_size: int) -> Path:
 
 
 def env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run_clipforge(args, table: Path, out: Path) -> tuple[list[float], list[float]]:
     model_flag = args.model
-    cmd = [sys.executable, "-c",
-           "import sys, clipforge.demo as d; d._register_model(); from clipforge.cli import main; sys.exit(main())",
-           "train", "--data", str(table), "--model", model_flag, "--batch-size", str(args.batch_size),
-           "--epochs", "1", "--lr", str(args.lr), "--warmup-steps", str(args.warmup), "--weight-decay", "0.2",
-           "--workers", str(args.workers), "--threads", str(args.threads), "--seed", "0", "--log-every", "1",
-           "--save-every-epochs", "0", "--keep-last", "1", "--no-progress", "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys, clipforge.demo as d; d._register_model(); from clipforge.cli import main; sys.exit(main())",
+        "train",
+        "--data",
+        str(table),
+        "--model",
+        model_flag,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--lr",
+        str(args.lr),
+        "--warmup-steps",
+        str(args.warmup),
+        "--weight-decay",
+        "0.2",
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        "0",
+        "--log-every",
+        "1",
+        "--save-every-epochs",
+        "0",
+        "--keep-last",
+        "1",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
     subprocess.run(cmd, env=env(args.threads), check=True, capture_output=True, text=True)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train" and "loss" in r]
@@ -82,13 +128,61 @@ _LINE = re.compile(r"Batch \(t\): ([0-9.]+).*?Loss: ([0-9.]+)")
 
 
 def run_open_clip(args, table: Path, out: Path, model_dir: Path) -> tuple[list[float], list[float]]:
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--train-data", str(table), "--dataset-type", "csv",
-           "--csv-separator", ",", "--csv-img-key", "image", "--csv-caption-key", "caption",
-           "--model", f"local-dir:{model_dir}", "--batch-size", str(args.batch_size), "--epochs", "1",
-           "--lr", str(args.lr), "--warmup", str(args.warmup), "--wd", "0.2", "--beta1", "0.9", "--beta2", "0.98",
-           "--eps", "1e-6", "--workers", str(args.workers), "--precision", "fp32", "--device", "cpu", "--seed", "0",
-           "--log-every-n-steps", "1", "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
-           "--report-to", "", "--logs", str(out), "--name", "bench"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--train-data",
+        str(table),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        ",",
+        "--csv-img-key",
+        "image",
+        "--csv-caption-key",
+        "caption",
+        "--model",
+        f"local-dir:{model_dir}",
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--lr",
+        str(args.lr),
+        "--warmup",
+        str(args.warmup),
+        "--wd",
+        "0.2",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--workers",
+        str(args.workers),
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--report-to",
+        "",
+        "--logs",
+        str(out),
+        "--name",
+        "bench",
+    ]
     proc = subprocess.run(cmd, env=env(args.threads), check=True, capture_output=True, text=True, cwd=out)
     log_text = proc.stdout + proc.stderr
     log_file = out / "bench" / "out.log"
@@ -124,8 +218,10 @@ def main() -> None:
     (model_dir / "open_clip_config.json").write_text(json.dumps(oc_cfg))
     table = make_data(root, args.samples, oc_cfg["model_cfg"]["vision_cfg"]["image_size"])
     steps = args.samples // args.batch_size
-    print(f"model {args.model}, {args.samples} samples, batch {args.batch_size} ({steps} steps), "
-          f"{args.threads} threads, {args.workers} worker(s); {args.rounds} alternating rounds")
+    print(
+        f"model {args.model}, {args.samples} samples, batch {args.batch_size} ({steps} steps), "
+        f"{args.threads} threads, {args.workers} worker(s); {args.rounds} alternating rounds"
+    )
 
     best = {"clipforge": float("inf"), "open_clip": float("inf")}
     losses: dict[str, list[float]] = {}
@@ -141,16 +237,22 @@ def main() -> None:
             step = steady(times, args.skip)
             best[name] = min(best[name], step)
             losses[name] = loss
-            print(f"  round {r + 1} {name:<9} {args.batch_size / step:8.1f} samples/s "
-                  f"(median step {step * 1000:.0f} ms over {len(times)} steps; process {time.perf_counter() - t0:.0f}s)")
+            print(
+                f"  round {r + 1} {name:<9} {args.batch_size / step:8.1f} samples/s "
+                f"(median step {step * 1000:.0f} ms over {len(times)} steps; process {time.perf_counter() - t0:.0f}s)"
+            )
 
     sps = {k: args.batch_size / v for k, v in best.items()}
     tail = max(1, min(5, steps // 4))
     print()
-    print(f"clipforge  {sps['clipforge']:8.1f} samples/s   loss after {len(losses['clipforge'])} steps "
-          f"{statistics.mean(losses['clipforge'][-tail:]):.4f} (mean of last {tail})")
-    print(f"open_clip  {sps['open_clip']:8.1f} samples/s   loss after {len(losses['open_clip'])} steps "
-          f"{statistics.mean(losses['open_clip'][-tail:]):.4f} (mean of last {tail})")
+    print(
+        f"clipforge  {sps['clipforge']:8.1f} samples/s   loss after {len(losses['clipforge'])} steps "
+        f"{statistics.mean(losses['clipforge'][-tail:]):.4f} (mean of last {tail})"
+    )
+    print(
+        f"open_clip  {sps['open_clip']:8.1f} samples/s   loss after {len(losses['open_clip'])} steps "
+        f"{statistics.mean(losses['open_clip'][-tail:]):.4f} (mean of last {tail})"
+    )
     print(f"ratio clipforge / open_clip: {sps['clipforge'] / sps['open_clip']:.2f}x  (target >= 1.3x)")
 
 

@@ -14,16 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
-    "purple": (140, 40, 170), "orange": (250, 140, 20), "cyan": (30, 200, 210), "pink": (245, 120, 180),
-    "brown": (120, 70, 30), "black": (15, 15, 15), "white": (245, 245, 245), "grey": (128, 128, 128),
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 60, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 40, 170),
+    "orange": (250, 140, 20),
+    "cyan": (30, 200, 210),
+    "pink": (245, 120, 180),
+    "brown": (120, 70, 30),
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
+    "grey": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle", "bar", "cross")
 BACKGROUNDS = ((250, 250, 245), (30, 30, 40), (200, 220, 255), (60, 90, 60))
 
 
-def draw(shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int = 48,
-         inset: int = 0):
+def draw(
+    shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int = 48, inset: int = 0
+):
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (size, size), background)
@@ -43,7 +53,9 @@ def draw(shape: str, colour: tuple[int, int, int], background: tuple[int, int, i
     return img
 
 
-def make_images(root: Path, n: int = 60, *, start: int = 0, broken: bool = True, duplicates: int = 2) -> list[Path]:
+def make_images(
+    root: Path, n: int = 60, *, start: int = 0, broken: bool = True, duplicates: int = 2
+) -> list[Path]:
     """``n`` distinct images (shape x colour x background) in nested folders, with captions.
 
     Adds ``duplicates`` byte-identical copies of the first image (for dedup) and one file that is
@@ -115,8 +127,20 @@ def build_setup(root: Path, *, n: int = 60, num_workers: int = 1) -> SearchSetup
     emb = root / "emb"
     # float32 storage: the random tiny model puts some distinct images within 2e-3 cosine of each
     # other, closer than float16 rounding; the float16 default is tested separately
-    embed_images(model, preprocess, root / "images", emb, batch_size=8, num_workers=num_workers, shard_size=25,
-                 dtype="float32", tokenizer=tokenizer, model_name="tiny-vit", pretrained=str(model_dir), progress=False)
+    embed_images(
+        model,
+        preprocess,
+        root / "images",
+        emb,
+        batch_size=8,
+        num_workers=num_workers,
+        shard_size=25,
+        dtype="float32",
+        tokenizer=tokenizer,
+        model_name="tiny-vit",
+        pretrained=str(model_dir),
+        progress=False,
+    )
     build_index(emb, root / "index", progress=False)
     return SearchSetup(root, images, model_dir, emb, root / "index")
 
@@ -135,8 +159,16 @@ class UvicornThread:
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off", timeout_keep_alive=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="off",
+                timeout_keep_alive=5,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> UvicornThread:

@@ -87,7 +87,9 @@ def test_conventions(model, tokenizer):
         assert diff[row, eot + 1 :].max() > 1e-4
     # Explicit arguments override the preset.
     with torch.no_grad():
-        override = encode_text_for_conditioning(model, tokenizer, TEXTS, apply_final_ln=False, convention="sd2")
+        override = encode_text_for_conditioning(
+            model, tokenizer, TEXTS, apply_final_ln=False, convention="sd2"
+        )
     assert torch.equal(override.hidden, ref.hidden_states[-2])
 
 
@@ -126,7 +128,12 @@ def _hf_clip(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     text = dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=3)
     vision = dict(
-        hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=1, image_size=32, patch_size=8
+        hidden_size=64,
+        intermediate_size=256,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        image_size=32,
+        patch_size=8,
     )
     config = transformers.CLIPConfig(
         text_config={**text, "hidden_act": "quick_gelu", "vocab_size": 49408, "max_position_embeddings": 77},

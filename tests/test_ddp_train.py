@@ -14,8 +14,16 @@ from clipforge.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
-BASE = dict(data="synthetic:shapes?n=32&image_size=32", model="tiny-vit", epochs=1, lr=1e-3, seed=7, threads=1,
-            progress=False, log_every=1)
+BASE = dict(
+    data="synthetic:shapes?n=32&image_size=32",
+    model="tiny-vit",
+    epochs=1,
+    lr=1e-3,
+    seed=7,
+    threads=1,
+    progress=False,
+    log_every=1,
+)
 
 
 def first_step_grads(cfg: TrainConfig, info) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -32,8 +40,13 @@ def first_step_grads(cfg: TrainConfig, info) -> tuple[dict[str, torch.Tensor], t
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     from clipforge.train.distributed import setup_distributed
     from clipforge.train.trainer import train
@@ -43,7 +56,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     grads, images = first_step_grads(cfg, info)
     torch.save({"grads": grads, "images": images}, os.path.join(out_dir, f"rank{rank}.pt"))
     result = train(cfg.replace(max_steps=2, save_every_steps=1))  # the whole loop under DDP
-    torch.save({"steps": result.steps, "final": result.final_model_dir}, os.path.join(out_dir, f"train{rank}.pt"))
+    torch.save(
+        {"steps": result.steps, "final": result.final_model_dir}, os.path.join(out_dir, f"train{rank}.pt")
+    )
     torch.distributed.destroy_process_group()
 
 
@@ -54,7 +69,9 @@ def free_port() -> int:
 
 
 def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
-    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     from clipforge.train.distributed import DistInfo
@@ -62,8 +79,9 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single, images = first_step_grads(TrainConfig(output_dir=str(tmp_path / "single"), batch_size=16, **BASE),
-                                          DistInfo())
+        single, images = first_step_grads(
+            TrainConfig(output_dir=str(tmp_path / "single"), batch_size=16, **BASE), DistInfo()
+        )
     finally:
         torch.set_num_threads(threads)
 

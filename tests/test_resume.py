@@ -61,7 +61,9 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None
     while not path.exists():
         if proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"training exited ({proc.returncode}) before {path.name} appeared:\n{out[-3000:]}")
+            raise AssertionError(
+                f"training exited ({proc.returncode}) before {path.name} appeared:\n{out[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"timed out waiting for {path}")
@@ -96,7 +98,9 @@ def test_sigterm_then_sigkill_then_resume_latest_is_exact(reference, tmp_path):
     from clipforge.train.state import list_checkpoints, load_checkpoint_state
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli_args(BASE, out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cli_args(BASE, out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for(out / "checkpoints" / "step_00000003.pt", proc)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
@@ -107,8 +111,13 @@ def test_sigterm_then_sigkill_then_resume_latest_is_exact(reference, tmp_path):
     assert 3 <= termed_at < 16
 
     next_ckpt = out / "checkpoints" / f"step_{(termed_at // 3 + 1) * 3:08d}.pt"
-    proc = subprocess.Popen(cli_args({**BASE, "resume": "latest"}, out), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cli_args({**BASE, "resume": "latest"}, out),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for(next_ckpt, proc)
     proc.send_signal(signal.SIGKILL)
     output, _ = proc.communicate(timeout=30)
@@ -161,7 +170,9 @@ def test_resume_mid_epoch_on_shards_is_exact(tmp_path, monkeypatch):
     try:
         ref = train(TrainConfig(output_dir=str(tmp_path / "ref"), **cfg))
         assert ref.steps == 12
-        _train_until_crash(TrainConfig(output_dir=str(tmp_path / "run"), **cfg), crash_at=5, monkeypatch=monkeypatch)
+        _train_until_crash(
+            TrainConfig(output_dir=str(tmp_path / "run"), **cfg), crash_at=5, monkeypatch=monkeypatch
+        )
         resumed = train(TrainConfig(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
     finally:
         torch.set_num_threads(threads)

@@ -49,7 +49,11 @@ def test_embed_outputs(setup):
     m = load_manifest(setup.emb_dir)
     assert m["count"] == 62 and m["skipped"] == 1 and m["dim"] == 64  # 60 + 2 copies; broken.jpg skipped
     assert m["model"] == "tiny-vit" and m["pretrained"] == str(setup.model_dir) and m["has_text"]
-    assert [s["image"] for s in m["shards"]] == ["img_emb_00000.npy", "img_emb_00001.npy", "img_emb_00002.npy"]
+    assert [s["image"] for s in m["shards"]] == [
+        "img_emb_00000.npy",
+        "img_emb_00001.npy",
+        "img_emb_00002.npy",
+    ]
     meta = read_table(setup.emb_dir / m["metadata"])
     assert meta["id"] == list(range(62))
     # order preserved: the sorted listing of the folder, minus the broken file
@@ -59,14 +63,18 @@ def test_embed_outputs(setup):
     i = meta["path"].index(str(setup.images[7].resolve()))
     assert meta["caption"][i] == (setup.images[7].with_suffix(".txt")).read_text()
     skipped = read_table(setup.emb_dir / "skipped.csv")
-    assert [Path(p).name for p in skipped["path"]] == ["broken.jpg"] and "not_an_image" in skipped["reason"][0]
+    assert [Path(p).name for p in skipped["path"]] == ["broken.jpg"] and "not_an_image" in skipped["reason"][
+        0
+    ]
     img = np.concatenate([np.load(setup.emb_dir / s["image"]) for s in m["shards"]])
     txt = np.concatenate([np.load(setup.emb_dir / s["text"]) for s in m["shards"]])
     assert img.dtype == np.float32 and img.shape == (62, 64) and txt.shape == (62, 64)
     np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1.0, atol=2e-3)
     has_caption = np.array([bool(c) for c in meta["caption"]])
     assert has_caption.sum() == 60  # the two copies have no .txt: their caption rows stay zero
-    np.testing.assert_allclose(np.linalg.norm(txt.astype(np.float32), axis=1), has_caption.astype(float), atol=2e-3)
+    np.testing.assert_allclose(
+        np.linalg.norm(txt.astype(np.float32), axis=1), has_caption.astype(float), atol=2e-3
+    )
 
 
 def test_embeddings_match_direct_encoding(setup):
@@ -95,16 +103,41 @@ def test_embed_resumes_and_refuses_foreign_folder(setup, tmp_path):
     (emb / "embed_manifest.json").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in emb.glob("*_00000.*")}
     model, preprocess, tokenizer = load_model(setup.model_dir)
-    m = embed_images(model, preprocess, setup.root / "images", emb, batch_size=8, num_workers=0, shard_size=25,
-                     dtype="float32", tokenizer=tokenizer, model_name="tiny-vit", pretrained=str(setup.model_dir), progress=False)
+    m = embed_images(
+        model,
+        preprocess,
+        setup.root / "images",
+        emb,
+        batch_size=8,
+        num_workers=0,
+        shard_size=25,
+        dtype="float32",
+        tokenizer=tokenizer,
+        model_name="tiny-vit",
+        pretrained=str(setup.model_dir),
+        progress=False,
+    )
     assert {p.name: p.stat().st_mtime_ns for p in emb.glob("*_00000.*")} == before  # shard 0 not redone
     assert m["count"] == 62
-    np.testing.assert_allclose(np.load(emb / "img_emb_00001.npy").astype(np.float32),
-                               np.load(setup.emb_dir / "img_emb_00001.npy").astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(
+        np.load(emb / "img_emb_00001.npy").astype(np.float32),
+        np.load(setup.emb_dir / "img_emb_00001.npy").astype(np.float32),
+        atol=2e-3,
+    )
     assert (emb / "metadata.csv").read_text() == (setup.emb_dir / "metadata.csv").read_text()
     with pytest.raises(DataError, match="shard_size"):
-        embed_images(model, preprocess, setup.root / "images", emb, shard_size=10, dtype="float32", model_name="tiny-vit",
-                     pretrained=str(setup.model_dir), num_workers=0, progress=False)
+        embed_images(
+            model,
+            preprocess,
+            setup.root / "images",
+            emb,
+            shard_size=10,
+            dtype="float32",
+            model_name="tiny-vit",
+            pretrained=str(setup.model_dir),
+            num_workers=0,
+            progress=False,
+        )
 
 
 def test_embed_from_table_and_tar(setup, tmp_path):
@@ -126,8 +159,15 @@ def test_embed_from_table_and_tar(setup, tmp_path):
     model, preprocess, tokenizer = load_model(setup.model_dir)
     a = embed_images(model, preprocess, table, tmp_path / "e1", num_workers=0, progress=False)  # float16
     assert np.load(tmp_path / "e1/img_emb_00000.npy").dtype == np.float16
-    b = embed_images(model, preprocess, str(tmp_path / "shard-{000..000}.tar"), tmp_path / "e2",
-                     num_workers=0, progress=False, tokenizer=tokenizer)
+    b = embed_images(
+        model,
+        preprocess,
+        str(tmp_path / "shard-{000..000}.tar"),
+        tmp_path / "e2",
+        num_workers=0,
+        progress=False,
+        tokenizer=tokenizer,
+    )
     assert a["count"] == 5 and b["count"] == 4 and b["has_text"]
     ea, eb = np.load(tmp_path / "e1/img_emb_00000.npy"), np.load(tmp_path / "e2/img_emb_00000.npy")
     np.testing.assert_allclose(ea[:4].astype(np.float32), eb.astype(np.float32), atol=2e-3)
@@ -187,13 +227,29 @@ def test_add_to_index(setup, tmp_path):
     shutil.copytree(setup.index_dir, index)
     new = make_images(tmp_path / "new", 5, start=60, broken=False, duplicates=0)
     model, preprocess, tokenizer = load_model(setup.model_dir)
-    embed_images(model, preprocess, tmp_path / "new", tmp_path / "emb_new", num_workers=0, dtype="float32", tokenizer=tokenizer,
-                 model_name="tiny-vit", pretrained=str(setup.model_dir), progress=False)
-    before = Searcher(index, model=model, tokenizer=tokenizer, preprocess=preprocess).search(text="a red circle", k=5)
+    embed_images(
+        model,
+        preprocess,
+        tmp_path / "new",
+        tmp_path / "emb_new",
+        num_workers=0,
+        dtype="float32",
+        tokenizer=tokenizer,
+        model_name="tiny-vit",
+        pretrained=str(setup.model_dir),
+        progress=False,
+    )
+    before = Searcher(index, model=model, tokenizer=tokenizer, preprocess=preprocess).search(
+        text="a red circle", k=5
+    )
     m = add_to_index(index, tmp_path / "emb_new", progress=False)
     assert m["count"] == 67 and m["generation"] == 2 and read_manifest(index)["count"] == 67
-    assert sorted(p.name for p in index.iterdir()) == ["embeddings-2.npy", "index-2.faiss", "manifest.json",
-                                                        "metadata-2.csv"]
+    assert sorted(p.name for p in index.iterdir()) == [
+        "embeddings-2.npy",
+        "index-2.faiss",
+        "manifest.json",
+        "metadata-2.csv",
+    ]
     s = Searcher(index, model=model, tokenizer=tokenizer, preprocess=preprocess)
     order = sorted(new)  # listing order of the new folder
     for j, p in enumerate(order):
@@ -250,7 +306,10 @@ def test_dedup_drops_identical_copies(searcher, setup):
     deduped = searcher.search(image=original, k=5, dedup=True)
     assert len(deduped) == 5
     assert sum(Path(r.path).name in paths for r in deduped) == 1
-    assert _ids(deduped)[1:] == [i for i in _ids(searcher.search(image=original, k=7)) if i not in _ids(plain[:3])][:4]
+    assert (
+        _ids(deduped)[1:]
+        == [i for i in _ids(searcher.search(image=original, k=7)) if i not in _ids(plain[:3])][:4]
+    )
 
 
 def test_query_errors(searcher):
@@ -295,13 +354,35 @@ def test_cli_embed_index_search(setup, tmp_path, searcher, capsys):
     from clipforge.cli import main
 
     emb, idx = tmp_path / "emb", tmp_path / "idx"
-    subprocess.run([sys.executable, "-m", "clipforge", "embed", "--model", "tiny-vit", "--pretrained",
-                    str(setup.model_dir), "--images", str(setup.root / "images"), "--out", str(emb),
-                    "--workers", "1", "--shard-size", "25", "--dtype", "float32"],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipforge",
+            "embed",
+            "--model",
+            "tiny-vit",
+            "--pretrained",
+            str(setup.model_dir),
+            "--images",
+            str(setup.root / "images"),
+            "--out",
+            str(emb),
+            "--workers",
+            "1",
+            "--shard-size",
+            "25",
+            "--dtype",
+            "float32",
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     for s in range(3):  # same model, same images: same vectors (batch size differs: float noise only)
-        np.testing.assert_allclose(np.load(emb / f"img_emb_{s:05d}.npy"), np.load(setup.emb_dir / f"img_emb_{s:05d}.npy"),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            np.load(emb / f"img_emb_{s:05d}.npy"), np.load(setup.emb_dir / f"img_emb_{s:05d}.npy"), atol=1e-6
+        )
     assert main(["index", str(emb), "--out", str(idx)]) == 0
     out = capsys.readouterr().out
     assert "choice: flat" in out and "expected recall@10 1.000" in out
@@ -309,7 +390,10 @@ def test_cli_embed_index_search(setup, tmp_path, searcher, capsys):
     got, want = json.loads(capsys.readouterr().out), searcher.search(text=QUERY, k=6)
     assert _ids(got) == _ids(want)
     np.testing.assert_allclose(_scores(got), _scores(want), atol=1e-5)
-    assert main(["index", str(emb), "--out", str(tmp_path / "pq"), "--kind", "ivfpq", "--max-memory", "30KB"]) == 0
+    assert (
+        main(["index", str(emb), "--out", str(tmp_path / "pq"), "--kind", "ivfpq", "--max-memory", "30KB"])
+        == 0
+    )
     assert "ivfpq" in capsys.readouterr().out
     assert main(["index", str(emb), "--out", str(tmp_path / "x"), "--max-memory", "1KB"]) == 2
 
@@ -321,7 +405,10 @@ def test_http_testclient_agrees_with_python(searcher, setup):
 
     client = TestClient(create_app(searcher))
     want = searcher.search(text=QUERY, k=8)
-    for resp in (client.post("/search", json={"text": QUERY, "k": 8}), client.get("/search", params={"q": QUERY, "k": 8})):
+    for resp in (
+        client.post("/search", json={"text": QUERY, "k": 8}),
+        client.get("/search", params={"q": QUERY, "k": 8}),
+    ):
         assert resp.status_code == 200, resp.text
         got = resp.json()["results"]
         assert _ids(got) == _ids(want)
@@ -333,8 +420,15 @@ def test_http_testclient_agrees_with_python(searcher, setup):
     assert up.status_code == 200 and up.json()["results"][0]["id"] == i
     import base64
 
-    b64 = client.post("/search", json={"image_base64": base64.b64encode(img.read_bytes()).decode(), "k": 4,
-                                       "text": "in winter", "weights": {"text": 0.0, "image": 1.0}})
+    b64 = client.post(
+        "/search",
+        json={
+            "image_base64": base64.b64encode(img.read_bytes()).decode(),
+            "k": 4,
+            "text": "in winter",
+            "weights": {"text": 0.0, "image": 1.0},
+        },
+    )
     assert _ids(b64.json()["results"]) == _ids(up.json()["results"])
     by_id = client.post("/search", json={"image_id": i, "k": 4, "dedup": True}).json()["results"]
     assert _ids(by_id) == _ids(searcher.search(image_id=i, k=4, dedup=True))
@@ -366,7 +460,9 @@ def test_real_uvicorn_agrees_and_batches(searcher, setup):
 
         async def burst():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
-                texts = [f"a {w} shape" for w in ("red", "green", "blue", "big", "small", "round", "odd", "dark")]
+                texts = [
+                    f"a {w} shape" for w in ("red", "green", "blue", "big", "small", "round", "odd", "dark")
+                ]
                 rs = await asyncio.gather(*[c.post("/search", json={"text": t, "k": 5}) for t in texts])
                 return texts, rs
 
@@ -397,7 +493,9 @@ def test_micro_batcher_groups_concurrent_calls():
     b = MicroBatcher(fn, max_batch=4, wait_s=0.05)
 
     async def go():
-        return await asyncio.gather(*[b.submit(x) for x in ["a", "b", "c", "d", "e", "bad"]], return_exceptions=True)
+        return await asyncio.gather(
+            *[b.submit(x) for x in ["a", "b", "c", "d", "e", "bad"]], return_exceptions=True
+        )
 
     out = asyncio.run(go())
     assert out[:5] == ["A", "B", "C", "D", "E"] and isinstance(out[5], ValueError)

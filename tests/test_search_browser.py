@@ -18,22 +18,42 @@ pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 
 CHROME_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
     "--window-size=1200,900",
 )
 NOTES_COPY = Path("/work/notes/search_screenshot.png")
 
 
 def _browser_paths() -> tuple[str, str]:
-    chrome = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                               shutil.which("google-chrome")) if p), None)
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+    chrome = next(
+        (
+            p
+            for p in (
+                shutil.which("chromium"),
+                shutil.which("chromium-browser"),
+                shutil.which("google-chrome"),
+            )
+            if p
+        ),
+        None,
+    )
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None
+    )
     if not (chrome and driver):
         if os.environ.get("CLIPFORGE_NO_BROWSER") == "1":
             pytest.skip("no chromium/chromedriver and CLIPFORGE_NO_BROWSER=1")
-        pytest.fail("chromium and chromedriver are needed (apt-get install -y chromium chromium-driver); "
-                    "set CLIPFORGE_NO_BROWSER=1 to skip on purpose")
+        pytest.fail(
+            "chromium and chromedriver are needed (apt-get install -y chromium chromium-driver); "
+            "set CLIPFORGE_NO_BROWSER=1 to skip on purpose"
+        )
     return chrome, driver
 
 
@@ -77,8 +97,11 @@ def test_web_page_search_shows_results(tmp_path):
             assert [int(c.get_attribute("data-id")) for c in cards] == want  # same order as Python
             assert "12 results" in driver.find_element(By.ID, "status").text
             # every thumbnail actually loaded (naturalWidth > 0 once decoded)
-            wait.until(lambda d: d.execute_script(
-                "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+            wait.until(
+                lambda d: d.execute_script(
+                    "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+                )
+            )
             score = cards[0].find_element(By.CLASS_NAME, "score").text
             assert score.startswith(f"{searcher.search(text='a red circle', k=1)[0].score:.3f}")
             shot = tmp_path / "search_page.png"

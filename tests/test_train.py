@@ -91,12 +91,25 @@ def test_param_groups_exclude_gains_biases_embeddings_and_scale():
     decay = set(groups[0]["names"])
     no_decay = set(groups[1]["names"])
     assert groups[0]["weight_decay"] == 0.2 and groups[1]["weight_decay"] == 0.0
-    for name in ("logit_scale", "visual.class_embedding", "visual.positional_embedding", "text.positional_embedding",
-                 "text.token_embedding.weight", "visual.ln_pre.weight", "text.ln_final.bias",
-                 "visual.transformer.resblocks.0.attn.in_proj.bias", "text.transformer.resblocks.1.ln_2.weight"):
+    for name in (
+        "logit_scale",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "text.positional_embedding",
+        "text.token_embedding.weight",
+        "visual.ln_pre.weight",
+        "text.ln_final.bias",
+        "visual.transformer.resblocks.0.attn.in_proj.bias",
+        "text.transformer.resblocks.1.ln_2.weight",
+    ):
         assert name in no_decay, name
-    for name in ("visual.conv1.weight", "visual.proj", "text.text_projection",
-                 "visual.transformer.resblocks.0.attn.in_proj.weight", "text.transformer.resblocks.1.mlp.c_fc.weight"):
+    for name in (
+        "visual.conv1.weight",
+        "visual.proj",
+        "text.text_projection",
+        "visual.transformer.resblocks.0.attn.in_proj.weight",
+        "text.transformer.resblocks.1.mlp.c_fc.weight",
+    ):
         assert name in decay, name
     assert decay.isdisjoint(no_decay)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
@@ -168,8 +181,9 @@ def _grads_and_update(model_name: str, loss_kind: str, accum: int) -> tuple[dict
     return {"loss": out.loss, **grads}, params
 
 
-@pytest.mark.parametrize("model_name, loss_kind", [("tiny-vit", "clip"), ("tiny-vit-siglip", "siglip"),
-                                                    ("tiny-vit", "chunked")])
+@pytest.mark.parametrize(
+    "model_name, loss_kind", [("tiny-vit", "clip"), ("tiny-vit-siglip", "siglip"), ("tiny-vit", "chunked")]
+)
 def test_accumulation_with_feature_cache_equals_full_batch(model_name, loss_kind):
     full_grads, full_params = _grads_and_update(model_name, loss_kind, accum=1)
     acc_grads, acc_params = _grads_and_update(model_name, loss_kind, accum=4)
@@ -287,15 +301,33 @@ def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys):
     )
     threads = torch.get_num_threads()
     try:
-        code = main(["train", "--config", str(tmp_path / "run.yaml"), "--batch-size", "8", "--accum-steps", "2",
-                     "--output-dir", str(tmp_path / "out"), "--ema-decay", "0.9"])
+        code = main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "run.yaml"),
+                "--batch-size",
+                "8",
+                "--accum-steps",
+                "2",
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--ema-decay",
+                "0.9",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     assert "model saved to" in capsys.readouterr().out
     out = tmp_path / "out"
     saved = TrainConfig.load(out / "run_config.yaml")  # the effective config, next to the checkpoints
-    assert (saved.batch_size, saved.accum_steps, saved.schedule, saved.ema_decay) == (8, 2, "const-cooldown", 0.9)
+    assert (saved.batch_size, saved.accum_steps, saved.schedule, saved.ema_decay) == (
+        8,
+        2,
+        "const-cooldown",
+        0.9,
+    )
     ckpt = list_checkpoints(out / "checkpoints")[-1]
     state = load_checkpoint_state(ckpt)
     assert state["train_state"]["step"] == 3  # 48 samples // (8 x 2)
@@ -315,9 +347,20 @@ def test_lora_and_lit_runs_save_a_plain_merged_model(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        result = train(TrainConfig(data="synthetic:shapes?n=16&image_size=32", model="tiny-vit", batch_size=8,
-                                   max_steps=2, lora_rank=4, lock_image=True, lr=1e-2, threads=1, progress=False,
-                                   output_dir=str(tmp_path)))
+        result = train(
+            TrainConfig(
+                data="synthetic:shapes?n=16&image_size=32",
+                model="tiny-vit",
+                batch_size=8,
+                max_steps=2,
+                lora_rank=4,
+                lock_image=True,
+                lr=1e-2,
+                threads=1,
+                progress=False,
+                output_dir=str(tmp_path),
+            )
+        )
     finally:
         torch.set_num_threads(threads)
     model = create_model(pretrained=result.final_model_dir)
@@ -327,6 +370,8 @@ def test_lora_and_lit_runs_save_a_plain_merged_model(tmp_path):
     trained = model.state_dict()
     changed = {k for k in trained if not torch.equal(trained[k], initial[k])}
     assert changed, "adapters were merged into the base weights"
-    assert all(k.startswith("text.") and k.rsplit(".", 2)[-2] in ("in_proj", "out_proj", "c_fc", "c_proj")
-               for k in changed), sorted(changed)[:5]
+    assert all(
+        k.startswith("text.") and k.rsplit(".", 2)[-2] in ("in_proj", "out_proj", "c_fc", "c_proj")
+        for k in changed
+    ), sorted(changed)[:5]
     assert not any(k.startswith("visual.") for k in changed)  # LiT: the locked tower has no adapters

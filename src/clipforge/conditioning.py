@@ -113,7 +113,9 @@ def _select_layer(hidden_states: list[torch.Tensor], layer: Layer) -> torch.Tens
     if isinstance(layer, int) and not isinstance(layer, bool):
         n = len(hidden_states)
         if not -n <= layer < n:
-            raise ConfigError(f"layer={layer} is out of range: the text tower has {n} hidden states (0..{n - 1})")
+            raise ConfigError(
+                f"layer={layer} is out of range: the text tower has {n} hidden states (0..{n - 1})"
+            )
         return hidden_states[layer]
     raise ConfigError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
 

@@ -49,10 +49,24 @@ class DemoSettings:
     retrieval_images: int
 
 
-FULL = DemoSettings(train_samples=24_000, epochs=2, batch_size=128, lr=2e-3, warmup_steps=30, eval_images=600,
-                    retrieval_images=200)
-QUICK = DemoSettings(train_samples=2_048, epochs=1, batch_size=64, lr=2e-3, warmup_steps=4, eval_images=120,
-                     retrieval_images=60)
+FULL = DemoSettings(
+    train_samples=24_000,
+    epochs=2,
+    batch_size=128,
+    lr=2e-3,
+    warmup_steps=30,
+    eval_images=600,
+    retrieval_images=200,
+)
+QUICK = DemoSettings(
+    train_samples=2_048,
+    epochs=1,
+    batch_size=64,
+    lr=2e-3,
+    warmup_steps=4,
+    eval_images=120,
+    retrieval_images=60,
+)
 
 
 @dataclass
@@ -97,7 +111,9 @@ def _register_model() -> None:
         register_model(DEMO_MODEL, demo_model_config())
 
 
-def train_demo_model(out: Path, settings: DemoSettings, seed: int, progress: bool, threads: int | None) -> Any:
+def train_demo_model(
+    out: Path, settings: DemoSettings, seed: int, progress: bool, threads: int | None
+) -> Any:
     from clipforge.train.config import TrainConfig
     from clipforge.train.trainer import train
 
@@ -121,7 +137,9 @@ def train_demo_model(out: Path, settings: DemoSettings, seed: int, progress: boo
     return train(cfg)
 
 
-def evaluate_demo(model_dir: str, out: Path, settings: DemoSettings, progress: bool) -> tuple[dict, dict, str]:
+def evaluate_demo(
+    model_dir: str, out: Path, settings: DemoSettings, progress: bool
+) -> tuple[dict, dict, str]:
     """Zero-shot on held-out combinations (3 label sets) and retrieval (held-out and seen combos)."""
     from clipforge.eval.datasets import load_eval_dataset
     from clipforge.eval.runner import evaluate, format_examples
@@ -135,10 +153,16 @@ def evaluate_demo(model_dir: str, out: Path, settings: DemoSettings, progress: b
     templates = zero_shot_templates()
     zero_shot = {}
     for label in ("colour_shape", "shape", "colour"):
-        spec = f"synthetic:shapes?split=heldout&n={settings.eval_images}&label={label}&image_size={IMAGE_SIZE}"
+        spec = (
+            f"synthetic:shapes?split=heldout&n={settings.eval_images}&label={label}&image_size={IMAGE_SIZE}"
+        )
         result = evaluate(model, tokenizer, preprocess, spec, task="zeroshot", templates=templates, **common)
         n_classes = len(result["details"]["classnames"])
-        zero_shot[label] = {"acc1": result["metrics"]["acc1"], "chance": 1.0 / n_classes, "classes": n_classes}
+        zero_shot[label] = {
+            "acc1": result["metrics"]["acc1"],
+            "chance": 1.0 / n_classes,
+            "classes": n_classes,
+        }
     retrieval, examples = {}, ""
     for split in ("heldout", "val"):
         n = settings.retrieval_images
@@ -221,8 +245,14 @@ recall@K curves, example searches) &middot; <a href="demo_summary.json">demo_sum
     return path
 
 
-def run_demo(out_dir: str | Path = "./clipforge-demo", *, quick: bool = False, seed: int = 0,
-             progress: bool = True, threads: int | None = None) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "./clipforge-demo",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = None,
+) -> DemoResult:
     """Generate data, train, evaluate, write the report; returns the headline numbers."""
     start = time.perf_counter()
     out = Path(out_dir)
@@ -262,14 +292,20 @@ def format_demo_summary(result: DemoResult) -> str:
         "zero-shot on held-out shape/colour combinations (never seen in training):",
     ]
     for label, z in result.zero_shot.items():
-        lines.append(f"  {label:<13} top-1 {100 * z['acc1']:5.1f}%   (chance {100 * z['chance']:.1f}%, "
-                     f"{z['classes']} classes)")
+        lines.append(
+            f"  {label:<13} top-1 {100 * z['acc1']:5.1f}%   (chance {100 * z['chance']:.1f}%, "
+            f"{z['classes']} classes)"
+        )
     lines.append("text->image retrieval:")
     for split, r in result.retrieval.items():
-        lines.append(f"  {split:<8} R@1 {100 * r['text_to_image_R@1']:5.1f}%  R@5 {100 * r['text_to_image_R@5']:5.1f}%"
-                     f"   (chance R@1 {100 * r['chance_R@1']:.1f}%, {r['images']} images)")
+        lines.append(
+            f"  {split:<8} R@1 {100 * r['text_to_image_R@1']:5.1f}%  R@5 {100 * r['text_to_image_R@5']:5.1f}%"
+            f"   (chance R@1 {100 * r['chance_R@1']:.1f}%, {r['images']} images)"
+        )
     if result.examples:
-        lines += ["example text->image searches on held-out combinations (top 5, score, ✓ = the right image):",
-                  result.examples]
+        lines += [
+            "example text->image searches on held-out combinations (top 5, score, ✓ = the right image):",
+            result.examples,
+        ]
     lines.append(f"report: {result.report_html}   (total {result.wall_time_s:.0f}s)")
     return "\n".join(lines)

@@ -218,11 +218,15 @@ class CLIPGuidance:
     def _targets(self, texts: str | Sequence[str] | torch.Tensor, batch: int) -> torch.Tensor:
         """Prompt embeddings ``[B or 1, E]``: strings are encoded (cached), tensors used as given
         (e.g. an image prompt's embedding)."""
-        target = texts.to(self.device).float() if isinstance(texts, torch.Tensor) else self.encode_texts(texts)
+        target = (
+            texts.to(self.device).float() if isinstance(texts, torch.Tensor) else self.encode_texts(texts)
+        )
         if target.dim() == 1:
             target = target.unsqueeze(0)
         if target.shape[0] not in (1, batch):
-            raise ConfigError(f"got {target.shape[0]} prompts for {batch} images; give 1 prompt or one per image")
+            raise ConfigError(
+                f"got {target.shape[0]} prompts for {batch} images; give 1 prompt or one per image"
+            )
         return target
 
     # --- losses ------------------------------------------------------------------------------------
@@ -262,7 +266,9 @@ class CLIPGuidance:
             )
         src_t, tgt_t = self.encode_texts(src_text), self.encode_texts(tgt_text)
         if src_t.shape[0] != tgt_t.shape[0]:
-            raise ConfigError(f"got {src_t.shape[0]} source and {tgt_t.shape[0]} target texts; give as many of each")
+            raise ConfigError(
+                f"got {src_t.shape[0]} source and {tgt_t.shape[0]} target texts; give as many of each"
+            )
         text_dir = (tgt_t - src_t).mean(0, keepdim=True)
         boxes = self.sample_boxes(*src_images.shape[-2:]) if self.n_cuts else None
         src, tgt = self._embed_views(src_images, boxes), self._embed_views(tgt_images, boxes)

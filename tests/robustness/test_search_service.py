@@ -33,8 +33,13 @@ def app(setup):
     from clipforge.search.searcher import Searcher
     from clipforge.search.server import create_app
 
-    return create_app(Searcher(setup.index_dir), max_upload_bytes=MAX_UPLOAD, max_k=MAX_K, max_text_chars=200,
-                      body_timeout_s=1.0)
+    return create_app(
+        Searcher(setup.index_dir),
+        max_upload_bytes=MAX_UPLOAD,
+        max_k=MAX_K,
+        max_text_chars=200,
+        body_timeout_s=1.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +61,20 @@ def bomb_png(w: int = 40_000, h: int = 40_000) -> bytes:
     """A valid PNG header declaring w x h pixels with one tiny IDAT: 4.8 GB if ever decoded."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def assert_error(resp, status: int | tuple[int, ...]) -> str:
@@ -88,7 +103,10 @@ def test_oversized_upload_is_413(client):
 
     assert_error(client.post("/search", content=chunks(), headers={"content-type": "application/json"}), 413)
     # just under the body limit, but the decoded image itself is over max_upload_bytes
-    assert_error(client.post("/search", json={"image_base64": base64.b64encode(b"0" * (MAX_UPLOAD + 10)).decode()}), 413)
+    assert_error(
+        client.post("/search", json={"image_base64": base64.b64encode(b"0" * (MAX_UPLOAD + 10)).decode()}),
+        413,
+    )
     assert_alive(client)
 
 
@@ -150,13 +168,20 @@ def test_bad_images_are_4xx(client, payload, status):
     ],
 )
 def test_bad_json_fields_are_4xx(client, body, status, needle):
-    err = assert_error(client.post("/search", content=body, headers={"content-type": "application/json"}), status)
+    err = assert_error(
+        client.post("/search", content=body, headers={"content-type": "application/json"}), status
+    )
     assert needle in err
     assert_alive(client)
 
 
 def test_other_request_shapes(client):
-    assert_error(client.post("/search", content=b"text=x", headers={"content-type": "application/x-www-form-urlencoded"}), 415)
+    assert_error(
+        client.post(
+            "/search", content=b"text=x", headers={"content-type": "application/x-www-form-urlencoded"}
+        ),
+        415,
+    )
     assert_error(client.get("/search"), 422)
     assert_error(client.get("/search", params={"q": "x", "k": "0"}), 422)
     assert_error(client.get("/search", params={"q": "x", "text": "y"}), 422)
@@ -165,10 +190,18 @@ def test_other_request_shapes(client):
     files = {"image": ("a.png", png_bytes(), "image/png"), "other": ("b.png", png_bytes(), "image/png")}
     assert_error(client.post("/search", files=files), (400, 422))  # two files
     assert_error(client.post("/search", files={"photo": ("a.png", png_bytes(), "image/png")}), (400, 422))
-    assert_error(client.post("/search", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}),
-                 (400, 422))
-    assert_error(client.post("/search", content=b"{}", headers={"content-type": "application/json",
-                                                                  "content-length": "abc"}), 400)
+    assert_error(
+        client.post(
+            "/search", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}
+        ),
+        (400, 422),
+    )
+    assert_error(
+        client.post(
+            "/search", content=b"{}", headers={"content-type": "application/json", "content-length": "abc"}
+        ),
+        400,
+    )
     assert_alive(client)
 
 
@@ -226,9 +259,10 @@ def test_slow_client_gets_408_and_others_are_served(app):
     with UvicornThread(app) as srv:
         slow = socket.create_connection(("127.0.0.1", srv.port), timeout=15)
         try:
-            slow.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"te")
-            t0 = time.perf_counter()
+            slow.sendall(
+                b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"te'
+            )
             r = httpx.post(f"{srv.url}/search", json={"text": "a cat", "k": 2}, timeout=10)
             assert r.status_code == 200  # served while the slow client still holds its connection
             reply = b""
@@ -260,13 +294,18 @@ def _fuzz_value(rng: random.Random, depth: int = 0):
     if choice == 5:
         return base64.b64encode(rng.randbytes(rng.choice([0, 3, 100, 5000]))).decode()
     if choice == 6:
-        return base64.b64encode(rng.choice([png_bytes(), png_bytes()[:60], bomb_png(), bomb_png(70000, 3)])).decode()
+        return base64.b64encode(
+            rng.choice([png_bytes(), png_bytes()[:60], bomb_png(), bomb_png(70000, 3)])
+        ).decode()
     if choice == 7:
         return "data:image/png;base64," + base64.b64encode(png_bytes(8, 8)).decode()
     if choice == 8 and depth < 3:
         return [_fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
     if choice == 9 and depth < 3:
-        return {rng.choice(["text", "image", "image_id", "x"]): _fuzz_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+        return {
+            rng.choice(["text", "image", "image_id", "x"]): _fuzz_value(rng, depth + 1)
+            for _ in range(rng.randrange(3))
+        }
     if choice == 10:
         return rng.choice(["a red circle", "blue", "x" * 199])
     return rng.randrange(-5, 30)
@@ -292,8 +331,14 @@ def _fuzz_request(rng: random.Random):
             raw = raw[: rng.randrange(len(raw) + 1)]
         return "POST", "/search", {"content": raw, "headers": {"content-type": "application/json"}}
     if kind == 3:  # random bytes, random content type
-        ctype = rng.choice(["application/json", "text/plain", "image/png", "multipart/form-data; boundary=zz", ""])
-        return "POST", "/search", {"content": rng.randbytes(rng.randrange(0, 3000)), "headers": {"content-type": ctype}}
+        ctype = rng.choice(
+            ["application/json", "text/plain", "image/png", "multipart/form-data; boundary=zz", ""]
+        )
+        return (
+            "POST",
+            "/search",
+            {"content": rng.randbytes(rng.randrange(0, 3000)), "headers": {"content-type": ctype}},
+        )
     if kind == 4:  # query string
         params = {rng.choice(FIELDS): _text(_fuzz_value(rng))[:300] for _ in range(rng.randrange(1, 4))}
         return "GET", "/search", {"params": params}
@@ -302,8 +347,26 @@ def _fuzz_request(rng: random.Random):
         payload = rng.choice([png_bytes(), rng.randbytes(200), bomb_png(), b"", png_bytes()[:30]])
         files = {rng.choice(["image", "file", "other"]): ("f.png", payload, "image/png")}
         return "POST", "/search", {"data": data, "files": files}
-    token = rng.choice(["0", "3", "21", "22", "-1", "..", "%2e%2e%2f", "../etc/passwd", "1.0", "99999999999999",
-                        "%00", "a b", "\u00e9", "0?size=0", "0?size=17", "0?size=99999"])
+    token = rng.choice(
+        [
+            "0",
+            "3",
+            "21",
+            "22",
+            "-1",
+            "..",
+            "%2e%2e%2f",
+            "../etc/passwd",
+            "1.0",
+            "99999999999999",
+            "%00",
+            "a b",
+            "\u00e9",
+            "0?size=0",
+            "0?size=17",
+            "0?size=99999",
+        ]
+    )
     path = rng.choice(["/image/", "/static/", "/", "/health", "/searchx/"]) + token
     return rng.choice(["GET", "GET", "POST", "PUT", "HEAD"]), path, {}
 

@@ -42,7 +42,9 @@ def _keep_threads():
     torch.set_num_threads(n)
 
 
-def poison_loss(monkeypatch, bad_calls: set[int] | None = None, from_call: int | None = None, kind: str = "nan"):
+def poison_loss(
+    monkeypatch, bad_calls: set[int] | None = None, from_call: int | None = None, kind: str = "nan"
+):
     """Make the task's loss non-finite (or its gradients infinite) on chosen optimiser steps."""
     real = ContrastiveTask.loss
     calls = {"n": 0}
@@ -100,8 +102,17 @@ def test_consecutive_non_finite_steps_abort_and_keep_last_good_checkpoint(tmp_pa
     assert all_finite(good[0])
     assert not (tmp_path / "final").exists()
     # Through the CLI: exit code 2 and the message on stderr.
-    code = main(["train", "--output-dir", str(tmp_path / "cli"), "--max-bad-steps", "2",
-                 *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"], "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path / "cli"),
+            "--max-bad-steps",
+            "2",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"],
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "consecutive steps had NaN/Inf" in capsys.readouterr().err
 
@@ -185,8 +196,9 @@ class CrashOnce(torch.utils.data.Dataset):
     """Kills its worker process the first time item 5 is read (a marker file remembers)."""
 
     def __init__(self, marker: Path, crash: bool = True) -> None:
-        from clipforge.data.synthetic import SyntheticShapes
         from torchvision.transforms.functional import pil_to_tensor
+
+        from clipforge.data.synthetic import SyntheticShapes
 
         self.base = SyntheticShapes(32, image_size=16)
         self.to_tensor = pil_to_tensor
@@ -197,7 +209,12 @@ class CrashOnce(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        if self.crash and i == 5 and torch.utils.data.get_worker_info() is not None and not self.marker.exists():
+        if (
+            self.crash
+            and i == 5
+            and torch.utils.data.get_worker_info() is not None
+            and not self.marker.exists()
+        ):
             self.marker.touch()
             os._exit(1)
         image, _ = self.base[i]
@@ -232,8 +249,24 @@ def test_csv_with_5_percent_broken_images_trains_to_the_end(tmp_path, capsys):
     images[17].unlink()  # missing
     images[42].write_bytes(images[42].read_bytes()[:60])  # truncated
     images[50].write_text("not an image at all")  # 4 of 64 = 6%
-    code = main(["train", "--data", str(table), "--model", "tiny-vit", "--batch-size", "8", "--epochs", "1",
-                 "--threads", "1", "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(table),
+            "--model",
+            "tiny-vit",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -23,6 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipforge.demo import format_demo_summary, run_demo
 
-    result = run_demo(args.out, quick=args.quick, seed=args.seed, progress=args.progress, threads=args.threads)
+    result = run_demo(
+        args.out, quick=args.quick, seed=args.seed, progress=args.progress, threads=args.threads
+    )
     print(format_demo_summary(result))
     return 0

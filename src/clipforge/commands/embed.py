@@ -15,8 +15,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="architecture name, e.g. ViT-B-32")
     p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
-    p.add_argument("--images", required=True, nargs="+", metavar="SRC",
-                   help="a folder (recursive), a CSV/TSV/JSONL/parquet pairs table, or .tar shards / patterns")
+    p.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="SRC",
+        help="a folder (recursive), a CSV/TSV/JSONL/parquet pairs table, or .tar shards / patterns",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
@@ -33,14 +38,30 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
     from clipforge.search.embed import embed_images
 
-    model, _, preprocess = create_model_and_transforms(args.model, pretrained=args.pretrained, device=args.device)
+    model, _, preprocess = create_model_and_transforms(
+        args.model, pretrained=args.pretrained, device=args.device
+    )
     tokenizer = None if args.no_captions else get_tokenizer(model)
     source = args.images[0] if len(args.images) == 1 else args.images
-    m = embed_images(model, preprocess, source, args.out, batch_size=args.batch_size, num_workers=args.workers,
-                     shard_size=args.shard_size, dtype=args.dtype, tokenizer=tokenizer, model_name=args.model,
-                     pretrained=args.pretrained, device=args.device, image_key=args.image_key,
-                     caption_key=args.caption_key)
-    print(f"embedded {m['count']:,} images ({m['dim']}-d, {m['dtype']}) into {len(m['shards'])} shard(s) in {args.out}")
+    m = embed_images(
+        model,
+        preprocess,
+        source,
+        args.out,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        tokenizer=tokenizer,
+        model_name=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        image_key=args.image_key,
+        caption_key=args.caption_key,
+    )
+    print(
+        f"embedded {m['count']:,} images ({m['dim']}-d, {m['dtype']}) into {len(m['shards'])} shard(s) in {args.out}"
+    )
     if m["skipped"]:
         print(f"skipped {m['skipped']:,} unreadable image(s): see {args.out}/skipped.csv")
     print(f"next: clipforge index {args.out} --out INDEX_DIR")

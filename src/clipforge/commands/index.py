@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"], default="auto")
     p.add_argument("--max-memory", default=None, help="memory budget for the index, e.g. 2GB, 512MiB")
     p.add_argument("--metric", choices=["ip", "l2"], default="ip")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search setting is tuned for")
+    p.add_argument(
+        "--target-recall", type=float, default=0.95, help="recall@10 the search setting is tuned for"
+    )
     p.add_argument("--add", action="store_true", help="append EMB to the existing index in --out")
     p.set_defaults(func=run)
 
@@ -36,8 +38,14 @@ def run(args: argparse.Namespace) -> int:
     em = load_manifest(args.emb)
     plan = plan_index(int(em["count"]), int(em["dim"]), args.kind, args.max_memory)
     print(f"choice: {plan.kind} ({plan.reason}), ~{plan.memory_bytes / 1e6:,.1f} MB in memory")
-    m = build_index(args.emb, args.out, kind=args.kind, max_memory=args.max_memory, metric=args.metric,
-                    target_recall=args.target_recall)
+    m = build_index(
+        args.emb,
+        args.out,
+        kind=args.kind,
+        max_memory=args.max_memory,
+        metric=args.metric,
+        target_recall=args.target_recall,
+    )
     print(f"built in {m['build_seconds']:.1f}s: {describe(m)}")
-    print(f"saved to {args.out}; try: clipforge search {args.out} \"a photo of a dog\"")
+    print(f'saved to {args.out}; try: clipforge search {args.out} "a photo of a dog"')
     return 0

@@ -16,8 +16,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", default=None, help="text query")
     p.add_argument("--image", default=None, help="query image file")
     p.add_argument("--image-id", type=int, default=None, help="query by an indexed image's id")
-    p.add_argument("--weights", type=float, nargs="+", default=None,
-                   help="weights of the given parts, in the order text, image, image-id")
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="weights of the given parts, in the order text, image, image-id",
+    )
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--dedup", action="store_true", help="drop near-identical results")
     p.add_argument("--device", default="cpu")
@@ -36,8 +41,14 @@ def run(args: argparse.Namespace) -> int:
     if args.k <= 0:
         raise ClipforgeError(f"-k must be positive, got {args.k}")
     searcher = Searcher(args.index, device=args.device)
-    results = searcher.search(text=args.text, image=args.image, image_id=args.image_id, weights=args.weights,
-                              k=args.k, dedup=args.dedup)
+    results = searcher.search(
+        text=args.text,
+        image=args.image,
+        image_id=args.image_id,
+        weights=args.weights,
+        k=args.k,
+        dedup=args.dedup,
+    )
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return 0

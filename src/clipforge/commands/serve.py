@@ -27,7 +27,13 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.search.server import serve
 
     print(f"serving {args.index} on http://{args.host}:{args.port}/")
-    serve(args.index, host=args.host, port=args.port, device=args.device,
-          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_k=args.max_k,
-          batch_wait_ms=args.batch_wait_ms)
+    serve(
+        args.index,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_k=args.max_k,
+        batch_wait_ms=args.batch_wait_ms,
+    )
     return 0

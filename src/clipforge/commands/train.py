@@ -31,11 +31,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped cleanly at step {result.steps}; checkpoint {result.last_checkpoint}")
         print(f"continue with: clipforge train ... --output-dir {cfg.output_dir} --resume latest")
         return 0
-    print(f"trained {result.steps} steps in {result.wall_time_s:.1f}s ({result.samples_per_second:.1f} samples/s); "
-          f"final loss {result.final_loss if result.final_loss is None else round(result.final_loss, 4)}")
+    print(
+        f"trained {result.steps} steps in {result.wall_time_s:.1f}s ({result.samples_per_second:.1f} samples/s); "
+        f"final loss {result.final_loss if result.final_loss is None else round(result.final_loss, 4)}"
+    )
     skipped = sum(result.skipped_samples.values())
     if skipped or result.skipped_steps:
-        print(f"skipped {skipped} bad sample(s) {result.skipped_samples} and {result.skipped_steps} non-finite step(s)")
+        print(
+            f"skipped {skipped} bad sample(s) {result.skipped_samples} and {result.skipped_steps} non-finite step(s)"
+        )
     for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
         if key in result.eval_metrics:
             print(f"{key}: {result.eval_metrics[key]:.4f}")

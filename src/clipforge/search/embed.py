@@ -69,8 +69,9 @@ class Item:
 
 
 # --------------------------------------------------------------------------- source listing
-def list_items(source: str | os.PathLike | Sequence[str], *, image_key: str | None = None,
-               caption_key: str | None = None) -> list[Item]:
+def list_items(
+    source: str | os.PathLike | Sequence[str], *, image_key: str | None = None, caption_key: str | None = None
+) -> list[Item]:
     """Resolve a folder (recursive), a pairs table, or webdataset shards into an ordered item list."""
     if isinstance(source, (list, tuple)):
         return [it for s in source for it in list_items(s, image_key=image_key, caption_key=caption_key)]
@@ -103,7 +104,13 @@ def list_items(source: str | os.PathLike | Sequence[str], *, image_key: str | No
 def _glob(pattern: str) -> list[str]:
     import glob
 
-    return glob.glob(pattern) if any(ch in pattern for ch in "*?[") else [pattern] if Path(pattern).exists() else []
+    return (
+        glob.glob(pattern)
+        if any(ch in pattern for ch in "*?[")
+        else [pattern]
+        if Path(pattern).exists()
+        else []
+    )
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -219,8 +226,7 @@ class _ImageDataset:
                 raise FileNotFoundError("empty image path")
             kw = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
             img = load_image(item.read_bytes(), **kw)
-            # Record the size before any decode-time downscaling changes it? load_image already
-            # returns the decoded (possibly reduced) image; that is what the thumbnails show.
+            # width/height are those of the decoded image (huge ones are reduced while decoding)
             return {"i": i, "image": self.preprocess(img), "size": img.size, "reason": ""}
         except Exception as e:  # noqa: BLE001 - a bad item is skipped with its reason, not fatal
             reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
@@ -264,6 +270,8 @@ def embed_images(
         raise DataError(f"dtype must be float16 or float32, got {dtype}")
     if batch_size <= 0 or shard_size <= 0:
         raise DataError("batch_size and shard_size must be positive")
+    if pretrained is not None and Path(str(pretrained)).expanduser().exists():
+        pretrained = str(Path(str(pretrained)).expanduser().resolve())  # usable from any folder later
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = list_items(source, image_key=image_key, caption_key=caption_key)
@@ -322,8 +330,14 @@ def _shard_done(out: Path, s: int) -> bool:
     return (out / f"img_emb_{s:05d}.npy").is_file() and (out / f"meta_{s:05d}.csv").is_file()
 
 
-def _check_state(out: Path, items: list[Item], shard_size: int, model_name: str | None,
-                 pretrained: str | None, dtype: np.dtype) -> None:
+def _check_state(
+    out: Path,
+    items: list[Item],
+    shard_size: int,
+    model_name: str | None,
+    pretrained: str | None,
+    dtype: np.dtype,
+) -> None:
     """Refuse to resume into a folder whose shards came from another source, model or sharding."""
     h = hashlib.sha256()
     for it in items:
@@ -351,9 +365,18 @@ def _check_state(out: Path, items: list[Item], shard_size: int, model_name: str 
     atomic_write_json(path, state)
 
 
-def _write_shard(out: Path, s: int, items: list[Item], samples: list[dict[str, Any]],
-                 feats: list[np.ndarray], model: Any, tokenizer: Callable | None, with_text: bool,
-                 dtype: np.dtype, device: Any) -> None:
+def _write_shard(
+    out: Path,
+    s: int,
+    items: list[Item],
+    samples: list[dict[str, Any]],
+    feats: list[np.ndarray],
+    model: Any,
+    tokenizer: Callable | None,
+    with_text: bool,
+    dtype: np.dtype,
+    device: Any,
+) -> None:
     """Write one shard: metadata part, caption embeddings, then the image embeddings (the marker)."""
     import torch
 
@@ -391,8 +414,9 @@ def _embed_dim(model: Any) -> int:
     return int(getattr(cfg, "embed_dim", 0) or 0)
 
 
-def _finalize(out: Path, n_shards: int, model_name: str | None, pretrained: str | None,
-              dtype: np.dtype, with_text: bool) -> dict[str, Any]:
+def _finalize(
+    out: Path, n_shards: int, model_name: str | None, pretrained: str | None, dtype: np.dtype, with_text: bool
+) -> dict[str, Any]:
     """Merge the per-shard parts into ``metadata`` + ``skipped.csv`` and write the manifest."""
     keep = ("id", "path", "caption", "width", "height", "tar_offset", "tar_size")
     meta: dict[str, list[Any]] = {k: [] for k in keep}
@@ -415,8 +439,13 @@ def _finalize(out: Path, n_shards: int, model_name: str | None, pretrained: str 
                 skipped["path"].append(part["path"][j])
                 skipped["reason"].append(r)
         dim = dim or (emb.shape[1] if emb.shape[0] else 0)
-        shards.append({"image": f"img_emb_{s:05d}.npy", "rows": int(emb.shape[0]),
-                       "text": f"txt_emb_{s:05d}.npy" if with_text else None})
+        shards.append(
+            {
+                "image": f"img_emb_{s:05d}.npy",
+                "rows": int(emb.shape[0]),
+                "text": f"txt_emb_{s:05d}.npy" if with_text else None,
+            }
+        )
     meta_path = write_table(out / f"metadata{table_suffix()}", meta)
     write_table(out / "skipped.csv", skipped)
     if skipped["path"]:

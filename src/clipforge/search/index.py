@@ -148,9 +148,12 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int | str | Non
             mem = estimate_memory(k, n, dim, **params)
             if budget is None or mem <= budget:
                 why = (
-                    f"{n:,} vectors: exact search is fast enough" if k == "flat"
-                    else f"{n:,} vectors: graph index for low latency" if k == "hnsw"
-                    else f"{n:,} vectors: inverted lists over {params['nlist']} clusters" if k == "ivf"
+                    f"{n:,} vectors: exact search is fast enough"
+                    if k == "flat"
+                    else f"{n:,} vectors: graph index for low latency"
+                    if k == "hnsw"
+                    else f"{n:,} vectors: inverted lists over {params['nlist']} clusters"
+                    if k == "ivf"
                     else f"compressed to {params['pq_m']} bytes/vector to fit memory"
                 )
                 if kind != "auto":
@@ -266,9 +269,11 @@ def build_index(
     with omp_threads(n):
         if not index.is_trained:
             index.train(_training_sample(emb, plan, seed))
+            log.info("trained %s in %.1fs", plan.kind, time.perf_counter() - t0)
         _add_with_progress(index, _chunks([emb]), n, progress)
         build_s = time.perf_counter() - t0
         params, recall = calibrate(index, plan.kind, emb, metric, target_recall=target_recall, seed=seed)
+        log.info("calibrated %s in %.1fs", params, time.perf_counter() - t0 - build_s)
     meta = read_table(find_table(Path(emb_dir), "metadata"))
     manifest = {
         "format": "clipforge-index",
@@ -292,8 +297,13 @@ def build_index(
         "metadata_file": f"metadata-{gen}{table_suffix()}",
     }
     _save(out, index, meta, manifest)
-    log.info("index built in %.1fs: %s, expected recall@10 %.3f, %s", build_s, plan.kind, recall,
-             _fmt_bytes(plan.memory_bytes))
+    log.info(
+        "index built in %.1fs: %s, expected recall@10 %.3f, %s",
+        build_s,
+        plan.kind,
+        recall,
+        _fmt_bytes(plan.memory_bytes),
+    )
     return manifest
 
 
@@ -306,7 +316,9 @@ def _add_with_progress(index: Any, chunks: Iterable[np.ndarray], total: int, pro
             bar.update(len(chunk))
 
 
-def _write_embeddings(path: Path, chunks: Iterable[np.ndarray], n: int, dim: int, dtype: str = "float16") -> None:
+def _write_embeddings(
+    path: Path, chunks: Iterable[np.ndarray], n: int, dim: int, dtype: str = "float16"
+) -> None:
     """Stream chunks into one ``.npy`` (temp file, then rename): never all in RAM."""
     from clipforge.checkpoints.io import atomic_path
 
@@ -340,7 +352,11 @@ def _save(out: Path, index: Any, meta: dict[str, list[Any]], manifest: dict[str,
     atomic_write_json(out / MANIFEST, manifest)
     live = {manifest["index_file"], manifest["embeddings_file"], manifest["metadata_file"], MANIFEST}
     for p in out.iterdir():
-        if p.is_file() and re.fullmatch(r"(index|embeddings|metadata)-\d+\.\w+", p.name) and p.name not in live:
+        if (
+            p.is_file()
+            and re.fullmatch(r"(index|embeddings|metadata)-\d+\.\w+", p.name)
+            and p.name not in live
+        ):
             with contextlib.suppress(OSError):
                 p.unlink()
 
@@ -354,8 +370,15 @@ def set_search_params(index: Any, params: dict[str, Any]) -> None:
         index.hnsw.efSearch = int(params["efSearch"])
 
 
-def search_index(index: Any, kind: str, metric: str, embeddings: np.ndarray, queries: np.ndarray,
-                 k: int, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def search_index(
+    index: Any,
+    kind: str,
+    metric: str,
+    embeddings: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    params: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (cosine scores, ids) for unit ``queries``; ``ivfpq`` candidates are re-scored exactly."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     fetch = k * int(params.get("rerank", 1)) if kind == "ivfpq" else k
@@ -401,8 +424,16 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(1, (truth >= 0).sum() if k else 1)
 
 
-def calibrate(index: Any, kind: str, embeddings: np.ndarray, metric: str, *, target_recall: float = 0.95,
-              seed: int = 0, margin: float = 0.01) -> tuple[dict[str, Any], float]:
+def calibrate(
+    index: Any,
+    kind: str,
+    embeddings: np.ndarray,
+    metric: str,
+    *,
+    target_recall: float = 0.95,
+    seed: int = 0,
+    margin: float = 0.01,
+) -> tuple[dict[str, Any], float]:
     """Smallest search knob reaching ``target_recall + margin`` on self-excluded sample queries."""
     n = embeddings.shape[0]
     if kind == "flat":
@@ -416,8 +447,14 @@ def calibrate(index: Any, kind: str, embeddings: np.ndarray, metric: str, *, tar
         knob, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
     else:
         nlist = _faiss().extract_index_ivf(index).nlist
-        values = sorted({v for v in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512,
-                                     768, 1024, 2048) if v < nlist} | {nlist})
+        values = sorted(
+            {
+                v
+                for v in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
+                if v < nlist
+            }
+            | {nlist}
+        )
         knob = "nprobe"
     base = {"rerank": RERANK} if kind == "ivfpq" else {}
     best: tuple[dict[str, Any], float] = ({}, 0.0)
@@ -436,7 +473,9 @@ def calibrate(index: Any, kind: str, embeddings: np.ndarray, metric: str, *, tar
         prev = r
     set_search_params(index, best[0])
     if best[1] < target_recall:
-        log.warning("calibrated recall@%d is %.3f, below the %.2f target (%s)", k, best[1], target_recall, kind)
+        log.warning(
+            "calibrated recall@%d is %.3f, below the %.2f target (%s)", k, best[1], target_recall, kind
+        )
     return best[0], round(float(best[1]), 4)
 
 
@@ -452,13 +491,17 @@ def _drop_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
 def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
-        raise SearchIndexError(f"{index_dir}: no {MANIFEST}; build one with `clipforge index EMB --out {index_dir}`")
+        raise SearchIndexError(
+            f"{index_dir}: no {MANIFEST}; build one with `clipforge index EMB --out {index_dir}`"
+        )
     manifest = read_json(path)
     if manifest.get("format") != "clipforge-index":
         raise SearchIndexError(f"{path}: not a clipforge index manifest")
     if int(manifest.get("version", 0)) > INDEX_FORMAT_VERSION:
-        raise SearchIndexError(f"{path}: index format version {manifest['version']} is newer than this "
-                          f"clipforge supports ({INDEX_FORMAT_VERSION}); upgrade clipforge")
+        raise SearchIndexError(
+            f"{path}: index format version {manifest['version']} is newer than this "
+            f"clipforge supports ({INDEX_FORMAT_VERSION}); upgrade clipforge"
+        )
     return manifest
 
 
@@ -471,7 +514,11 @@ def load_index(index_dir: str | os.PathLike, *, mmap: bool = True) -> tuple[Any,
         raise SearchIndexError(f"{path}: index file missing (manifest names it)")
     index = None
     if mmap:
-        flags = faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | getattr(faiss, "IO_FLAG_READ_ONLY", 0)
+        flags = (
+            faiss.IO_FLAG_MMAP
+            | getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
+            | getattr(faiss, "IO_FLAG_READ_ONLY", 0)
+        )
         try:
             index = faiss.read_index(path, flags)
         except RuntimeError as e:
@@ -482,28 +529,41 @@ def load_index(index_dir: str | os.PathLike, *, mmap: bool = True) -> tuple[Any,
         except RuntimeError as e:
             raise SearchIndexError(f"{path}: cannot read faiss index ({str(e).splitlines()[0]})") from e
     if index.ntotal != manifest["count"]:
-        raise SearchIndexError(f"{path}: holds {index.ntotal} vectors but {MANIFEST} says {manifest['count']}")
+        raise SearchIndexError(
+            f"{path}: holds {index.ntotal} vectors but {MANIFEST} says {manifest['count']}"
+        )
     set_search_params(index, manifest.get("search_params", {}))
     return index, manifest
 
 
-def add_to_index(index_dir: str | os.PathLike, new_emb_dir: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
+def add_to_index(
+    index_dir: str | os.PathLike, new_emb_dir: str | os.PathLike, *, progress: bool = True
+) -> dict[str, Any]:
     """Append the embeddings of ``new_emb_dir`` (same model) to an existing index; ids continue."""
     out = Path(index_dir)
     index, manifest = load_index(out, mmap=False)
     new = load_manifest(new_emb_dir)
     if int(new["dim"]) != manifest["dim"] and new["count"]:
-        raise SearchIndexError(f"{new_emb_dir}: embeddings have dim {new['dim']}, the index has {manifest['dim']}")
+        raise SearchIndexError(
+            f"{new_emb_dir}: embeddings have dim {new['dim']}, the index has {manifest['dim']}"
+        )
     old_model = manifest.get("model") or {}
     if new.get("model") and old_model.get("name") and new["model"] != old_model["name"]:
-        raise SearchIndexError(f"{new_emb_dir}: embedded with model {new['model']!r}, the index uses "
-                          f"{old_model['name']!r}; embeddings of different models cannot be mixed")
+        raise SearchIndexError(
+            f"{new_emb_dir}: embedded with model {new['model']!r}, the index uses "
+            f"{old_model['name']!r}; embeddings of different models cannot be mixed"
+        )
     n_old, n_new, dim = manifest["count"], int(new["count"]), manifest["dim"]
     gen = int(manifest["generation"]) + 1
     old_emb = np.load(out / manifest["embeddings_file"], mmap_mode="r")
     emb_path = out / f"embeddings-{gen}.npy"
-    _write_embeddings(emb_path, [*_chunks([old_emb]), *iter_embedding_chunks(new_emb_dir)] if n_new
-                      else _chunks([old_emb]), n_old + n_new, dim, manifest.get("dtype", "float16"))
+    _write_embeddings(
+        emb_path,
+        [*_chunks([old_emb]), *iter_embedding_chunks(new_emb_dir)] if n_new else _chunks([old_emb]),
+        n_old + n_new,
+        dim,
+        manifest.get("dtype", "float16"),
+    )
     if n_new:
         _add_with_progress(index, _chunks(iter_embedding_chunks(new_emb_dir)), n_new, progress)
     meta = read_table(out / manifest["metadata_file"])
@@ -513,12 +573,19 @@ def add_to_index(index_dir: str | os.PathLike, new_emb_dir: str | os.PathLike, *
             meta[key].extend(i + n_old for i in extra["id"])
         else:
             meta[key].extend(extra.get(key, [""] * n_new))
-    manifest = {**manifest, "generation": gen, "count": int(index.ntotal),
-                "index_file": f"index-{gen}.faiss", "embeddings_file": emb_path.name,
-                "metadata_file": f"metadata-{gen}{table_suffix()}"}
+    manifest = {
+        **manifest,
+        "generation": gen,
+        "count": int(index.ntotal),
+        "index_file": f"index-{gen}.faiss",
+        "embeddings_file": emb_path.name,
+        "metadata_file": f"metadata-{gen}{table_suffix()}",
+    }
     if manifest["kind"] == "flat" and manifest["count"] >= FLAT_MAX:
-        log.warning("flat index now holds %d vectors; rebuild with `clipforge index` for a faster kind",
-                    manifest["count"])
+        log.warning(
+            "flat index now holds %d vectors; rebuild with `clipforge index` for a faster kind",
+            manifest["count"],
+        )
     _save(out, index, meta, manifest)
     return manifest
 
@@ -526,10 +593,21 @@ def add_to_index(index_dir: str | os.PathLike, new_emb_dir: str | os.PathLike, *
 def describe(manifest: dict[str, Any]) -> str:
     """One line for the console: kind, size, memory, expected recall, search params."""
     p = ", ".join(f"{k}={v}" for k, v in manifest.get("search_params", {}).items())
-    return (f"{manifest['kind']} index of {manifest['count']:,} x {manifest['dim']} vectors, "
-            f"~{_fmt_bytes(manifest['memory_bytes'])} in memory, expected recall@10 "
-            f"{manifest['expected_recall_at_10']:.3f}{f' ({p})' if p else ''}: {manifest['reason']}")
+    return (
+        f"{manifest['kind']} index of {manifest['count']:,} x {manifest['dim']} vectors, "
+        f"~{_fmt_bytes(manifest['memory_bytes'])} in memory, expected recall@10 "
+        f"{manifest['expected_recall_at_10']:.3f}{f' ({p})' if p else ''}: {manifest['reason']}"
+    )
 
 
-__all__ = ["IndexPlan", "add_to_index", "build_index", "describe", "load_index", "plan_index",
-           "parse_memory", "read_manifest", "search_index"]
+__all__ = [
+    "IndexPlan",
+    "add_to_index",
+    "build_index",
+    "describe",
+    "load_index",
+    "plan_index",
+    "parse_memory",
+    "read_manifest",
+    "search_index",
+]

@@ -64,9 +64,17 @@ class Query:
 class Searcher:
     """Load an index folder once; answer many queries (thread-safe: one query runs at a time)."""
 
-    def __init__(self, index_dir: str | os.PathLike, model: Any = None, tokenizer: Any = None,
-                 preprocess: Any = None, *, device: Any = "cpu", mmap: bool = True,
-                 dedup_threshold: float = DEDUP_THRESHOLD):
+    def __init__(
+        self,
+        index_dir: str | os.PathLike,
+        model: Any = None,
+        tokenizer: Any = None,
+        preprocess: Any = None,
+        *,
+        device: Any = "cpu",
+        mmap: bool = True,
+        dedup_threshold: float = DEDUP_THRESHOLD,
+    ):
         self.index_dir = Path(index_dir)
         self.index, self.manifest = load_index(self.index_dir, mmap=mmap)
         self.embeddings = np.load(self.index_dir / self.manifest["embeddings_file"], mmap_mode="r")
@@ -87,13 +95,16 @@ class Searcher:
                 return
             info = self.manifest.get("model") or {}
             if not info.get("name"):
-                raise ClipforgeError(f"{self.index_dir}: the manifest names no model; pass model=, "
-                                     "tokenizer= and preprocess= to Searcher")
+                raise ClipforgeError(
+                    f"{self.index_dir}: the manifest names no model; pass model=, "
+                    "tokenizer= and preprocess= to Searcher"
+                )
             from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
             log.info("loading model %s (pretrained=%s)", info["name"], info.get("pretrained"))
-            model, _, preprocess = create_model_and_transforms(info["name"], pretrained=info.get("pretrained"),
-                                                               device=self.device)
+            model, _, preprocess = create_model_and_transforms(
+                info["name"], pretrained=info.get("pretrained"), device=self.device
+            )
             self.model = self.model or model
             self.preprocess = self.preprocess or preprocess
             self.tokenizer = self.tokenizer or get_tokenizer(model)  # the checkpoint's tokenizer settings
@@ -128,8 +139,15 @@ class Searcher:
         return int(image_id)
 
     # ------------------------------------------------------------------ search
-    def search(self, text: str | None = None, image: Any = None, weights: Any = None, k: int = 10,
-               dedup: bool = False, image_id: int | None = None) -> list[Result]:
+    def search(
+        self,
+        text: str | None = None,
+        image: Any = None,
+        weights: Any = None,
+        k: int = 10,
+        dedup: bool = False,
+        image_id: int | None = None,
+    ) -> list[Result]:
         """Top-``k`` images for a text, an image (path, bytes or PIL) and/or an indexed image id."""
         pil = open_image(image) if image is not None else None
         q = Query(text=text, image=pil, image_id=image_id, weights=weights, k=k, dedup=dedup)
@@ -160,13 +178,22 @@ class Searcher:
             vecs.append(combine(parts, q.weights))
         return self.search_vectors(np.stack(vecs), [q.k for q in queries], [q.dedup for q in queries])
 
-    def search_vectors(self, vectors: np.ndarray, ks: Sequence[int], dedups: Sequence[bool]) -> list[list[Result]]:
+    def search_vectors(
+        self, vectors: np.ndarray, ks: Sequence[int], dedups: Sequence[bool]
+    ) -> list[list[Result]]:
         k_max = max(ks)
         fetch = min(self.count, max(k * (4 if d else 1) + (16 if d else 0) for k, d in zip(ks, dedups)))
         fetch = max(fetch, min(k_max, self.count))
         with self._lock:
-            scores, ids = search_index(self.index, self.manifest["kind"], self.manifest["metric"],
-                                       self.embeddings, vectors, fetch, self.manifest.get("search_params", {}))
+            scores, ids = search_index(
+                self.index,
+                self.manifest["kind"],
+                self.manifest["metric"],
+                self.embeddings,
+                vectors,
+                fetch,
+                self.manifest.get("search_params", {}),
+            )
         out = []
         for row_s, row_i, k, d in zip(scores, ids, ks, dedups):
             keep = [(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0]
@@ -190,8 +217,14 @@ class Searcher:
 
     def result(self, i: int, score: float) -> Result:
         m = self.metadata
-        return Result(id=i, score=round(score, 6), path=m["path"][i], caption=m["caption"][i],
-                      width=int(m["width"][i]), height=int(m["height"][i]))
+        return Result(
+            id=i,
+            score=round(score, 6),
+            path=m["path"][i],
+            caption=m["caption"][i],
+            width=int(m["width"][i]),
+            height=int(m["height"][i]),
+        )
 
     def image_bytes(self, image_id: int) -> bytes:
         """The stored image file (or tar member) of an indexed id; the id is never a path."""

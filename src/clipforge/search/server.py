@@ -170,9 +170,17 @@ class BodyLimitMiddleware:
 
 async def _send_json(send: Callable, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -192,7 +200,17 @@ def _as_int(value: Any, name: str) -> int:
 def _as_bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+    if isinstance(value, str) and value.strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+        "",
+    ):
         return value.strip().lower() in ("1", "true", "yes", "on")
     raise ApiError(422, f"{name} must be true or false, got {_short(value)}")
 
@@ -205,8 +223,9 @@ def _short(value: Any) -> str:
 class RequestParser:
     """Turns JSON / form / query-string fields into a validated :class:`Query` (or an ApiError)."""
 
-    def __init__(self, searcher: Searcher, *, max_k: int, max_text_chars: int, max_upload_bytes: int,
-                 max_pixels: int):
+    def __init__(
+        self, searcher: Searcher, *, max_k: int, max_text_chars: int, max_upload_bytes: int, max_pixels: int
+    ):
         self.searcher, self.max_k, self.max_text_chars = searcher, max_k, max_text_chars
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
 
@@ -282,7 +301,9 @@ class RequestParser:
         except BadImageError as e:
             reason = getattr(e, "reason", "")
             status = 413 if reason == "too_large" else 400
-            raise ApiError(status, f"not a usable image ({reason or 'undecodable'}): {_first_line(e)}") from None
+            raise ApiError(
+                status, f"not a usable image ({reason or 'undecodable'}): {_first_line(e)}"
+            ) from None
 
     def _weights(self, weights: Any) -> Any:
         if weights is None:
@@ -291,7 +312,9 @@ class RequestParser:
             try:
                 weights = json.loads(weights)
             except (ValueError, RecursionError):
-                raise ApiError(422, "weights must be JSON: a list of numbers or a {part: number} object") from None
+                raise ApiError(
+                    422, "weights must be JSON: a list of numbers or a {part: number} object"
+                ) from None
         if isinstance(weights, dict):
             return {str(k): self._weight(v, str(k)) for k, v in weights.items()}
         if isinstance(weights, list) and len(weights) <= 3:
@@ -325,13 +348,20 @@ def create_app(
     """Build the FastAPI app around a loaded :class:`Searcher` (the model is loaded once, here)."""
     if warmup and (searcher.model is not None or (searcher.manifest.get("model") or {}).get("name")):
         searcher.ensure_model()
-    parser = RequestParser(searcher, max_k=max_k, max_text_chars=max_text_chars,
-                           max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+    parser = RequestParser(
+        searcher,
+        max_k=max_k,
+        max_text_chars=max_text_chars,
+        max_upload_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
+    )
     batcher = MicroBatcher(_run_batch(searcher), max_batch=max_batch, wait_s=batch_wait_ms / 1000)
     app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher, app.state.batcher = searcher, batcher
     # Multipart adds headers and boundaries; base64 adds a third: allow both on top of the image.
-    app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes * 4 // 3 + 64 * 1024, timeout_s=body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=max_upload_bytes * 4 // 3 + 64 * 1024, timeout_s=body_timeout_s
+    )
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -358,7 +388,9 @@ def create_app(
         t0 = time.perf_counter()
         results = await batcher.submit(query)
         took = (time.perf_counter() - t0) * 1000
-        return JSONResponse({"results": [_public(r) for r in results], "k": query.k, "took_ms": round(took, 2)})
+        return JSONResponse(
+            {"results": [_public(r) for r in results], "k": query.k, "took_ms": round(took, 2)}
+        )
 
     @app.get("/search")
     async def search_get(request: Request) -> JSONResponse:
@@ -412,10 +444,18 @@ def create_app(
     @app.get("/health")
     def health() -> dict[str, Any]:
         m = searcher.manifest
-        return {"status": "ok", "count": searcher.count, "kind": m["kind"], "dim": m["dim"],
-                "model": (m.get("model") or {}).get("name"), "expected_recall_at_10": m.get("expected_recall_at_10"),
-                "max_k": max_k, "max_upload_bytes": max_upload_bytes, "batches": batcher.batches,
-                "batched_queries": batcher.items}
+        return {
+            "status": "ok",
+            "count": searcher.count,
+            "kind": m["kind"],
+            "dim": m["dim"],
+            "model": (m.get("model") or {}).get("name"),
+            "expected_recall_at_10": m.get("expected_recall_at_10"),
+            "max_k": max_k,
+            "max_upload_bytes": max_upload_bytes,
+            "batches": batcher.batches,
+            "batched_queries": batcher.items,
+        }
 
     @app.get("/")
     def page() -> FileResponse:
@@ -453,8 +493,15 @@ async def _read_form(request: Any) -> tuple[dict[str, Any], bytes | None]:
 
 def _public(r: Any) -> dict[str, Any]:
     """What HTTP clients see: no server filesystem paths, just the file name and a thumbnail URL."""
-    return {"id": r.id, "score": r.score, "name": os.path.basename(r.path), "caption": r.caption,
-            "width": r.width, "height": r.height, "url": f"/image/{r.id}"}
+    return {
+        "id": r.id,
+        "score": r.score,
+        "name": os.path.basename(r.path),
+        "caption": r.caption,
+        "width": r.width,
+        "height": r.height,
+        "url": f"/image/{r.id}",
+    }
 
 
 def _run_batch(searcher: Searcher) -> Callable[[Sequence[Query]], list[Any]]:
@@ -464,8 +511,15 @@ def _run_batch(searcher: Searcher) -> Callable[[Sequence[Query]], list[Any]]:
     return run
 
 
-def serve(index_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, device: Any = "cpu",
-          log_level: str = "info", **app_options: Any) -> None:
+def serve(
+    index_dir: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: Any = "cpu",
+    log_level: str = "info",
+    **app_options: Any,
+) -> None:
     """Load the index and the model once, then serve until interrupted."""
     import uvicorn
 

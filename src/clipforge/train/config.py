@@ -36,7 +36,9 @@ class TrainConfig:
     """Everything a training run needs; the saved copy of it reproduces the run."""
 
     # --- what to train on and what to train -------------------------------------------------------
-    data: str | None = _f(None, "training data spec: table (csv/tsv/jsonl), folder, shards or synthetic:shapes")
+    data: str | None = _f(
+        None, "training data spec: table (csv/tsv/jsonl), folder, shards or synthetic:shapes"
+    )
     val_data: str | None = _f(None, "validation data spec for retrieval (and zero-shot if it has classes)")
     model: str = _f("tiny-vit", "architecture name (see `clipforge models`)")
     pretrained: str | None = _f(None, "initial weights: a file, a clipforge dir or hf-hub:org/name")
@@ -50,7 +52,9 @@ class TrainConfig:
     workers: int = _f(0, "data loader worker processes")
     # --- optimisation -----------------------------------------------------------------------------
     lr: float = _f(5e-4, "peak learning rate")
-    weight_decay: float = _f(0.2, "AdamW weight decay (never applied to gains, biases, embeddings, logit_scale)")
+    weight_decay: float = _f(
+        0.2, "AdamW weight decay (never applied to gains, biases, embeddings, logit_scale)"
+    )
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.98, "AdamW beta2")
     eps: float = _f(1e-6, "AdamW epsilon")
@@ -60,7 +64,9 @@ class TrainConfig:
     cooldown_power: float = _f(1.0, "cool-down shape exponent (1 = linear)")
     min_lr: float = _f(0.0, "learning rate at the end of cosine / cool-down")
     grad_clip_norm: float | None = _f(None, "clip gradients to this global L2 norm")
-    precision: str = _f("fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp16 only on CUDA)", choices=PRECISIONS)
+    precision: str = _f(
+        "fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp16 only on CUDA)", choices=PRECISIONS
+    )
     # --- objective --------------------------------------------------------------------------------
     loss: str = _f("clip", f"contrastive loss: {', '.join(LOSSES)}", choices=LOSSES)
     chunk_size: int = _f(1024, "tile size of the chunked loss")
@@ -83,7 +89,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     # --- runtime ----------------------------------------------------------------------------------
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    distributed: str = _f("auto", f"{', '.join(DISTRIBUTED)} (auto: DDP when launched by torchrun)", choices=DISTRIBUTED)
+    distributed: str = _f(
+        "auto", f"{', '.join(DISTRIBUTED)} (auto: DDP when launched by torchrun)", choices=DISTRIBUTED
+    )
     threads: int | None = _f(None, "torch intra-op threads")
     seed: int = _f(0, "seed for weights, data order and augmentation")
     deterministic: bool = _f(False, "use deterministic kernels (needed for bit-exact resume on GPU)")
@@ -105,7 +113,15 @@ class TrainConfig:
     # ----------------------------------------------------------------------------------------------
     def validate(self, source: str = "config") -> TrainConfig:
         """Reject impossible values early, naming the key, so a run never dies after an hour."""
-        positive = ("epochs", "batch_size", "accum_steps", "chunk_size", "log_every", "keep_last", "max_bad_steps")
+        positive = (
+            "epochs",
+            "batch_size",
+            "accum_steps",
+            "chunk_size",
+            "log_every",
+            "keep_last",
+            "max_bad_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: key {name!r} must be >= 1, got {getattr(self, name)!r}")
@@ -113,14 +129,23 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{source}: key {name!r} must be >= 1 or null, got {value!r}")
-        for name in ("warmup_steps", "cooldown_steps", "workers", "lora_rank", "weight_decay", "save_every_epochs"):
+        for name in (
+            "warmup_steps",
+            "cooldown_steps",
+            "workers",
+            "lora_rank",
+            "weight_decay",
+            "save_every_epochs",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{source}: key {name!r} must be >= 0, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ConfigError(f"{source}: key 'lr' must be > 0, got {self.lr!r}")
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("loss", LOSSES)):
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{source}: key {name!r} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"{source}: key {name!r} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"{source}: key 'distributed' must be one of {list(DISTRIBUTED)}")
         if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
@@ -199,7 +224,9 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run config must be a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: a run config must be a mapping of keys to values, got {type(data).__name__}"
+        )
     return data
 
 

@@ -63,7 +63,9 @@ def setup_distributed(device: str | None = "auto", timeout_s: float = 1800.0) ->
     if not dist.is_initialized():
         from datetime import timedelta
 
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
     log.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
 

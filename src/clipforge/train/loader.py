@@ -93,9 +93,19 @@ class TrainBatches:
     (epoch, batches consumed) plus whatever the underlying loader needs for streams.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, steps_per_epoch: int | None = None, pin_memory: bool = False,
-                 max_worker_restarts: int = 3) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        steps_per_epoch: int | None = None,
+        pin_memory: bool = False,
+        max_worker_restarts: int = 3,
+    ) -> None:
         from clipforge.data.loader import ResumableLoader
 
         self.dataset = dataset
@@ -103,13 +113,25 @@ class TrainBatches:
         # Seeded by the global sample index (not the rank), so N ranks see the augmentations one process would.
         items = dataset if self.is_stream else SeededItems(dataset, seed)
         if not self.is_stream and len(dataset) // world_size < batch_size:
-            raise DataError(f"the training data has {len(dataset)} samples: too few for batch size "
-                            f"{batch_size} on {world_size} process(es)")
-        self.loader = ResumableLoader(items, batch_size=batch_size, num_workers=workers, seed=seed, rank=rank,
-                                      world_size=world_size, pin_memory=pin_memory, drop_last=True)
+            raise DataError(
+                f"the training data has {len(dataset)} samples: too few for batch size "
+                f"{batch_size} on {world_size} process(es)"
+            )
+        self.loader = ResumableLoader(
+            items,
+            batch_size=batch_size,
+            num_workers=workers,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            pin_memory=pin_memory,
+            drop_last=True,
+        )
         self.seed, self.rank = seed, rank
         full = len(self.loader)
-        self.steps_per_epoch = min(full, steps_per_epoch) if steps_per_epoch and full else (steps_per_epoch or full)
+        self.steps_per_epoch = (
+            min(full, steps_per_epoch) if steps_per_epoch and full else (steps_per_epoch or full)
+        )
         if self.steps_per_epoch < 1:
             raise DataError("the training data yields no full batch per epoch; lower --batch-size")
         self.max_worker_restarts = max_worker_restarts
@@ -162,8 +184,14 @@ class TrainBatches:
                 if self.loader.num_workers == 0 or "worker" not in str(e).lower():
                     raise
                 if restarts >= self.max_worker_restarts:
-                    raise DataError(f"data loader workers crashed {restarts + 1} times in epoch {epoch}: {e}") from e
+                    raise DataError(
+                        f"data loader workers crashed {restarts + 1} times in epoch {epoch}: {e}"
+                    ) from e
                 restarts += 1
                 self.worker_restarts += 1
-                log.warning("a data worker crashed (%s); restarting the loader at epoch %d batch %d",
-                            e, epoch, self.loader.batches_done)
+                log.warning(
+                    "a data worker crashed (%s); restarting the loader at epoch %d batch %d",
+                    e,
+                    epoch,
+                    self.loader.batches_done,
+                )

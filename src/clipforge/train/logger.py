@@ -17,8 +17,16 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
-                 progress: bool = True, total_steps: int = 0, initial_step: int = 0) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        progress: bool = True,
+        total_steps: int = 0,
+        initial_step: int = 0,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tb = None
@@ -34,11 +42,15 @@ class RunLogger:
             except ImportError:
                 log.warning("tensorboard is not installed; logging to %s only", self.path)
             else:
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=initial_step or None)
+                self._tb = SummaryWriter(
+                    str(Path(output_dir) / "tensorboard"), purge_step=initial_step or None
+                )
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

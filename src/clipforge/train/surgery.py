@@ -17,8 +17,15 @@ from clipforge.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def lock_towers(model: nn.Module, *, lock_image: bool = False, image_unlocked_groups: int = 0,
-                freeze_bn_stats: bool = False, lock_text: bool = False, text_unlocked_layers: int = 0) -> None:
+def lock_towers(
+    model: nn.Module,
+    *,
+    lock_image: bool = False,
+    image_unlocked_groups: int = 0,
+    freeze_bn_stats: bool = False,
+    lock_text: bool = False,
+    text_unlocked_layers: int = 0,
+) -> None:
     """Freeze whole towers (LiT locks the image side) except their last N groups."""
     if lock_image:
         model.visual.lock(unlocked_groups=image_unlocked_groups, freeze_bn_stats=freeze_bn_stats)
@@ -26,9 +33,14 @@ def lock_towers(model: nn.Module, *, lock_image: bool = False, image_unlocked_gr
         model.text.lock(unlocked_groups=text_unlocked_layers)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float = 0.0,
-               targets: Sequence[str] = ("in_proj", "out_proj", "c_fc", "c_proj"),
-               towers: Sequence[str] | None = None) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: Sequence[str] = ("in_proj", "out_proj", "c_fc", "c_proj"),
+    towers: Sequence[str] | None = None,
+) -> nn.Module:
     """Inject LoRA adapters in place and freeze everything else; returns the same module.
 
     ``towers`` (e.g. ``["text"]`` when the image tower is locked) limits adapters to those
@@ -41,7 +53,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float 
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in targets if t not in present]
     if missing:
-        raise ConfigError(f"lora_targets {missing} match no nn.Linear in the model; available: {sorted(present)}")
+        raise ConfigError(
+            f"lora_targets {missing} match no nn.Linear in the model; available: {sorted(present)}"
+        )
     target: list[str] | str = list(targets)
     if towers is not None:
         if not towers:
@@ -54,7 +68,13 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float 
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
         n_train += param.numel() if param.requires_grad else 0
-    log.info("LoRA r=%d on %s of %s: %d trainable parameters", rank, list(targets), towers or "both towers", n_train)
+    log.info(
+        "LoRA r=%d on %s of %s: %d trainable parameters",
+        rank,
+        list(targets),
+        towers or "both towers",
+        n_train,
+    )
     return model
 
 

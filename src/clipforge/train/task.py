@@ -44,8 +44,15 @@ class TaskOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def build_loss(kind: str, *, rank: int = 0, world_size: int = 1, local_loss: bool = False,
-               gather_with_grad: bool = True, chunk_size: int = 1024) -> Callable[..., Tensor]:
+def build_loss(
+    kind: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+    chunk_size: int = 1024,
+) -> Callable[..., Tensor]:
     """Instantiate a ``clipforge.losses`` loss, passing only the options it accepts."""
     from clipforge import losses
 
@@ -53,8 +60,13 @@ def build_loss(kind: str, *, rank: int = 0, world_size: int = 1, local_loss: boo
     if kind not in classes:
         raise ConfigError(f"unknown loss {kind!r}; choose one of {sorted(classes)}")
     cls = getattr(losses, classes[kind])
-    options = {"rank": rank, "world_size": world_size, "local_loss": local_loss,
-               "gather_with_grad": gather_with_grad, "chunk_size": chunk_size}
+    options = {
+        "rank": rank,
+        "world_size": world_size,
+        "local_loss": local_loss,
+        "gather_with_grad": gather_with_grad,
+        "chunk_size": chunk_size,
+    }
     accepted = inspect.signature(cls).parameters
     if world_size > 1 and "world_size" not in accepted:
         raise ConfigError(f"loss {kind!r} does not support distributed training")
@@ -86,8 +98,14 @@ class ModelEMA:
 class ContrastiveTask:
     """Model + loss + temperature clamp (+ EMA). ``model`` may be DDP/FSDP/compile-wrapped."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, max_logit_scale: float = 100.0,
-                 ema_decay: float | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        *,
+        max_logit_scale: float = 100.0,
+        ema_decay: float | None = None,
+    ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.max_log_scale = math.log(max_logit_scale)
@@ -106,10 +124,12 @@ class ContrastiveTask:
         return self.loss_fn(f.image, f.text, f.logit_scale, f.logit_bias)
 
     # --- one optimiser step's worth of gradients -------------------------------------------------
-    def forward_backward(self, micro_batches: Sequence[tuple[Tensor, Tensor]],
-                         backward: Callable[[Tensor], None] = Tensor.backward,
-                         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                         ) -> TaskOutput:
+    def forward_backward(
+        self,
+        micro_batches: Sequence[tuple[Tensor, Tensor]],
+        backward: Callable[[Tensor], None] = Tensor.backward,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> TaskOutput:
         """Accumulate the effective batch's gradients into ``.grad``; ``backward`` may apply a scaler."""
         if len(micro_batches) == 1:
             images, tokens = micro_batches[0]
@@ -136,8 +156,8 @@ class ContrastiveTask:
             with sync:
                 with autocast():
                     f = self.encode(images, tokens)
-                    image = torch.cat(all_image[:j] + [f.image] + all_image[j + 1:])
-                    text = torch.cat(all_text[:j] + [f.text] + all_text[j + 1:])
+                    image = torch.cat(all_image[:j] + [f.image] + all_image[j + 1 :])
+                    text = torch.cat(all_text[:j] + [f.text] + all_text[j + 1 :])
                     # The temperature gets its gradient once (first pass), not once per micro-batch.
                     scale = f.logit_scale if j == 0 else f.logit_scale.detach()
                     bias = f.logit_bias if (j == 0 or f.logit_bias is None) else f.logit_bias.detach()

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
 from clipforge.train import state as ckpt
 from clipforge.train.config import TrainConfig
-from clipforge.train.distributed import DistInfo, any_rank, barrier, cleanup_distributed, setup_distributed, wrap_model
+from clipforge.train.distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    cleanup_distributed,
+    setup_distributed,
+    wrap_model,
+)
 from clipforge.train.loader import TrainBatches
 from clipforge.train.logger import RunLogger
 from clipforge.train.optim import build_optimizer as make_optimizer
@@ -112,23 +119,35 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
     overrides = {"vision": {"patch_dropout": cfg.patch_dropout}} if cfg.patch_dropout is not None else {}
-    model, preprocess_train, preprocess_val = create_model_and_transforms(cfg.model, cfg.pretrained, **overrides)
+    model, preprocess_train, preprocess_val = create_model_and_transforms(
+        cfg.model, cfg.pretrained, **overrides
+    )
     tokenizer = get_tokenizer(model)
     if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
-        raise ConfigError(f"loss 'siglip' needs a model with a logit_bias (e.g. tiny-vit-siglip); {cfg.model} has none")
-    lock_towers(model, lock_image=cfg.lock_image, image_unlocked_groups=cfg.lock_image_unlocked_groups,
-                freeze_bn_stats=cfg.lock_image_freeze_bn_stats, lock_text=cfg.lock_text,
-                text_unlocked_layers=cfg.lock_text_unlocked_layers)
+        raise ConfigError(
+            f"loss 'siglip' needs a model with a logit_bias (e.g. tiny-vit-siglip); {cfg.model} has none"
+        )
+    lock_towers(
+        model,
+        lock_image=cfg.lock_image,
+        image_unlocked_groups=cfg.lock_image_unlocked_groups,
+        freeze_bn_stats=cfg.lock_image_freeze_bn_stats,
+        lock_text=cfg.lock_text,
+        text_unlocked_layers=cfg.lock_text_unlocked_layers,
+    )
     if cfg.lora_rank:
-        towers = [name for name, locked in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if not locked]
+        towers = [
+            name for name, locked in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if not locked
+        ]
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, towers)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.to(device), preprocess_train, preprocess_val, tokenizer
 
 
-def build_dataset(spec: str, *, transform: Any, tokenizer: Any, seed: int, skips: Any, cfg: TrainConfig,
-                  **extra: Any) -> Any:
+def build_dataset(
+    spec: str, *, transform: Any, tokenizer: Any, seed: int, skips: Any, cfg: TrainConfig, **extra: Any
+) -> Any:
     """Resolve a data spec with ``clipforge.data.build_dataset`` (tables, folders, shards, synthetic)."""
     from clipforge.data import build_dataset as build
 
@@ -140,17 +159,41 @@ def build_dataset(spec: str, *, transform: Any, tokenizer: Any, seed: int, skips
 def build_data(cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any, skips: Any) -> TrainBatches:
     if not cfg.data:
         raise ConfigError("no training data: pass --data (a table, folder, shards or synthetic:shapes)")
-    dataset = build_dataset(cfg.data, transform=transform, tokenizer=tokenizer, seed=cfg.seed, skips=skips, cfg=cfg,
-                            rank=info.rank, world_size=info.world_size)
-    return TrainBatches(dataset, cfg.batch_size * cfg.accum_steps, seed=cfg.seed, rank=info.rank,
-                        world_size=info.world_size, workers=cfg.workers, steps_per_epoch=cfg.steps_per_epoch,
-                        pin_memory=info.device.type == "cuda")
+    dataset = build_dataset(
+        cfg.data,
+        transform=transform,
+        tokenizer=tokenizer,
+        seed=cfg.seed,
+        skips=skips,
+        cfg=cfg,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+    return TrainBatches(
+        dataset,
+        cfg.batch_size * cfg.accum_steps,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        workers=cfg.workers,
+        steps_per_epoch=cfg.steps_per_epoch,
+        pin_memory=info.device.type == "cuda",
+    )
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int) -> tuple[Any, Any, torch.amp.GradScaler]:
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, total_steps: int
+) -> tuple[Any, Any, torch.amp.GradScaler]:
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, cfg.warmup_steps, cfg.cooldown_steps,
-                                cfg.cooldown_power, cfg.min_lr)
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.schedule,
+        total_steps,
+        cfg.warmup_steps,
+        cfg.cooldown_steps,
+        cfg.cooldown_power,
+        cfg.min_lr,
+    )
     use_scaler = cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     return optimizer, scheduler, scaler
@@ -177,10 +220,18 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     wrapped = wrap_model(model, info, strategy)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    loss_fn = build_loss(cfg.loss, rank=info.rank, world_size=info.world_size, local_loss=cfg.local_loss,
-                         gather_with_grad=cfg.gather_with_grad, chunk_size=cfg.chunk_size)
+    loss_fn = build_loss(
+        cfg.loss,
+        rank=info.rank,
+        world_size=info.world_size,
+        local_loss=cfg.local_loss,
+        gather_with_grad=cfg.gather_with_grad,
+        chunk_size=cfg.chunk_size,
+    )
     task = ContrastiveTask(wrapped, loss_fn, max_logit_scale=cfg.max_logit_scale, ema_decay=cfg.ema_decay)
-    run = Run(cfg, info, model, task, optimizer, scheduler, scaler, loader, tokenizer, preprocess_val, skips, total)
+    run = Run(
+        cfg, info, model, task, optimizer, scheduler, scaler, loader, tokenizer, preprocess_val, skips, total
+    )
     seed_everything(cfg.seed + info.rank)  # per-rank randomness (patch dropout) from here on
     maybe_resume(run)
     return run
@@ -246,8 +297,13 @@ def maybe_resume(run: Run) -> None:
     if run.cfg.distributed == "fsdp" and run.info.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(run.model, run.optimizer, model_state_dict=saved["model"],
-                       optim_state_dict=saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_state_dict(
+            run.model,
+            run.optimizer,
+            model_state_dict=saved["model"],
+            optim_state_dict=saved["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
     else:
         run.model.load_state_dict(saved["model"])
         run.optimizer.load_state_dict(saved["optimizer"])
@@ -260,7 +316,13 @@ def maybe_resume(run: Run) -> None:
         run.skips.merge(saved["skips"])
     run.state = ckpt.TrainState(**saved["train_state"])
     ckpt.restore_rng(_for_rank(saved["rng"], run.info.rank))
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.state.step, run.loader.epoch, run.loader.batch)
+    log.info(
+        "resumed from %s at step %d (epoch %d, batch %d)",
+        path,
+        run.state.step,
+        run.loader.epoch,
+        run.loader.batch,
+    )
 
 
 def _for_rank(per_rank: list[Any], rank: int) -> Any:
@@ -270,7 +332,18 @@ def _for_rank(per_rank: list[Any], rank: int) -> Any:
     return per_rank[rank]
 
 
-_EXACTNESS_KEYS = ("model", "data", "batch_size", "accum_steps", "seed", "lr", "schedule", "loss", "epochs", "max_steps")
+_EXACTNESS_KEYS = (
+    "model",
+    "data",
+    "batch_size",
+    "accum_steps",
+    "seed",
+    "lr",
+    "schedule",
+    "loss",
+    "epochs",
+    "max_steps",
+)
 
 
 def _warn_config_drift(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -303,8 +376,11 @@ def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, 
     images = images.to(device, non_blocking=True)
     tokens = tokens.to(device, non_blocking=True)
     run.optimizer.zero_grad(set_to_none=True)
-    out = run.task.forward_backward(split_micro_batches(images, tokens, run.cfg.accum_steps),
-                                    backward=lambda loss: run.scaler.scale(loss).backward(), autocast=autocast)
+    out = run.task.forward_backward(
+        split_micro_batches(images, tokens, run.cfg.accum_steps),
+        backward=lambda loss: run.scaler.scale(loss).backward(),
+        autocast=autocast,
+    )
     run.scaler.unscale_(run.optimizer)
     grad_norm = _grads_finite_norm(run)
     loss_ok = math.isfinite(out.metrics["loss"])
@@ -333,8 +409,10 @@ def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, 
 def _handle_bad_step(run: Run, rlog: RunLogger) -> None:
     run.state.bad_steps += 1
     run.state.bad_in_a_row += 1
-    rlog.write(f"step {run.state.step}: non-finite loss or gradients; step skipped "
-               f"({run.state.bad_in_a_row} in a row, {run.state.bad_steps} total)")
+    rlog.write(
+        f"step {run.state.step}: non-finite loss or gradients; step skipped "
+        f"({run.state.bad_in_a_row} in a row, {run.state.bad_steps} total)"
+    )
     rlog.log(run.state.step, {"skipped": True, "bad_steps": run.state.bad_steps})
     if run.state.bad_in_a_row >= run.cfg.max_bad_steps:
         last = ckpt.list_checkpoints(run.ckpt_dir)
@@ -360,8 +438,14 @@ def fit(run: Run) -> TrainResult:
     """Epochs of steps; checkpoints on schedule; stops cleanly on SIGTERM."""
     cfg, state = run.cfg, run.state
     autocast = autocast_factory(cfg, run.info.device)
-    rlog = RunLogger(cfg.output_dir, enabled=run.info.is_main, tensorboard=cfg.tensorboard,
-                     progress=cfg.progress, total_steps=run.total_steps, initial_step=state.step)
+    rlog = RunLogger(
+        cfg.output_dir,
+        enabled=run.info.is_main,
+        tensorboard=cfg.tensorboard,
+        progress=cfg.progress,
+        total_steps=run.total_steps,
+        initial_step=state.step,
+    )
     previous_handler = _install_sigterm(run)
     eval_metrics: dict[str, Any] = {}
     start, start_samples = time.perf_counter(), state.samples_seen
@@ -380,13 +464,19 @@ def fit(run: Run) -> TrainResult:
                 now = time.perf_counter()
                 sps = (state.samples_seen - window_samples) / max(now - window_t, 1e-9)
                 if metrics is not None:
-                    rlog.progress(1, loss=f"{metrics['loss']:.4f}", sps=f"{sps:.1f}", lr=f"{metrics['lr']:.2e}")
+                    rlog.progress(
+                        1, loss=f"{metrics['loss']:.4f}", sps=f"{sps:.1f}", lr=f"{metrics['lr']:.2e}"
+                    )
                 else:
                     rlog.progress(1)
                 if metrics is not None and (state.step % cfg.log_every == 0 or state.step == run.total_steps):
                     rlog.log(state.step, {**metrics, "epoch": state.epoch, "samples_per_s": sps})
                     window_t, window_samples = now, state.samples_seen
-                stop = any_rank(run.stop.is_set(), run.info.device) if run.info.distributed else run.stop.is_set()
+                stop = (
+                    any_rank(run.stop.is_set(), run.info.device)
+                    if run.info.distributed
+                    else run.stop.is_set()
+                )
                 if stop:
                     run.stop.set()
                     break
@@ -402,7 +492,11 @@ def fit(run: Run) -> TrainResult:
                 run.loader.advance_to(state.epoch)
                 if cfg.val_data and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
                     eval_metrics = evaluate(run, rlog)
-                if cfg.save_every_epochs and state.epoch % cfg.save_every_epochs == 0 and state.step < run.total_steps:
+                if (
+                    cfg.save_every_epochs
+                    and state.epoch % cfg.save_every_epochs == 0
+                    and state.step < run.total_steps
+                ):
                     save_training_checkpoint(run)
         last = save_training_checkpoint(run)
         if run.stop.is_set():
@@ -453,7 +547,9 @@ def save_final_model(run: Run) -> Path | None:
         model.preprocess_cfg = run.model.preprocess_cfg
         if has_lora(run.model):
             c = run.cfg
-            towers = [name for name, locked in (("visual", c.lock_image), ("text", c.lock_text)) if not locked]
+            towers = [
+                name for name, locked in (("visual", c.lock_image), ("text", c.lock_text)) if not locked
+            ]
             apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets, towers)
         model.load_state_dict(model_sd)
     if not run.info.is_main:
@@ -465,7 +561,9 @@ def save_final_model(run: Run) -> Path | None:
     save_pretrained(export, out)
     if run.task.ema is not None:
         ema = run.task.ema.module
-        save_pretrained(merge_lora(copy.deepcopy(ema)) if has_lora(ema) else ema, Path(run.cfg.output_dir) / "final-ema")
+        save_pretrained(
+            merge_lora(copy.deepcopy(ema)) if has_lora(ema) else ema, Path(run.cfg.output_dir) / "final-ema"
+        )
     return out
 
 
@@ -477,20 +575,36 @@ def evaluate(run: Run, rlog: RunLogger) -> dict[str, Any]:
         from clipforge.eval.runner import evaluate as run_eval
 
         model = run.task.ema.module if run.task.ema is not None else run.model
-        common = {"device": run.info.device, "batch_size": max(64, run.cfg.batch_size), "model_name": run.cfg.model,
-                  "report_dir": Path(run.cfg.output_dir) / "eval"}
+        common = {
+            "device": run.info.device,
+            "batch_size": max(64, run.cfg.batch_size),
+            "model_name": run.cfg.model,
+            "report_dir": Path(run.cfg.output_dir) / "eval",
+        }
         ds = load_eval_dataset(run.cfg.val_data, task="retrieval", transform=run.preprocess_val)
         if ds.supports_retrieval:
-            metrics.update(run_eval(model, run.tokenizer, run.preprocess_val, ds, task="retrieval", **common)["metrics"])
+            metrics.update(
+                run_eval(model, run.tokenizer, run.preprocess_val, ds, task="retrieval", **common)["metrics"]
+            )
         ds = load_eval_dataset(run.cfg.val_data, task="classification", transform=run.preprocess_val)
         if ds.supports_classification:
-            result = run_eval(model, run.tokenizer, run.preprocess_val, ds, task="zeroshot",
-                              templates=run.cfg.zeroshot_templates, **common)
+            result = run_eval(
+                model,
+                run.tokenizer,
+                run.preprocess_val,
+                ds,
+                task="zeroshot",
+                templates=run.cfg.zeroshot_templates,
+                **common,
+            )
             metrics.update({f"zeroshot_{k}": v for k, v in result["metrics"].items()})
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         rlog.log(run.state.step, {**metrics, "epoch": run.state.epoch}, kind="eval")
-        shown = {k: metrics[k] for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "zeroshot_acc1")
-                 if k in metrics}
+        shown = {
+            k: metrics[k]
+            for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "zeroshot_acc1")
+            if k in metrics
+        }
         rlog.write(f"eval @ epoch {run.state.epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
         run.model.train()
     barrier()

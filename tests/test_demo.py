@@ -1,0 +1,61 @@
+"""``clipforge demo --quick`` end to end: trains, evaluates, writes the report, prints a summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def assert_real_png(path, min_side: int = 100) -> None:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert min(img.size) >= min_side, (path.name, img.size)
+        pixels = torch.tensor(list(img.convert("L").getdata()), dtype=torch.float32)
+    assert pixels.std() > 5, f"{path.name} looks blank"
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    from clipforge.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        code = main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot on held-out shape/colour combinations" in printed
+    assert "chance" in printed and "R@1" in printed
+    assert "example text->image searches" in printed and "  1. " in printed
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    zs = summary["zero_shot"]
+    assert set(zs) == {"colour_shape", "shape", "colour"}
+    assert zs["colour_shape"]["classes"] == 36 and zs["colour_shape"]["chance"] == pytest.approx(1 / 36)
+    assert 0.0 <= zs["colour_shape"]["acc1"] <= 1.0
+    assert summary["retrieval"]["heldout"]["chance_R@1"] == pytest.approx(1 / 60)
+    assert summary["final_loss"] < summary["first_loss"]  # it learned something even in quick mode
+    # report: top page + loss curve, and the evaluation report with its plots and JSON results
+    page = (tmp_path / "index.html").read_text()
+    assert "loss.png" in page and "report/index.html" in page
+    assert_real_png(tmp_path / "loss.png")
+    report = tmp_path / "report"
+    assert (report / "index.html").exists()
+    results = [json.loads(p.read_text()) for p in report.glob("*.json")]
+    assert {r["task"] for r in results} == {"zeroshot_classification", "zeroshot_retrieval"}
+    pngs = sorted(report.glob("*.png"))
+    kinds = {p.stem.rsplit("-", 1)[-1] for p in pngs}
+    assert {"confusion", "per-class", "recall", "examples"} <= kinds
+    for png in pngs:
+        assert_real_png(png)
+        assert png.name in (report / "index.html").read_text()
+    # the trained model is a normal clipforge checkpoint
+    from clipforge.model.factory import create_model
+
+    model = create_model(pretrained=summary["model_dir"])
+    assert model.config.vision.image_size == 32
