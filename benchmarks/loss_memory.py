@@ -131,13 +131,19 @@ def fmt(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--big", type=int, default=65536, help="batch run with the chunked loss only (0: skip)")
+    parser.add_argument(
+        "--big", type=int, default=65536, help="batch run with the chunked loss only (0: skip)"
+    )
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--memory-gib", type=float, default=24.0, help="RAM of the machine, for the 'cannot' check")
+    parser.add_argument(
+        "--memory-gib", type=float, default=24.0, help="RAM of the machine, for the 'cannot' check"
+    )
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 

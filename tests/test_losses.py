@@ -48,7 +48,6 @@ def _ref_siglip(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor) -> Ten
     return total / image.shape[0]
 
 
-
 def _features(b: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     image = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).to(dtype)
@@ -100,6 +99,19 @@ def test_chunked_equals_plain_value_and_grads(batch: int, chunk: int, scale_valu
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_chunked_wide_logit_range_matches_plain() -> None:
+    """Logits spanning [-100, 100] (scale 100, 2-d features) exercise the exp() floor."""
+    g = torch.Generator().manual_seed(2)
+    image = F.normalize(torch.randn(30, 2, generator=g), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(30, 2, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(100.0, requires_grad=True)
+    plain = ClipLoss()(image, text, scale)
+    chunked = ChunkedClipLoss(chunk_size=8)(image, text, scale)
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-6)
+    for a, b in zip(_grads(chunked, image, text, scale), _grads(plain, image, text, scale)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+
+
 def test_chunked_through_learned_log_scale_and_upstream_grad() -> None:
     """Gradient reaches a log-space parameter (scale = p.exp()) and respects a non-unit dL."""
     image, text = _features(20, 16, seed=3)
@@ -116,7 +128,9 @@ def test_chunked_through_learned_log_scale_and_upstream_grad() -> None:
 def test_chunked_gradcheck_float64() -> None:
     image, text = _features(9, 5, seed=11, dtype=torch.float64)
     scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda i, t, s: chunked_clip_loss(i, t, s, chunk_size=4), (image, text, scale))
+    assert torch.autograd.gradcheck(
+        lambda i, t, s: chunked_clip_loss(i, t, s, chunk_size=4), (image, text, scale)
+    )
     # The local-rows form (used with local_loss) too, with a label offset.
     assert torch.autograd.gradcheck(
         lambda i, t, s: chunked_clip_loss(i, t, s, chunk_size=4, local_rows=(i[3:6], t[3:6]), offset=3),
@@ -258,8 +272,18 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     for rank in range(2):
         out = tmp / f"rank{rank}.pt"
         outs.append(out)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--ddp-worker", str(rank), "2", str(init_file), str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--ddp-worker",
+            str(rank),
+            "2",
+            str(init_file),
+            str(out),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     logs = []
     for proc in procs:
         try:
@@ -287,7 +311,11 @@ def test_ddp_two_ranks_equal_one_process(kind: str, ddp_results: list[dict]) -> 
                 expected = ref / 2
             assert grads[name].abs().max() > 0 or ref.abs().max() == 0
             torch.testing.assert_close(
-                grads[name], expected, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{kind} rank {rank} {n}: {m}"
+                grads[name],
+                expected,
+                atol=1e-5,
+                rtol=0,
+                msg=lambda m, n=name, r=rank: f"{kind} rank {r} {n}: {m}",
             )
 
 

@@ -183,8 +183,8 @@ def test_plan_choice_by_size_and_memory():
     big = plan_index(1_000_000, 512)
     assert big.kind == "ivf" and big.params["nlist"] == 4096
     pq = plan_index(1_000_000, 512, max_memory="1GB")
-    assert pq.kind == "ivfpq" and pq.memory_bytes <= 1e9 and pq.params["pq_m"] == 256
-    assert plan_index(1_000_000, 512, max_memory="100MB").params["pq_m"] == 64
+    assert pq.kind == "ivfpq" and pq.memory_bytes <= 1e9 and pq.params["pq_m"] == 64
+    assert plan_index(1_000_000, 512, max_memory="50MB").params["pq_m"] == 32
     with pytest.raises(ClipforgeError, match="max-memory"):
         plan_index(1_000_000, 512, max_memory="10MB")
     with pytest.raises(ClipforgeError, match="max-memory"):

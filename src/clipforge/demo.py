@@ -88,17 +88,21 @@ class DemoResult:
         return asdict(self)
 
 
-def zero_shot_templates() -> list[str]:
-    """Prompts in the captions' own words, one per (size, position, background) context.
+def zero_shot_templates(label: str) -> list[str]:
+    """Prompts in the captions' own words: the class fills its slot, every other attribute varies.
 
-    The class embedding averages them, which marginalises the attributes a class does not name,
-    exactly what CLIP's 80 ImageNet templates do for photo styles.
+    Captions always name size, colour, shape, position and background, so a prompt that leaves
+    one out is text the model never read. The class embedding averages the prompts over the
+    attributes it does not classify, exactly what CLIP's 80 ImageNet templates do for photo styles.
     """
     from clipforge.data import synthetic
 
+    colours = {"colour_shape": ["{}"], "shape": [f"{c} {{}}" for c in synthetic.COLOURS],
+               "colour": [f"{{}} {s}" for s in synthetic.SHAPES]}[label]
     return [
-        f"a {size} {{}} {synthetic.POSITION_PHRASES[pos]} on a {bg} background"
+        f"a {size} {thing} {synthetic.POSITION_PHRASES[pos]} on a {bg} background"
         for size in synthetic.SIZES
+        for thing in colours
         for pos in synthetic.POSITIONS
         for bg in synthetic.BACKGROUNDS
     ]
@@ -150,13 +154,12 @@ def evaluate_demo(
     tokenizer = get_tokenizer(model)
     report = out / "report"
     common = {"report_dir": report, "model_name": DEMO_MODEL, "pretrained": model_dir, "progress": progress}
-    templates = zero_shot_templates()
     zero_shot = {}
     for label in ("colour_shape", "shape", "colour"):
         spec = (
             f"synthetic:shapes?split=heldout&n={settings.eval_images}&label={label}&image_size={IMAGE_SIZE}"
         )
-        result = evaluate(model, tokenizer, preprocess, spec, task="zeroshot", templates=templates, **common)
+        result = evaluate(model, tokenizer, preprocess, spec, task="zeroshot", templates=zero_shot_templates(label), **common)
         n_classes = len(result["details"]["classnames"])
         zero_shot[label] = {
             "acc1": result["metrics"]["acc1"],

@@ -57,7 +57,9 @@ class ExportResult:
     max_abs_diff: dict[str, float] = field(default_factory=dict)
 
 
-def example_inputs(model: nn.Module, tower: str, batch: int = 2, length: int | None = None, seed: int = 0) -> torch.Tensor:
+def example_inputs(
+    model: nn.Module, tower: str, batch: int = 2, length: int | None = None, seed: int = 0
+) -> torch.Tensor:
     """Random images or CLIP-like token rows (SOT, ids, EOT, padding) for tracing and checks."""
     g = torch.Generator().manual_seed(seed)
     if tower == "image":
@@ -81,7 +83,9 @@ def _wrapper(model: nn.Module, tower: str) -> nn.Module:
     return module.eval()
 
 
-def _export_onnx_file(module: nn.Module, tower: str, example: torch.Tensor, path: Path, opset: int, dynamo: bool) -> None:
+def _export_onnx_file(
+    module: nn.Module, tower: str, example: torch.Tensor, path: Path, opset: int, dynamo: bool
+) -> None:
     name = "images" if tower == "image" else "tokens"
     axes = {0: "batch"} if tower == "image" else {0: "batch", 1: "length"}
     tmp = path.with_name(f".{path.name}.tmp")
@@ -112,7 +116,9 @@ def verify_onnx(model: nn.Module, path: str | Path, tower: str, *, atol: float =
     module = _wrapper(model, tower)
     checks = [example_inputs(model, tower, batch=3, seed=1)]
     if tower == "text":
-        checks.append(example_inputs(model, tower, batch=1, length=min(9, model.config.text.context_length), seed=2))
+        checks.append(
+            example_inputs(model, tower, batch=1, length=min(9, model.config.text.context_length), seed=2)
+        )
     worst = 0.0
     input_name = session.get_inputs()[0].name
     for inputs in checks:
@@ -159,7 +165,9 @@ def export_onnx(
     return result
 
 
-def export_program(model: nn.Module, out_dir: str | Path, *, towers: tuple[str, ...] = TOWERS) -> ExportResult:
+def export_program(
+    model: nn.Module, out_dir: str | Path, *, towers: tuple[str, ...] = TOWERS
+) -> ExportResult:
     """Save ``torch.export`` programs (``image.pt2`` / ``text.pt2``) with dynamic batch/length."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

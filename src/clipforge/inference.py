@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -53,7 +54,9 @@ def quantize_linear_int8(model: nn.Module) -> nn.Module:
     """
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def optimize_for_inference(
@@ -62,7 +65,7 @@ def optimize_for_inference(
     fuse_bn: bool = True,
     channels_last: bool | None = None,
     quantize: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
     inplace: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` (or the model itself with ``inplace=True``) ready to embed with.
@@ -73,8 +76,8 @@ def optimize_for_inference(
       float rounding;
     - ``quantize``: int8 dynamic quantisation of linear layers (CPU; features move slightly,
       cosine similarity to float32 is typically > 0.99 -- ``clipforge bench`` reports it);
-    - ``compile``: ``torch.compile`` on the image tower and the text transformer stack
-      (dynamic shapes, so trimmed text batches of any length reuse one graph).
+    - ``compile``: ``torch.compile`` both towers (see :func:`compile_towers`); ``True`` uses
+      inductor, a string names another backend (e.g. ``"aot_eager"``).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -93,10 +96,23 @@ def optimize_for_inference(
     if quantize:
         quantize_linear_int8(model)
     if compile:
-        model.visual = torch.compile(model.visual, dynamic=True)
-        text = getattr(model, "text", None)
-        if text is not None and hasattr(text, "transformer"):
-            text.transformer = torch.compile(text.transformer, dynamic=True)
+        compile_towers(model, backend="inductor" if compile is True else compile)
+    return model
+
+
+def compile_towers(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` the image tower's forward and the text tower's post-trim computation.
+
+    Methods are compiled in place of wrapping the modules, so parameter names (and state dicts)
+    are unchanged. The text tower trims outside the compiled region and compiles with dynamic
+    shapes, so batches of any length share one graph instead of recompiling per length.
+    """
+    visual, text = getattr(model, "visual", None), getattr(model, "text", None)
+    if visual is not None:
+        visual.forward = torch.compile(visual.forward, dynamic=True, backend=backend)
+    if text is not None:
+        name = "encode_trimmed" if hasattr(text, "encode_trimmed") else "forward"
+        setattr(text, name, torch.compile(getattr(text, name), dynamic=True, backend=backend))
     return model
 
 
@@ -127,7 +143,11 @@ def encode_images(
     out = []
     with torch.inference_mode():
         for part in _batches(images.shape[0], batch_size):
-            out.append(model.encode_image(images[part].to(device, non_blocking=True), normalize=normalize).float().cpu())
+            out.append(
+                model.encode_image(images[part].to(device, non_blocking=True), normalize=normalize)
+                .float()
+                .cpu()
+            )
     return torch.cat(out) if out else torch.empty(0, getattr(model.config, "embed_dim", 0))
 
 

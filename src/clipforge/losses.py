@@ -236,11 +236,14 @@ _EXP_FLOOR = -80.0
 
 
 class _TileBuffers:
-    """Two reusable ``chunk x chunk`` scratch tiles: no 64 MiB malloc/page-faulting per tile."""
+    """Reusable ``chunk x chunk`` scratch tiles: no 64 MiB malloc/page-faulting per tile.
 
-    def __init__(self, rows: int, cols: int, like: Tensor, dtype: torch.dtype) -> None:
+    The second (``work``) tile is only needed for the column statistics of the symmetric loss.
+    """
+
+    def __init__(self, rows: int, cols: int, like: Tensor, dtype: torch.dtype, with_work: bool) -> None:
         self.tile = torch.empty(rows * cols, device=like.device, dtype=dtype)
-        self.work = torch.empty(rows * cols, device=like.device, dtype=dtype)
+        self.work = torch.empty(rows * cols, device=like.device, dtype=dtype) if with_work else self.tile
 
     def similarity(self, q_scaled: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """``(q_scaled @ k.T, scratch)`` as ``[len(q), len(k)]`` views of the buffers."""
@@ -253,9 +256,28 @@ class _TileBuffers:
         return tile, work
 
 
-def _merge_lse(acc: Tensor, tile_max: Tensor, tile_sum: Tensor) -> Tensor:
-    """log(exp(acc) + exp(tile_max) * tile_sum), the online log-sum-exp update."""
-    return torch.logaddexp(acc, tile_max + tile_sum.log())
+class _OnlineLSE:
+    """Running log-sum-exp of rows (or columns) kept as ``(max, sum of exp(x - max))``.
+
+    Kept split rather than as one ``lse`` number because backward needs ``S - lse`` and, with
+    logits near 100, rounding ``max + log(sum)`` to float32 costs ~1e-5 of relative accuracy in every
+    softmax entry; ``(S - max) - log(sum)`` stays as exact as the plain loss's log-softmax.
+    """
+
+    def __init__(self, size: int, like: Tensor, dtype: torch.dtype) -> None:
+        self.max = torch.full((size,), -math.inf, device=like.device, dtype=dtype)
+        self.sum = torch.zeros(size, device=like.device, dtype=dtype)
+
+    def update(self, idx: slice, tile_max: Tensor, tile_sum: Tensor) -> None:
+        """Merge a tile's ``(max, sum of exp(x - max))`` for the entries ``idx``."""
+        old_max = self.max[idx]
+        new_max = torch.maximum(old_max, tile_max)
+        self.sum[idx] = self.sum[idx] * (old_max - new_max).exp() + tile_sum * (tile_max - new_max).exp()
+        self.max[idx] = new_max
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """``(max, log(sum))``; their sum is the log-sum-exp."""
+        return self.max, self.sum.log()
 
 
 class _ChunkedInfoNCE(torch.autograd.Function):
@@ -269,9 +291,10 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     Math. With ``lse_r``/``lse_c`` the row/column log-sum-exp of ``S``:
     ``loss = c * sum(lse_r) + c * sum(lse_c) - (1/n) * sum_i S[i, i + offset]`` and
     ``dloss/dS = c * softmax_rows(S) + c * softmax_cols(S) - (1/n) * onehot(labels)`` with
-    ``c = 1/(2n)`` (symmetric) or ``c = 1/n`` and no column terms. Writing ``G = dloss/dS``:
-    ``dq = scale * G @ k``, ``dk = scale * G.T @ q`` and ``dscale = sum(G * q @ k.T) = sum(q * (G @ k))``
-    - so the scale gradient costs ``O(n D)`` once ``G @ k`` is accumulated; no extra tile pass.
+    ``c = 1/(2n)`` (symmetric: the label weight ``1/n`` is ``2c``) or ``c = 1/n`` and no column
+    terms. Writing ``G = dloss/dS``: ``dq = scale * G @ k``, ``dk = scale * G.T @ q`` and
+    ``dscale = sum(G * q @ k.T) = sum(q * (G @ k))`` - so the scale gradient costs ``O(n D)`` once
+    ``G @ k`` is accumulated; no extra tile pass.
     Per tile: forward = 1 matmul + row/column max, exp, sum; backward = 1 matmul (recompute) +
     2 matmuls into the gradient accumulators.
     """
@@ -283,58 +306,69 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             raise ClipforgeError(f"losses: bad chunked InfoNCE shapes n={n}, m={m}, offset={offset}")
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         q_scaled = q * scale.to(q.dtype)
-        buffers = _TileBuffers(min(chunk, n), min(chunk, m), q, acc)
-        lse_r = torch.full((n,), -math.inf, device=q.device, dtype=acc)
-        lse_c = torch.full((m,), -math.inf, device=q.device, dtype=acc) if symmetric else None
+        buffers = _TileBuffers(min(chunk, n), min(chunk, m), q, acc, with_work=symmetric)
+        row_stats = _OnlineLSE(n, q, acc)
+        col_stats = _OnlineLSE(m, q, acc) if symmetric else None
         for rows in _blocks(n, chunk):
             for cols in _blocks(m, chunk):
                 tile, work = buffers.similarity(q_scaled[rows], k[cols])
                 row_max = tile.amax(dim=1)
-                if lse_c is not None:
+                if col_stats is not None:
                     col_max = tile.amax(dim=0)
                     torch.sub(tile, col_max, out=work).clamp_min_(_EXP_FLOOR).exp_()
-                    lse_c[cols] = _merge_lse(lse_c[cols], col_max, work.sum(dim=0))
+                    col_stats.update(cols, col_max, work.sum(dim=0))
                 tile.sub_(row_max[:, None]).clamp_min_(_EXP_FLOOR).exp_()
-                lse_r[rows] = _merge_lse(lse_r[rows], row_max, tile.sum(dim=1))
+                row_stats.update(rows, row_max, tile.sum(dim=1))
         del buffers
-        positives = (q_scaled.to(acc) * k[offset : offset + n].to(acc)).sum()
-        if lse_c is not None:
-            loss = (lse_r.sum() + lse_c.sum()) / (2 * n) - positives / n
+        # Per-sample cross-entropies (max - positive) + log(sum) are small numbers; summing them,
+        # not the ~scale-sized maxima and positives separately, keeps float32 accuracy.
+        positives = (q_scaled.to(acc) * k[offset : offset + n].to(acc)).sum(dim=1)
+        max_r, logsum_r = row_stats.finish()
+        loss = ((max_r - positives) + logsum_r).sum()
+        max_c, logsum_c = col_stats.finish() if col_stats is not None else (max_r, logsum_r)
+        if col_stats is not None:  # symmetric: column j's label is row j, so the positives coincide
+            loss = (loss + ((max_c - positives) + logsum_c).sum()) / (2 * n)
         else:
-            loss = (lse_r.sum() - positives) / n
-        ctx.save_for_backward(q, k, scale, lse_r, lse_c if lse_c is not None else lse_r)
+            loss = loss / n
+        ctx.save_for_backward(q, k, scale, max_r, logsum_r, max_c, logsum_c)
         ctx.offset, ctx.symmetric, ctx.chunk = offset, symmetric, chunk
         return loss.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        q, k, scale, lse_r, lse_c = ctx.saved_tensors
+        q, k, scale, max_r, logsum_r, max_c, logsum_c = ctx.saved_tensors
         offset, symmetric, chunk = ctx.offset, ctx.symmetric, ctx.chunk
         n, m = q.shape[0], k.shape[0]
-        acc = lse_r.dtype
+        acc = max_r.dtype
         q_scaled = q * scale.to(q.dtype)
         q_acc, k_acc = q.to(acc), k.to(acc)
-        buffers = _TileBuffers(min(chunk, n), min(chunk, m), q, acc)
-        # Accumulate the un-weighted softmax parts: g_k = P @ k, g_q = P.T @ q with
-        # P = softmax_rows(S) (+ softmax_cols(S) if symmetric); weights applied once at the end.
+        buffers = _TileBuffers(min(chunk, n), min(chunk, m), q, acc, with_work=symmetric)
+        # Accumulate g_k = H @ k and g_q = H.T @ q with H = G / c, i.e.
+        # H = softmax_rows(S) (+ softmax_cols(S)) - label_ratio * onehot; c is applied once at the end.
+        # The label is subtracted inside the tile, element-wise like the plain loss does, rather than
+        # from the accumulated product: that would cancel two O(1) sums and lose float32 precision.
+        label_ratio = 2.0 if symmetric else 1.0
         g_k = torch.zeros(n, q.shape[1], device=q.device, dtype=acc)
         g_q = torch.zeros(m, q.shape[1], device=q.device, dtype=acc)
         for rows in _blocks(n, chunk):
             for cols in _blocks(m, chunk):
                 tile, work = buffers.similarity(q_scaled[rows], k[cols])
                 if symmetric:
-                    torch.sub(tile, lse_c[cols], out=work).clamp_min_(_EXP_FLOOR).exp_()
-                tile.sub_(lse_r[rows, None]).clamp_min_(_EXP_FLOOR).exp_()
+                    work = torch.sub(tile, max_c[cols], out=work).sub_(logsum_c[cols])
+                    work.clamp_min_(_EXP_FLOOR).exp_()
+                tile.sub_(max_r[rows, None]).sub_(logsum_r[rows, None]).clamp_min_(_EXP_FLOOR).exp_()
                 if symmetric:
                     tile.add_(work)
+                diag = rows.start + offset - cols.start  # labels (i, i + offset) on this tile's diagonal
+                if -tile.shape[0] < diag < tile.shape[1]:
+                    tile.diagonal(diag).sub_(label_ratio)
                 g_k[rows].addmm_(tile, k_acc[cols])
                 g_q[cols].addmm_(tile.T, q_acc[rows])
         del buffers
         go = grad_output.to(acc)
-        soft_w = go / (2 * n) if symmetric else go / n
-        label_w = go / n  # the -(1/n) * onehot(i, i + offset) term
-        g_k.mul_(soft_w).sub_(label_w * k_acc[offset : offset + n])  # now G @ k
-        g_q.mul_(soft_w)[offset : offset + n].sub_(label_w * q_acc)  # now G.T @ q
+        weight = go / (2 * n) if symmetric else go / n  # c times dL
+        g_k.mul_(weight)  # now G @ k
+        g_q.mul_(weight)  # now G.T @ q
         scale_acc = scale.to(acc)
         grad_q = grad_k = grad_scale = None
         if ctx.needs_input_grad[2]:
@@ -391,7 +425,9 @@ class ChunkedClipLoss(ClipLoss):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+        super().__init__(
+            local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
+        )
         if chunk_size < 1:
             raise ClipforgeError(f"losses: chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size

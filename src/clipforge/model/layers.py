@@ -189,7 +189,7 @@ class Transformer(nn.Module):
     def _run(
         self, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
     ) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+        if self.grad_checkpointing and torch.is_grad_enabled():
             # Non-reentrant checkpointing supports keyword args and mixes with autocast/compile.
             return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
         return block(x, attn_mask, is_causal)

@@ -77,9 +77,10 @@ class AttentionPool2d(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
         heads, head_dim = self.num_heads, width // self.num_heads
+        tokens = x.shape[1]
         q = self.q_proj(x[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, -1, heads, head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, -1, heads, head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, tokens, heads, head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, tokens, heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, D]
         return self.c_proj(out.transpose(1, 2).reshape(batch, width))
 

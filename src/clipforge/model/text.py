@@ -147,7 +147,10 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         idx = self.eot_indices(tokens)
-        tokens = tokens[:, : self._trim_length(tokens, idx)]
+        return self.encode_trimmed(tokens[:, : self._trim_length(tokens, idx)], idx)
+
+    def encode_trimmed(self, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Projected features of already-trimmed tokens pooled at ``idx`` (the compilable part)."""
         # Only the EOT row of the last block is read: forward_at skips the rest of its work, and
         # LayerNorm being per token, normalising just the pooled rows is exact.
         pooled = self.transformer.forward_at(self.embed(tokens), idx, is_causal=True)

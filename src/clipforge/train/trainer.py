@@ -9,7 +9,6 @@ Checkpointing lives in :mod:`clipforge.train.state`, the objective in
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -26,13 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
+from clipforge.errors import ClipforgeError, ConfigError
 from clipforge.train import state as ckpt
+from clipforge.train.checkpointing import maybe_resume, save_training_checkpoint
 from clipforge.train.config import TrainConfig
 from clipforge.train.distributed import (
     DistInfo,
     any_rank,
-    barrier,
     cleanup_distributed,
     setup_distributed,
     wrap_model,
@@ -41,7 +40,8 @@ from clipforge.train.loader import TrainBatches
 from clipforge.train.logger import RunLogger
 from clipforge.train.optim import build_optimizer as make_optimizer
 from clipforge.train.optim import build_scheduler
-from clipforge.train.surgery import apply_lora, has_lora, lock_towers, merge_lora
+from clipforge.train.outputs import evaluate, save_final_model, write_summary
+from clipforge.train.surgery import apply_lora, lock_towers
 from clipforge.train.task import ContrastiveTask, build_loss, split_micro_batches
 
 log = logging.getLogger(__name__)
@@ -238,120 +238,6 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
 
 
 # =================================================================================================
-# checkpoints
-# =================================================================================================
-def _gather_objects(obj: Any, info: DistInfo) -> list[Any]:
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _full_state_dicts(run: Run) -> tuple[dict, dict]:
-    if run.cfg.distributed == "fsdp" and run.info.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(run.model, run.optimizer, options=opts)
-    return run.model.state_dict(), run.optimizer.state_dict()
-
-
-def save_training_checkpoint(run: Run) -> Path | None:
-    """All ranks call this (states are gathered); rank 0 writes. Returns the path or None on failure."""
-    rngs = _gather_objects(ckpt.capture_rng(), run.info)
-    data_states = _gather_objects(run.loader.state_dict(), run.info)
-    model_sd, optim_sd = _full_state_dicts(run)
-    path = None
-    if run.info.is_main:
-        payload = {
-            "model": model_sd,
-            "optimizer": optim_sd,
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "ema": run.task.ema.state_dict() if run.task.ema else None,
-            "rng": rngs,
-            "data": data_states,  # one per rank: shard positions differ between ranks
-            "skips": run.skips.counts() if run.skips is not None else {},
-            "train_state": run.state.to_dict(),
-            "config": run.cfg.to_dict(),
-        }
-        try:
-            path = ckpt.save_checkpoint(payload, run.ckpt_dir, run.state.step, run.cfg.keep_last)
-            log.info("checkpoint %s", path)
-        except CheckpointError as e:
-            log.error("%s; training continues", e)
-    barrier()
-    return path
-
-
-def maybe_resume(run: Run) -> None:
-    path = ckpt.resolve_resume(run.cfg.resume, run.ckpt_dir)
-    if run.cfg.resume and path is None:
-        log.warning("--resume %s: no checkpoint in %s yet; starting fresh", run.cfg.resume, run.ckpt_dir)
-        return
-    if path is None:
-        return
-    saved = ckpt.load_checkpoint_state(path)
-    _warn_config_drift(saved.get("config", {}), run.cfg)
-    if run.cfg.distributed == "fsdp" and run.info.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(
-            run.model,
-            run.optimizer,
-            model_state_dict=saved["model"],
-            optim_state_dict=saved["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-    else:
-        run.model.load_state_dict(saved["model"])
-        run.optimizer.load_state_dict(saved["optimizer"])
-    run.scheduler.load_state_dict(saved["scheduler"])
-    run.scaler.load_state_dict(saved["scaler"])
-    if run.task.ema is not None and saved.get("ema") is not None:
-        run.task.ema.load_state_dict(saved["ema"])
-    run.loader.load_state_dict(_for_rank(saved["data"], run.info.rank))
-    if run.skips is not None and saved.get("skips"):
-        run.skips.merge(saved["skips"])
-    run.state = ckpt.TrainState(**saved["train_state"])
-    ckpt.restore_rng(_for_rank(saved["rng"], run.info.rank))
-    log.info(
-        "resumed from %s at step %d (epoch %d, batch %d)",
-        path,
-        run.state.step,
-        run.loader.epoch,
-        run.loader.batch,
-    )
-
-
-def _for_rank(per_rank: list[Any], rank: int) -> Any:
-    if len(per_rank) <= rank:
-        log.warning("checkpoint has state for %d rank(s); rank %d reuses rank 0's", len(per_rank), rank)
-        return per_rank[0]
-    return per_rank[rank]
-
-
-_EXACTNESS_KEYS = (
-    "model",
-    "data",
-    "batch_size",
-    "accum_steps",
-    "seed",
-    "lr",
-    "schedule",
-    "loss",
-    "epochs",
-    "max_steps",
-)
-
-
-def _warn_config_drift(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    changed = [k for k in _EXACTNESS_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        log.warning("resuming with changed %s: the run will not match an uninterrupted one", changed)
-
-
 # =================================================================================================
 # the loop
 # =================================================================================================
@@ -527,107 +413,6 @@ def fit(run: Run) -> TrainResult:
     if run.info.is_main:
         write_summary(run, result)
     return result
-
-
-# =================================================================================================
-# after training
-# =================================================================================================
-def save_final_model(run: Run) -> Path | None:
-    """Write ``output_dir/final`` (model.safetensors + config.json) from rank 0; LoRA is merged."""
-    import copy
-
-    model = run.model
-    if run.cfg.distributed == "fsdp" and run.info.distributed:
-        model_sd, _ = _full_state_dicts(run)
-        if not run.info.is_main:
-            return None
-        from clipforge.model.clip import CLIP
-
-        model = CLIP(run.model.config)  # an unsharded twin to hold the gathered weights
-        model.preprocess_cfg = run.model.preprocess_cfg
-        if has_lora(run.model):
-            c = run.cfg
-            towers = [
-                name for name, locked in (("visual", c.lock_image), ("text", c.lock_text)) if not locked
-            ]
-            apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets, towers)
-        model.load_state_dict(model_sd)
-    if not run.info.is_main:
-        return None
-    from clipforge.checkpoints.clipforge_format import save_pretrained
-
-    out = Path(run.cfg.output_dir) / "final"
-    export = merge_lora(copy.deepcopy(model)) if has_lora(model) else model
-    save_pretrained(export, out)
-    if run.task.ema is not None:
-        ema = run.task.ema.module
-        save_pretrained(
-            merge_lora(copy.deepcopy(ema)) if has_lora(ema) else ema, Path(run.cfg.output_dir) / "final-ema"
-        )
-    return out
-
-
-def evaluate(run: Run, rlog: RunLogger) -> dict[str, Any]:
-    """Retrieval Recall@K (and zero-shot accuracy when ``val_data`` has classes) on rank 0."""
-    metrics: dict[str, Any] = {}
-    if run.info.is_main:
-        from clipforge.eval.datasets import load_eval_dataset
-        from clipforge.eval.runner import evaluate as run_eval
-
-        model = run.task.ema.module if run.task.ema is not None else run.model
-        common = {
-            "device": run.info.device,
-            "batch_size": max(64, run.cfg.batch_size),
-            "model_name": run.cfg.model,
-            "report_dir": Path(run.cfg.output_dir) / "eval",
-        }
-        ds = load_eval_dataset(run.cfg.val_data, task="retrieval", transform=run.preprocess_val)
-        if ds.supports_retrieval:
-            metrics.update(
-                run_eval(model, run.tokenizer, run.preprocess_val, ds, task="retrieval", **common)["metrics"]
-            )
-        ds = load_eval_dataset(run.cfg.val_data, task="classification", transform=run.preprocess_val)
-        if ds.supports_classification:
-            result = run_eval(
-                model,
-                run.tokenizer,
-                run.preprocess_val,
-                ds,
-                task="zeroshot",
-                templates=run.cfg.zeroshot_templates,
-                **common,
-            )
-            metrics.update({f"zeroshot_{k}": v for k, v in result["metrics"].items()})
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        rlog.log(run.state.step, {**metrics, "epoch": run.state.epoch}, kind="eval")
-        shown = {
-            k: metrics[k]
-            for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "zeroshot_acc1")
-            if k in metrics
-        }
-        rlog.write(f"eval @ epoch {run.state.epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
-        run.model.train()
-    barrier()
-    return metrics
-
-
-def write_summary(run: Run, result: TrainResult) -> None:
-    summary = {k: v for k, v in result.to_dict().items() if k != "loss_history"}
-    path = Path(run.cfg.output_dir) / "summary.json"
-    tmp = path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    skipped = sum(result.skipped_samples.values())
-    lines = [
-        f"run summary: {result.steps} steps, {result.epochs} epoch(s) in {result.wall_time_s:.1f}s "
-        f"({result.samples_per_second:.1f} samples/s)",
-        f"  final loss {result.final_loss:.4f}" if result.final_loss is not None else "  no completed step",
-        f"  skipped: {result.skipped_steps} step(s) with NaN/Inf, {skipped} bad sample(s) {result.skipped_samples or ''}",
-    ]
-    if result.final_model_dir:
-        lines.append(f"  model: {result.final_model_dir} (load with create_model(pretrained=...))")
-    for line in lines:
-        log.info(line)
 
 
 # =================================================================================================
