@@ -15,7 +15,8 @@ each); ``clipforge`` uses ``encode_texts`` (length buckets + trimming to each ba
 caption); ``clipforge-nobucket`` trims but keeps the input order; ``onnx`` trims only.
 Images: ``clipforge`` is the model as built; ``clipforge-opt`` adds ``optimize_for_inference``
 (BatchNorm folding + channels-last for ResNets, float32, identical outputs); ``int8`` is dynamic
-int8 quantisation of linear layers; ``onnx`` is ONNX Runtime (float32) with the same threads.
+int8 quantisation of linear layers; ``onnx`` is ONNX Runtime (float32) with the same threads,
+``onnx-int8`` the same graph with onnxruntime's dynamic int8 quantisation.
 Peak memory: extra resident memory (VmHWM after minus VmRSS before, Linux) of one forward pass,
 each library in its own subprocess.
 
@@ -53,7 +54,7 @@ def _chunks(tokens: torch.Tensor, batch: int) -> list[torch.Tensor]:
     return [tokens[i : i + batch] for i in range(0, len(tokens), batch)]
 
 
-def image_variants(model: CLIP, twin, batch: int, want_onnx: bool, threads: int) -> dict:
+def image_variants(model: CLIP, twin, batch: int, want_onnx: bool, threads: int, bf16: bool = False) -> dict:
     size = model.config.vision.image_size
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     opt, int8 = optimize_for_inference(model), optimize_for_inference(model, quantize=True)
@@ -63,11 +64,16 @@ def image_variants(model: CLIP, twin, batch: int, want_onnx: bool, threads: int)
         "clipforge-opt": lambda: opt.encode_image(images),
         "int8": lambda: int8.encode_image(images),
     }
+    if bf16:  # measure, don't assume: CPUs without native bf16 units are slower with it
+        half = optimize_for_inference(model).to(torch.bfloat16)
+        fns["bf16"] = lambda: half.encode_image(images.to(torch.bfloat16))
     if want_onnx:
         from clipforge.bench import OnnxTower
 
         tower = OnnxTower(model, "image", threads)
         fns["onnx"] = lambda: tower(images)
+        tower8 = OnnxTower(model, "image", threads, int8=True)
+        fns["onnx-int8"] = lambda: tower8(images)
     return fns
 
 
@@ -87,6 +93,8 @@ def text_variants(model: CLIP, twin, tokens: torch.Tensor, batch: int, want_onnx
 
         tower = OnnxTower(model, "text", threads)
         fns["onnx"] = lambda: torch.cat([tower(c) for c in chunks])
+        tower8 = OnnxTower(model, "text", threads, int8=True)
+        fns["onnx-int8"] = lambda: torch.cat([tower8(c) for c in chunks])
     return fns
 
 
@@ -179,6 +187,7 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=None, help="captions per text measurement")
     p.add_argument("--kinds", default="image,text")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="also time a bfloat16 image tower")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")
     p.add_argument(
@@ -205,11 +214,13 @@ def main() -> None:
         twin = open_clip_twin(model)
         for batch in batches:
             if "image" in kinds:
-                rows = compare(image_variants(model, twin, batch, want_onnx, args.threads), batch, rounds)
+                rows = compare(
+                    image_variants(model, twin, batch, want_onnx, args.threads, args.bf16), batch, rounds
+                )
                 print_rows(f"{name} encode_image, batch {batch}", rows)
                 results.append({"model": name, "kind": "image", "batch": batch, "rows": rows})
             if "text" in kinds:
-                n = args.texts or max(batch * (4 if args.full else 2), 32 if batch == 1 else 0)
+                n = args.texts or max(batch * (8 if args.full else 4), 32)
                 tokens = Tokenizer()(realistic_captions(n, seed=batch))
                 rows = compare(text_variants(model, twin, tokens, batch, want_onnx, args.threads), n, rounds)
                 print_rows(f"{name} encode_text, {n} captions of 5-30 words, batch {batch}", rows)

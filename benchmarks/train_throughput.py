@@ -64,10 +64,20 @@ def open_clip_config(model: str) -> dict:
     }
 
 
-def make_data(root: Path, n: int, image_size: int) -> Path:
+def make_data(root: Path, n: int, image_size: int) -> tuple[Path, Path]:
+    """One set of PNGs, two tables: paths relative to the table (clipforge) and absolute
+    (open_clip_train resolves paths against its working directory)."""
+    import csv
+
     from clipforge.data.synthetic import write_synthetic
 
-    return write_synthetic(root / "data", n, image_size=image_size)
+    table = write_synthetic(root / "data", n, image_size=image_size)
+    with open(table, newline="") as f:
+        rows = list(csv.reader(f))
+    absolute = root / "data" / "captions_abs.csv"
+    with open(absolute, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [[str((table.parent / r[0]).resolve()), r[1]] for r in rows[1:]])
+    return table, absolute
 
 
 def env(threads: int) -> dict[str, str]:
@@ -216,7 +226,7 @@ def main() -> None:
     model_dir = root / "open_clip_model"
     model_dir.mkdir()
     (model_dir / "open_clip_config.json").write_text(json.dumps(oc_cfg))
-    table = make_data(root, args.samples, oc_cfg["model_cfg"]["vision_cfg"]["image_size"])
+    table, table_abs = make_data(root, args.samples, oc_cfg["model_cfg"]["vision_cfg"]["image_size"])
     steps = args.samples // args.batch_size
     print(
         f"model {args.model}, {args.samples} samples, batch {args.batch_size} ({steps} steps), "
@@ -233,7 +243,7 @@ def main() -> None:
             if name == "clipforge":
                 times, loss = run_clipforge(args, table, out)
             else:
-                times, loss = run_open_clip(args, table, out, model_dir)
+                times, loss = run_open_clip(args, table_abs, out, model_dir)
             step = steady(times, args.skip)
             best[name] = min(best[name], step)
             losses[name] = loss

@@ -125,9 +125,11 @@ def test_export_command(tmp_path, capsys) -> None:
     pytest.importorskip("onnxruntime")
     from clipforge.cli import main
 
-    assert main(["export", "--model", "tiny-vit", "--out", str(tmp_path), "--towers", "text"]) == 0
+    assert main(["export", "--model", "tiny-vit", "--out", str(tmp_path), "--towers", "text", "--int8"]) == 0
     assert (tmp_path / "text.onnx").exists() and not (tmp_path / "image.onnx").exists()
-    assert "max abs diff" in capsys.readouterr().out
+    assert (tmp_path / "text.int8.onnx").exists()
+    out = capsys.readouterr().out
+    assert "max abs diff" in out and "min cosine vs float32" in out
     assert main(["export", "--model", "tiny-vit", "--out", str(tmp_path), "--towers", "audio"]) == 2
 
 

@@ -124,13 +124,14 @@ def open_clip_twin(model: nn.Module) -> nn.Module | None:
 class OnnxTower:
     """onnxruntime session for one exported tower, callable like ``encode_image``/``encode_text``."""
 
-    def __init__(self, model: nn.Module, tower: str, threads: int | None) -> None:
+    def __init__(self, model: nn.Module, tower: str, threads: int | None, int8: bool = False) -> None:
         import onnxruntime as ort
 
         from clipforge.export import export_onnx
 
         self._tmp = tempfile.TemporaryDirectory(prefix="clipforge-onnx-")
-        path = export_onnx(model, self._tmp.name, towers=(tower,), verify=False).paths[tower]
+        paths = export_onnx(model, self._tmp.name, towers=(tower,), verify=False, int8=int8).paths
+        path = paths[f"{tower}-int8" if int8 else tower]
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -162,8 +163,8 @@ def _variants(model: nn.Module, names: list[str]) -> dict[str, Any]:
             built[variant] = optimize_for_inference(model).to(torch.bfloat16)
         elif variant == "compile":
             built[variant] = optimize_for_inference(model, compile=True)
-        elif variant == "onnx":
-            built[variant] = "onnx"  # sessions are created per tower below
+        elif variant in ("onnx", "onnx-int8"):
+            built[variant] = variant  # sessions are created per tower below
         else:
             raise ConfigError(
                 f"unknown bench variant {variant!r}; choose from clipforge, open_clip, int8, bf16, compile, onnx"
@@ -203,8 +204,8 @@ def run_bench(
     )
 
     def text_fn(m: Any) -> Callable[[], torch.Tensor]:
-        if m == "onnx":
-            tower = OnnxTower(model, "text", threads)
+        if m in ("onnx", "onnx-int8"):
+            tower = OnnxTower(model, "text", threads, int8=m == "onnx-int8")
             return lambda: torch.cat(
                 [tower(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
             )
@@ -215,8 +216,8 @@ def run_bench(
         )
 
     def image_fn(m: Any) -> Callable[[], torch.Tensor]:
-        if m == "onnx":
-            tower = OnnxTower(model, "image", threads)
+        if m in ("onnx", "onnx-int8"):
+            tower = OnnxTower(model, "image", threads, int8=m == "onnx-int8")
             return lambda: tower(images)
         dtype = next(m.parameters()).dtype
         return lambda: m.encode_image(images.to(dtype))

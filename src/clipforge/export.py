@@ -55,6 +55,7 @@ class TextEncoder(nn.Module):
 class ExportResult:
     paths: dict[str, Path] = field(default_factory=dict)
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    min_cos: dict[str, float] = field(default_factory=dict)  # int8 graphs vs float32 PyTorch
 
 
 def example_inputs(
@@ -131,6 +132,43 @@ def verify_onnx(model: nn.Module, path: str | Path, tower: str, *, atol: float =
     return worst
 
 
+def quantize_onnx_int8(path: str | Path) -> Path:
+    """``<name>.int8.onnx`` beside ``path``: onnxruntime dynamic int8 quantisation of its MatMuls.
+
+    Weights become int8, activations are quantised per batch at run time: the CPU fast path
+    (about 2x float32 on AVX2 for ViT-B-32, cosine similarity to float32 > 0.999).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    out = path.with_name(f"{path.stem}.int8.onnx")
+    tmp = path.with_name(f".{out.name}.tmp")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # onnxruntime logs pre-processing advice on the root logger
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    os.replace(tmp, out)
+    return out
+
+
+def verify_onnx_int8(model: nn.Module, path: str | Path, tower: str, *, min_cos: float = 0.99) -> float:
+    """Min cosine similarity between a quantised graph's features and PyTorch float32 features."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = example_inputs(model, tower, batch=3, seed=1)
+    with torch.inference_mode():
+        expected = _wrapper(model, tower)(inputs).float()
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+    cos = float(torch.nn.functional.cosine_similarity(got, expected, dim=-1).min())
+    if cos < min_cos:
+        raise ExportError(f"{path}: int8 features have cosine similarity {cos:.4f} to float32 (< {min_cos})")
+    return cos
+
+
 def export_onnx(
     model: nn.Module,
     out_dir: str | Path,
@@ -140,11 +178,14 @@ def export_onnx(
     dynamo: bool = False,
     verify: bool = True,
     atol: float = 1e-4,
+    int8: bool = False,
 ) -> ExportResult:
     """Write ``image.onnx`` / ``text.onnx`` into ``out_dir`` and (by default) verify them.
 
     ``dynamo=False`` uses the TorchScript-based exporter (seconds); ``dynamo=True`` the
-    ``torch.export``-based one (slower to export, the long-term path in PyTorch).
+    ``torch.export``-based one (slower to export, the long-term path in PyTorch). ``int8`` also
+    writes ``<tower>.int8.onnx`` (see :func:`quantize_onnx_int8`); its check is a cosine
+    similarity >= 0.99 to float32 (reported in ``min_cos``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +203,11 @@ def export_onnx(
         if verify:
             result.max_abs_diff[tower] = verify_onnx(model, path, tower, atol=atol)
             logger.info("%s: max abs diff vs PyTorch %.2e", path.name, result.max_abs_diff[tower])
+        if int8:
+            quantized = quantize_onnx_int8(path)
+            result.paths[f"{tower}-int8"] = quantized
+            if verify:
+                result.min_cos[f"{tower}-int8"] = verify_onnx_int8(model, quantized, tower)
     return result
 
 

@@ -24,6 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--open-clip", action="store_true", help="also time open_clip with the same weights")
     p.add_argument("--int8", action="store_true", help="also time int8 dynamic quantisation (CPU)")
     p.add_argument("--onnx", action="store_true", help="also time ONNX Runtime")
+    p.add_argument("--onnx-int8", action="store_true", help="also time ONNX Runtime with int8 weights")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow first call)")
     p.set_defaults(func=run)
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     variants = ["open_clip"] if args.open_clip else []
     variants.append("clipforge")
     variants += [v for v, on in (("bf16", args.dtype == "bfloat16"), ("int8", args.int8),
-                                 ("compile", args.compile), ("onnx", args.onnx)) if on]  # fmt: skip
+                                 ("compile", args.compile), ("onnx", args.onnx), ("onnx-int8", args.onnx_int8)) if on]  # fmt: skip
     model = create_model(args.model, args.pretrained)
     rows = run_bench(model, variants=variants, kinds=kinds, batch_size=args.batch_size,
                      rounds=args.rounds, threads=args.threads)  # fmt: skip

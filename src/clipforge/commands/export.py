@@ -20,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--towers", default="image,text", help="comma-separated: image, text")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
+    p.add_argument(
+        "--int8", action="store_true", help="also write <tower>.int8.onnx (dynamic int8, CPU fast path)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--atol", type=float, default=1e-4)
     p.set_defaults(func=run)
@@ -40,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = export_onnx(
             model, args.out, towers=towers, opset=args.opset, dynamo=args.dynamo,
-            verify=not args.no_verify, atol=args.atol,
+            verify=not args.no_verify, atol=args.atol, int8=args.int8,
         )  # fmt: skip
     for tower, path in result.paths.items():
-        diff = result.max_abs_diff.get(tower)
+        diff, cos = result.max_abs_diff.get(tower), result.min_cos.get(tower)
         check = f"  max abs diff vs PyTorch {diff:.2e}" if diff is not None else ""
+        check += f"  min cosine vs float32 {cos:.5f}" if cos is not None else ""
         print(f"{tower:5s} -> {path}{check}")
     return 0

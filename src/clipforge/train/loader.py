@@ -42,6 +42,14 @@ def mix_seed(*values: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    # Only the CPU generator: torch.manual_seed would also queue lazy CUDA seeding, which
+    # records a stack trace per call and costs milliseconds per sample.
+    torch.default_generator.manual_seed(seed)
+
+
 class isolated_rng:  # noqa: N801 - used like a function: ``with isolated_rng(seed):``
     """Run a block under fixed Python/NumPy/torch seeds, then restore the caller's RNG states."""
 
@@ -50,9 +58,7 @@ class isolated_rng:  # noqa: N801 - used like a function: ``with isolated_rng(se
 
     def __enter__(self) -> None:
         self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(self.seed)
-        np.random.seed(self.seed % (2**32))
-        torch.manual_seed(self.seed)
+        _seed_all(self.seed)
 
     def __exit__(self, *exc: Any) -> None:
         py, npy, th = self.saved
@@ -82,8 +88,10 @@ class SeededItems(Dataset):
         return getattr(self.dataset, "skipped", None)
 
     def __getitem__(self, index: int) -> Any:
-        with isolated_rng(mix_seed(self.seed, self.epoch, index)):
-            return self.dataset[index]
+        # Seed only: TrainBatches fetches every batch inside ``isolated_rng``, which restores the
+        # caller's RNG afterwards (and worker processes have no caller to protect).
+        _seed_all(mix_seed(self.seed, self.epoch, index))
+        return self.dataset[index]
 
 
 class TrainBatches:

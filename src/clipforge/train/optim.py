@@ -80,9 +80,28 @@ def build_optimizer(
     weight_decay: float = 0.2,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; ``fused=None`` picks the fused kernel where it exists.
+
+    On CPU the default (per-tensor Python loop) AdamW costs ~8x the fused kernel for a tiny
+    CLIP, a visible share of a training step; sharded (DTensor) parameters use ``foreach``.
+    """
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, weight_decay)]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if fused is None:
+        fused = _fused_ok([p for g in groups for p in g["params"]])
+    kind = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
+
+
+def _fused_ok(params: list[torch.Tensor]) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()  # noqa: N806
+    return all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p, DTensor) for p in params
+    )
 
 
 # --- schedules -------------------------------------------------------------------------------------

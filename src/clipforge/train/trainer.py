@@ -215,9 +215,9 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     skips = _new_skip_counter()
     loader = build_data(cfg, info, preprocess_train, tokenizer, skips)
     total = cfg.max_steps or cfg.epochs * loader.steps_per_epoch
-    optimizer, scheduler, scaler = build_optimizer(cfg, model, total)
     strategy = {"auto": "ddp"}.get(cfg.distributed, cfg.distributed)
-    wrapped = wrap_model(model, info, strategy)
+    wrapped = wrap_model(model, info, strategy)  # first: FSDP2 swaps in sharded parameters
+    optimizer, scheduler, scaler = build_optimizer(cfg, model, total)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     loss_fn = build_loss(
