@@ -386,7 +386,7 @@ def test_fuzz_testclient_no_5xx(client):
         resp = client.request(method, path, **kw)
         _check(resp)
         statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
-    assert statuses.get(200, 0) > 50 and sum(v for k, v in statuses.items() if 400 <= k < 500) > 500, statuses
+    assert statuses.get(200, 0) > 20 and sum(v for k, v in statuses.items() if 400 <= k < 500) > 500, statuses
     assert_alive(client)
 
 
