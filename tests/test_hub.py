@@ -159,6 +159,27 @@ def test_hf_transformers_repo_on_the_hub(offline_cache, tmp_path):
     assert_same_weights(model, loaded)
 
 
+def test_sharded_transformers_repo_on_the_hub(offline_cache, tmp_path):
+    """Big Hub checkpoints (ViT-bigG) are split into shards + an index: every shard is resolved."""
+    transformers = pytest.importorskip("transformers")
+    from clipforge.checkpoints.hf import save_hf
+
+    torch.manual_seed(0)
+    model = create_model("tiny-vit").eval()
+    save_hf(model, tmp_path / "hf")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    files = {p.name: p for p in (tmp_path / "sharded").iterdir()}
+    assert "model.safetensors.index.json" in files and len(files) > 3
+    populate(offline_cache, "test-org/big-clip", files)
+    assert_same_weights(model, create_model(pretrained="hf-hub:test-org/big-clip"))
+
+    shard = sorted(n for n in files if n.startswith("model-"))[-1]
+    (offline_cache / "models--test-org--big-clip" / "snapshots" / REVISION / shard).unlink()
+    with pytest.raises(DownloadError, match=shard):
+        create_model(pretrained="hf-hub:test-org/big-clip")
+
+
 def test_missing_from_cache_offline_names_the_path(offline_cache):
     with pytest.raises(DownloadError) as err:
         create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")

@@ -116,6 +116,28 @@ def test_hf_vit_b_32_parity(tmp_path):
     assert diff < TOL
 
 
+def test_sharded_hf_folder_loads_and_reports_missing_shards(tmp_path):
+    import json
+
+    from clipforge.errors import CheckpointError
+
+    hf = hf_model("tiny")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="200KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    assert len(shards) > 1
+    model = create_model(None, pretrained=tmp_path / "hf").eval()
+    images, tokens = hf_inputs(model.config.vision.image_size)
+    assert _max_diff(hf_features(hf, images, tokens), ours_features(model, images, tokens)) < TOL
+
+    (tmp_path / "hf" / shards[-1]).unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shards[-1]} is missing"):
+        create_model(None, pretrained=tmp_path / "hf")
+    index.write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
+    with pytest.raises(CheckpointError, match="plain file names"):
+        create_model(None, pretrained=tmp_path / "hf")
+
+
 def test_hf_config_round_trip_for_registered_vits():
     """CLIPConfig -> HF config.json -> CLIPConfig keeps every shape (MLP widths compared as ints)."""
     import dataclasses

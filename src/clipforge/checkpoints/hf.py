@@ -30,6 +30,8 @@ from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 log = logging.getLogger(__name__)
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Index files ``save_pretrained`` writes when it splits large weights into shards.
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _CLIP_EOT_ID = 49407
 
 # Per-block renames (HF suffix -> clipforge suffix), shared by both towers.
@@ -268,18 +270,65 @@ def load_hf_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     """clipforge-named weights and config from a ``CLIPModel.save_pretrained`` folder."""
     path = Path(path)
     cfg = load_hf_config(path)
-    weights = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), None)
+    weights = next((path / n for n in HF_WEIGHT_FILES + HF_INDEX_FILES if (path / n).is_file()), None)
     if weights is None:
-        if any(path.glob("*.index.json")):
-            raise CheckpointError(f"{path}: sharded Hugging Face checkpoints are not supported yet")
-        raise CheckpointError(f"{path}: no {' or '.join(HF_WEIGHT_FILES)} next to config.json")
-    sd = load_safetensors(weights)[0] if weights.suffix == ".safetensors" else safe_torch_load(weights)
-    if not isinstance(sd, Mapping):
-        raise CheckpointError(f"{weights}: expected a state dict, got {type(sd).__name__}")
+        expected = " or ".join(HF_WEIGHT_FILES + HF_INDEX_FILES)
+        raise CheckpointError(f"{path}: no {expected} next to config.json")
+    if weights.name in HF_INDEX_FILES:
+        sd = load_sharded(weights)
+    else:
+        sd = _load_weight_file(weights)
     try:
         return hf_to_clipforge(sd), cfg
     except CheckpointError as e:
         raise CheckpointError(f"{weights}: {e}") from None
+
+
+def _load_weight_file(weights: Path) -> Mapping[str, torch.Tensor]:
+    sd = load_safetensors(weights)[0] if weights.suffix == ".safetensors" else safe_torch_load(weights)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{weights}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+def shard_names(index_path: str | Path) -> list[str]:
+    """Shard files an ``*.index.json`` refers to, in first-use order (its ``weight_map`` values)."""
+    return list(dict.fromkeys(_weight_map(Path(index_path)).values()))
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a readable shard index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    escaping = sorted({n for n in weight_map.values() if Path(n).name != n})
+    if escaping:
+        raise CheckpointError(f"{index_path}: shard names must be plain file names, got {escaping[:3]}")
+    return weight_map
+
+
+def load_sharded(index_path: str | Path) -> dict[str, torch.Tensor]:
+    """Merge the shards of a sharded ``save_pretrained`` folder, checking the index is satisfied.
+
+    Large checkpoints (ViT-bigG on the Hub) are split this way; every tensor the index names
+    must come from the shard it names, so a partly downloaded folder fails here, by file name.
+    """
+    index_path = Path(index_path)
+    weight_map = _weight_map(index_path)
+    merged: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index_path.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path}: shard {name} is missing (expected at {shard})")
+        merged.update(_load_weight_file(shard))
+    missing = sorted(set(weight_map) - set(merged))
+    if missing:
+        raise CheckpointError(
+            f"{index_path}: tensors listed in the index are absent from the shards: {missing[:5]}"
+        )
+    return merged
 
 
 def save_hf(model: torch.nn.Module, directory: str | Path) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from clipforge.checkpoints.hf import HF_INDEX_FILES, HF_WEIGHT_FILES, shard_names
 from clipforge.errors import ConfigError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def resolve_hub(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
         return path
     weights_for = {
         "open_clip_config.json": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-        "config.json": ("model.safetensors", "pytorch_model.bin"),
+        "config.json": HF_WEIGHT_FILES + HF_INDEX_FILES,
     }
     for config_name in CONFIG_FILES:
         config = hub_file(
@@ -175,6 +176,9 @@ def resolve_hub(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
             continue
         weights = hub_file(ref.repo_id, weights_for[config_name], revision=ref.revision, cache_dir=cache_dir)
         assert weights is not None
+        if weights.name.endswith(".index.json"):  # sharded: fetch every shard into the same snapshot
+            for shard in shard_names(weights):
+                hub_file(ref.repo_id, shard, revision=ref.revision, cache_dir=cache_dir)
         if weights.parent != config.parent:  # different snapshots: hand back the weights file itself
             return weights
         return config.parent
