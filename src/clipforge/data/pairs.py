@@ -94,6 +94,21 @@ def decode_text(raw: bytes) -> tuple[str, int]:
         return text.removeprefix("\ufeff"), bad
 
 
+def transform_pair(
+    image: Any, caption: str, transform: Callable[[Any], Any] | None, tokenizer: Callable[[str], Any] | None
+) -> tuple[Any, Any]:
+    """Apply the image transform and tokenizer; a tokenizer's ``[1, L]`` row becomes ``[L]`` so
+    the default collate stacks items into ``[B, L]``."""
+    if transform is not None:
+        image = transform(image)
+    tokens: Any = caption
+    if tokenizer is not None:
+        tokens = tokenizer(caption)
+        if getattr(tokens, "ndim", 0) == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+    return image, tokens
+
+
 class _PairsBase:
     """Shared item logic: image loading with skip/replace, caption sampling, transforms."""
 
@@ -189,14 +204,7 @@ class _PairsBase:
         )
 
     def _apply(self, image: Any, caption: str) -> tuple[Any, Any]:
-        if self.transform is not None:
-            image = self.transform(image)
-        tokens: Any = caption
-        if self.tokenizer is not None:
-            tokens = self.tokenizer(caption)
-            if getattr(tokens, "ndim", 0) == 2 and tokens.shape[0] == 1:
-                tokens = tokens[0]
-        return image, tokens
+        return transform_pair(image, caption, self.transform, self.tokenizer)
 
 
 class PairsDataset(_PairsBase):
