@@ -180,12 +180,9 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
 
-    def get_logits(
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float
-    ) -> tuple[Tensor, Tensor]:
-        """``(logits_per_image, logits_per_text)``; the scale multiplies ``[N, D]``, not ``[B, B]``."""
-        logit_scale = _as_scale(logit_scale, image_features)
-        all_image, all_text = gather_features(
+    def gather(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
+        """Features of the whole global batch (this rank's own rows keep their gradients)."""
+        return gather_features(
             image_features,
             text_features,
             local_loss=self.local_loss,
@@ -193,6 +190,13 @@ class ClipLoss(nn.Module):
             rank=self.rank,
             world_size=self.world_size,
         )
+
+    def get_logits(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float
+    ) -> tuple[Tensor, Tensor]:
+        """``(logits_per_image, logits_per_text)``; the scale multiplies ``[N, D]``, not ``[B, B]``."""
+        logit_scale = _as_scale(logit_scale, image_features)
+        all_image, all_text = self.gather(image_features, text_features)
         if self.world_size > 1 and self.local_loss:
             logits_per_image = (logit_scale * image_features) @ all_text.T
             logits_per_text = (logit_scale * text_features) @ all_image.T
@@ -441,14 +445,7 @@ class ChunkedClipLoss(ClipLoss):
         logit_bias: Tensor | None = None,
     ) -> Tensor:
         _check_pair(image_features, text_features)
-        all_image, all_text = gather_features(
-            image_features,
-            text_features,
-            local_loss=self.local_loss,
-            gather_with_grad=self.gather_with_grad,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        all_image, all_text = self.gather(image_features, text_features)
         if self.world_size > 1 and self.local_loss:
             loss = chunked_clip_loss(
                 all_image,
