@@ -239,6 +239,60 @@ def test_loader_resume_map_style_exact():
         ResumableLoader(ds, batch_size=4, seed=5).load_state_dict(bad)
 
 
+class Noisy(torch.utils.data.Dataset):
+    """Item i is (i + a random augmentation drawn from torch's global RNG, i)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]) + torch.rand(1), i
+
+
+def test_loader_random_augmentation_is_a_property_of_the_sample():
+    """Per-sample seeding: the same sample gets the same augmentation with 0 or 2 workers and
+    when the epoch is resumed mid-way; the next epoch draws new ones."""
+    full = torch.cat([b[0] for b in ResumableLoader(Noisy(), batch_size=4, seed=3)])
+    workers = torch.cat([b[0] for b in ResumableLoader(Noisy(), batch_size=4, seed=3, num_workers=2)])
+    assert torch.equal(full, workers)
+    loader = ResumableLoader(Noisy(), batch_size=4, seed=3)
+    it = iter(loader)
+    head = [next(it)[0] for _ in range(2)]
+    resumed = ResumableLoader(Noisy(), batch_size=4, seed=3)
+    resumed.load_state_dict(loader.state_dict())
+    assert torch.equal(full, torch.cat(head + [b[0] for b in resumed]))
+    epoch1 = torch.cat([b[0] for b in resumed])
+    assert not torch.equal(epoch1.sort().values, full.sort().values)
+
+
+def test_loader_leaves_the_callers_rng_alone():
+    """Loading a batch (which seeds per sample) must not move the RNG the model draws from."""
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    next(iter(ResumableLoader(Noisy(), batch_size=4, seed=3)))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_loader_steps_per_epoch_and_position_after_the_last_batch():
+    """An epoch is cut at ``steps_per_epoch``; once its last batch is handed out the position is
+    the next epoch's first batch, so a state saved while that batch trains resumes there."""
+    loader = ResumableLoader(Noisy(), batch_size=4, seed=3, steps_per_epoch=2)
+    assert len(loader) == 2
+    seen, states = [], []
+    for _, idx in loader:
+        seen.append(idx)
+        states.append(loader.state_dict())
+    assert len(seen) == 2
+    assert (states[0]["epoch"], states[0]["batches_done"]) == (0, 1)
+    assert (states[1]["epoch"], states[1]["batches_done"]) == (1, 0)
+    expected = [b[1] for b in loader]  # epoch 1 continues from here
+    resumed = ResumableLoader(Noisy(), batch_size=4, seed=3, steps_per_epoch=2)
+    resumed.load_state_dict(states[1])
+    assert [torch.equal(a, b) for a, b in zip([b[1] for b in resumed], expected)] == [True, True]
+    assert len(ResumableLoader(Noisy(), batch_size=4, steps_per_epoch=100)) == 6  # capped at a full pass
+
+
 def test_loader_ranks_disjoint():
     ds = SyntheticShapes(50)
     r0 = ResumableLoader(ds, batch_size=5, rank=0, world_size=2, seed=2)._sampler(0).indices()

@@ -137,23 +137,30 @@ def test_no_duplicates_across_ranks_and_workers(tmp_path):
     assert set(everything) <= {f"s{k:03d}" for k in range(95)}
 
 
+def noisy_tf(img: Image.Image) -> torch.Tensor:
+    """A random augmentation (torch's global RNG): must come out the same after a resume."""
+    return tf(img) + torch.rand(1)
+
+
 def _resume_check(pattern, *, workers, corrupt_expected, stop_after):
     def make():
-        ds = ShardDataset(pattern, transform=tf, seed=7, buffer_size=10)
+        ds = ShardDataset(pattern, transform=noisy_tf, seed=7, buffer_size=10)
         return ds, ResumableLoader(ds, batch_size=3, num_workers=workers, seed=7)
 
     ds, loader = make()
-    full = captions(list(loader))
+    batches = list(loader)
+    full, full_images = captions(batches), torch.cat([b[0] for b in batches])
     assert ds.skipped.total == corrupt_expected
     ds, loader = make()
     it = iter(loader)
-    head = captions([next(it) for _ in range(stop_after)])
+    head = [next(it) for _ in range(stop_after)]
     state = json.loads(json.dumps(loader.state_dict()))
     del it
     ds2, resumed = make()
     resumed.load_state_dict(state)
-    tail = captions(list(resumed))
-    assert head + tail == full
+    tail = list(resumed)
+    assert captions(head) + captions(tail) == full
+    assert torch.equal(torch.cat([b[0] for b in head + tail]), full_images)  # same augmentations
     assert len(set(full)) == len(full)
     return full
 

@@ -223,12 +223,12 @@ class CrashOnce(torch.utils.data.Dataset):
 
 
 def test_data_worker_crash_restarts_at_the_same_position(tmp_path):
-    from clipforge.train.loader import TrainBatches
+    from clipforge.data.loader import ResumableLoader
 
     def epoch(crash: bool):
-        batches = TrainBatches(CrashOnce(tmp_path / "marker", crash), 4, seed=1, workers=1)
-        out = [torch.cat([i.flatten(), t.flatten().float()]) for i, t in batches.epoch_batches()]
-        return out, batches
+        loader = ResumableLoader(CrashOnce(tmp_path / "marker", crash), batch_size=4, seed=1, num_workers=1)
+        out = [torch.cat([i.flatten(), t.flatten().float()]) for i, t in loader]
+        return out, loader
 
     clean, _ = epoch(crash=False)
     crashed, loader = epoch(crash=True)

@@ -15,17 +15,31 @@ continue the interrupted epoch with exactly the batches the uninterrupted run wo
 
 In DDP every rank has its own loader and state; save all ranks' states (``all_gather_object``)
 for exact resume when corrupt samples were skipped, since skips differ between ranks.
+
+Exact resume also needs the *random numbers* to be reproducible (:mod:`clipforge.data.rng`):
+
+* Sample ``i`` of epoch ``e`` (map-style) or stream position ``p`` of slot ``s`` (shards) is
+  produced under an RNG seeded from ``(seed, e, i)`` / ``(seed, e, s, p)``, so a random
+  augmentation is a property of the sample, not of which worker drew it or of a restart.
+* Each batch is fetched under its own seed and the caller's RNG states are restored afterwards:
+  a DataLoader draws from the global torch RNG when it starts, and a resumed run starts one
+  mid-epoch, so without this the model's random layers (patch dropout) would drift.
+
+A crashed worker process is survived by reopening the DataLoader at the current position
+(exact for the same reasons), up to ``max_worker_restarts`` times per epoch.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from clipforge.data.rng import isolated_rng, mix_seed, seed_all
 from clipforge.data.shards import ShardDataset, batches_per_worker
 from clipforge.errors import DataError
 
@@ -88,12 +102,39 @@ class EpochSampler(Sampler[int]):
         return max(0, per_rank - self.start)
 
 
+class _SeededItems(Dataset):
+    """Map-style view whose item ``i`` in epoch ``e`` is drawn under seed ``(seed, e, i)``.
+
+    It only seeds: the loader fetches every batch inside :class:`isolated_rng`, which restores
+    the caller's RNG afterwards (and worker processes have no caller to protect). The index is
+    global, so N ranks see the augmentations one process would.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> Any:
+        seed_all(mix_seed(self.seed, self.epoch, index))
+        return self.dataset[index]
+
+
 class ResumableLoader:
     """Iterable of ``(images, tokens)`` batches with ``state_dict``/``load_state_dict``.
 
-    One ``iter()`` is one epoch (the rest of it after a restore); the epoch counter advances
-    when an epoch is exhausted. ``drop_last=True`` (default) keeps every batch full, which the
-    contrastive loss and DDP gathering want.
+    One ``iter()`` is one epoch (the rest of it after a restore), at most ``steps_per_epoch``
+    batches (which also gives endless resampled streams an epoch). The position always names
+    the next batch to produce: once the last batch of an epoch is handed out it is batch 0 of
+    the next epoch, so a checkpoint taken while that batch trains resumes in the next epoch.
+    ``drop_last=True`` (default) keeps every batch full, which the contrastive loss and DDP
+    gathering want.
     """
 
     def __init__(
@@ -107,6 +148,8 @@ class ResumableLoader:
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        steps_per_epoch: int | None = None,
+        max_worker_restarts: int = 3,
         pin_memory: bool = False,
         collate_fn: Callable | None = None,
         prefetch_factor: int | None = None,
@@ -114,9 +157,12 @@ class ResumableLoader:
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise DataError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.dataset = dataset
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
+        self.steps_per_epoch, self.max_worker_restarts = steps_per_epoch, max_worker_restarts
         self.pin_memory, self.collate_fn = pin_memory, collate_fn
         self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
         self.is_stream = isinstance(dataset, IterableDataset)
@@ -127,8 +173,10 @@ class ResumableLoader:
         self.rank, self.world_size = _dist_defaults(rank, world_size)
         if self.is_stream:
             dataset.rank, dataset.world_size = self.rank, self.world_size
+        self._items = dataset if self.is_stream else _SeededItems(dataset, self.seed)
         self.epoch = 0
         self.batches_done = 0
+        self.worker_restarts = 0  # over the loader's life, for logs and tests
         self._positions: dict[int, int] = {}
         self._last_slot: int | None = None
 
@@ -142,7 +190,16 @@ class ResumableLoader:
         self.epoch, self.batches_done, self._positions, self._last_slot = int(epoch), 0, {}, None
 
     def __len__(self) -> int:
-        """Batches per full epoch on this rank."""
+        """Batches per epoch on this rank: a full pass, cut at ``steps_per_epoch``.
+
+        0 for an endless stream without ``steps_per_epoch`` (it is then iterated until it ends).
+        """
+        full = self._full_epoch_batches()
+        if self.steps_per_epoch:
+            return min(full, self.steps_per_epoch) if full else self.steps_per_epoch
+        return full
+
+    def _full_epoch_batches(self) -> int:
         if self.is_stream:
             w = max(1, self.num_workers)
             total = self.dataset._slots(w)
@@ -182,29 +239,64 @@ class ResumableLoader:
             kw["prefetch_factor"] = self.prefetch_factor or 2
             if self.mp_context is not None:
                 kw["multiprocessing_context"] = self.mp_context
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
+        if hasattr(self._items, "set_epoch"):
+            self._items.set_epoch(self.epoch)
         if self.is_stream:
             ds = self.dataset
             w = max(1, self.num_workers)
-            ds.with_positions, ds.num_workers_hint = True, w
+            ds.with_positions, ds.seed_samples, ds.num_workers_hint = True, True, w
             ds.start_positions = dict(self._positions)
             ds.slot_rotation = 0 if self._last_slot is None else (self._last_slot + 1) % w
             return DataLoader(ds, **kw)
-        return DataLoader(self.dataset, sampler=self._sampler(self.batches_done * self.batch_size), **kw)
+        return DataLoader(self._items, sampler=self._sampler(self.batches_done * self.batch_size), **kw)
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self._dataloader():
-            if self.is_stream:
-                *batch, pos = batch
-                slots = pos[:, 0]
-                for slot in slots.unique().tolist():
-                    self._positions[slot] = int(pos[slots == slot, 1].max()) + 1
-                self._last_slot = int(slots[-1])
-                batch = tuple(batch)
+        epoch, limit = self.epoch, len(self) or math.inf
+        restarts, it = 0, None
+        while self.batches_done < limit:
+            try:
+                with isolated_rng(mix_seed(self.seed, self.rank, epoch, self.batches_done)):
+                    it = it if it is not None else iter(self._dataloader())
+                    batch = next(it, None)
+            except RuntimeError as e:
+                if self.num_workers == 0 or "worker" not in str(e).lower():
+                    raise
+                if restarts >= self.max_worker_restarts:
+                    raise DataError(
+                        f"data loader workers crashed {restarts + 1} times in epoch {epoch}: {e}"
+                    ) from e
+                restarts, it = restarts + 1, None
+                self.worker_restarts += 1
+                logger.warning(
+                    "a data worker crashed (%s); reopening the loader at epoch %d batch %d",
+                    e,
+                    epoch,
+                    self.batches_done,
+                )
+                continue
+            if batch is None:  # a stream that ran short (skipped samples)
+                break
+            batch = self._take_positions(batch)
             self.batches_done += 1
+            last = self.batches_done >= limit
+            if last:  # before handing it out: the position names the next batch to produce
+                self.set_epoch(epoch + 1)
             yield batch
-        self.set_epoch(self.epoch + 1)
+            if last:
+                return
+        if self.epoch == epoch:  # ended early (short stream) or restored at the epoch's end
+            self.set_epoch(epoch + 1)
+
+    def _take_positions(self, batch: Any) -> Any:
+        """Strip a stream batch's (slot, position) column and advance the saved positions."""
+        if not self.is_stream:
+            return batch
+        *batch, pos = batch
+        slots = pos[:, 0]
+        for slot in slots.unique().tolist():
+            self._positions[slot] = int(pos[slots == slot, 1].max()) + 1
+        self._last_slot = int(slots[-1])
+        return tuple(batch)
 
     # -- exact resume -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

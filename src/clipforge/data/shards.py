@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, SkipCounter, load_image
+from clipforge.data.rng import mix_seed, seed_all
 from clipforge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -301,7 +302,9 @@ class ShardDataset(IterableDataset):
     """Iterable over local webdataset shards with exact, cheap resume (see the module doc).
 
     Items are ``(transform(image), tokenizer(caption))``; with ``with_positions`` (set by
-    ``ResumableLoader``) a third element ``LongTensor([slot, position])`` is added.
+    ``ResumableLoader``) a third element ``LongTensor([slot, position])`` is added, and with
+    ``seed_samples`` (also set by it) each transform runs under a seed from
+    ``(seed, epoch, slot, position)`` so augmentations survive a resume or worker restart.
     ``resampled=True`` draws shards with replacement forever; give ``samples_per_epoch``
     (global) to cut it into epochs. ``rank``/``world_size`` default to torch.distributed's.
     """
@@ -348,6 +351,7 @@ class ShardDataset(IterableDataset):
             raise DataError(f"{self.source}: the shards contain no samples")
         self.epoch = 0
         self.with_positions = False
+        self.seed_samples = False
         self.num_workers_hint = 1  # set by ResumableLoader so __len__ knows the slots
         self.start_positions: dict[int, int] = {}  # slot -> first stream position to emit
         self.slot_rotation = 0  # worker i plays slot (i + rotation) % W (resume mid-epoch)
@@ -532,6 +536,8 @@ class ShardDataset(IterableDataset):
                 continue
             try:
                 image, caption = self.load_sample(s, j)
+                if self.seed_samples:
+                    seed_all(mix_seed(self.seed, self.epoch, slot, pos))
                 item = self._apply(image, caption)
             except BadImageError as e:
                 self.skipped.add(e.reason, str(e))

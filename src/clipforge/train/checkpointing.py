@@ -104,7 +104,7 @@ def maybe_resume(run: Run) -> None:
         path,
         run.state.step,
         run.loader.epoch,
-        run.loader.batch,
+        run.loader.batches_done,
     )
 
 

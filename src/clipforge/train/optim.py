@@ -100,7 +100,8 @@ def _fused_ok(params: list[torch.Tensor]) -> bool:
     except ImportError:  # pragma: no cover
         DTensor = ()  # noqa: N806
     return all(
-        p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p, DTensor) for p in params
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p, DTensor)
+        for p in params
     )
 
 

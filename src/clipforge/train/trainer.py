@@ -3,7 +3,7 @@
 Reading order: :func:`train` -> :func:`build_run` (``setup_distributed``, ``build_model``,
 ``build_data``, ``build_optimizer``, ``maybe_resume``) -> :func:`fit` -> :func:`train_step`.
 Checkpointing lives in :mod:`clipforge.train.state`, the objective in
-:mod:`clipforge.train.task`, the batch position in :mod:`clipforge.train.loader`.
+:mod:`clipforge.train.task`, the batch position in :mod:`clipforge.data.loader`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clipforge.errors import ClipforgeError, ConfigError
+from clipforge.data.loader import ResumableLoader
+from clipforge.errors import ClipforgeError, ConfigError, DataError
 from clipforge.train import state as ckpt
 from clipforge.train.checkpointing import maybe_resume, save_training_checkpoint
 from clipforge.train.config import TrainConfig
@@ -36,7 +37,6 @@ from clipforge.train.distributed import (
     setup_distributed,
     wrap_model,
 )
-from clipforge.train.loader import TrainBatches
 from clipforge.train.logger import RunLogger
 from clipforge.train.optim import build_optimizer as make_optimizer
 from clipforge.train.optim import build_scheduler
@@ -82,7 +82,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    loader: TrainBatches
+    loader: ResumableLoader
     tokenizer: Any
     preprocess_val: Any
     skips: Any
@@ -156,7 +156,9 @@ def build_dataset(
     return build(spec, transform=transform, tokenizer=tokenizer, seed=seed, skip_counter=skips, **options)
 
 
-def build_data(cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any, skips: Any) -> TrainBatches:
+def build_data(
+    cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any, skips: Any
+) -> ResumableLoader:
     if not cfg.data:
         raise ConfigError("no training data: pass --data (a table, folder, shards or synthetic:shapes)")
     dataset = build_dataset(
@@ -169,16 +171,24 @@ def build_data(cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any,
         rank=info.rank,
         world_size=info.world_size,
     )
-    return TrainBatches(
+    loader = ResumableLoader(
         dataset,
-        cfg.batch_size * cfg.accum_steps,
+        batch_size=cfg.batch_size * cfg.accum_steps,
+        num_workers=cfg.workers,
         seed=cfg.seed,
         rank=info.rank,
         world_size=info.world_size,
-        workers=cfg.workers,
         steps_per_epoch=cfg.steps_per_epoch,
         pin_memory=info.device.type == "cuda",
+        drop_last=True,
     )
+    if len(loader) < 1:
+        size = f"has {len(dataset)} samples" if hasattr(dataset, "__len__") else "is an endless stream"
+        raise DataError(
+            f"the training data {size}: no full batch of {cfg.batch_size * cfg.accum_steps} per epoch on "
+            f"{info.world_size} process(es); lower --batch-size (or set --steps-per-epoch for endless streams)"
+        )
+    return loader
 
 
 def build_optimizer(
@@ -214,7 +224,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     model, preprocess_train, preprocess_val, tokenizer = build_model(cfg, info.device)
     skips = _new_skip_counter()
     loader = build_data(cfg, info, preprocess_train, tokenizer, skips)
-    total = cfg.max_steps or cfg.epochs * loader.steps_per_epoch
+    total = cfg.max_steps or cfg.epochs * len(loader)
     strategy = {"auto": "ddp"}.get(cfg.distributed, cfg.distributed)
     wrapped = wrap_model(model, info, strategy)  # first: FSDP2 swaps in sharded parameters
     optimizer, scheduler, scaler = build_optimizer(cfg, model, total)
@@ -320,6 +330,18 @@ def _install_sigterm(run: Run) -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
+def _end_of_epoch(run: Run, rlog: RunLogger, eval_metrics: dict[str, Any]) -> bool:
+    """Periodic evaluation (into ``eval_metrics``) and epoch checkpoint; True if it evaluated."""
+    cfg, state = run.cfg, run.state
+    evaluated = bool(cfg.val_data and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0)
+    if evaluated:
+        eval_metrics.clear()
+        eval_metrics.update(evaluate(run, rlog))
+    if cfg.save_every_epochs and state.epoch % cfg.save_every_epochs == 0 and state.step < run.total_steps:
+        save_training_checkpoint(run)
+    return evaluated
+
+
 def fit(run: Run) -> TrainResult:
     """Epochs of steps; checkpoints on schedule; stops cleanly on SIGTERM."""
     cfg, state = run.cfg, run.state
@@ -333,14 +355,21 @@ def fit(run: Run) -> TrainResult:
         initial_step=state.step,
     )
     previous_handler = _install_sigterm(run)
-    eval_metrics: dict[str, Any] = {}
+    eval_metrics: dict[str, Any] = {}  # the latest evaluation's
+    eval_step = -1
     start, start_samples = time.perf_counter(), state.samples_seen
     window_t, window_samples = time.perf_counter(), state.samples_seen
     run.model.train()
     run.task.model.train()
     try:
-        while state.epoch < cfg.epochs and state.step < run.total_steps and not run.stop.is_set():
-            for images, tokens in run.loader.epoch_batches():
+        while not run.stop.is_set():
+            if run.loader.epoch > state.epoch:  # an epoch ended (possibly just before a resume)
+                state.epoch = run.loader.epoch
+                if _end_of_epoch(run, rlog, eval_metrics):
+                    eval_step = state.step
+            if state.step >= run.total_steps or state.epoch >= cfg.epochs:
+                break
+            for images, tokens in run.loader:
                 metrics = train_step(run, images, tokens, autocast)
                 if metrics is None:
                     _handle_bad_step(run, rlog)
@@ -371,23 +400,10 @@ def fit(run: Run) -> TrainResult:
                 # No periodic checkpoint in the middle of a NaN streak: the last one stays the last good one.
                 if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and not state.bad_in_a_row:
                     save_training_checkpoint(run)
-            if run.stop.is_set():
-                break
-            if run.loader.epoch_done(state.epoch):
-                state.epoch += 1
-                run.loader.advance_to(state.epoch)
-                if cfg.val_data and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0:
-                    eval_metrics = evaluate(run, rlog)
-                if (
-                    cfg.save_every_epochs
-                    and state.epoch % cfg.save_every_epochs == 0
-                    and state.step < run.total_steps
-                ):
-                    save_training_checkpoint(run)
         last = save_training_checkpoint(run)
         if run.stop.is_set():
             rlog.write(f"stopped by SIGTERM at step {state.step}; continue with --resume latest")
-        elif cfg.val_data and not eval_metrics:
+        elif cfg.val_data and eval_step != state.step:  # not evaluated at this very step yet
             eval_metrics = evaluate(run, rlog)
         final_dir = None if run.stop.is_set() else save_final_model(run)
     finally:
