@@ -151,3 +151,10 @@ def test_write_report_folder_and_html(tmp_path):
     assert "zeroshot_classification" in html and "zeroshot_retrieval" in html
     saved = json.loads((out / info2["json"]).read_text())
     assert saved["task"] == "zeroshot_retrieval" and saved["report"]["plots"] == info2["plots"]
+
+
+def test_long_result_names_stay_distinct():
+    a = report.slug("zeroshot_classification-synthetic:shapes?split=heldout&n=600&label=shape&image_size=32")
+    b = report.slug("zeroshot_classification-synthetic:shapes?split=heldout&n=600&label=colour&image_size=32")
+    assert a != b and len(a) == len(b) == 60 and re.fullmatch(r"[A-Za-z0-9._-]+", a)
+    assert report.slug("short name") == "short_name"

@@ -105,3 +105,23 @@ def test_write_synthetic_roundtrip(tmp_path):
     ref = SyntheticShapes(12, seed=5)
     assert ds.all_captions[3] == [ref.caption_for(3)]
     assert np.array_equal(np.asarray(ds.get_image(3)), np.asarray(ref.get_image(3)))
+
+
+def test_varied_captions_name_subsets_deterministically():
+    ds = SyntheticShapes(400, caption_style="varied")
+    caps = [ds.caption_for(i) for i in range(400)]
+    assert caps == [SyntheticShapes(400, caption_style="varied").caption_for(i) for i in range(400)]
+    full = SyntheticShapes(400)
+    for i, cap in enumerate(caps):
+        spec = ds.spec(i)
+        words = cap.split()
+        assert spec.shape in words or (spec.colour in words and "shape" in words), cap
+        assert set(cap.split()) <= set(full.caption_for(i).split()) | {"an", "shape"}
+        assert (words[0] == "an") == (words[1][0] in "aeiou"), cap
+    # every attribute is sometimes left out, and full captions still occur
+    assert any(c == full.caption_for(i) for i, c in enumerate(caps))
+    assert sum("background" not in c for c in caps) > 100 and sum(" shape" in c for c in caps) > 20
+    ds.set_epoch(1)
+    assert sum(ds.caption_for(i) != c for i, c in enumerate(caps)) > 200  # new phrasing each epoch
+    with pytest.raises(DataError, match="caption_style"):
+        SyntheticShapes(4, caption_style="poetic")

@@ -89,23 +89,20 @@ class DemoResult:
 
 
 def zero_shot_templates(label: str) -> list[str]:
-    """Prompts in the captions' own words: the class fills its slot, every other attribute varies.
+    """Prompts in the captions' own words: the class fills its slot, the other attributes vary.
 
-    Captions always name size, colour, shape, position and background, so a prompt that leaves
-    one out is text the model never read. The class embedding averages the prompts over the
-    attributes it does not classify, exactly what CLIP's 80 ImageNet templates do for photo styles.
+    The demo trains on ``varied`` captions (each attribute named only some of the time), so "a
+    triangle" and "a red shape on the left" are familiar text. Each class embedding averages
+    the prompts over size, position and background phrasings, exactly what CLIP's 80 ImageNet
+    templates do for photo styles; colour and shape are named only when they are the class.
     """
     from clipforge.data import synthetic
 
-    colours = {"colour_shape": ["{}"], "shape": [f"{c} {{}}" for c in synthetic.COLOURS],
-               "colour": [f"{{}} {s}" for s in synthetic.SHAPES]}[label]
-    return [
-        f"a {size} {thing} {synthetic.POSITION_PHRASES[pos]} on a {bg} background"
-        for size in synthetic.SIZES
-        for thing in colours
-        for pos in synthetic.POSITIONS
-        for bg in synthetic.BACKGROUNDS
-    ]
+    thing = {"colour_shape": "{}", "shape": "{}", "colour": "{} shape"}[label]
+    sizes = ["", "small ", "large "]
+    positions = [""] + [f" {p}" for p in synthetic.POSITION_PHRASES.values()]
+    backgrounds = [""] + [f" on a {b} background" for b in synthetic.BACKGROUNDS]
+    return [f"a {size}{thing}{pos}{bg}" for size in sizes for pos in positions for bg in backgrounds]
 
 
 def _register_model() -> None:
@@ -123,7 +120,7 @@ def train_demo_model(
 
     _register_model()
     cfg = TrainConfig(
-        data=f"synthetic:shapes?n={settings.train_samples}&split=train&image_size={IMAGE_SIZE}",
+        data=f"synthetic:shapes?n={settings.train_samples}&split=train&image_size={IMAGE_SIZE}&caption_style=varied",
         model=DEMO_MODEL,
         output_dir=str(out / "train"),
         epochs=settings.epochs,
@@ -159,7 +156,15 @@ def evaluate_demo(
         spec = (
             f"synthetic:shapes?split=heldout&n={settings.eval_images}&label={label}&image_size={IMAGE_SIZE}"
         )
-        result = evaluate(model, tokenizer, preprocess, spec, task="zeroshot", templates=zero_shot_templates(label), **common)
+        result = evaluate(
+            model,
+            tokenizer,
+            preprocess,
+            spec,
+            task="zeroshot",
+            templates=zero_shot_templates(label),
+            **common,
+        )
         n_classes = len(result["details"]["classnames"])
         zero_shot[label] = {
             "acc1": result["metrics"]["acc1"],

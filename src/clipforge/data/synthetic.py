@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipforge.data.pairs import transform_pair
 from clipforge.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -62,6 +63,7 @@ _COLOUR_NAMES = tuple(COLOURS)
 HELDOUT_PAIRS = frozenset((s, _COLOUR_NAMES[(i + 1) % len(_COLOUR_NAMES)]) for i, s in enumerate(SHAPES))
 SPLITS = ("train", "val", "heldout", "all")
 TASKS = ("shape", "colour", "colour_shape")
+CAPTION_STYLES = ("full", "short", "varied")
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,37 @@ class ShapeSpec:
     position: str
     background: str
 
-    def caption(self, style: str = "full") -> str:
-        """``full``: all five attributes; ``short``: "a red triangle"."""
+    def caption(self, style: str = "full", rng: random.Random | None = None) -> str:
+        """``full``: all five attributes; ``short``: "a red triangle"; ``varied``: a random subset.
+
+        ``varied`` is how people caption: size, position and background are each named half of
+        the time, colour and shape 80% (at least one of them; "shape" stands in for a missing
+        one). A model trained on it reads "a triangle" or "a red shape" as familiar text, so
+        zero-shot prompts can name one attribute without leaving the training distribution.
+        """
         if style == "short":
             return f"a {self.colour} {self.shape}"
         pos = POSITION_PHRASES[self.position]
-        return f"a {self.size} {self.colour} {self.shape} {pos} on a {self.background} background"
+        if style == "full":
+            return f"a {self.size} {self.colour} {self.shape} {pos} on a {self.background} background"
+        if style != "varied" or rng is None:
+            raise DataError(
+                f"caption style must be one of {CAPTION_STYLES} (varied needs an rng), got {style!r}"
+            )
+        size, position, background = (rng.random() < 0.5 for _ in range(3))
+        colour, shape = rng.random() < 0.8, rng.random() < 0.8
+        shape = shape or not colour
+        words = [
+            "a",
+            self.size if size else "",
+            self.colour if colour else "",
+            self.shape if shape else "shape",
+        ]
+        words += [pos if position else "", f"on a {self.background} background" if background else ""]
+        words = [w for w in words if w]
+        if words[1][0] in "aeiou":
+            words[0] = "an"
+        return " ".join(words)
 
 
 def _pairs_for(split: str) -> list[tuple[str, str]]:
@@ -189,6 +216,10 @@ class SyntheticShapes:
         caption_style: str = "full",
     ) -> None:
         _pairs_for(split)  # validates the split
+        if caption_style not in CAPTION_STYLES:
+            raise DataError(
+                f"synthetic:shapes caption_style must be one of {CAPTION_STYLES}, got {caption_style!r}"
+            )
         self.n, self.split, self.seed = int(n), split, int(seed)
         self.transform, self.tokenizer = transform, tokenizer
         self.image_size, self.caption_style = image_size, caption_style
@@ -199,7 +230,7 @@ class SyntheticShapes:
         return self.n
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)  # items do not depend on it; kept for the loader protocol
+        self.epoch = int(epoch)  # images do not depend on it; ``varied`` captions do
 
     def spec(self, idx: int) -> ShapeSpec:
         return sample_spec(idx, seed=self.seed, split=self.split)[0]
@@ -209,7 +240,12 @@ class SyntheticShapes:
         return draw(spec, self.image_size, rng)
 
     def caption_for(self, idx: int) -> str:
-        return self.spec(idx).caption(self.caption_style)
+        return self._caption(self.spec(idx), idx)
+
+    def _caption(self, spec: ShapeSpec, idx: int) -> str:
+        # varied captions change with the epoch, deterministically, so resumed runs match
+        rng = random.Random(f"caption:{self.seed}:{self.split}:{idx}:{self.epoch}")
+        return spec.caption(self.caption_style, rng)
 
     @property
     def all_captions(self) -> list[list[str]]:
@@ -223,15 +259,9 @@ class SyntheticShapes:
             raise IndexError(idx)
         idx %= self.n
         spec, rng = sample_spec(idx, seed=self.seed, split=self.split)
-        image: Any = draw(spec, self.image_size, rng)
-        if self.transform is not None:
-            image = self.transform(image)
-        tokens: Any = spec.caption(self.caption_style)
-        if self.tokenizer is not None:
-            tokens = self.tokenizer(tokens)
-            if getattr(tokens, "ndim", 0) == 2 and tokens.shape[0] == 1:
-                tokens = tokens[0]
-        return image, tokens
+        return transform_pair(
+            draw(spec, self.image_size, rng), self._caption(spec, idx), self.transform, self.tokenizer
+        )
 
 
 def zero_shot_set(

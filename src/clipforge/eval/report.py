@@ -8,6 +8,7 @@ the folder each time, so several evaluations (zero-shot, then retrieval) share o
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -242,8 +243,11 @@ def plot_retrieval_examples(
 
 
 def slug(text: str, limit: int = 60) -> str:
+    """A file-name-safe ``text``; when cut to ``limit``, a hash of the whole keeps names distinct."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-    return s[:limit] or "run"
+    if len(s) > limit:
+        s = f"{s[: limit - 9]}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return s or "run"
 
 
 def write_report(
