@@ -189,9 +189,11 @@ def main() -> None:
 
         asyncio.run(run_round(url, 200, args.concurrency, 99, count, uploads))  # warm-up
         rss = [proc.memory_info().rss]
-        rounds = []
+        rounds, cpu = [], []
         for r in range(2):
+            c0 = sum(proc.cpu_times()[:2])
             rounds.append(asyncio.run(run_round(url, args.requests, args.concurrency, r, count, uploads)))
+            cpu.append(sum(proc.cpu_times()[:2]) - c0)
             rss.append(proc.memory_info().rss)
         health = httpx.get(url + "/health").json()
 
@@ -199,11 +201,12 @@ def main() -> None:
             f"\nserver: {count} images, {health['kind']} index, model {health['model']}; "
             f"{args.requests} requests x 2 rounds at concurrency {args.concurrency}"
         )
+        print(f"machine load average (1/5/15 min) at the end: {os.getloadavg()}, {os.cpu_count()} CPUs")
         for r, (lat, failures, wall) in enumerate(rounds, 1):
             allv = np.concatenate([np.array(v) for v in lat.values()])
             print(
                 f"\nround {r}: {len(allv)} requests in {wall:.1f}s ({len(allv) / wall:.0f} req/s), "
-                f"failures: {len(failures)}"
+                f"failures: {len(failures)}; server CPU {cpu[r - 1] / len(allv) * 1000:.1f} ms/request"
             )
             for f in failures[:10]:
                 print("   ", f)

@@ -202,17 +202,59 @@ def test_index_manifest_and_files(setup):
     assert m["kind"] == "flat" and m["count"] == 62 and m["expected_recall_at_10"] == 1.0
     assert m["model"] == {"name": "tiny-vit", "pretrained": str(setup.model_dir)}
     names = sorted(p.name for p in setup.index_dir.iterdir())
-    assert names == ["embeddings-1.npy", "index-1.faiss", "manifest.json", "metadata-1.csv"]
+    assert names == ["embeddings-1.npy", "index-1.faiss", "manifest.json", "metadata-1.cftable"]
+
+
+def test_mapped_table_round_trip_and_corruption(tmp_path):
+    from clipforge.errors import DataError
+    from clipforge.search.tables import MappedTable, open_metadata, write_mapped_table
+
+    cols = {
+        "id": [0, 1, 2, 3],
+        "path": ["/a/b.jpg", "", "/\u4e2d\u6587/\U0001f600.png", 'x,y\n"z"'],
+        "caption": ["a red circle", "caf\u00e9", "", "nul\x00gone"],
+        "width": [48, 0, 2**40, -1],
+    }
+    path = write_mapped_table(tmp_path / "m.cftable", cols)
+    t = open_metadata(path)
+    assert isinstance(t, MappedTable) and t.rows == 4 and list(t) == ["id", "width", "path", "caption"]
+    want = {**cols, "caption": ["a red circle", "caf\u00e9", "", "nulgone"]}  # NUL dropped, as in CSV
+    assert t.to_columns() == {k: want[k] for k in t}
+    assert t["path"][2] == cols["path"][2] and t["path"][-1] == cols["path"][3] and t["width"][2] == 2**40
+    assert t["path"].index("/a/b.jpg") == 0 and t["caption"][1:3] == ["caf\u00e9", ""]
+    with pytest.raises(IndexError):
+        t["caption"][4]
+    empty = MappedTable(write_mapped_table(tmp_path / "e.cftable", {"id": [], "path": []}))
+    assert empty.rows == 0 and list(empty["path"]) == []
+    data = path.read_bytes()
+    (tmp_path / "cut.cftable").write_bytes(data[:-3])
+    with pytest.raises(DataError, match="truncated"):
+        MappedTable(tmp_path / "cut.cftable")
+    (tmp_path / "bad.cftable").write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(DataError, match="magic"):
+        MappedTable(tmp_path / "bad.cftable")
+
+
+def test_loaded_index_and_metadata_are_memory_mapped(searcher, setup):
+    from clipforge.search.index import is_memory_mapped
+    from clipforge.search.tables import MappedTable, read_table
+
+    assert is_memory_mapped(searcher.index, "flat")
+    assert isinstance(searcher.embeddings, np.memmap)
+    assert isinstance(searcher.metadata, MappedTable)
+    want = read_table(setup.emb_dir / "metadata.csv")
+    assert searcher.metadata.to_columns() == want  # same rows as the embed step's table
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_other_index_kinds_find_self(setup, tmp_path, kind):
-    from clipforge.search.index import build_index
+    from clipforge.search.index import build_index, is_memory_mapped
     from clipforge.search.searcher import Searcher
 
     m = build_index(setup.emb_dir, tmp_path / kind, kind=kind, progress=False)
     assert m["kind"] == kind and m["search_params"] and 0.5 < m["expected_recall_at_10"] <= 1.0
     s = Searcher(tmp_path / kind, model=object(), tokenizer=object(), preprocess=object())  # no model needed
+    assert is_memory_mapped(s.index, kind)  # inverted lists / graph storage stay on disk
     for i in (3, 31, 55):  # (30 is img000, which has two identical copies)
         top = s.search(image_id=i, k=3)
         assert top[0].id == i and top[0].score == pytest.approx(1.0, abs=2e-3)
@@ -220,8 +262,9 @@ def test_other_index_kinds_find_self(setup, tmp_path, kind):
 
 def test_add_to_index(setup, tmp_path):
     from clipforge.search.embed import embed_images
-    from clipforge.search.index import add_to_index, read_manifest
+    from clipforge.search.index import add_to_index, build_index, read_manifest
     from clipforge.search.searcher import Searcher
+    from clipforge.search.tables import atomic_write_json, read_json
 
     index = tmp_path / "index"
     shutil.copytree(setup.index_dir, index)
@@ -244,11 +287,12 @@ def test_add_to_index(setup, tmp_path):
     )
     m = add_to_index(index, tmp_path / "emb_new", progress=False)
     assert m["count"] == 67 and m["generation"] == 2 and read_manifest(index)["count"] == 67
+    assert m["memory_bytes"] == 67 * 64 * 4 and m["added_after_build"] == 5  # flat: float32 vectors
     assert sorted(p.name for p in index.iterdir()) == [
         "embeddings-2.npy",
         "index-2.faiss",
         "manifest.json",
-        "metadata-2.csv",
+        "metadata-2.cftable",
     ]
     s = Searcher(index, model=model, tokenizer=tokenizer, preprocess=preprocess)
     order = sorted(new)  # listing order of the new folder
@@ -257,6 +301,20 @@ def test_add_to_index(setup, tmp_path):
         assert hit.id == 62 + j and hit.path == str(p.resolve()) and hit.score > 0.99
     old = [r.id for r in s.search(text="a red circle", k=5) if r.id < 62]
     assert old == [r.id for r in before][: len(old)]  # old entries keep their ids and order
+
+    # an approximate index: the search setting is re-calibrated on the grown collection (a stale,
+    # deliberately bad setting in the manifest must not survive the add)
+    hnsw = tmp_path / "hnsw"
+    build_index(setup.emb_dir, hnsw, kind="hnsw", progress=False)
+    mf = read_json(hnsw / "manifest.json")
+    atomic_write_json(
+        hnsw / "manifest.json", {**mf, "search_params": {"efSearch": 1}, "expected_recall_at_10": 0.1}
+    )
+    m = add_to_index(hnsw, tmp_path / "emb_new", progress=False)
+    assert m["count"] == 67 and m["search_params"]["efSearch"] >= 16 and m["expected_recall_at_10"] >= 0.95
+    s = Searcher(hnsw, model=model, tokenizer=tokenizer, preprocess=preprocess)
+    assert s.index.hnsw.efSearch == m["search_params"]["efSearch"]
+    assert [s.search(image_id=i, k=1)[0].id for i in (5, 40, 64, 66)] == [5, 40, 64, 66]
 
 
 # ----------------------------------------------------------------------------- query (Python)

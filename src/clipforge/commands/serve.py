@@ -19,6 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted image upload")
     p.add_argument("--max-k", type=int, default=100, help="largest k a client may ask for")
+    p.add_argument("--max-text-chars", type=int, default=1000, help="longest accepted text query")
     p.add_argument("--batch-wait-ms", type=float, default=4.0, help="how long to gather concurrent queries")
     p.set_defaults(func=run)
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_k=args.max_k,
+        max_text_chars=args.max_text_chars,
         batch_wait_ms=args.batch_wait_ms,
     )
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 
 from clipforge.errors import ClipforgeError
 from clipforge.search.index import load_index, search_index
-from clipforge.search.tables import read_table
+from clipforge.search.tables import open_metadata
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Searcher:
         self.index_dir = Path(index_dir)
         self.index, self.manifest = load_index(self.index_dir, mmap=mmap)
         self.embeddings = np.load(self.index_dir / self.manifest["embeddings_file"], mmap_mode="r")
-        self.metadata = read_table(self.index_dir / self.manifest["metadata_file"])
+        self.metadata = open_metadata(self.index_dir / self.manifest["metadata_file"])  # memory-mapped
         self.count = int(self.manifest["count"])
         if len(self.metadata["id"]) != self.count or self.embeddings.shape[0] != self.count:
             raise ClipforgeError(f"{self.index_dir}: index, embeddings and metadata disagree on the count")
