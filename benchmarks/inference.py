@@ -18,7 +18,8 @@ Images: ``clipforge`` is the model as built; ``clipforge-opt`` adds ``optimize_f
 int8 quantisation of linear layers; ``onnx`` is ONNX Runtime (float32) with the same threads,
 ``onnx-int8`` the same graph with onnxruntime's dynamic int8 quantisation.
 Peak memory: extra resident memory (VmHWM after minus VmRSS before, Linux) of one forward pass,
-each library in its own subprocess.
+each library (open_clip, clipforge with ``optimize_for_inference``, ONNX Runtime) in its own
+subprocess, weights already loaded.
 
 Targets (issue 6, CPU, 2 threads, float32): texts >= 3x open_clip; images >= 1x in float32 and
 >= 1.5x with a fast path at cosine >= 0.99.
@@ -134,6 +135,13 @@ def child_memory(library: str, name: str, kind: str, batch: int, threads: int) -
     model = build(name)
     if library == "open_clip":
         model = open_clip_twin(model)
+    elif library == "clipforge":
+        model = optimize_for_inference(model, inplace=True)
+    elif library == "onnx":
+        from clipforge.bench import OnnxTower
+
+        tower = OnnxTower(model, kind, threads)
+        del model
     size = get_model_config(name).vision.image_size
     if kind == "image":
         inputs = torch.randn(batch, 3, size, size)
@@ -147,7 +155,9 @@ def child_memory(library: str, name: str, kind: str, batch: int, threads: int) -
     except OSError:
         pass
     with torch.inference_mode():
-        if kind == "image":
+        if library == "onnx":
+            tower(inputs)
+        elif kind == "image":
             model.encode_image(inputs)
         elif library == "open_clip":
             model.encode_text(inputs)
@@ -232,12 +242,10 @@ def main() -> None:
         for name in models:
             for kind in kinds:
                 batch = max(batches)
-                mem = {
-                    lib: peak_memory(lib, name, kind, batch, args.threads)
-                    for lib in ("open_clip", "clipforge")
-                }
-                print(f"  {name:10s} {kind:5s} batch {batch:4d}: open_clip {mem['open_clip']:8.1f}  "
-                      f"clipforge {mem['clipforge']:8.1f}")  # fmt: skip
+                libs = ("open_clip", "clipforge") + (("onnx",) if want_onnx else ())
+                mem = {lib: peak_memory(lib, name, kind, batch, args.threads) for lib in libs}
+                print(f"  {name:10s} {kind:5s} batch {batch:4d}: "
+                      + "  ".join(f"{lib} {mib:8.1f}" for lib, mib in mem.items()))  # fmt: skip
                 results.append({"model": name, "kind": kind, "batch": batch, "peak_extra_mib": mem})
     if args.json:
         with open(args.json, "w") as fh:

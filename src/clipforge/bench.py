@@ -7,6 +7,7 @@ Background load then slows all variants alike instead of whichever happened to r
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import statistics
@@ -47,17 +48,29 @@ class Timing:
 
 
 def interleaved_throughput(
-    fns: dict[str, Callable[[], Any]], items_per_call: int, *, rounds: int = 5, warmup: int = 1
+    fns: dict[str, Callable[[], Any]],
+    items_per_call: int,
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, Timing]:
-    """Median items/s of each function, timing them round-robin so load affects all equally."""
+    """Median items/s of each function, timing them round-robin so load affects all equally.
+
+    ``sync`` waits for queued device work (``torch.cuda.synchronize`` on a GPU), so a timing
+    covers the computation and not just the kernel launches.
+    """
+    sync = sync or (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - start)
     out = {}
     for name, times in samples.items():
@@ -122,7 +135,11 @@ def open_clip_twin(model: nn.Module) -> nn.Module | None:
 
 
 class OnnxTower:
-    """onnxruntime session for one exported tower, callable like ``encode_image``/``encode_text``."""
+    """onnxruntime session for one exported tower, callable like ``encode_image``/``encode_text``.
+
+    Runs on the CPU execution provider (``onnxruntime`` wheels); inputs and outputs are CPU
+    tensors. Token rows are trimmed to the batch's last EOT, as the PyTorch tower does.
+    """
 
     def __init__(self, model: nn.Module, tower: str, threads: int | None, int8: bool = False) -> None:
         import onnxruntime as ort
@@ -130,7 +147,8 @@ class OnnxTower:
         from clipforge.export import export_onnx
 
         self._tmp = tempfile.TemporaryDirectory(prefix="clipforge-onnx-")
-        paths = export_onnx(model, self._tmp.name, towers=(tower,), verify=False, int8=int8).paths
+        cpu_model = copy.deepcopy(model).cpu().float()
+        paths = export_onnx(cpu_model, self._tmp.name, towers=(tower,), verify=False, int8=int8).paths
         path = paths[f"{tower}-int8" if int8 else tower]
         opts = ort.SessionOptions()
         if threads:
@@ -145,31 +163,52 @@ class OnnxTower:
             from clipforge.inference import trim_tokens
 
             x = trim_tokens(x)
-        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+        return torch.from_numpy(self.session.run(None, {self.input: x.cpu().numpy()})[0])
 
 
-def _variants(model: nn.Module, names: list[str]) -> dict[str, Any]:
+VARIANTS = ("clipforge", "open_clip", "int8", "bf16", "open_clip-bf16", "compile", "onnx", "onnx-int8")
+
+
+def _variants(model: nn.Module, names: list[str], device: torch.device) -> dict[str, Any]:
     from clipforge.inference import optimize_for_inference
 
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown bench variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if device.type != "cpu" and "int8" in names:
+        raise ConfigError(
+            "the int8 variant (dynamic quantisation) runs on the CPU only; drop --int8 or use --device cpu"
+        )
     built: dict[str, Any] = {}
     for variant in names:
         if variant == "clipforge":
-            built[variant] = optimize_for_inference(model)
-        elif variant == "open_clip":
-            built[variant] = open_clip_twin(model)
+            built[variant] = optimize_for_inference(model).to(device)
+        elif variant in ("open_clip", "open_clip-bf16"):
+            twin = open_clip_twin(model)
+            dtype = torch.bfloat16 if variant == "open_clip-bf16" else torch.float32
+            built[variant] = twin.to(device, dtype) if twin is not None else None
         elif variant == "int8":
             built[variant] = optimize_for_inference(model, quantize=True)
         elif variant == "bf16":
-            built[variant] = optimize_for_inference(model).to(torch.bfloat16)
+            built[variant] = optimize_for_inference(model, dtype=torch.bfloat16).to(device)
         elif variant == "compile":
-            built[variant] = optimize_for_inference(model, compile=True)
-        elif variant in ("onnx", "onnx-int8"):
-            built[variant] = variant  # sessions are created per tower below
+            built[variant] = optimize_for_inference(model, compile=True).to(device)
         else:
-            raise ConfigError(
-                f"unknown bench variant {variant!r}; choose from clipforge, open_clip, int8, bf16, compile, onnx"
-            )
+            built[variant] = variant  # onnxruntime sessions are created per tower below
     return {k: v for k, v in built.items() if v is not None}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None: the GPU when one is visible, else the CPU; a clear error for a missing one."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible to PyTorch")
+    return dev
 
 
 def run_bench(
@@ -182,26 +221,39 @@ def run_bench(
     threads: int | None = None,
     num_texts: int | None = None,
     seed: int = 0,
+    device: str | torch.device | None = "cpu",
 ) -> list[BenchRow]:
     """Time ``variants`` of one model side by side; the first variant is the ratio baseline.
 
     Images: one random batch of ``batch_size`` per call. Texts: ``num_texts`` realistic captions
     (default ``4 * batch_size``) encoded in batches of ``batch_size``; clipforge variants use
     :func:`clipforge.inference.encode_texts` (length bucketing), open_clip plain batches.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"auto"``; the onnx variants always run on the CPU.
     """
     from clipforge.inference import encode_texts
     from clipforge.tokenizer import Tokenizer
 
     if threads:
         torch.set_num_threads(threads)
-    model = model.eval().float()
-    built = _variants(model, variants)
+    if batch_size <= 0:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    dev = resolve_device(device)
+    model = model.eval().float().cpu()
+    built = _variants(model, variants, dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
     rows: list[BenchRow] = []
     size = model.config.vision.image_size
     images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
     tokens = Tokenizer(model.config.text.context_length)(
         realistic_captions(num_texts or 4 * batch_size, seed=seed)
     )
+
+    def on(m: Any, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the variant's device (pixels also in its dtype), moved once, before timing."""
+        param = next(m.parameters(), None)
+        if param is None:
+            return x
+        return x.to(param.device, dtype=param.dtype if x.is_floating_point() else None)
 
     def text_fn(m: Any) -> Callable[[], torch.Tensor]:
         if m in ("onnx", "onnx-int8"):
@@ -211,23 +263,22 @@ def run_bench(
             )
         if getattr(m, "text", None) is not None and hasattr(m.text, "trim"):  # clipforge
             return lambda: encode_texts(m, tokens, batch_size=batch_size, normalize=False)
-        return lambda: torch.cat(
-            [m.encode_text(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
-        )
+        chunks = [on(m, tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+        return lambda: torch.cat([m.encode_text(c) for c in chunks])
 
     def image_fn(m: Any) -> Callable[[], torch.Tensor]:
         if m in ("onnx", "onnx-int8"):
             tower = OnnxTower(model, "image", threads, int8=m == "onnx-int8")
             return lambda: tower(images)
-        dtype = next(m.parameters()).dtype
-        return lambda: m.encode_image(images.to(dtype))
+        inputs = on(m, images)
+        return lambda: m.encode_image(inputs)
 
     for kind in kinds:
         make, count = (image_fn, batch_size) if kind == "image" else (text_fn, len(tokens))
         fns = {variant: make(m) for variant, m in built.items()}
         with torch.inference_mode():
-            outputs = {variant: fn().float() for variant, fn in fns.items()}
-            timings = interleaved_throughput(fns, count, rounds=rounds)
+            outputs = {variant: fn().float().cpu() for variant, fn in fns.items()}
+            timings = interleaved_throughput(fns, count, rounds=rounds, sync=sync)
         base_name = next(iter(fns))
         for variant, timing in timings.items():
             diff, cos = feature_agreement(outputs[variant], outputs[base_name])
@@ -236,13 +287,20 @@ def run_bench(
     return rows
 
 
+def describe_device(device: torch.device) -> str:
+    """``cpu (2 threads)`` or ``cuda:0 (NVIDIA H100 ...)`` for the table header."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def format_rows(rows: list[BenchRow], baseline: str) -> str:
     lines = [
-        f"{'kind':5s}  {'variant':10s}  {'batch':>5s}  {'items/s':>9s}  {'vs ' + baseline:>14s}  {'max|diff|':>9s}  {'min cos':>8s}"
+        f"{'kind':5s}  {'variant':14s}  {'batch':>5s}  {'items/s':>9s}  {'vs ' + baseline:>14s}  {'max|diff|':>9s}  {'min cos':>8s}"
     ]
     for r in rows:
         lines.append(
-            f"{r.kind:5s}  {r.variant:10s}  {r.batch_size:5d}  {r.items_per_s:9.1f}  {r.ratio:13.2f}x  "
+            f"{r.kind:5s}  {r.variant:14s}  {r.batch_size:5d}  {r.items_per_s:9.1f}  {r.ratio:13.2f}x  "
             f"{r.max_abs_diff:9.2e}  {r.min_cos:8.5f}"
         )
     return "\n".join(lines)

@@ -65,6 +65,7 @@ def optimize_for_inference(
     fuse_bn: bool = True,
     channels_last: bool | None = None,
     quantize: bool = False,
+    dtype: torch.dtype | None = None,
     compile: bool | str = False,
     inplace: bool = False,
 ) -> nn.Module:
@@ -76,9 +77,15 @@ def optimize_for_inference(
       float rounding;
     - ``quantize``: int8 dynamic quantisation of linear layers (CPU; features move slightly,
       cosine similarity to float32 is typically > 0.99 -- ``clipforge bench`` reports it);
+    - ``dtype``: cast the weights (e.g. ``torch.bfloat16``; LayerNorm statistics stay float32).
+      Only a gain where the hardware has native bf16 units (recent GPUs, AVX512-BF16/AMX CPUs):
+      on an AVX2 CPU bf16 runs several times *slower* than float32 -- measure with
+      ``clipforge bench --dtype bfloat16``. Cannot be combined with ``quantize``.
     - ``compile``: ``torch.compile`` both towers (see :func:`compile_towers`); ``True`` uses
       inductor, a string names another backend (e.g. ``"aot_eager"``).
     """
+    if quantize and dtype not in (None, torch.float32):
+        raise ConfigError("int8 quantisation works on float32 weights; choose quantize or dtype, not both")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval().requires_grad_(False)
@@ -93,6 +100,8 @@ def optimize_for_inference(
             visual.channels_last = True
     elif channels_last:
         raise ConfigError("channels_last only applies to ResNet image towers")
+    if dtype is not None:
+        model.to(dtype)
     if quantize:
         quantize_linear_int8(model)
     if compile:
@@ -105,14 +114,23 @@ def compile_towers(model: nn.Module, backend: str = "inductor") -> nn.Module:
 
     Methods are compiled in place of wrapping the modules, so parameter names (and state dicts)
     are unchanged. The text tower trims outside the compiled region and compiles with dynamic
-    shapes, so batches of any length share one graph instead of recompiling per length.
+    shapes, so batches of any length share one graph instead of recompiling per length (batch
+    size 1 gets its own graph: dynamo specialises sizes 0 and 1).
     """
     visual, text = getattr(model, "visual", None), getattr(model, "text", None)
     if visual is not None:
         visual.forward = torch.compile(visual.forward, dynamic=True, backend=backend)
     if text is not None:
         name = "encode_trimmed" if hasattr(text, "encode_trimmed") else "forward"
-        setattr(text, name, torch.compile(getattr(text, name), dynamic=True, backend=backend))
+        compiled = torch.compile(getattr(text, name), dynamic=True, backend=backend)
+
+        def fresh_tokens(tokens: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+            # The trimmed tokens are a view; dynamo guards on the size of a view's base, which
+            # would recompile whenever the caller's untrimmed batch changes. A copy of a few
+            # hundred integers has no base.
+            return compiled(tokens.clone(), *args)
+
+        setattr(text, name, fresh_tokens)
     return model
 
 
@@ -135,19 +153,29 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the weights (quantised models keep float32 activations)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
 def encode_images(
     model: nn.Module, images: torch.Tensor, *, batch_size: int = 64, normalize: bool = True
 ) -> torch.Tensor:
-    """Embed ``[N, 3, H, W]`` images in batches under ``inference_mode``; float32 ``[N, D]`` on CPU."""
-    device = _device_of(model)
+    """Embed ``[N, 3, H, W]`` images in batches under ``inference_mode``; float32 ``[N, D]`` on CPU.
+
+    Images are cast to the model's dtype (a bf16 model takes float32 pixels). For image *files*
+    (decoding in worker processes, pinned memory, order kept) see
+    :func:`clipforge.search.embed.embed_images` / ``clipforge embed``.
+    """
+    device, dtype = _device_of(model), _dtype_of(model)
     out = []
     with torch.inference_mode():
         for part in _batches(images.shape[0], batch_size):
-            out.append(
-                model.encode_image(images[part].to(device, non_blocking=True), normalize=normalize)
-                .float()
-                .cpu()
-            )
+            batch = images[part].to(device, dtype=dtype, non_blocking=True)
+            out.append(model.encode_image(batch, normalize=normalize).float().cpu())
     return torch.cat(out) if out else torch.empty(0, getattr(model.config, "embed_dim", 0))
 
 

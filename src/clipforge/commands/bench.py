@@ -17,8 +17,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="bfloat16 adds a bf16 variant (measure: on CPUs without bf16 units it is slower)")  # fmt: skip
+                   help="bfloat16 adds a bf16 variant (and open_clip's in bf16 with --open-clip); measure: on CPUs "
+                        "without bf16 units it is slower")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: the GPU when one is visible)"
+    )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (median reported)")
     p.add_argument("--kinds", default="image,text", help="comma-separated: image, text")
     p.add_argument("--open-clip", action="store_true", help="also time open_clip with the same weights")
@@ -30,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipforge.bench import format_rows, run_bench
+    from clipforge.bench import describe_device, format_rows, resolve_device, run_bench
     from clipforge.errors import ConfigError
     from clipforge.model.factory import create_model
 
@@ -39,13 +43,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--kinds must list image and/or text, got {args.kinds!r}")
     variants = ["open_clip"] if args.open_clip else []
     variants.append("clipforge")
-    variants += [v for v, on in (("bf16", args.dtype == "bfloat16"), ("int8", args.int8),
+    bf16 = args.dtype == "bfloat16"
+    variants += [v for v, on in (("open_clip-bf16", bf16 and args.open_clip), ("bf16", bf16), ("int8", args.int8),
                                  ("compile", args.compile), ("onnx", args.onnx), ("onnx-int8", args.onnx_int8)) if on]  # fmt: skip
+    device = resolve_device(args.device)
     model = create_model(args.model, args.pretrained)
     rows = run_bench(model, variants=variants, kinds=kinds, batch_size=args.batch_size,
-                     rounds=args.rounds, threads=args.threads)  # fmt: skip
-    import torch
-
-    print(f"{args.model}  threads={torch.get_num_threads()}  device=cpu")
-    print(format_rows(rows, variants[0]))
+                     rounds=args.rounds, threads=args.threads, device=device)  # fmt: skip
+    print(f"{args.model} ({args.pretrained or 'random weights'})  {describe_device(device)}  "
+          f"batch {args.batch_size}  median of {args.rounds} interleaved rounds")  # fmt: skip
+    print(format_rows(rows, rows[0].variant if rows else variants[0]))
+    print("items/s: images/s or texts/s (texts: realistic 5-30 word captions). max|diff| and min cos "
+          f"compare L2-normalised features with {rows[0].variant if rows else variants[0]}'s.")  # fmt: skip
     return 0

@@ -233,8 +233,18 @@ class _ImageDataset:
             return {"i": i, "image": None, "size": (0, 0), "reason": reason}
 
 
-def _collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return samples  # stacking happens in the main process, after dropping skipped samples
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the decodable images in the worker: the main process only runs the model.
+
+    The pixels travel as one tensor (pinned by the DataLoader on a GPU, so the copy to the
+    device is asynchronous); the per-item records keep only what the shard metadata needs, so
+    a shard's worth of pixels is never held in memory.
+    """
+    import torch
+
+    good = [s["image"] for s in samples if s["image"] is not None]
+    images = torch.stack(good) if good else None
+    return {"images": images, "samples": [{k: v for k, v in s.items() if k != "image"} for s in samples]}
 
 
 # --------------------------------------------------------------------------- main entry point
@@ -290,28 +300,31 @@ def embed_images(
         for b in range(s * shard_size, min((s + 1) * shard_size, len(items)), batch_size)
     ]
     if batches:
+        on_gpu = torch.device(device).type == "cuda"
         loader = torch.utils.data.DataLoader(
             _ImageDataset(items, preprocess, max_pixels),
             batch_sampler=batches,
             num_workers=num_workers,
             collate_fn=_collate,
+            pin_memory=on_gpu,
             persistent_workers=False,
         )
         model.eval()
+        pixel_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         buf: list[dict[str, Any]] = []
         feats: list[np.ndarray] = []
         shard = pending[0]
         bar = tqdm(total=len(batches), unit="batch", desc="embed", disable=not progress)
         with torch.inference_mode():
-            for samples in loader:
+            for batch in loader:
+                samples = batch["samples"]
                 s = samples[0]["i"] // shard_size
                 if s != shard:
                     _write_shard(out, shard, items, buf, feats, model, tokenizer, with_text, dtype, device)
                     buf, feats, shard = [], [], s
                 buf.extend(samples)
-                good = [x["image"] for x in samples if x["image"] is not None]
-                if good:
-                    x = torch.stack(good).to(device)
+                if batch["images"] is not None:
+                    x = batch["images"].to(device, dtype=pixel_dtype, non_blocking=on_gpu)
                     f = model.encode_image(x, normalize=True).float()
                     feats.append(_normalise(f.cpu().numpy()))
                 bar.update(1)
