@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--bf16", action="store_true", help="also time a bfloat16 image tower")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="skip the throughput tables")
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")
     p.add_argument(
         "--child-memory", nargs=4, metavar=("LIB", "MODEL", "KIND", "BATCH"), help=argparse.SUPPRESS
@@ -216,10 +217,11 @@ def main() -> None:
     kinds = args.kinds.split(",")
     want_onnx = not args.no_onnx
     print(
-        f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={rounds} (median), float32 CPU"
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={rounds} (median), float32 CPU; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     results = []
-    for name in models:
+    for name in [] if args.memory_only else models:
         model = build(name)
         twin = open_clip_twin(model)
         for batch in batches:
@@ -247,6 +249,7 @@ def main() -> None:
                 print(f"  {name:10s} {kind:5s} batch {batch:4d}: "
                       + "  ".join(f"{lib} {mib:8.1f}" for lib, mib in mem.items()))  # fmt: skip
                 results.append({"model": name, "kind": kind, "batch": batch, "peak_extra_mib": mem})
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -35,12 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipforge.inference import optimize_for_inference
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(
         args.model, pretrained=args.pretrained, device=args.device
     )
+    model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)
     source = args.images[0] if len(args.images) == 1 else args.images
     m = embed_images(

@@ -45,9 +45,18 @@ def run(args: argparse.Namespace) -> int:
             model, args.out, towers=towers, opset=args.opset, dynamo=args.dynamo,
             verify=not args.no_verify, atol=args.atol, int8=args.int8,
         )  # fmt: skip
+    cfg = model.config
+    size, ctx = cfg.vision.image_size, cfg.text.context_length
+    inputs = {"image": f"images float32 [batch, 3, {size}, {size}]", "text": f"tokens int64 [batch, <={ctx}]"}
+    what = "torch.export programs" if args.format == "torch-export" else f"ONNX (opset {args.opset})"
+    print(f"{args.model} ({args.pretrained or 'random weights'}) -> {what} in {args.out}; "
+          f"outputs: features float32 [batch, {cfg.embed_dim}], not L2-normalised")  # fmt: skip
     for tower, path in result.paths.items():
         diff, cos = result.max_abs_diff.get(tower), result.min_cos.get(tower)
-        check = f"  max abs diff vs PyTorch {diff:.2e}" if diff is not None else ""
-        check += f"  min cosine vs float32 {cos:.5f}" if cos is not None else ""
-        print(f"{tower:5s} -> {path}{check}")
+        check = f"max abs diff vs PyTorch {diff:.2e}" if diff is not None else ""
+        check += f"min cosine vs float32 {cos:.5f}" if cos is not None else ""
+        print(f"  {tower:10s} {str(path):40s} {inputs[tower.split('-')[0]]:36s} {check}".rstrip())
+    if "text" in towers:
+        print("  text: trim token rows to the batch's last EOT before running (clipforge.inference.trim_tokens);"
+              " the output is the same and shorter rows are faster")  # fmt: skip
     return 0
