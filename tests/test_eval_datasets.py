@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipforge.data.patterns import expand_braces
 from clipforge.errors import ClipforgeError, DataError
 from clipforge.eval.datasets import (
     EvalDataset,
-    expand_braces,
     extract_features,
     load_eval_dataset,
     make_loader,

@@ -25,7 +25,6 @@ import inspect
 import io
 import logging
 import os
-import re
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from clipforge.data.patterns import expand_braces
 from clipforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -353,22 +353,6 @@ def torchvision_dataset(
 # ---------------------------------------------------------------------------------------------
 # webdataset shards, read with the standard library: evaluation needs order and random access,
 # not shuffling or streaming from the network
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> [a-000.tar, a-001.tar, a-002.tar] (zero padding kept); also ``{a,b}``."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [p for item in items for p in expand_braces(head + item + tail)]
 
 
 class _ShardReader:

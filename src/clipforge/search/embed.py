@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from clipforge.data.patterns import expand_braces
 from clipforge.errors import DataError
 from clipforge.search.tables import (
     atomic_save_npy,
@@ -77,7 +77,7 @@ def list_items(
         return [it for s in source for it in list_items(s, image_key=image_key, caption_key=caption_key)]
     text = str(source)
     if "{" in text or any(ch in text for ch in "*?["):
-        paths = sorted({p for pat in _expand_braces(text) for p in _glob(pat)})
+        paths = sorted({p for pat in expand_braces(text) for p in _glob(pat)})
         if not paths:
             raise DataError(f"{text}: pattern matched no files")
         return [it for p in paths for it in list_items(p, image_key=image_key, caption_key=caption_key)]
@@ -111,21 +111,6 @@ def _glob(pattern: str) -> list[str]:
         if Path(pattern).exists()
         else []
     )
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """``shard-{000..009}.tar`` and ``{a,b}`` expansion (the webdataset convention)."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.groups()
-        options = [str(i).zfill(len(a)) for i in range(int(a), int(b) + 1)]
-    else:
-        options = body.split(",")
-    return [p for o in options for p in _expand_braces(head + o + tail)]
 
 
 def _sibling_caption(image: Path) -> str:
