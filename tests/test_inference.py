@@ -152,6 +152,9 @@ def test_torch_export_program(tmp_path) -> None:
     tokens = example_inputs(model, "text", batch=3, length=20, seed=4)
     with torch.no_grad():
         assert (program(tokens) - model.encode_text(tokens)).abs().max() < 1e-5
+    half = optimize_for_inference(model, dtype=torch.bfloat16)
+    export_program(half, tmp_path / "bf16", towers=("text",))  # exports a float32 copy
+    assert half.text.token_embedding.weight.dtype == torch.bfloat16
 
 
 def test_export_command(tmp_path, capsys) -> None:

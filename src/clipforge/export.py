@@ -11,6 +11,7 @@ silently wrong file behind.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -75,6 +76,13 @@ def example_inputs(
         tokens[row, :eot] = torch.randint(1, max(2, vocab - 2), (eot,), generator=g)
         tokens[row, eot] = vocab - 1  # CLIP's EOT is the highest id
     return tokens
+
+
+def _float32_eval(model: nn.Module) -> nn.Module:
+    """The model in eval mode with float32 weights; a copy when it has others (the caller's stays bf16)."""
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).float()
+    return model.eval()
 
 
 def _wrapper(model: nn.Module, tower: str) -> nn.Module:
@@ -193,7 +201,7 @@ def export_onnx(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.eval().float()
+    model = _float32_eval(model)
     result = ExportResult()
     for tower in towers:
         path = out / f"{tower}.onnx"
@@ -221,7 +229,7 @@ def export_program(
     """Save ``torch.export`` programs (``image.pt2`` / ``text.pt2``) with dynamic batch/length."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.eval().float()
+    model = _float32_eval(model)
     result = ExportResult()
     for tower in towers:
         module = _wrapper(model, tower)
