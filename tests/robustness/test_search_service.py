@@ -9,7 +9,6 @@ import json
 import random
 import socket
 import struct
-import time
 import zlib
 
 import pytest
@@ -122,11 +121,14 @@ def test_oversized_upload_is_413(client):
     ids=["empty", "html", "truncated", "gif-stub", "bomb"],
 )
 def test_bad_images_are_4xx(client, payload, status):
-    t0 = time.perf_counter()
-    assert_error(client.post("/search", files={"image": ("q.png", payload, "image/png")}), status)
-    assert_error(client.post("/search", json={"image_base64": base64.b64encode(payload).decode()}), status)
-    if payload.startswith(b"\x89PNG") and len(payload) > 60:
-        assert time.perf_counter() - t0 < 5  # the bomb is refused from its header, not decoded
+    # (the bomb's 413 carries the "too_large" reason: refused from its header, never decoded)
+    for resp in (
+        client.post("/search", files={"image": ("q.png", payload, "image/png")}),
+        client.post("/search", json={"image_base64": base64.b64encode(payload).decode()}),
+    ):
+        err = assert_error(resp, status)
+        if status == 413:
+            assert "too_large" in err
     assert_alive(client)
 
 

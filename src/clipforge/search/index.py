@@ -58,7 +58,7 @@ KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_MAX = 50_000
 HNSW_MAX = 250_000
 HNSW_M = 32
-RERANK = 8  # ivfpq: candidates fetched per result, then re-scored exactly
+RERANKS = (8, 16, 32)  # ivfpq: candidates fetched per result (then re-scored exactly), tried in turn
 CALIBRATION_QUERIES = 500
 CALIBRATION_K = 10
 CALIBRATION_MARGIN = {"hnsw": 0.035}  # others: 0.02 (see calibrate)
@@ -474,21 +474,26 @@ def calibrate(
             | {nlist}
         )
         knob = "nprobe"
-    base = {"rerank": RERANK} if kind == "ivfpq" else {}
+    # ivfpq: the compressed codes only rank candidates, which are then re-scored exactly; when more
+    # probes stop helping, the true neighbours are being lost in the ranking, so fetch more of them
+    bases = [{"rerank": r} for r in RERANKS] if kind == "ivfpq" else [{}]
     best: tuple[dict[str, Any], float] = ({}, 0.0)
-    prev = -1.0
-    for v in values:
-        params = {**base, knob: v}
-        set_search_params(index, params)
-        _, ids = search_index(index, kind, metric, embeddings, queries, k + 1, params)
-        r = recall_at_k(_drop_self(ids, qids, k), truth)
-        if r > best[1]:
-            best = (params, r)
-        if r >= target_recall + margin:
+    for base in bases:
+        prev = -1.0
+        for v in values:
+            params = {**base, knob: v}
+            set_search_params(index, params)
+            _, ids = search_index(index, kind, metric, embeddings, queries, k + 1, params)
+            r = recall_at_k(_drop_self(ids, qids, k), truth)
+            if r > best[1]:
+                best = (params, r)
+            if r >= target_recall + margin:
+                break
+            if kind == "ivfpq" and prev >= 0 and r - prev < 0.002 and v >= 32:
+                break  # plateau: more probes will not reach the target at this rerank depth
+            prev = r
+        if best[1] >= target_recall + margin:
             break
-        if kind == "ivfpq" and prev >= 0 and r - prev < 0.002 and v >= 32:
-            break  # compressed codes plateau: more probes will not reach the target
-        prev = r
     set_search_params(index, best[0])
     if best[1] < target_recall:
         log.warning(
