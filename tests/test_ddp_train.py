@@ -1,5 +1,6 @@
-"""DDP through the trainer: two gloo processes on CPU (batch 8 each) produce the gradients of one
-process with batch 16 (full feature gathering), see different data, and run the whole loop.
+"""DDP and FSDP2 through the trainer: two gloo processes on CPU (batch 8 each) produce the gradients
+of one process with batch 16 (full feature gathering), see different data, and run the whole loop
+(checkpoints and final model from rank 0 only, then a resume).
 
 The two ranks are forked from the test process after the heavy imports (torch, torchvision,
 the trainer), which saves a fresh interpreter's ~5 s of CPU per rank; each sets one intra-op
@@ -35,18 +36,22 @@ BASE = dict(
 
 def first_step_grads(cfg: TrainConfig, info) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Build the run exactly as ``train`` does and take the gradients of its first batch."""
-    from clipforge.train.trainer import build_run
+    from clipforge.train.trainer import build_run, compute_gradients
 
     run = build_run(cfg, info)
     images, tokens = next(iter(run.loader))
     run.task.model.train()
-    run.optimizer.zero_grad()
-    run.task.forward_backward([(images, tokens)])
-    grads = {n: p.grad.detach().clone() for n, p in run.model.named_parameters()}
+    compute_gradients(run, images, tokens)
+    grads = {n: _full(p.grad).detach().clone() for n, p in run.model.named_parameters()}
     return grads, images
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """FSDP2 keeps each rank's shard of a gradient as a DTensor; compare whole tensors."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -59,12 +64,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from clipforge.train.trainer import train
 
     info = setup_distributed("cpu")
-    cfg = TrainConfig(output_dir=os.path.join(out_dir, "run"), batch_size=8, **BASE)
+    cfg = TrainConfig(output_dir=os.path.join(out_dir, "run"), batch_size=8, distributed=strategy, **BASE)
     grads, images = first_step_grads(cfg, info)
     torch.save({"grads": grads, "images": images}, os.path.join(out_dir, f"rank{rank}.pt"))
-    result = train(cfg.replace(max_steps=2, save_every_steps=1))  # the whole loop under DDP
+    result = train(cfg.replace(max_steps=2, save_every_steps=1, grad_clip_norm=1.0))  # the whole loop
+    resumed = train(cfg.replace(max_steps=3, save_every_steps=1, grad_clip_norm=1.0, resume="latest"))
     torch.save(
-        {"steps": result.steps, "final": result.final_model_dir}, os.path.join(out_dir, f"train{rank}.pt")
+        {"steps": [result.steps, resumed.steps], "final": result.final_model_dir},
+        os.path.join(out_dir, f"train{rank}.pt"),
     )
     torch.distributed.destroy_process_group()
 
@@ -75,10 +82,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path, strategy):
     assert not torch.distributed.is_initialized(), "a forked rank must not inherit a process group"
     mp.start_processes(
-        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _worker, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True, start_method="fork"
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -105,10 +113,10 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path):
         torch.testing.assert_close(ranks[0]["grads"][name], g, atol=1e-5, rtol=0, msg=name)
     # the full loop ran on both ranks; rank 0 alone wrote checkpoints and the final model
     done = [torch.load(tmp_path / f"train{r}.pt", weights_only=True) for r in range(2)]
-    assert [d["steps"] for d in done] == [2, 2]
+    assert [d["steps"] for d in done] == [[2, 3], [2, 3]]
     assert done[0]["final"] and done[1]["final"] is None
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert ckpts == ["step_00000001.pt", "step_00000002.pt"]
+    assert ckpts == ["step_00000001.pt", "step_00000002.pt", "step_00000003.pt"]
     from clipforge.model.factory import create_model
 
     create_model(pretrained=str(tmp_path / "run" / "final"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     if result.interrupted:
         print(f"stopped cleanly at step {result.steps}; checkpoint {result.last_checkpoint}")
         print(f"continue with: clipforge train ... --output-dir {cfg.output_dir} --resume latest")

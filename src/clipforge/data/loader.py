@@ -102,6 +102,29 @@ class EpochSampler(Sampler[int]):
         return max(0, per_rank - self.start)
 
 
+def _synchronous_failures(it: Any) -> Any:
+    """Make a dead worker show up as an error from ``next(it)``, never at a random place.
+
+    torch registers each iterator's worker pids with a SIGCHLD handler that raises in the main
+    thread wherever it happens to be, usually in the middle of a training step, where nothing
+    can restart the loader. Unregistered, a dead worker is found by the iterator itself (it
+    checks its workers whenever it has waited 5 s for data) and raised from ``next``, which
+    :meth:`ResumableLoader.__iter__` catches to reopen the loader at the same position.
+    """
+    if getattr(it, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    return it
+
+
+def _shutdown(it: Any) -> None:
+    shutdown = getattr(it, "_shutdown_workers", None)  # DataLoader's multi-process iterator
+    if callable(shutdown):
+        shutdown()
+
+
 class _SeededItems(Dataset):
     """Map-style view whose item ``i`` in epoch ``e`` is drawn under seed ``(seed, e, i)``.
 
@@ -256,20 +279,26 @@ class ResumableLoader:
         while self.batches_done < limit:
             try:
                 with isolated_rng(mix_seed(self.seed, self.rank, epoch, self.batches_done)):
-                    it = it if it is not None else iter(self._dataloader())
+                    it = it if it is not None else _synchronous_failures(iter(self._dataloader()))
                     batch = next(it, None)
-            except RuntimeError as e:
-                if self.num_workers == 0 or "worker" not in str(e).lower():
+            except (RuntimeError, EOFError, ConnectionError) as e:
+                # A dead worker surfaces as torch's "worker ... exited unexpectedly", or as the
+                # broken pipe to it when the queue notices before the process is reaped.
+                died = isinstance(e, (EOFError, ConnectionError)) or "worker" in str(e).lower()
+                if self.num_workers == 0 or not died:
                     raise
                 if restarts >= self.max_worker_restarts:
                     raise DataError(
                         f"data loader workers crashed {restarts + 1} times in epoch {epoch}: {e}"
                     ) from e
+                # Shut the broken iterator down now: while it lives, torch's SIGCHLD handler
+                # keeps its dead worker registered and raises on the *next* child that exits.
+                _shutdown(it)
                 restarts, it = restarts + 1, None
                 self.worker_restarts += 1
                 logger.warning(
                     "a data worker crashed (%s); reopening the loader at epoch %d batch %d",
-                    e,
+                    str(e),  # not the exception: a kept log record would keep the iterator alive
                     epoch,
                     self.batches_done,
                 )

@@ -114,15 +114,35 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
 
 def _fully_shard(model: nn.Module) -> nn.Module:
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     except ImportError as e:  # pragma: no cover - torch < 2.6
         raise ConfigError("FSDP2 needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
     blocks = [m for name, m in model.named_modules() if name.split(".")[-2:-1] == ["resblocks"]]
     for block in blocks:
         fully_shard(block)
-    fully_shard(model)
+        if hasattr(block, "forward_at"):  # the pooled-row-only last block: gather weights there too
+            register_fsdp_forward_method(block, "forward_at")
+    # FSDP2 cannot shard 0-dim parameters (logit_scale, logit_bias): they stay replicated plain
+    # tensors and sync_replicated_grads averages their gradients.
+    fully_shard(model, ignored_params=set(_replicated(model)) or None)
     log.info("FSDP2: sharded %d residual blocks + root", len(blocks))
     return model
+
+
+def _replicated(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.ndim == 0]
+
+
+def sync_replicated_grads(model: nn.Module) -> None:
+    """Average over ranks the gradients FSDP2 leaves alone (see :func:`_fully_shard`)."""
+    grads = [p.grad for p in _replicated(model) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.stack(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, v in zip(grads, flat):
+        g.copy_(v)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -35,6 +35,7 @@ from clipforge.train.distributed import (
     any_rank,
     cleanup_distributed,
     setup_distributed,
+    sync_replicated_grads,
     wrap_model,
 )
 from clipforge.train.logger import RunLogger
@@ -42,7 +43,7 @@ from clipforge.train.optim import build_optimizer as make_optimizer
 from clipforge.train.optim import build_scheduler
 from clipforge.train.outputs import evaluate, save_final_model, write_summary
 from clipforge.train.surgery import apply_lora, lock_towers
-from clipforge.train.task import ContrastiveTask, build_loss, split_micro_batches
+from clipforge.train.task import ContrastiveTask, TaskOutput, build_loss, split_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,10 @@ def _grads_finite_norm(run: Run) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, float] | None:
-    """One optimiser step; returns metrics, or None if the step was skipped (NaN/Inf)."""
+def compute_gradients(
+    run: Run, images: Tensor, tokens: Tensor, autocast=contextlib.nullcontext
+) -> TaskOutput:
+    """Fill ``.grad`` with one step's (scaled) gradients: every micro-batch, in sync on every rank."""
     device = run.info.device
     images = images.to(device, non_blocking=True)
     tokens = tokens.to(device, non_blocking=True)
@@ -277,12 +280,22 @@ def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, 
         backward=lambda loss: run.scaler.scale(loss).backward(),
         autocast=autocast,
     )
+    if run.info.distributed and run.cfg.distributed == "fsdp":
+        sync_replicated_grads(run.model)
+    return out
+
+
+def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, float] | None:
+    """One optimiser step; returns metrics, or None if the step was skipped (NaN/Inf)."""
+    out = compute_gradients(run, images, tokens, autocast)
     run.scaler.unscale_(run.optimizer)
     grad_norm = _grads_finite_norm(run)
     loss_ok = math.isfinite(out.metrics["loss"])
     # With fp16 the scaler owns overflowing gradients (it skips and lowers the scale by design).
     grads_ok = run.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-    bad = any_rank(not (loss_ok and grads_ok), device) if run.info.distributed else not (loss_ok and grads_ok)
+    bad = not (loss_ok and grads_ok)
+    if run.info.distributed:
+        bad = any_rank(bad, run.info.device)
     lr = run.optimizer.param_groups[0]["lr"]
     if bad:
         run.optimizer.zero_grad(set_to_none=True)
@@ -367,8 +380,8 @@ def fit(run: Run) -> TrainResult:
                 state.epoch = run.loader.epoch
                 if _end_of_epoch(run, rlog, eval_metrics):
                     eval_step = state.step
-            if state.step >= run.total_steps or state.epoch >= cfg.epochs:
-                break
+            if state.step >= run.total_steps or (not cfg.max_steps and state.epoch >= cfg.epochs):
+                break  # max_steps, when given, overrides epochs
             for images, tokens in run.loader:
                 metrics = train_step(run, images, tokens, autocast)
                 if metrics is None:
