@@ -30,12 +30,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert code == 0
     printed = capsys.readouterr().out
-    assert "zero-shot on held-out shape/colour combinations" in printed
+    assert "combinations never seen in training" in printed
     assert "chance" in printed and "R@1" in printed
     assert "example text->image searches" in printed and "  1. " in printed
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     zs = summary["zero_shot"]
     assert set(zs) == {"colour_shape", "shape", "colour"}
+    assert zs["colour_shape"]["split"] == "heldout" and zs["shape"]["split"] == "val"
     assert zs["colour_shape"]["classes"] == 36 and zs["colour_shape"]["chance"] == pytest.approx(1 / 36)
     assert 0.0 <= zs["colour_shape"]["acc1"] <= 1.0
     assert summary["retrieval"]["heldout"]["chance_R@1"] == pytest.approx(1 / 60)
