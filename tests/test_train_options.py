@@ -27,11 +27,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(data=DATA, model="tiny-vit", batch_size=8, progress=False, output_dir=str(tmp_path))
+    return TrainConfig(**{**base, **overrides})
+
+
 def make_run(tmp_path, **overrides):
-    cfg = TrainConfig(
-        data=DATA, model="tiny-vit", batch_size=8, progress=False, output_dir=str(tmp_path), **overrides
-    )
-    return build_run(cfg, DistInfo())
+    return build_run(config(tmp_path, **overrides), DistInfo())
 
 
 def first_batch(run):
@@ -129,19 +131,16 @@ def test_periodic_eval_tensorboard_and_checkpoint_schedule(tmp_path):
     """2 epochs of 4 steps: eval after each epoch (not repeated at the end), TensorBoard events,
     checkpoints at step 3 and 6 (every 3) and epoch 1 (step 4), pruned to the last 2."""
     result = train(
-        TrainConfig(
+        config(
+            tmp_path,
             data="synthetic:shapes?n=32&image_size=32",
             val_data="synthetic:shapes?n=16&image_size=32&split=val",
-            model="tiny-vit",
-            batch_size=8,
             epochs=2,
             eval_every_epochs=1,
             tensorboard=True,
             save_every_steps=3,
             keep_last=2,
             log_every=1,
-            progress=False,
-            output_dir=str(tmp_path),
         )
     )
     assert (result.steps, result.epochs) == (8, 2)
@@ -159,16 +158,5 @@ def test_periodic_eval_tensorboard_and_checkpoint_schedule(tmp_path):
 
 def test_max_steps_overrides_epochs(tmp_path):
     """16 samples / batch 8 = 2 steps per epoch; max_steps=3 runs into a second epoch."""
-    result = train(
-        TrainConfig(
-            data=DATA,
-            model="tiny-vit",
-            batch_size=8,
-            epochs=1,
-            max_steps=3,
-            progress=False,
-            save_every_epochs=0,
-            output_dir=str(tmp_path),
-        )
-    )
+    result = train(config(tmp_path, epochs=1, max_steps=3, save_every_epochs=0))
     assert (result.steps, result.epochs) == (3, 1)
