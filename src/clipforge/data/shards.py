@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, SkipCounter, load_image
+from clipforge.data.pairs import transform_pair
 from clipforge.data.rng import mix_seed, seed_all
 from clipforge.errors import DataError
 
@@ -515,14 +516,7 @@ class ShardDataset(IterableDataset):
         return image, random.Random(f"{self.seed}:{self.epoch}:{key}").choice(captions)
 
     def _apply(self, image: Any, caption: str) -> tuple[Any, Any]:
-        if self.transform is not None:
-            image = self.transform(image)
-        tokens: Any = caption
-        if self.tokenizer is not None:
-            tokens = self.tokenizer(caption)
-            if getattr(tokens, "ndim", 0) == 2 and tokens.shape[0] == 1:
-                tokens = tokens[0]
-        return image, tokens
+        return transform_pair(image, caption, self.transform, self.tokenizer)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()

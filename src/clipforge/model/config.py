@@ -64,7 +64,9 @@ class VisionConfig:
             if not (isinstance(self.layers, (tuple, list)) and len(self.layers) == 4):
                 raise ConfigError(f"vision.layers must be 4 stage depths for a ResNet, got {self.layers!r}")
             if self.image_size % 32:
-                raise ConfigError(f"vision.image_size must be a multiple of 32 for a ResNet, got {self.image_size}")
+                raise ConfigError(
+                    f"vision.image_size must be a multiple of 32 for a ResNet, got {self.image_size}"
+                )
             return
         if not isinstance(self.layers, int):
             raise ConfigError(f"vision.layers must be an int for a ViT, got {self.layers!r}")
@@ -73,7 +75,9 @@ class VisionConfig:
                 f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}"
             )
         if self.width % self.head_width:
-            raise ConfigError(f"vision.width {self.width} is not a multiple of vision.head_width {self.head_width}")
+            raise ConfigError(
+                f"vision.width {self.width} is not a multiple of vision.head_width {self.head_width}"
+            )
         if self.pool_type not in ("tok", "avg"):
             raise ConfigError(f"vision.pool_type must be 'tok' or 'avg', got {self.pool_type!r}")
         if not 0.0 <= self.patch_dropout < 1.0:
@@ -158,7 +162,9 @@ class CLIPConfig:
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{source}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise ConfigError(
+                f"{source}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
         if isinstance(data, dict) and "model_config" in data:  # clipforge's config.json wraps it
             data = data["model_config"]
         return cls.from_dict(data, source)

@@ -100,7 +100,9 @@ class Attention(nn.Module):
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
-    def attend_from(self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend_from(
+        self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention output ``[B, W]`` for one query position per row (``index``) over all keys.
 
         Keys and values still need every position, but the attention and ``out_proj`` are done
@@ -155,7 +157,9 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
-    def forward_at(self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_at(
+        self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """This block's output at position ``index[b]`` of each row ``b`` (``[B, W]``).
 
         Equal to ``forward(x)[arange(B), index]``, without the MLP and attention work for the

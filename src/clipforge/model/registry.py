@@ -47,12 +47,16 @@ def _text(width: int, heads: int, layers: int = 12) -> TextConfig:
     return TextConfig(width=width, heads=heads, layers=layers)
 
 
-def _vit(embed: int, width: int, layers: int, patch: int, text: TextConfig, image: int = 224, **kw) -> CLIPConfig:
+def _vit(
+    embed: int, width: int, layers: int, patch: int, text: TextConfig, image: int = 224, **kw
+) -> CLIPConfig:
     vision = VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers, **kw)
     return CLIPConfig(embed_dim=embed, vision=vision, text=text)
 
 
-def _rn(embed: int, layers: tuple[int, int, int, int], width: int, image: int, text: TextConfig) -> CLIPConfig:
+def _rn(
+    embed: int, layers: tuple[int, int, int, int], width: int, image: int, text: TextConfig
+) -> CLIPConfig:
     vision = VisionConfig(image_size=image, patch_size=None, width=width, layers=layers)
     return CLIPConfig(embed_dim=embed, vision=vision, text=text)
 
