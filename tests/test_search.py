@@ -41,6 +41,16 @@ def _scores(results):
     return np.array([r["score"] if isinstance(r, dict) else r.score for r in results])
 
 
+def _assert_same_ranking(got, want, atol=1e-5):
+    """Same scores rank by rank; ids may only differ where two results tie within float noise."""
+    np.testing.assert_allclose(_scores(got), _scores(want), atol=atol)
+    want_score = dict(zip(_ids(want), _scores(want)))
+    for i, s in zip(_ids(got), _scores(got)):
+        assert i in want_score or abs(s - _scores(want)[-1]) <= atol, (i, s)
+        if i in want_score:
+            assert abs(want_score[i] - s) <= atol, (i, s, want_score[i])
+
+
 # ----------------------------------------------------------------------------- embed
 def test_embed_outputs(setup):
     from clipforge.search.embed import load_manifest
@@ -446,8 +456,8 @@ def test_cli_embed_index_search(setup, tmp_path, searcher, capsys):
     assert "choice: flat" in out and "expected recall@10 1.000" in out
     assert main(["search", str(idx), QUERY, "-k", "6", "--json"]) == 0
     got, want = json.loads(capsys.readouterr().out), searcher.search(text=QUERY, k=6)
-    assert _ids(got) == _ids(want)
-    np.testing.assert_allclose(_scores(got), _scores(want), atol=1e-5)
+    # A fresh embedding run batches differently, so near-ties may swap places; scores must agree.
+    _assert_same_ranking(got, want)
     assert (
         main(["index", str(emb), "--out", str(tmp_path / "pq"), "--kind", "ivfpq", "--max-memory", "30KB"])
         == 0
