@@ -193,7 +193,9 @@ def run_open_clip(args, table: Path, out: Path, model_dir: Path) -> tuple[list[f
         "--name",
         "bench",
     ]
-    proc = subprocess.run(cmd, env=env(args.threads), check=True, capture_output=True, text=True, cwd=out)
+    proc = subprocess.run(cmd, env=env(args.threads), capture_output=True, text=True, cwd=out)
+    if proc.returncode:
+        raise RuntimeError(f"open_clip_train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     log_text = proc.stdout + proc.stderr
     log_file = out / "bench" / "out.log"
     if log_file.exists():
