@@ -38,30 +38,9 @@ def open_clip_config(model: str) -> dict:
         from clipforge.model.registry import get_model_config
 
         cfg = get_model_config(model)
-    v, t = cfg.vision, cfg.text
-    return {
-        "model_cfg": {
-            "embed_dim": cfg.embed_dim,
-            "quick_gelu": cfg.quick_gelu,
-            "vision_cfg": {
-                "image_size": v.image_size,
-                "layers": v.layers,
-                "width": v.width,
-                "head_width": v.head_width,
-                "patch_size": v.patch_size,
-                "mlp_ratio": v.mlp_ratio,
-            },
-            "text_cfg": {
-                "context_length": t.context_length,
-                "vocab_size": t.vocab_size,
-                "width": t.width,
-                "heads": t.heads,
-                "layers": t.layers,
-                "mlp_ratio": t.mlp_ratio,
-            },
-        },
-        "preprocess_cfg": {"size": v.image_size},
-    }
+    from clipforge.checkpoints.convert import config_to_open_clip
+
+    return {"model_cfg": config_to_open_clip(cfg), "preprocess_cfg": {"size": cfg.vision.image_size}}
 
 
 def make_data(root: Path, n: int, image_size: int) -> tuple[Path, Path]:

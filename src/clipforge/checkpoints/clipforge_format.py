@@ -19,6 +19,7 @@ import torch
 from clipforge.checkpoints.io import atomic_write_text, load_safetensors, save_safetensors
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.model.config import CLIPConfig
+from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipforge.errors import ConfigError
+from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 

@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, SkipCounter, load_image
 from clipforge.data.pairs import transform_pair
+from clipforge.data.patterns import expand_braces
 from clipforge.data.rng import mix_seed, seed_all
 from clipforge.errors import DataError
 
@@ -72,9 +73,7 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
             urls += found
             continue
         if "{" in s:
-            import braceexpand
-
-            urls += list(braceexpand.braceexpand(s))
+            urls += expand_braces(s)
         elif any(c in s for c in "*?["):
             urls += sorted(glob.glob(s))
         else:

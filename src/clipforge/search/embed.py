@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from clipforge.data.images import IMAGE_EXTENSIONS, iter_image_files
 from clipforge.data.patterns import expand_braces
 from clipforge.errors import DataError
 from clipforge.search.tables import (
@@ -43,7 +44,6 @@ from clipforge.search.tables import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 IMAGE_COLUMNS = ("image", "filepath", "image_path", "path", "file", "filename", "img", "url")
 CAPTION_COLUMNS = ("caption", "text", "title", "captions", "label")
@@ -83,20 +83,20 @@ def list_items(
         return [it for p in paths for it in list_items(p, image_key=image_key, caption_key=caption_key)]
     path = Path(text).expanduser()
     if path.is_dir():
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        images = sorted(iter_image_files(path))  # globally sorted: ids follow path order
         if images:
             return [Item(str(p.resolve()), _sibling_caption(p)) for p in images]
         tars = sorted(p for p in path.rglob("*.tar") if p.is_file())
         if tars:
             return [it for t in tars for it in _tar_items(t)]
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) or .tar shards found")
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards found")
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.suffix == ".tar":
         return _tar_items(path)
     if path.suffix.lower() in TABLE_EXTS:
         return _table_items(path, image_key, caption_key)
-    if path.suffix.lower() in IMAGE_EXTS:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
         return [Item(str(path.resolve()), _sibling_caption(path))]
     raise DataError(f"{path}: not a folder, table ({', '.join(TABLE_EXTS)}), .tar shard or image")
 
@@ -138,7 +138,7 @@ def _tar_items(tar_path: Path) -> list[Item]:
                 if g is None:
                     g = groups[key] = {}
                     order.append(key)
-                if ext in IMAGE_EXTS and "image" not in g:
+                if ext in IMAGE_EXTENSIONS and "image" not in g:
                     g["image"] = (m.offset_data, m.size)
                 elif ext in (".txt", ".caption"):
                     f = tf.extractfile(m)

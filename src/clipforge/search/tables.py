@@ -72,14 +72,21 @@ def _clean_text(value: Any) -> str:
     return "" if value is None else str(value).replace("\x00", "")
 
 
+def _row_count(columns: dict[str, Sequence[Any]]) -> int:
+    """The shared length of ``columns``; unequal lengths are a caller bug, said plainly."""
+    lengths = {name: len(values) for name, values in columns.items()}
+    n = next(iter(lengths.values()), 0)
+    for name, length in lengths.items():
+        if length != n:
+            raise ValueError(f"column {name!r} has {length} rows, expected {n}")
+    return n
+
+
 def write_table(path: str | os.PathLike, columns: dict[str, Sequence[Any]]) -> Path:
     """Write ``columns`` (equal-length lists) atomically; the suffix of ``path`` picks the format."""
     path = Path(path)
     names = list(columns)
-    n = len(columns[names[0]]) if names else 0
-    for name in names:
-        if len(columns[name]) != n:
-            raise ValueError(f"column {name!r} has {len(columns[name])} rows, expected {n}")
+    _row_count(columns)  # validates
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -151,10 +158,7 @@ def write_mapped_table(path: str | os.PathLike, columns: dict[str, Sequence[Any]
     """
     path = Path(path)
     names = list(columns)
-    n = len(columns[names[0]]) if names else 0
-    for name in names:
-        if len(columns[name]) != n:
-            raise ValueError(f"column {name!r} has {len(columns[name])} rows, expected {n}")
+    n = _row_count(columns)
     ints = [k for k in names if k in INT_COLUMNS]
     texts = [k for k in names if k not in INT_COLUMNS]
     header = json.dumps({"rows": n, "int_columns": ints, "text_columns": texts}).encode()
