@@ -60,3 +60,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     model = create_model(pretrained=summary["model_dir"])
     assert model.config.vision.image_size == 32
+
+
+def test_demo_without_matplotlib_fails_before_training(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from clipforge.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) != 0
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "clipforge[demo]" in err
+    assert not (tmp_path / "d").exists()  # nothing trained, nothing written

@@ -72,6 +72,21 @@ def test_config_errors_name_the_key(tmp_path, content, needle):
     assert str(path) in str(err.value)
 
 
+def test_run_config_falls_back_to_json_without_pyyaml(tmp_path, monkeypatch):
+    import importlib.util
+
+    from clipforge.train.trainer import run_config_name
+
+    assert run_config_name() == "run_config.yaml"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "yaml" else real(name, *a)
+    )
+    assert run_config_name() == "run_config.json"
+    cfg = TrainConfig(data="synthetic:shapes", batch_size=12, output_dir=str(tmp_path))
+    assert TrainConfig.load(cfg.save(tmp_path / run_config_name())).batch_size == 12
+
+
 def test_cli_flags_override_config_file(tmp_path):
     import argparse
 

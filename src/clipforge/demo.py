@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipforge.errors import ClipforgeError
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,16 @@ def evaluate_demo(
     return zero_shot, retrieval, examples
 
 
+def require_plotting() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ClipforgeError(
+            "clipforge demo draws its report with matplotlib, which is not installed; "
+            "install it with: pip install 'clipforge[demo]'"
+        )
+
+
 def plot_loss(losses: list[float], path: Path) -> Path:
     """Training loss per step with a moving average (written atomically, fixed pixel size)."""
     import io
@@ -275,6 +286,7 @@ def run_demo(
 ) -> DemoResult:
     """Generate data, train, evaluate, write the report; returns the headline numbers."""
     start = time.perf_counter()
+    require_plotting()  # fail now, not after minutes of training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = QUICK if quick else FULL

@@ -447,6 +447,13 @@ def fit(run: Run) -> TrainResult:
 # =================================================================================================
 # entry point
 # =================================================================================================
+def run_config_name() -> str:
+    """``run_config.yaml``; JSON (which ``--config`` also reads) when PyYAML is not installed."""
+    import importlib.util
+
+    return "run_config.yaml" if importlib.util.find_spec("yaml") is not None else "run_config.json"
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or fine-tune) a CLIP model as described by ``cfg``; see :class:`TrainConfig`."""
     cfg.validate()
@@ -457,7 +464,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         if info.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            cfg.save(Path(cfg.output_dir) / "run_config.yaml")
+            cfg.save(Path(cfg.output_dir) / run_config_name())
         run = build_run(cfg, info)
         return fit(run)
     finally:
