@@ -85,3 +85,22 @@ def test_quickstart_runs_end_to_end_on_random_weights(tmp_path):
     clipforge.load_checkpoint(fresh, tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(fresh.encode_image(pixels, normalize=True), img)
+
+
+def test_missing_optional_package_names_the_extra(capsys, monkeypatch):
+    import clipforge.commands.index as index_command
+    from clipforge.cli import main
+
+    def needs_faiss(args):
+        raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+
+    monkeypatch.setattr(index_command, "run", needs_faiss)
+    assert main(["index", "emb", "--out", "idx"]) == 2
+    assert "pip install 'clipforge[search]'" in capsys.readouterr().err
+
+    def needs_something_else(args):
+        raise ModuleNotFoundError("No module named 'nonexistent_pkg'", name="nonexistent_pkg")
+
+    monkeypatch.setattr(index_command, "run", needs_something_else)
+    with pytest.raises(ModuleNotFoundError):  # a real bug, not a missing extra: keep the traceback
+        main(["index", "emb", "--out", "idx"])

@@ -27,6 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Top-level modules that live in an extra (pyproject.toml), and that extra.
+OPTIONAL_MODULES = {
+    "matplotlib": "demo",
+    "yaml": "train",
+    "webdataset": "train",
+    "tensorboard": "train",
+    "peft": "train",
+    "faiss": "search",
+    "fastapi": "search",
+    "uvicorn": "search",
+    "multipart": "search",
+    "transformers": "hf",
+    "timm": "timm",
+    "onnx": "export",
+    "onnxruntime": "export",
+    "onnxscript": "export",
+    "open_clip": "dev",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -38,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ClipforgeError as e:
         print(f"clipforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"clipforge {args.command}: error: this needs the optional package {e.name!r}; "
+            f"install it with: pip install 'clipforge[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
