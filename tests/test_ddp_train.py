@@ -120,3 +120,32 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path, strategy):
     from clipforge.model.factory import create_model
 
     create_model(pretrained=str(tmp_path / "run" / "final"))
+
+
+def test_torchrun_entry_point(tmp_path):
+    """The README's command: ``torchrun --nproc-per-node 2 -m clipforge train`` (gloo on CPU).
+
+    32 images, batch 4 per rank: the epoch is 4 steps only if both ranks joined one group and
+    split the data (8 steps would mean each rank trained alone on everything).
+    """
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "clipforge", "train", "--data", BASE["data"], "--model", "tiny-vit", "--batch-size", "4",
+           "--epochs", "1", "--threads", "1", "--no-progress", "--log-every", "1", "--save-every-steps", "2",
+           "--output-dir", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and not summary["interrupted"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s in steps if s is not None]
+    assert sorted(set(train_steps)) == [1, 2, 3, 4] and len(train_steps) == len(
+        set(train_steps)
+    )  # rank 0 only
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    assert (out / "final" / "model.safetensors").exists()
