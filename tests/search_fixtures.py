@@ -7,11 +7,12 @@ tests/robustness/test_search_service.py.
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ports import free_port
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -143,12 +144,6 @@ def build_setup(root: Path, *, n: int = 60, num_workers: int = 1) -> SearchSetup
     )
     build_index(emb, root / "index", progress=False)
     return SearchSetup(root, images, model_dir, emb, root / "index")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class UvicornThread:

@@ -10,11 +10,11 @@ thread before touching torch, so no OpenMP pool is inherited across the fork.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ports import free_port
 
 import clipforge.train.trainer  # noqa: F401 - imported once, before forking the ranks
 import clipforge.transforms  # noqa: F401
@@ -74,12 +74,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
         os.path.join(out_dir, f"train{rank}.pt"),
     )
     torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
