@@ -5,7 +5,7 @@
     python benchmarks/inference.py --threads 2 --models ViT-B-32 --batches 32 --no-memory
 
 Every figure is a ratio against open_clip measured in the same process: the variants are timed
-round-robin (``clipforge.bench.interleaved_throughput``) so machine load hits all of them alike.
+round-robin (``clipforge.bench.compare_variants``) so machine load hits all of them alike.
 items/s and the ratio come from each variant's fastest round (load only adds time); the ratio
 of the median rounds is printed beside it. Weights are random (seeded); open_clip gets the very same
 tensors through ``clipforge_to_open_clip``, so outputs are compared too (max |diff| of the
@@ -35,10 +35,11 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 
 import torch
 
-from clipforge.bench import feature_agreement, interleaved_throughput, open_clip_twin, realistic_captions
+from clipforge.bench import compare_variants, open_clip_twin, realistic_captions
 from clipforge.inference import encode_texts, optimize_for_inference
 from clipforge.model.clip import CLIP
 from clipforge.model.registry import get_model_config
@@ -101,18 +102,8 @@ def text_variants(model: CLIP, twin, tokens: torch.Tensor, batch: int, want_onnx
 
 
 def compare(fns: dict, items: int, rounds: int) -> list[dict]:
-    with torch.inference_mode():
-        outputs = {k: fn().float() for k, fn in fns.items()}
-        timings = interleaved_throughput(fns, items, rounds=rounds, warmup=0)
-    base = timings["open_clip"]
-    rows = []
-    for name, timing in timings.items():
-        diff, cos = feature_agreement(outputs[name], outputs["open_clip"])
-        rows.append({"variant": name, "items_per_s": timing.best_items_per_s,
-                     "ratio": timing.best_items_per_s / base.best_items_per_s,
-                     "median_items_per_s": timing.items_per_s, "median_ratio": timing.items_per_s / base.items_per_s,
-                     "max_abs_diff": diff, "min_cos": cos})  # fmt: skip
-    return rows
+    """Rows against open_clip (the first variant); its output call doubles as the warm-up."""
+    return [asdict(c) for c in compare_variants(fns, items, rounds=rounds, warmup=0)]
 
 
 def print_rows(title: str, rows: list[dict]) -> None:

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -59,7 +59,7 @@ def interleaved_throughput(
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
 ) -> dict[str, Timing]:
-    """Median items/s of each function, timing them round-robin so load affects all equally.
+    """Items/s of each function (median and fastest round), timed round-robin so load affects all equally.
 
     ``sync`` waits for queued device work (``torch.cuda.synchronize`` on a GPU), so a timing
     covers the computation and not just the kernel launches.
@@ -90,15 +90,54 @@ def feature_agreement(ours: torch.Tensor, reference: torch.Tensor) -> tuple[floa
 
 
 @dataclass
-class BenchRow:
-    kind: str  # "image" | "text"
+class Comparison:
+    """One variant against the first one of the same run."""
+
     variant: str
-    batch_size: int
     items_per_s: float  # fastest round
-    ratio: float  # vs the first variant of the same kind, fastest rounds
-    max_abs_diff: float
+    ratio: float  # fastest rounds
+    median_items_per_s: float
+    median_ratio: float
+    max_abs_diff: float  # of the L2-normalised features
     min_cos: float
-    median_ratio: float = 1.0  # the same from the median rounds
+
+
+def compare_variants(
+    fns: dict[str, Callable[[], torch.Tensor]],
+    items_per_call: int,
+    *,
+    rounds: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> list[Comparison]:
+    """Run every variant once for its output, time them interleaved, and compare each with the
+    first (the baseline): throughput ratios and feature agreement."""
+    with torch.inference_mode():
+        outputs = {name: fn().float().cpu() for name, fn in fns.items()}
+        timings = interleaved_throughput(fns, items_per_call, rounds=rounds, warmup=warmup, sync=sync)
+    base_name = next(iter(fns))
+    base = timings[base_name]
+    rows = []
+    for name, t in timings.items():
+        diff, cos = feature_agreement(outputs[name], outputs[base_name])
+        rows.append(
+            Comparison(
+                name,
+                t.best_items_per_s,
+                t.best_items_per_s / base.best_items_per_s,
+                t.items_per_s,
+                t.items_per_s / base.items_per_s,
+                diff,
+                cos,
+            )  # fmt: skip
+        )
+    return rows
+
+
+@dataclass
+class BenchRow(Comparison):
+    kind: str  # "image" | "text"
+    batch_size: int
 
 
 def open_clip_kwargs(cfg: Any) -> dict[str, Any]:
@@ -281,18 +320,8 @@ def run_bench(
     for kind in kinds:
         make, count = (image_fn, batch_size) if kind == "image" else (text_fn, len(tokens))
         fns = {variant: make(m) for variant, m in built.items()}
-        with torch.inference_mode():
-            outputs = {variant: fn().float().cpu() for variant, fn in fns.items()}
-            timings = interleaved_throughput(fns, count, rounds=rounds, sync=sync)
-        base_name = next(iter(fns))
-        for variant, timing in timings.items():
-            diff, cos = feature_agreement(outputs[variant], outputs[base_name])
-            base = timings[base_name]
-            ratio = timing.best_items_per_s / base.best_items_per_s
-            median_ratio = timing.items_per_s / base.items_per_s
-            rows.append(
-                BenchRow(kind, variant, batch_size, timing.best_items_per_s, ratio, diff, cos, median_ratio)
-            )
+        for c in compare_variants(fns, count, rounds=rounds, sync=sync):
+            rows.append(BenchRow(**asdict(c), kind=kind, batch_size=batch_size))
     return rows
 
 
