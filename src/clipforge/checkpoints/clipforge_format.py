@@ -123,6 +123,9 @@ def save_pretrained(
         "preprocess_cfg": _jsonable(pre),
         "tokenizer_cfg": _jsonable(tok),
     }
+    label = getattr(model, "architecture", None)  # e.g. "custom (from my-arch.json)"; see create_model
+    if isinstance(label, str) and label:
+        extra = {"architecture": label, **(extra or {})}
     if extra:
         document["extra"] = _jsonable(extra)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(document, indent=2) + "\n")

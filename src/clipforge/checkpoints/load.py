@@ -288,9 +288,17 @@ def _cfg_signature(cfg: CLIPConfig) -> tuple:
 
 
 def closest_architecture(cfg: CLIPConfig) -> tuple[str, bool]:
-    """The registered name whose shapes are nearest to ``cfg``, and whether it matches exactly."""
+    """The registered name whose shapes are nearest to ``cfg``, and whether it matches exactly.
+
+    "Exactly" means every architectural field (:func:`~clipforge.model.architecture.registered_match`),
+    not only the shapes compared for nearness: a name is never claimed for a config that differs.
+    """
+    from clipforge.model.architecture import registered_match
     from clipforge.model.registry import get_model_config, list_models
 
+    match = registered_match(cfg)
+    if match is not None:
+        return match, True
     target = _cfg_signature(cfg)
     best, best_score = "", -1
     for name in list_models():
@@ -298,10 +306,7 @@ def closest_architecture(cfg: CLIPConfig) -> tuple[str, bool]:
         score = sum(a == b for a, b in zip(sig, target))
         if score > best_score:
             best, best_score = name, score
-    exact = best_score == len(target)
-    if exact and cfg.quick_gelu:
-        best += "-quickgelu"
-    return best, exact
+    return best, False
 
 
 def _fmt_list(keys: list[str], limit: int = 12) -> str:

@@ -24,13 +24,13 @@ import torch
 from clipforge.checkpoints.hub import hub_file, is_hub_spec, resolve_hub
 from clipforge.checkpoints.load import (
     LoadedCheckpoint,
-    _cfg_signature,
     _warn_activation,
     apply_state_dict,
     load_any,
 )
 from clipforge.checkpoints.pretrained import PretrainedWeights, is_pretrained_tag, resolve_pretrained
 from clipforge.errors import CheckpointError, ConfigError
+from clipforge.model.architecture import architecture_name, is_config_file, same_architecture
 from clipforge.model.config import CLIPConfig
 from clipforge.model.registry import get_model_config
 
@@ -105,10 +105,10 @@ def _choose_config(
     if isinstance(name_or_config, CLIPConfig):
         named = CLIPConfig.from_dict(name_or_config.to_dict())
     elif name_or_config is not None:
-        named = get_model_config(name_or_config)
+        named = get_model_config(name_or_config)  # a registered name or a *.json model config
     stored = weights.loaded.config if weights is not None else None
     if stored is not None:
-        if named is not None and _cfg_signature(named) != _cfg_signature(stored):
+        if named is not None and not same_architecture(named, stored):
             log.warning(
                 "%s carries its own config, which differs from %r; using the checkpoint's",
                 weights.loaded.path,
@@ -123,7 +123,24 @@ def _choose_config(
         raise ConfigError("create_model needs a model name, a CLIPConfig or pretrained weights")
     if weights is not None and weights.entry is not None and weights.entry.quick_gelu:
         cfg.quick_gelu = True  # the tag's weights were trained with QuickGELU (as open_clip does)
+    if stored is None and weights is not None and weights.loaded.quick_gelu is not None:
+        # The file format proves the activation (all of OpenAI's releases use QuickGELU), so an
+        # explicit non-quickgelu name gets it too, as the 'openai' tag does; quick_gelu= still wins.
+        cfg.quick_gelu = bool(weights.loaded.quick_gelu)
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def _architecture_label(cfg: CLIPConfig, requested: str | None, weights: _Weights | None) -> str:
+    """The name outputs give this model: the one stored with the weights when it still describes
+    ``cfg``, else :func:`~clipforge.model.architecture.architecture_name` (never a registered name
+    the config differs from)."""
+    stored = weights.loaded.config if weights is not None else None
+    label = weights.loaded.extra.get("architecture") if weights is not None else None
+    if isinstance(label, str) and label and stored is not None and same_architecture(stored, cfg):
+        return label
+    if requested is not None and is_config_file(requested):
+        return architecture_name(cfg, source=requested)
+    return architecture_name(cfg, requested)
 
 
 _INIT_FUNCTIONS = (
@@ -190,6 +207,11 @@ def create_model(
 ) -> torch.nn.Module:
     """A CLIP model, optionally with weights (``pretrained``: tag, ``hf-hub:...``, file or folder).
 
+    ``name_or_config`` is a registered name (``"ViT-B-32"``, ``"ViT-B-32-quickgelu"``), a
+    ``CLIPConfig``, a ``*.json`` model config (clipforge's or open_clip's), or None when the
+    weights describe themselves. ``model.architecture`` names what was built (see
+    :func:`~clipforge.model.architecture.architecture_name`).
+
     ``overrides`` replace config fields (``quick_gelu=True``, ``vision={"patch_dropout": 0.5}``).
     Like open_clip, the model is returned in train mode; call ``.eval()`` for inference.
     """
@@ -199,11 +221,9 @@ def create_model(
         if pretrained is not None:
             raise ConfigError(f"give either an 'hf-hub:' model ({name_or_config!r}) or pretrained=, not both")
         name_or_config, pretrained = None, name_or_config  # open_clip style: create_model("hf-hub:org/name")
-    weights = (
-        resolve_weights(name_or_config if isinstance(name_or_config, str) else None, pretrained, cache_dir)
-        if pretrained
-        else None
-    )
+    requested = name_or_config if isinstance(name_or_config, str) else None
+    tag_name = None if requested is None or is_config_file(requested) else requested  # tags need a name
+    weights = resolve_weights(tag_name, pretrained, cache_dir) if pretrained else None
     cfg = _choose_config(name_or_config, weights, overrides)
     with _skip_random_init() if weights is not None and strict else contextlib.nullcontext():
         model = CLIP(cfg)
@@ -219,6 +239,7 @@ def create_model(
         "resize_mode": image_resize_mode,
     }
     _attach_settings(model, weights, image_overrides)
+    model.architecture = _architecture_label(cfg, requested, weights)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
@@ -255,6 +276,9 @@ def create_model_from_pretrained(
 
 
 def _is_source(value: str) -> bool:
+    """Weights to load (``hf-hub:`` or a path), as opposed to an architecture name or ``*.json``."""
+    if is_config_file(value):
+        return False
     return is_hub_spec(value) or Path(value).expanduser().exists()
 
 

@@ -25,7 +25,15 @@ def list_models() -> list[str]:
 
 
 def get_model_config(name: str) -> CLIPConfig:
-    """A fresh copy, so callers may mutate it without touching the registry."""
+    """A fresh copy, so callers may mutate it without touching the registry.
+
+    ``name`` may also be a ``*.json`` file (clipforge's or open_clip's model config), so every
+    place that takes an architecture name takes a file too.
+    """
+    from clipforge.model.architecture import is_config_file, read_config_file
+
+    if is_config_file(name):
+        return read_config_file(name)
     key = name.removesuffix("-quickgelu")
     if key not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
