@@ -20,7 +20,7 @@ import io
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -43,12 +43,19 @@ INTERPOLATIONS = {
     "bicubic": T.InterpolationMode.BICUBIC,
     "bilinear": T.InterpolationMode.BILINEAR,
     "nearest": T.InterpolationMode.NEAREST,
+    # Filters Hugging Face preprocessor configs may name (PIL resample codes 1, 4, 5).
+    "lanczos": T.InterpolationMode.LANCZOS,
+    "box": T.InterpolationMode.BOX,
+    "hamming": T.InterpolationMode.HAMMING,
 }
 RESIZE_MODES = ("shortest", "longest", "squash")
 _PIL_RESAMPLE = {
     T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
     T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
     T.InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    T.InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
+    T.InterpolationMode.BOX: Image.Resampling.BOX,
+    T.InterpolationMode.HAMMING: Image.Resampling.HAMMING,
 }
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -58,15 +65,19 @@ class UnsupportedImageModeError(DataError, ValueError):
 
 
 # -- mode conversion ---------------------------------------------------------------------------------
-def to_rgb(img: Image.Image, background: Sequence[int] = WHITE) -> Image.Image:
+def to_rgb(img: Image.Image, background: Sequence[int] = WHITE, alpha: str = "composite") -> Image.Image:
     """Any PIL image -> an RGB image with the colours a viewer would show.
 
-    ``background`` (an RGB triple) fills transparent areas. RGB input is returned unchanged
-    (same object), so calling this on already converted images is free.
+    ``background`` (an RGB triple) fills transparent areas. With ``alpha="drop"`` transparent
+    images (RGBA, LA, PA, palette) are converted with PIL's plain ``convert("RGB")`` instead,
+    which is what open_clip and OpenAI do; every other mode is converted the careful way either
+    way. RGB input is returned unchanged (same object), so calling this again is free.
     """
     mode = img.mode
     if mode == "RGB":
         return img
+    if alpha == "drop" and (mode in _ALPHA_MODES or mode == "P"):
+        return (img.convert("LA") if mode == "La" else img).convert("RGB")
     if mode == "P" and _palette_has_transparency(img):
         img, mode = img.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:
@@ -149,8 +160,17 @@ class PreprocessConfig:
 
     ``image_size`` is an int (square) or ``(height, width)``. ``resize_mode``: "shortest"
     (resize the short side, center crop: CLIP), "longest" (fit inside, pad with ``fill_color``)
-    or "squash" (resize to the exact size, ignoring aspect). ``background`` fills transparent
-    pixels when a raw RGBA/LA/P image reaches the transform.
+    or "squash" (resize to the exact size, ignoring aspect).
+
+    ``alpha`` says what transparent pixels become: "composite" (blended on ``background``) or
+    "drop" (the alpha channel is discarded, as open_clip and OpenAI do). ``convention`` says
+    whose pipeline runs, with its order of operations (see :mod:`clipforge.conventions`):
+    "clipforge" (careful RGB conversion first, torchvision geometry), "open_clip" (torchvision
+    geometry, ``convert("RGB")`` after the crop) or "hf" (``CLIPImageProcessor``: conversion
+    first, ``resize_size`` short side, floor-offset crop, ``rescale_factor``, ``backend``
+    "torchvision" or "pil"). ``resize_size``, ``do_resize``, ``do_center_crop``,
+    ``rescale_factor`` and ``backend`` only matter for "hf". Which convention a set of weights
+    gets by default is decided by :meth:`defaults_for`.
     """
 
     image_size: int | tuple[int, int] = 224
@@ -160,6 +180,13 @@ class PreprocessConfig:
     resize_mode: str = "shortest"
     fill_color: int = 0
     background: tuple[int, int, int] = field(default=WHITE)
+    alpha: str = "composite"
+    convention: str = "clipforge"
+    resize_size: int | tuple[int, int] | None = None
+    do_resize: bool = True
+    do_center_crop: bool = True
+    rescale_factor: float = 1 / 255
+    backend: str = "torchvision"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, (list, tuple)):
@@ -169,6 +196,8 @@ class PreprocessConfig:
         self.mean = _triple(self.mean, "mean")
         self.std = _triple(self.std, "std")
         self.background = tuple(int(c) for c in self.background)  # type: ignore[assignment]
+        if isinstance(self.resize_size, (list, tuple)):
+            self.resize_size = tuple(int(s) for s in self.resize_size)  # type: ignore[assignment]
         self.validate()
 
     def validate(self) -> None:
@@ -187,6 +216,24 @@ class PreprocessConfig:
             raise ConfigError(
                 f"preprocess background must be an RGB triple of 0..255, got {self.background!r}"
             )
+        self._validate_convention()
+
+    def _validate_convention(self) -> None:
+        from clipforge.conventions import ALPHA_MODES, CONVENTIONS, HF_BACKENDS
+
+        if self.alpha not in ALPHA_MODES:
+            raise ConfigError(f"preprocess alpha {self.alpha!r} is not one of {ALPHA_MODES}")
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"preprocess convention {self.convention!r} is not one of {CONVENTIONS}")
+        if self.backend not in HF_BACKENDS:
+            raise ConfigError(f"preprocess backend {self.backend!r} is not one of {HF_BACKENDS}")
+        if self.convention != "hf" and self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ConfigError(
+                f"preprocess interpolation {self.interpolation!r} needs convention 'hf' "
+                "(torchvision transforms support bicubic, bilinear, nearest)"
+            )
+        if not (self.rescale_factor > 0 and math.isfinite(self.rescale_factor)):
+            raise ConfigError(f"preprocess rescale_factor must be > 0, got {self.rescale_factor!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -216,6 +263,70 @@ class PreprocessConfig:
             raise ConfigError(f"unknown preprocess config key(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
+    @classmethod
+    def coerce(cls, value: PreprocessConfig | dict[str, Any] | int | None) -> PreprocessConfig:
+        """A config from a config, a stored dict, an image size, or None (clipforge's defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if isinstance(value, (int, tuple, list)):
+            return cls(image_size=value)  # type: ignore[arg-type]
+        raise ConfigError(f"expected a PreprocessConfig, dict or size, got {type(value).__name__}")
+
+    @staticmethod
+    def defaults_for(origin: str, image_size: int | tuple[int, int]) -> dict[str, Any]:
+        """The stored-dict defaults for weights of ``origin``, before anything they store.
+
+        Foreign weights keep the numbers of the library they came from: ``open_clip`` and
+        ``openai`` files and tags get open_clip's pipeline with alpha dropped; ``hf`` folders
+        get ``CLIPImageProcessor``'s class defaults (their ``preprocessor_config.json`` goes on
+        top). ``clipforge`` (and models built without weights) composite on white, clipforge's
+        training default; folders clipforge wrote store their own choice, which wins.
+        """
+        base: dict[str, Any] = {
+            "image_size": image_size,
+            "mean": list(OPENAI_MEAN),
+            "std": list(OPENAI_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        }
+        if origin in ("open_clip", "openai"):
+            return {**base, "convention": "open_clip", "alpha": "drop"}
+        if origin == "hf":
+            from clipforge.conventions import fields_from_hf_processor
+
+            size = image_size if isinstance(image_size, int) else min(image_size)
+            return {**base, **fields_from_hf_processor({}, size)}
+        if origin == "clipforge":
+            return {**base, "convention": "clipforge", "alpha": "composite"}
+        raise ConfigError(f"unknown weights origin {origin!r} (clipforge, open_clip, openai or hf)")
+
+    @classmethod
+    def from_hf_processor(
+        cls, data: dict[str, Any], image_size: int, source: str = "preprocessor_config.json"
+    ) -> PreprocessConfig:
+        """The config reproducing the ``CLIPImageProcessor`` a ``preprocessor_config.json`` describes."""
+        from clipforge.conventions import fields_from_hf_processor
+
+        return cls.from_dict(fields_from_hf_processor(data, image_size, source))
+
+    def to_hf_processor(self) -> dict[str, Any]:
+        """A ``preprocessor_config.json`` document (exact for the "hf" convention)."""
+        from clipforge.conventions import hf_processor_from_fields
+
+        return hf_processor_from_fields(self)
+
+    def with_alpha(self, spec: str | None) -> PreprocessConfig:
+        """A copy with ``--image-alpha`` applied (``composite[:colour]`` or ``drop``); None = as is."""
+        if spec is None:
+            return self
+        from clipforge.conventions import parse_alpha
+
+        return replace(self, **parse_alpha(spec))
+
 
 def _triple(value: Any, name: str) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
@@ -230,18 +341,19 @@ def _triple(value: Any, name: str) -> tuple[float, float, float]:
 
 # -- transform steps (module-level classes so transforms pickle into DataLoader workers) -----------
 class ToRGB:
-    """PIL image -> RGB via :func:`to_rgb`; tensors pass through."""
+    """PIL image -> RGB via :func:`to_rgb` (``alpha`` "composite" or "drop"); tensors pass through."""
 
-    def __init__(self, background: Sequence[int] = WHITE) -> None:
+    def __init__(self, background: Sequence[int] = WHITE, alpha: str = "composite") -> None:
         self.background = tuple(background)
+        self.alpha = alpha
 
     def __call__(self, img: Any) -> Any:
         if isinstance(img, torch.Tensor):
             return img
-        return to_rgb(img, self.background)
+        return to_rgb(img, self.background, self.alpha)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(background={self.background})"
+        return f"{type(self).__name__}(background={self.background}, alpha={self.alpha})"
 
 
 class ResizeKeepRatio:
@@ -371,6 +483,10 @@ def image_transform(
     (``color_jitter`` = brightness, contrast, saturation[, hue], applied with
     ``color_jitter_prob``, default 1) and grayscale. Randomness comes from torch's global RNG, so
     ``torch.manual_seed`` makes it reproducible (DataLoader seeds each worker).
+
+    ``cfg.convention`` decides where the RGB conversion happens (first for "clipforge" and
+    "hf", after the crop for "open_clip", as those libraries do), and "hf" evaluates through
+    :class:`clipforge.conventions.HFProcessor`, ``CLIPImageProcessor``'s exact arithmetic.
     """
     if unknown:
         unsupported = {"re_prob", "re_count", "use_timm"} & set(unknown)
@@ -382,29 +498,38 @@ def image_transform(
         raise ConfigError(
             f"unknown train transform option(s) {sorted(unknown)}; known: {list(_TRAIN_OPTIONS)}{hint}"
         )
-    cfg = _as_config(cfg)
+    cfg = PreprocessConfig.coerce(cfg)
+    first, after = _rgb_steps(cfg)
+    if cfg.convention == "hf" and not is_train:
+        from clipforge.conventions import HFProcessor
+
+        return T.Compose([HFProcessor(cfg, first[0])])
     interpolation = INTERPOLATIONS[cfg.interpolation]
-    steps: list[Callable[[Any], Any]] = [ToRGB(cfg.background)]
     if is_train:
-        steps += _train_steps(
+        geometry = _train_steps(
             cfg, interpolation, scale, ratio, hflip, color_jitter, color_jitter_prob, gray_scale_prob
         )
     else:
-        steps += _eval_resize_steps(cfg, interpolation)
+        geometry = _eval_resize_steps(cfg, interpolation)
+    # open_clip converts after the eval resize/crop, and in training right after the random
+    # crop (flips, colour jitter and grayscale need RGB).
+    split = 1 if is_train else len(geometry)
+    steps = [*first, *geometry[:split], *after, *geometry[split:]]
     steps += [ToFloatTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)]
     return T.Compose(steps)
 
 
-def _as_config(cfg: PreprocessConfig | dict[str, Any] | int | None) -> PreprocessConfig:
-    if cfg is None:
-        return PreprocessConfig()
-    if isinstance(cfg, PreprocessConfig):
-        return cfg
-    if isinstance(cfg, dict):
-        return PreprocessConfig.from_dict(cfg)
-    if isinstance(cfg, (int, tuple, list)):
-        return PreprocessConfig(image_size=cfg)  # type: ignore[arg-type]
-    raise ConfigError(f"image_transform expects a PreprocessConfig, dict or size, got {type(cfg).__name__}")
+def _rgb_steps(cfg: PreprocessConfig) -> tuple[list[Callable[[Any], Any]], list[Callable[[Any], Any]]]:
+    """(steps before the geometry, steps after the first geometric step): the RGB conversion,
+    placed where the convention's library places it."""
+    from clipforge.conventions import HFCompositeRGB, PilConvertRGB
+
+    if cfg.convention == "open_clip":
+        after = PilConvertRGB() if cfg.alpha == "drop" else ToRGB(cfg.background)
+        return [], [after]
+    if cfg.convention == "hf":
+        return [PilConvertRGB() if cfg.alpha == "drop" else HFCompositeRGB(cfg.background)], []
+    return [ToRGB(cfg.background, cfg.alpha)], []
 
 
 def _eval_resize_steps(
