@@ -36,8 +36,8 @@ def naive_retrieval(img: torch.Tensor, txt: torch.Tensor, t2i: list[int], ks) ->
         i_ranks.append(1 + sum(1 for t in range(n_txt) if t2i[t] != i and scores[t][i] >= best))
     out = {}
     for k in ks:
-        out[f"image_retrieval_recall@{k}"] = sum(r <= k for r in t_ranks) / len(t_ranks)
-        out[f"text_retrieval_recall@{k}"] = sum(r <= k for r in i_ranks) / len(i_ranks)
+        out[f"image_retrieval_pessimistic_recall@{k}"] = sum(r <= k for r in t_ranks) / len(t_ranks)
+        out[f"text_retrieval_pessimistic_recall@{k}"] = sum(r <= k for r in i_ranks) / len(i_ranks)
     out["image_retrieval_mean_rank"] = sum(t_ranks) / len(t_ranks)
     out["text_retrieval_mean_rank"] = sum(i_ranks) / len(i_ranks)
     out["image_retrieval_median_rank"] = sorted(t_ranks)[(len(t_ranks) - 1) // 2]
@@ -72,12 +72,12 @@ def test_retrieval_known_answer_with_ties_and_multi_caption():
     # text->image ranks worked out by hand: ties with a negative count against the query
     assert m["image_retrieval_ranks"].tolist() == [1, 2, 2, 4, 4]
     assert m["text_retrieval_ranks"].tolist() == [2, 2, 2, 5]
-    assert m["image_retrieval_recall@1"] == pytest.approx(0.2)
-    assert m["image_retrieval_recall@2"] == pytest.approx(0.6)
-    assert m["image_retrieval_recall@5"] == 1.0
-    assert m["text_retrieval_recall@1"] == 0.0
-    assert m["text_retrieval_recall@2"] == pytest.approx(0.75)
-    assert m["text_retrieval_recall@5"] == 1.0
+    assert m["image_retrieval_pessimistic_recall@1"] == pytest.approx(0.2)
+    assert m["image_retrieval_pessimistic_recall@2"] == pytest.approx(0.6)
+    assert m["image_retrieval_pessimistic_recall@5"] == 1.0
+    assert m["text_retrieval_pessimistic_recall@1"] == 0.0
+    assert m["text_retrieval_pessimistic_recall@2"] == pytest.approx(0.75)
+    assert m["text_retrieval_pessimistic_recall@5"] == 1.0
     assert m["image_retrieval_mean_rank"] == pytest.approx(2.6)
     assert m["image_retrieval_median_rank"] == 2
     assert m["text_retrieval_mean_rank"] == pytest.approx(2.75)
@@ -87,13 +87,13 @@ def test_retrieval_known_answer_with_ties_and_multi_caption():
         assert m[key] == pytest.approx(value), key
 
 
-def test_collapsed_model_gets_no_credit_for_ties():
+def test_collapsed_model_gets_no_credit_for_ties_in_pessimistic_keys():
     images = torch.ones(6, 4) / 2
     texts = torch.ones(12, 4) / 2
     t2i = torch.arange(12) // 2
     m = retrieval_metrics(images, texts, t2i, ks=(1, 5))
-    assert m["image_retrieval_recall@1"] == 0.0 and m["text_retrieval_recall@1"] == 0.0
-    assert m["image_retrieval_recall@5"] == 0.0  # every text: 5 tied negatives -> rank 6
+    assert m["image_retrieval_pessimistic_recall@1"] == 0.0 and m["text_retrieval_pessimistic_recall@1"] == 0.0
+    assert m["image_retrieval_pessimistic_recall@5"] == 0.0  # every text: 5 tied negatives -> rank 6
     assert m["image_retrieval_mean_rank"] == 6
 
 

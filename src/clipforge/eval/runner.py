@@ -32,6 +32,7 @@ from clipforge.eval.datasets import (
 )
 from clipforge.eval.results import benchmark_task, make_result, write_result
 from clipforge.eval.templates import TemplateSpec, resolve_templates
+from clipforge.model.architecture import config_record, model_label
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def evaluate(
     config.update({"batch_size": batch_size, "device": str(run.device), "num_images": len(ds)})
     result = make_result(
         dataset=dataset_name or ds.name,
-        model=model_name or type(model).__name__,
+        model=model_label(model, model_name or None) or type(model).__name__,
+        model_config=config_record(model),  # the architecture itself, not only its name
         pretrained=pretrained,
         task=task,
         metrics=metrics,
@@ -125,7 +127,7 @@ class _Run:
 
     # -- tasks ---------------------------------------------------------------------------------
     def zero_shot(self, templates, classnames) -> tuple[dict, dict, dict]:
-        from clipforge.eval.zero_shot import accuracy_metrics, zero_shot_classifier
+        from clipforge.eval.zero_shot import accuracy_metrics, cb_logits, zero_shot_classifier
 
         ds = self.ds
         if not ds.supports_classification:
@@ -142,7 +144,7 @@ class _Run:
         feats, idx = self.image_features(ds)
         labels = torch.tensor(ds.labels)[idx]
         t = time.perf_counter()
-        metrics = accuracy_metrics(feats @ clf.cpu(), labels, len(names))
+        metrics = accuracy_metrics(cb_logits(feats, clf.cpu()), labels, len(names))
         self.timings["metrics"] = time.perf_counter() - t
         details = {"classnames": names, "skipped_images": len(ds) - len(idx)}
         shown = [p if isinstance(p, str) else p("{}") for p in prompts]
@@ -176,7 +178,10 @@ class _Run:
             progress=self.progress,
         )
         t = time.perf_counter()
-        m = retrieval_metrics(img, txt, torch.tensor(t2i), ks=ks, device=self.device, return_ranks=True)
+        scale = _logit_scale(self.model)
+        m = retrieval_metrics(
+            img, txt, torch.tensor(t2i), ks=ks, device=self.device, return_ranks=True, logit_scale=scale
+        )
         self.timings["metrics"] = time.perf_counter() - t
         self.ranks = {
             "image_retrieval": m.pop("image_retrieval_ranks"),
@@ -199,7 +204,7 @@ class _Run:
                     }
                 )
         details = {"examples": examples, "skipped_images": len(ds) - len(idx)}
-        return m, details, {"ks": list(ks)}
+        return m, details, {"ks": list(ks), "logit_scale": float(scale)}
 
     def linear_probe(self, train_ds: EvalDataset | None, seed: int) -> tuple[dict, dict, dict]:
         from clipforge.eval.linear_probe import linear_probe
@@ -232,6 +237,15 @@ class _Run:
         details = {"classnames": ds.classnames, "l2_sweep": metrics.pop("l2_sweep")}
         config = {"train_split": split, "num_train": len(tr_labels), "num_test": len(te_labels), "seed": seed}
         return metrics, details, config
+
+
+def _logit_scale(model: torch.nn.Module) -> float:
+    """The model's ``exp(logit_scale)``: open_clip's ``get_clip_metrics`` ranks scaled logits, and
+    scaling can merge nearly equal float32 scores into ties. 1.0 for models without one."""
+    raw = getattr(model, "logit_scale", None)
+    if not isinstance(raw, torch.Tensor):
+        return 1.0
+    return float(raw.detach().float().exp().mean())
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -86,11 +86,19 @@ def accuracy_metrics(
 ) -> dict[str, Any]:
     """Pure metric function: logits ``[N, C]`` (or predictions ``[N]``) and labels ``[N]``.
 
-    Returns ``acc{k}`` for each k (k is clipped to the number of classes, so "acc5" on a 3-class
-    problem is top-3 accuracy = 1.0), ``mean_per_class_recall`` (the mean over classes that occur in
-    ``labels``, as sklearn's balanced accuracy / CLIP_benchmark), ``per_class_accuracy`` (None for
-    classes without samples), ``confusion_matrix`` (rows = true class, columns = predicted) and
-    ``num_samples``. With bare predictions only acc1 can be computed.
+    CLIP_benchmark's keys mean what ``clip_benchmark.metrics.zeroshot_classification`` computes
+    on the same logits, ties included: ``acc{k}`` is membership of the label in ONE
+    ``logits.topk(max k)`` call (sorted; ``acc1`` is its first column), ``max k`` taken over the
+    k's that fit the class count (CLIP_benchmark: (1, 5), or (1,) under 5 classes); a k above the
+    class count is clipped (every label is within the top-C, so 1.0; CLIP_benchmark writes NaN
+    there). ``mean_per_class_recall`` is sklearn's balanced accuracy of ``logits.argmax`` (the
+    first maximum on ties), over the classes that occur in ``labels``; ``per_class_accuracy``
+    (None for classes without samples) and ``confusion_matrix`` (rows = true class, columns =
+    predicted) use the same argmax predictions.
+
+    Tie-independent extras: ``acc{k}_pessimistic`` (rank = 1 + classes scoring >= the label's
+    score) and ``acc{k}_boundary_ties``, the samples whose top-k hit depends on how ties are broken.
+    With bare predictions only acc1 can be computed.
     """
     acc = _Accumulator(num_classes or _infer_classes(logits_or_preds, labels), topk)
     acc.update(logits_or_preds, labels)
@@ -110,6 +118,8 @@ class _Accumulator:
         self.num_classes = num_classes
         self.topk = tuple(topk)
         self.correct = dict.fromkeys(self.topk, 0)
+        self.pessimistic = dict.fromkeys(self.topk, 0)
+        self.boundary_ties = dict.fromkeys(self.topk, 0)
         self.has_logits = True
         self.n = 0
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -124,12 +134,10 @@ class _Accumulator:
         if x.ndim == 2:
             if x.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {x.shape[1]} columns, expected {self.num_classes} classes")
-            kmax = min(max(self.topk), self.num_classes)
-            top = x.float().topk(kmax, dim=1).indices
-            hits = top == labels[:, None]
-            for k in self.topk:
-                self.correct[k] += int(hits[:, : min(k, self.num_classes)].any(dim=1).sum())
-            preds = top[:, 0]
+            x = x.float()
+            self._count_topk(x, labels)
+            self._count_ties(x, labels)
+            preds = x.argmax(dim=1)  # CLIP_benchmark's prediction: the first maximum
         else:
             self.has_logits = False
             preds = x.to(torch.long).reshape(-1)
@@ -139,6 +147,25 @@ class _Accumulator:
             labels * self.num_classes + preds, minlength=self.num_classes**2
         ).reshape(self.num_classes, self.num_classes)
         self.n += labels.numel()
+
+    def _count_topk(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """CLIP_benchmark's ``accuracy``: one sorted ``topk`` with the largest k that fits, then
+        label membership in its first k columns (its tie choice can differ from topk(k))."""
+        fits = [k for k in self.topk if k <= self.num_classes]
+        if fits:
+            top = x.topk(max(fits), dim=1, largest=True, sorted=True).indices
+            hits = top == labels[:, None]
+        for k in self.topk:
+            self.correct[k] += int(hits[:, :k].any(dim=1).sum()) if k in fits else labels.numel()
+
+    def _count_ties(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Pessimistic top-k hits, and the samples whose hit a tie decides."""
+        own = x.gather(1, labels[:, None])
+        optimistic = (x > own).sum(dim=1) + 1
+        pessimistic = (x >= own).sum(dim=1)  # the label's own column counts as the 1
+        for k in self.topk:
+            self.pessimistic[k] += int((pessimistic <= k).sum())
+            self.boundary_ties[k] += int(((optimistic <= k) & (pessimistic > k)).sum())
 
     def result(self) -> dict[str, Any]:
         support = self.confusion.sum(dim=1)
@@ -150,6 +177,9 @@ class _Accumulator:
         if self.has_logits:
             for k in self.topk:
                 out[f"acc{k}"] = self.correct[k] / n
+            for k in self.topk:
+                out[f"acc{k}_pessimistic"] = self.pessimistic[k] / n
+                out[f"acc{k}_boundary_ties"] = self.boundary_ties[k]
         else:
             out["acc1"] = int(diag.sum()) / n
         out["mean_per_class_recall"] = sum(present) / len(present) if present else 0.0
@@ -171,8 +201,9 @@ def evaluate_zero_shot(
 ) -> dict[str, Any]:
     """Classify every ``(images, labels)`` batch with ``classifier`` (from ``zero_shot_classifier``).
 
-    Scores are cosine similarities; the 100x logit scale used by CLIP does not change rankings,
-    so it is left out.
+    Logits are ``(100 * image_features) @ classifier`` in float32, CLIP_benchmark's formula
+    (without autocast): scaling by 100 can merge nearly equal float32 scores into ties, so the
+    same numbers are ranked, not merely the same order.
     """
     device = torch.device(device) if device is not None else model_device(model)
     classifier = classifier.to(device, torch.float32)
@@ -182,8 +213,14 @@ def evaluate_zero_shot(
     with eval_mode(model), torch.inference_mode():
         for images, labels in batches:
             feats = F.normalize(model.encode_image(images.to(device, dtype)).float(), dim=-1)
-            acc.update(feats @ classifier, torch.as_tensor(labels))
+            acc.update(cb_logits(feats, classifier), torch.as_tensor(labels))
     return acc.result()
+
+
+def cb_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """CLIP_benchmark's zero-shot logits, ``100. * image_features @ classifier`` (the scale is
+    applied to the features first, as Python evaluates that expression), in float32."""
+    return (100.0 * image_features.float()) @ classifier.float()
 
 
 def _maybe_tqdm(it: Iterable, enabled: bool, desc: str) -> Iterable:
