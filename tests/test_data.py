@@ -314,9 +314,12 @@ def test_doctor_reports_reasons_and_rows(tmp_path):
     make_images(tmp_path / "img", 10, bad=[2, 5, 8])  # zero-byte, missing, corrupt
     rows = [(f"img/{i:04d}.png", f"c{i}") for i in range(10)] + [("img/0000.png", ""), ("../x.png", "y")]
     write_csv(tmp_path / "p.csv", rows + [("img/0001.png", "c1")])
-    rep = scan_dataset(str(tmp_path / "p.csv"))
+    rep = scan_dataset(str(tmp_path / "p.csv"), confine=True)
     assert rep.kind == "table" and rep.items == 13 and rep.usable == 8
     assert rep.skipped == {"empty": 1, "missing": 1, "truncated": 1, "empty_caption": 1, "path_escape": 1}
+    # Confinement is opt-in: by default "../x.png" is just a path, here a missing file.
+    default = scan_dataset(str(tmp_path / "p.csv"))
+    assert default.skipped == {"empty": 1, "missing": 2, "truncated": 1, "empty_caption": 1}
     assert rep.repaired == {"duplicate_rows": 1}
     assert any("p.csv:7" in e and "0005.png" in e for e in rep.examples["missing"])
     assert rep.to_dict()["total_skipped"] == 5

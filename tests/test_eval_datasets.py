@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipforge.data.patterns import expand_braces
+from clipforge.data.sources import expand_braces
 from clipforge.errors import ClipforgeError, DataError
 from clipforge.eval.datasets import (
     EvalDataset,

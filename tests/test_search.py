@@ -54,7 +54,7 @@ def _assert_same_ranking(got, want, atol=1e-5):
 # ----------------------------------------------------------------------------- embed
 def test_embed_outputs(setup):
     from clipforge.search.embed import load_manifest
-    from clipforge.search.tables import read_table
+    from clipforge.search.tables import find_table, read_table
 
     m = load_manifest(setup.emb_dir)
     assert m["count"] == 62 and m["skipped"] == 1 and m["dim"] == 64  # 60 + 2 copies; broken.jpg skipped
@@ -91,10 +91,10 @@ def test_embeddings_match_direct_encoding(setup):
     import torch
 
     from clipforge.data.images import load_image
-    from clipforge.search.tables import read_table
+    from clipforge.search.tables import find_table, read_table
 
     model, preprocess, _ = load_model(setup.model_dir)
-    meta = read_table(setup.emb_dir / "metadata.csv")
+    meta = read_table(find_table(setup.emb_dir, "metadata"))
     rows = [0, 17, 61]
     x = torch.stack([preprocess(load_image(meta["path"][r])) for r in rows])
     with torch.no_grad():
@@ -134,7 +134,9 @@ def test_embed_resumes_and_refuses_foreign_folder(setup, tmp_path):
         np.load(setup.emb_dir / "img_emb_00001.npy").astype(np.float32),
         atol=2e-3,
     )
-    assert (emb / "metadata.csv").read_text() == (setup.emb_dir / "metadata.csv").read_text()
+    from clipforge.search.tables import find_table, read_table
+
+    assert read_table(find_table(emb, "metadata")) == read_table(find_table(setup.emb_dir, "metadata"))
     with pytest.raises(DataError, match="shard_size"):
         embed_images(
             model,
@@ -247,12 +249,12 @@ def test_mapped_table_round_trip_and_corruption(tmp_path):
 
 def test_loaded_index_and_metadata_are_memory_mapped(searcher, setup):
     from clipforge.search.index import is_memory_mapped
-    from clipforge.search.tables import MappedTable, read_table
+    from clipforge.search.tables import MappedTable, find_table, read_table
 
     assert is_memory_mapped(searcher.index, "flat")
     assert isinstance(searcher.embeddings, np.memmap)
     assert isinstance(searcher.metadata, MappedTable)
-    want = read_table(setup.emb_dir / "metadata.csv")
+    want = read_table(find_table(setup.emb_dir, "metadata"))
     assert searcher.metadata.to_columns() == want  # same rows as the embed step's table
 
 

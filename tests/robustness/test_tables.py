@@ -102,7 +102,7 @@ def test_duplicated_rows_kept_and_counted(root):
     assert deduped.all_captions == [["a"], ["b"]] and deduped.stats["duplicate_rows"] == 2
 
 
-def test_paths_escaping_the_table_folder_refused(root, tmp_path_factory):
+def test_paths_escaping_the_table_folder_refused_when_confined(root, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside") / "secret.png"
     Image.new("RGB", (4, 4)).save(outside)
     sub = root / "sub"
@@ -115,7 +115,7 @@ def test_paths_escaping_the_table_folder_refused(root, tmp_path_factory):
         "/etc/passwd,system",
     ]
     t = write(sub / "t.csv", "\n".join(rows) + "\n")
-    ds = PairsDataset(t)
+    ds = PairsDataset(t, confine=True, strict=False)
     assert len(ds) == 0 and ds.stats["path_escape"] == 4
     assert ds.skipped["path_escape"] == 4
     assert {w for r, w, _ in ds.issues if r == "path_escape"} == {f"{t}:{n}" for n in range(2, 6)}
@@ -125,7 +125,7 @@ def test_root_override_resolves_relative_paths(root):
     sub = root / "tables"
     sub.mkdir()
     t = write(sub / "t.csv", "image,caption\nimg/2.png,x\n")
-    ds = PairsDataset(t, root=root)
+    ds = PairsDataset(t, data_root=root)
     assert ds.get_image(0).getpixel((0, 0)) == (100, 0, 0)
 
 

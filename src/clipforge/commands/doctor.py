@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from clipforge.commands._options import add_table_arguments, table_kwargs
 import json
 
 
@@ -13,9 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Decode every image and check every row of DATA (a table, image folder, shards or "
         "synthetic:shapes) the way training would; list what would be skipped and why. Nothing is changed.",
     )
-    p.add_argument("data", help="table (.csv/.tsv/.jsonl/.json), image folder, shards or synthetic:shapes")
-    p.add_argument("--image-key", default=None, help="image column of a table (default: auto-detect)")
-    p.add_argument("--caption-key", default=None, help="caption column(s), comma-separated (default: auto)")
+    p.add_argument("data", help="table (.csv/.tsv/.json/.jsonl/.parquet), image folder, shards or synthetic:shapes")
+    add_table_arguments(p)
     p.add_argument("--max-examples", type=int, default=10, help="offending rows listed per reason")
     p.add_argument("--no-images", action="store_true", help="check tables only, do not decode images")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -26,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipforge.data.doctor import scan_dataset
 
-    kw = {k: v for k, v in (("image_key", args.image_key), ("caption_key", args.caption_key)) if v}
+    kw = table_kwargs(args)
     report = scan_dataset(
         args.data,
         max_examples=args.max_examples,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._model_options import add_model_argument, model_argument
+
+from clipforge.commands._options import add_table_arguments, table_options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -13,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "interruption and finished shards are skipped. Unreadable images are listed in skipped.csv.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="architecture name, e.g. ViT-B-32")
+    add_model_argument(p)
     p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
     p.add_argument(
         "--images",
@@ -28,9 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--image-key", default=None, help="table column with image paths (auto-detected)")
-    p.add_argument("--caption-key", default=None, help="table column with captions (auto-detected)")
     p.add_argument("--no-captions", action="store_true", help="do not embed captions")
+    add_table_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(
-        args.model, pretrained=args.pretrained, device=args.device
+        model_argument(args), pretrained=args.pretrained, device=args.device
     )
     model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)
@@ -55,11 +58,10 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         dtype=args.dtype,
         tokenizer=tokenizer,
-        model_name=args.model,
+        model_name=model.architecture,  # e.g. "custom (from my-arch.json)"; the config is stored too
         pretrained=args.pretrained,
         device=args.device,
-        image_key=args.image_key,
-        caption_key=args.caption_key,
+        table=table_options(args),
     )
     print(
         f"embedded {m['count']:,} images ({m['dim']}-d, {m['dtype']}) into {len(m['shards'])} shard(s) in {args.out}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._options import add_table_arguments, table_kwargs
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -15,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write shards from a table, image folder or synthetic:shapes",
         description="Write <prefix>-000000.tar ... plus manifest.json. Bad images are skipped and counted.",
     )
-    m.add_argument("data", help="table (.csv/.tsv/.jsonl/.json), image folder or synthetic:shapes?n=...")
+    m.add_argument("data", help="table (.csv/.tsv/.json/.jsonl/.parquet), image folder or synthetic:shapes?n=...")
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default 10000)")
     m.add_argument(
@@ -24,15 +26,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--format", default="keep", choices=["keep", "jpg", "png", "webp"],
                    help="keep original JPEG/PNG/WebP bytes (default) or re-encode")  # fmt: skip
     m.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    m.add_argument("--image-key", default=None, help="image column of a table (default: auto-detect)")
-    m.add_argument("--caption-key", default=None, help="caption column(s), comma-separated (default: auto)")
+    add_table_arguments(m)
     m.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from clipforge.data.shards import write_shards
 
-    kw = {k: v for k, v in (("image_key", args.image_key), ("caption_key", args.caption_key)) if v}
+    kw = table_kwargs(args)
     res = write_shards(
         args.data,
         args.out,

@@ -1,14 +1,13 @@
 """Datasets of image-caption pairs: tables, folders, webdataset shards, synthetic shapes.
 
-``build_dataset(spec)`` turns one string into a dataset; the spec syntax is::
+``build_dataset(spec)`` turns one string into a dataset; the spec grammar is the one every
+command shares (:mod:`clipforge.data.sources`), tables are read by :mod:`clipforge.data.tables`::
 
-    pairs.csv | pairs.tsv | pairs.jsonl | pairs.json     a table (PairsDataset)
+    pairs.csv|tsv|json|jsonl|parquet, parquet/        a table, or several (PairsDataset)
     photos/                                             images + sidecar .txt (FolderPairsDataset)
-    shards/  |  shards/shard-{000000..000009}.tar       webdataset shards (ShardDataset); a folder
-    | shards/*.tar                                      counts as shards if it has *.tar or manifest.json
+    shards/  |  shards/shard-{000000..000009}.tar       webdataset shards (ShardDataset)
     synthetic:shapes[?n=5000&split=train&seed=0&image_size=64&caption_style=full]
-    a.csv::0.7,b.tsv::0.3                               a weighted mix (MixDataset); commas inside
-                                                        {braces} do not split; weight defaults to 1
+    a.csv::0.7,b.tsv::0.3                               a weighted mix (MixDataset)
 
 ``build_loader(dataset, batch_size=...)`` wraps any of them in a ``ResumableLoader`` (batches of
 ``(images, tokens)``, ``state_dict()``/``load_state_dict()`` for exact resume).
@@ -42,7 +41,9 @@ _API = {
 __all__ = sorted(_API) + ["build_dataset", "build_loader", "split_spec"]
 
 _SHARD_KW = ("shuffle", "buffer_size", "resampled", "samples_per_epoch", "rank", "world_size", "equalize")
-_TABLE_KW = ("image_key", "caption_key", "root", "dedupe", "on_bad", "max_retries", "strict")
+_TABLE_KW = (
+    "image_key", "caption_key", "separator", "data_root", "confine", "dedupe", "on_bad", "max_retries", "strict"
+)
 _IMAGE_KW = ("max_pixels", "min_side")
 
 
@@ -57,59 +58,16 @@ def __getattr__(name: str) -> Any:
 
 def split_spec(spec: str) -> list[tuple[str, float]]:
     """``"a.csv::0.7,b/{0..3}.tar"`` -> ``[("a.csv", 0.7), ("b/{0..3}.tar", 1.0)]``."""
-    from clipforge.errors import DataError
+    from clipforge.data.sources import split_spec as split
 
-    parts, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += ch == "{"
-        depth -= ch == "}"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    out = []
-    for part in parts:
-        part = part.strip()
-        if not part:
-            raise DataError(f"empty source in data spec {spec!r}")
-        path, sep, weight = part.rpartition("::")
-        if not sep:
-            out.append((part, 1.0))
-            continue
-        try:
-            out.append((path, float(weight)))
-        except ValueError:
-            raise DataError(f"bad weight {weight!r} in data spec {spec!r} (use path::0.5)") from None
-    return out
+    return split(spec)
 
 
-def _kind(spec: str) -> str:
-    from clipforge.errors import DataError
+def source_kind(spec: str) -> str:
+    """What ``spec`` names (see :mod:`clipforge.data.sources`); the one rule every command uses."""
+    from clipforge.data.sources import source_kind as kind
 
-    if spec.startswith("synthetic:"):
-        return "synthetic"
-    if "{" in spec or spec.endswith(".tar") or (any(c in spec for c in "*?[") and ".tar" in spec):
-        return "shards"
-    if os.path.isdir(spec):
-        names = os.listdir(spec)
-        if "manifest.json" in names or any(n.endswith(".tar") for n in names):
-            return "shards"
-        return "folder"
-    from clipforge.data.pairs import TABLE_FORMATS
-
-    ext = os.path.splitext(spec)[1].lower()
-    if ext in TABLE_FORMATS:
-        if not os.path.isfile(spec):
-            raise DataError(f"pairs table not found: {spec}")
-        return "table"
-    if not os.path.exists(spec):
-        raise DataError(f"data not found: {spec}")
-    raise DataError(
-        f"cannot tell what kind of data {spec!r} is: expected a table ({', '.join(sorted(TABLE_FORMATS))}), "
-        "an image folder, .tar shards or synthetic:shapes"
-    )
+    return kind(spec)
 
 
 def build_dataset(
@@ -136,11 +94,11 @@ def build_dataset(
             build_dataset(s, transform=transform, tokenizer=tokenizer, seed=seed, skip_counter=counter, **kw)
             for s, _ in sources
         ]
-        if any(_kind(s) == "shards" for s, _ in sources):
+        if any(source_kind(s) == "shards" for s, _ in sources):
             raise DataError("shards cannot be mixed with other sources yet; write the tables as shards")
         return MixDataset(parts, [w for _, w in sources], seed=seed, skip_counter=counter)
     path = sources[0][0]
-    kind = _kind(path)
+    kind = source_kind(path)
     common = {"transform": transform, "tokenizer": tokenizer, "seed": seed}
     img_kw = {k: kw[k] for k in _IMAGE_KW if k in kw}
     if kind == "synthetic":
@@ -160,10 +118,15 @@ def build_dataset(
 
         folder_kw = {k: kw[k] for k in ("on_bad", "max_retries", "caption_ext") if k in kw}
         return FolderPairsDataset(path, skip_counter=counter, **common, **folder_kw, **img_kw)
-    from clipforge.data.pairs import PairsDataset
+    if kind in ("table", "tables"):
+        from clipforge.data.pairs import PairsDataset
+        from clipforge.data.sources import table_files
 
-    table_kw = {k: kw[k] for k in _TABLE_KW if k in kw}
-    return PairsDataset(path, skip_counter=counter, **common, **table_kw, **img_kw)
+        table_kw = {k: kw[k] for k in _TABLE_KW if kw.get(k) is not None}
+        return PairsDataset(table_files(path), skip_counter=counter, **common, **table_kw, **img_kw)
+    from clipforge.errors import DataError
+
+    raise DataError(f"{path}: a {kind} source cannot be used here (training needs image-caption pairs)")
 
 
 def build_loader(data: Any, *, batch_size: int, num_workers: int = 0, seed: int = 0, **kw: Any) -> Any:

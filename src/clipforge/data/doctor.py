@@ -76,10 +76,10 @@ def scan_dataset(
     Table-level errors that make the data unusable (missing table or column) still raise
     :class:`~clipforge.errors.DataError`; malformed JSONL lines are counted, not raised.
     """
-    from clipforge.data import _kind, build_dataset
+    from clipforge.data import build_dataset, source_kind
 
-    kind = _kind(spec)
-    if kind == "table":
+    kind = source_kind(spec)
+    if kind in ("table", "tables"):
         dataset_kw.setdefault("strict", False)
     if kind == "shards":
         dataset_kw.update(shuffle=False, equalize=False, rank=0, world_size=1)

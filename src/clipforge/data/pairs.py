@@ -1,4 +1,4 @@
-"""Image-caption pairs from a table (CSV/TSV/JSONL/JSON) or an image folder with ``.txt`` sidecars.
+"""Image-caption pairs from a table (CSV/TSV/JSON/JSONL/parquet, see :mod:`clipforge.data.tables`) or an image folder with ``.txt`` sidecars.
 
 Tables are read once, up front, and validated at the boundary: a missing column, a missing
 table or a malformed JSONL line is an error that names the file, line and column, because no
@@ -10,7 +10,7 @@ non-UTF-8 bytes      decoded with U+FFFD replacement; lines counted (``non_utf8`
 NUL characters       removed; lines counted (``nul``)
 empty caption        row skipped and counted (``empty_caption``)
 empty image field    row skipped and counted (``missing_field``)
-path escaping root   row skipped and counted (``path_escape``); ``root=`` widens the boundary
+path outside root    only with ``confine=True``: skipped and counted (``path_escape``)
 duplicated rows      **kept** (repeats are a legitimate way to up-weight data) and counted
                      (``duplicate_rows``); ``dedupe=True`` drops exact repeats instead
 bad image            found when the item is read: counted by reason and replaced (see below)
@@ -29,9 +29,6 @@ multi-caption retrieval evaluation.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 import random
@@ -48,50 +45,12 @@ from clipforge.data.images import (
     iter_image_files,
     load_image,
 )
+from clipforge.data.tables import TableOptions, clean_caption, decode_text, read_table
 from clipforge.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("image", "filepath", "image_path", "img", "path", "file", "filename", "url")
-CAPTION_KEYS = ("caption", "captions", "text", "title", "txt", "sentence", "sentences")
-TABLE_FORMATS = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-}
 MAX_EXAMPLES = 20
-
-
-def _clean(text: str) -> str:
-    return text.replace("\x00", "").strip()
-
-
-def _as_captions(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [v if isinstance(v, str) else str(v) for v in value if v is not None]
-    return [str(value)]
-
-
-def decode_text(raw: bytes) -> tuple[str, int]:
-    """Decode UTF-8 (BOM tolerated); bad bytes become U+FFFD. Returns (text, lines with bad bytes)."""
-    try:
-        return raw.decode("utf-8-sig"), 0
-    except UnicodeDecodeError:
-        bad = 0
-        for line in raw.split(b"\n"):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                bad += 1
-        text = raw.decode("utf-8", errors="replace")
-        return text.removeprefix("\ufeff"), bad
 
 
 def transform_pair(
@@ -173,6 +132,13 @@ class _PairsBase:
             return captions[0]
         return random.Random(f"{self.seed}:{self.epoch}:{idx}").choice(captions)
 
+    def image_bytes(self, idx: int) -> bytes:
+        """The encoded image of item ``idx`` as stored (shards keep it byte for byte)."""
+        try:
+            return Path(self.image_paths[idx]).read_bytes()
+        except OSError as e:
+            raise BadImageError("missing", self.rows[idx], e.strerror or str(e)) from None
+
     def get_image(self, idx: int) -> Any:
         """The decoded RGB image of item ``idx``; raises :class:`BadImageError`."""
         return load_image(self.image_paths[idx], max_pixels=self.max_pixels, min_side=self.min_side)
@@ -208,24 +174,26 @@ class _PairsBase:
 
 
 class PairsDataset(_PairsBase):
-    """Map-style dataset over a CSV/TSV/JSONL/JSON table of (image path, caption(s)).
+    """Map-style dataset over a table (CSV/TSV/JSON/JSONL/parquet) of (image, caption(s)).
 
-    ``image_key``/``caption_key`` name the columns (auto-detected from common names when
-    None). ``caption_key`` may be a list (or comma-separated string) of columns: every
-    non-empty one is a candidate caption. Image paths are relative to the table's folder
-    (``root`` overrides it); a path resolving outside ``root`` is skipped, never opened.
+    ``table`` is one file or a list of files read as one (parquet shards). Reading follows
+    :func:`clipforge.data.tables.read_table`: separator sniffed unless given, columns named by
+    ``image_key``/``caption_key`` or auto-detected, paths absolute, ``~`` or relative to the
+    table's folder (``data_root`` overrides it; ``confine=True`` refuses paths outside it).
     Items are ``(transform(image), tokenizer(caption))``; see the module doc for skipping.
     """
 
     def __init__(
         self,
-        table: str | os.PathLike,
+        table: str | os.PathLike | Sequence[str | os.PathLike],
         *,
         image_key: str | None = None,
         caption_key: str | Sequence[str] | None = None,
+        separator: str | None = None,
+        data_root: str | os.PathLike | None = None,
+        confine: bool = False,
         transform: Callable | None = None,
         tokenizer: Callable | None = None,
-        root: str | os.PathLike | None = None,
         seed: int = 0,
         dedupe: bool = False,
         on_bad: str = "replace",
@@ -235,145 +203,73 @@ class PairsDataset(_PairsBase):
         min_side: int | None = DEFAULT_MIN_SIDE,
         strict: bool = True,
     ) -> None:
-        self.table = Path(table)
-        self.source = str(self.table)
+        from clipforge.data.parquet import merge_tables
+
+        files = [table] if isinstance(table, str | os.PathLike) else list(table)
+        self.table = Path(files[0])
+        self.source = str(self.table) if len(files) == 1 else f"{self.table.parent} ({len(files)} tables)"
         self._init_common(transform, tokenizer, seed, on_bad, max_retries, skip_counter, max_pixels, min_side)
-        if not self.table.is_file():
-            raise DataError(f"pairs table not found: {self.table}")
-        fmt = TABLE_FORMATS.get(self.table.suffix.lower())
-        if fmt is None:
-            raise DataError(f"{self.table}: unknown table format; use one of {sorted(TABLE_FORMATS)}")
-        self.root = os.path.normpath(os.path.abspath(root if root is not None else self.table.parent))
-        self.strict = strict
-        self._image_key_arg, self._caption_key_arg = image_key, caption_key
-        text, bad = decode_text(self.table.read_bytes())
-        if bad:
-            self._issue(
-                "non_utf8", self.source, f"{bad} line(s) with invalid UTF-8 (replaced)", skip=False, count=bad
-            )
-        if "\x00" in text:
-            nul_lines = sum(1 for line in text.split("\n") if "\x00" in line)
-            self._issue(
-                "nul",
-                self.source,
-                f"{nul_lines} line(s) with NUL characters (removed)",
-                skip=False,
-                count=nul_lines,
-            )
-            text = text.replace("\x00", "")
-        records = self._parse_csv(text, fmt) if fmt in ("csv", "tsv") else self._parse_json(text, fmt)
+        options = TableOptions(
+            separator=separator,
+            image_key=image_key,
+            caption_key=caption_key,
+            data_root=os.fspath(data_root) if data_root is not None else None,
+            confine=confine,
+        )
+        parsed = merge_tables([read_table(f, options, strict=strict, issue=self._issue) for f in files])
+        self.image_key, self.caption_keys = parsed.image_key, parsed.caption_keys
+        self.embedded = parsed.embedded
         self.image_paths, self.all_captions, self.rows = [], [], []
         seen: set[tuple[str, tuple[str, ...]]] = set()
-        for where, record in records:
-            self._add_record(where, record, dedupe, seen)
+        for i, (where, path, captions) in enumerate(zip(parsed.rows, parsed.images, parsed.captions)):
+            key = (path or where, tuple(captions))
+            if key in seen:
+                self.stats["duplicate_rows"] += 1
+                if dedupe:
+                    continue
+            seen.add(key)
+            self.image_paths.append(path if self.embedded is None else str(i))
+            self.all_captions.append(captions)
+            self.rows.append(where)
         self._log_table_summary()
+        if not self.image_paths and strict:
+            raise DataError(f"{self.source}: no usable rows ({_reasons(self.stats)})")
 
-    # -- parsing ------------------------------------------------------------------------
-    def _resolve_keys(self, columns: list[str], where: str) -> None:
-        def pick(given: Any, candidates: Sequence[str], what: str) -> list[str]:
-            if given is None:
-                for c in candidates:
-                    if c in columns:
-                        return [c]
-                raise DataError(
-                    f"{where}: no {what} column found (looked for {', '.join(candidates)}); "
-                    f"columns present: {columns}; pass {what}_key=..."
-                )
-            keys = [k.strip() for k in given.split(",")] if isinstance(given, str) else list(given)
-            for k in keys:
-                if k not in columns:
-                    raise DataError(f"{where}: {what} column {k!r} not found; columns present: {columns}")
-            return keys
+    def image_bytes(self, idx: int) -> bytes:
+        if self.embedded is None:
+            return super().image_bytes(idx)
+        data = self.embedded.read(int(self.image_paths[idx]))
+        if not data:
+            raise BadImageError("empty", self.rows[idx], "no image bytes in this row")
+        return data
 
-        self.image_key = pick(self._image_key_arg, IMAGE_KEYS, "image")[0]
-        self.caption_keys = pick(self._caption_key_arg, CAPTION_KEYS, "caption")
+    def get_image(self, idx: int) -> Any:
+        """The decoded image of item ``idx`` (from its file, or from the parquet row)."""
+        if self.embedded is None:
+            return super().get_image(idx)
+        return load_image(self.image_bytes(idx), max_pixels=self.max_pixels, min_side=self.min_side)
 
-    def _parse_csv(self, text: str, fmt: str) -> list[tuple[str, dict[str, Any]]]:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
-        columns = [c.strip() if c else c for c in (reader.fieldnames or [])]
-        if not columns:
-            raise DataError(f"{self.table}: empty table (no header row)")
-        reader.fieldnames = columns
-        self._resolve_keys(columns, f"{self.table}:1")
-        out = []
-        for record in reader:
-            where = f"{self.table}:{reader.line_num}"
-            if None in record:  # more fields than the header
-                self._issue(
-                    "malformed_row",
-                    where,
-                    f"{len(columns) + len(record[None])} fields, header has {len(columns)}",
-                )
-                continue
-            out.append((where, record))
-        return out
-
-    def _parse_json(self, text: str, fmt: str) -> list[tuple[str, dict[str, Any]]]:
-        out: list[tuple[str, dict[str, Any]]] = []
-        if fmt == "json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{self.table}:{e.lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(data, list):
-                raise DataError(f"{self.table}: a .json table must be a list of objects")
-            out = [(f"{self.table}:item {i}", r) for i, r in enumerate(data)]
-        else:
-            for lineno, line in enumerate(text.split("\n"), start=1):
-                if not line.strip():
-                    continue
-                where = f"{self.table}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if self.strict:
-                        raise DataError(
-                            f"{where}: malformed JSONL line ({e.msg} at column {e.colno})"
-                        ) from None
-                    self._issue("malformed_row", where, f"invalid JSON: {e.msg}")
-                    continue
-                out.append((where, record))
-        bad = [(w, r) for w, r in out if not isinstance(r, dict)]
-        for where, _ in bad:
-            if self.strict:
-                raise DataError(f"{where}: expected a JSON object per line")
-            self._issue("malformed_row", where, "not a JSON object")
-        out = [(w, r) for w, r in out if isinstance(r, dict)]
-        if not out:
-            raise DataError(f"{self.table}: no records")
-        self._resolve_keys(list(out[0][1].keys()), out[0][0])
-        return out
-
-    def _add_record(self, where: str, record: dict[str, Any], dedupe: bool, seen: set) -> None:
-        raw_path = record.get(self.image_key)
-        if not isinstance(raw_path, str) or not raw_path.strip():
-            self._issue("missing_field", where, f"no value in column {self.image_key!r}")
-            return
-        captions = [_clean(c) for k in self.caption_keys for c in _as_captions(record.get(k))]
-        captions = [c for c in captions if c]
-        if not captions:
-            self._issue("empty_caption", where, raw_path.strip())
-            return
-        path = self._resolve_path(raw_path.strip())
-        if path is None:
-            self._issue("path_escape", where, f"{raw_path.strip()!r} resolves outside {self.root}")
-            return
-        key = (path, tuple(captions))
-        if key in seen:
-            self.stats["duplicate_rows"] += 1
-            if dedupe:
-                return
-        seen.add(key)
-        self.image_paths.append(path)
-        self.all_captions.append(captions)
-        self.rows.append(where)
-
-    def _resolve_path(self, rel: str) -> str | None:
-        """Join to root and refuse anything that lands outside it ('../', absolute paths)."""
-        full = os.path.normpath(os.path.join(self.root, rel))
-        if full != self.root and not full.startswith(self.root.rstrip(os.sep) + os.sep):
+    def locality_blocks(self) -> list[int] | None:
+        """Runs of items sharing a parquet row group (for a cache-friendly shuffle), or None."""
+        if self.embedded is None:
             return None
-        return full
+        from clipforge.data.parquet import locality_blocks
+
+        sub = self.embedded
+        order = [int(p) for p in self.image_paths]
+        if order != list(range(len(sub.part))):  # dedupe dropped rows: view the kept ones
+            from clipforge.data.parquet import EmbeddedImages
+
+            view = EmbeddedImages()
+            view.files = sub.files
+            for i in order:
+                view.add(sub.part[i], sub.file_row[i])
+            sub = view
+        return locality_blocks(sub)
+
+
+def _reasons(stats: Counter) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "the table has no rows"
 
 
 class FolderPairsDataset(_PairsBase):
@@ -411,7 +307,7 @@ class FolderPairsDataset(_PairsBase):
             text, bad = decode_text(side.read_bytes())
             if bad:
                 self._issue("non_utf8", str(side), "invalid UTF-8 (replaced)", skip=False)
-            captions = [c for c in (_clean(line) for line in text.splitlines()) if c]
+            captions = [c for c in (clean_caption(line) for line in text.splitlines()) if c]
             if not captions:
                 self._issue("empty_caption", str(side))
                 continue

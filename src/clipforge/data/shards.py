@@ -41,15 +41,22 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipforge.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, SkipCounter, load_image
+from clipforge.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    SkipCounter,
+    load_image,
+)
 from clipforge.data.pairs import transform_pair
-from clipforge.data.patterns import expand_braces
 from clipforge.data.rng import mix_seed, seed_all
+from clipforge.data.sources import expand_paths
 from clipforge.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # webdataset member names: no dot
 MANIFEST = "manifest.json"
 
 
@@ -72,12 +79,7 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
                 raise DataError(f"{s}: folder contains no .tar shards")
             urls += found
             continue
-        if "{" in s:
-            urls += expand_braces(s)
-        elif any(c in s for c in "*?["):
-            urls += sorted(glob.glob(s))
-        else:
-            urls.append(s)
+        urls += expand_paths(s)
     if not urls:
         raise DataError(f"no shards match {spec!r}")
     missing = [u for u in urls if not os.path.isfile(u)]
@@ -166,11 +168,10 @@ def _sample_image_bytes(ds: Any, i: int, image_format: str) -> tuple[bytes, str]
     """Original file bytes when the format is one we store ("keep"), else re-encoded pixels."""
     from PIL import Image
 
-    paths = getattr(ds, "image_paths", None)
-    if paths is None:  # generated data (synthetic): encode the drawn image
+    if not hasattr(ds, "image_bytes"):  # generated data (synthetic): encode the drawn image
         return _encode(ds.get_image(i), "png" if image_format == "keep" else image_format)
-    raw = Path(paths[i]).read_bytes() if os.path.isfile(paths[i]) else b""
-    image = load_image(raw or paths[i], max_pixels=ds.max_pixels, min_side=None)  # validates
+    raw = ds.image_bytes(i)
+    image = load_image(raw, max_pixels=ds.max_pixels, min_side=None)  # validates
     if image_format == "keep":
         fmt = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(Image.open(io.BytesIO(raw)).format or "")
         if fmt is not None:

@@ -11,7 +11,7 @@ Dataset specs (the CLI's ``--data``):
 ====================================  ============================================================
 ``DIR`` with class sub-folders        ImageFolder: class = folder name (classification)
 ``DIR`` of images + ``.txt`` files    one image per caption file, one caption per line (retrieval)
-``table.csv|tsv|jsonl|json``          pairs table, several caption columns allowed (retrieval)
+``table.csv|tsv|json|jsonl|parquet``  pairs table(s), several caption columns allowed (retrieval)
 ``DIR`` of ``*.tar`` / ``a.tar`` /    webdataset shards: ``jpg|png|webp`` + ``txt`` (captions, one
 ``shard-{000..009}.tar``              per line) and/or ``cls`` (label); ``classnames.txt`` beside
 ``synthetic:shapes?split=heldout``    the built-in shapes (``label=shape|colour|colour_shape``)
@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 
-from clipforge.data.patterns import expand_braces
+from clipforge.data.images import IMAGE_EXTENSIONS
+from clipforge.data.sources import expand_braces
 from clipforge.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TABLE_EXTS = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json")
 TORCHVISION_ALIASES = {
     "cifar10": "CIFAR10",
     "cifar100": "CIFAR100",
@@ -221,11 +220,11 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None) -> 
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS):
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(label)
     if not paths:
-        raise DataError(f"{root}: class folders contain no images ({', '.join(IMAGE_EXTS)})")
+        raise DataError(f"{root}: class folders contain no images ({', '.join(IMAGE_EXTENSIONS)})")
     ds = EvalDataset(
         str(root),
         len(paths),
@@ -249,10 +248,14 @@ def from_pairs(source: Any, name: str | None = None, transform: Callable | None 
     return ds.with_transform(transform)
 
 
-def pairs_table(path: str | os.PathLike, transform: Callable | None = None, **kwargs: Any) -> EvalDataset:
+def pairs_table(
+    path: str | os.PathLike | Sequence[str | os.PathLike], transform: Callable | None = None, **kwargs: Any
+) -> EvalDataset:
+    """A table (or several read as one) for retrieval; ``kwargs`` go to ``PairsDataset``."""
     from clipforge.data.pairs import PairsDataset
 
-    return from_pairs(PairsDataset(path, **kwargs), str(path), transform)
+    ds = PairsDataset(path, **kwargs)
+    return from_pairs(ds, ds.source, transform)
 
 
 def caption_folder(root: str | os.PathLike, transform: Callable | None = None) -> EvalDataset:
@@ -487,9 +490,12 @@ def load_eval_dataset(
     transform: Callable | None = None,
     download: bool = False,
     split: str | None = None,
+    **table: Any,
 ) -> EvalDataset:
-    """Build an :class:`EvalDataset` from a ``--data`` spec (see the module doc).
-    ``task`` ("classification" or "retrieval") only matters where one source supports both."""
+    """Build an :class:`EvalDataset` from a ``--data`` spec (the grammar every command shares,
+    :mod:`clipforge.data.sources`). ``task`` ("classification" or "retrieval") only matters
+    where one source supports both; ``table`` keywords (``separator``, ``image_key``,
+    ``caption_key``, ``data_root``, ``confine``) say how to read tables, as for training."""
     spec = os.fspath(spec)
     if spec.startswith("synthetic:"):
         name, opts = _parse_query(spec)
@@ -508,12 +514,12 @@ def load_eval_dataset(
             transform=transform,
             **ints,
         )
-    head, sep, rest = spec.partition(":")
-    if sep and not os.path.exists(spec) and len(head) > 1:  # "cifar10:ROOT", "torchvision:NAME:ROOT"
-        if head == "torchvision":
-            name, _, root = rest.partition(":")
-        else:
-            name, root = head, rest
+    from clipforge.data.sources import source_kind, table_files
+
+    kind = source_kind(spec)
+    if kind == "torchvision":  # "cifar10:ROOT", "torchvision:NAME:ROOT"
+        head, _, rest = spec.partition(":")
+        name, root = rest.partition(":")[::2] if head == "torchvision" else (head, rest)
         root, opts = _parse_query(root)
         return torchvision_dataset(
             name,
@@ -522,23 +528,25 @@ def load_eval_dataset(
             download=download or opts.get("download") in ("1", "true"),
             transform=transform,
         )
-    if "{" in spec or spec.endswith(".tar"):
+    if kind == "shards":
         return webdataset_shards(spec, transform)
-    path = Path(spec)
-    if path.is_file() and path.suffix.lower() in TABLE_EXTS:
-        return pairs_table(path, transform)
-    if path.is_dir():
-        if any(path.glob("*.tar")):
-            return webdataset_shards(path, transform)
-        has_subdirs = any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir())
-        has_sidecars = any(path.rglob("*.txt"))
-        if has_subdirs and not (task == "retrieval" and has_sidecars):
-            return image_folder(path, transform)
-        return caption_folder(path, transform)
-    raise DataError(
-        f"--data {spec!r}: not an existing folder, table ({', '.join(TABLE_EXTS)}), shard pattern, "
-        "synthetic:shapes or torchvision spec (e.g. cifar10:/data/cifar)"
-    )
+    if kind in ("table", "tables"):
+        return pairs_table(table_files(spec), transform, **table)
+    if kind == "folder":
+        return _folder_dataset(Path(spec).expanduser(), task, transform)
+    raise DataError(f"--data {spec!r}: a single {kind} cannot be evaluated; give a folder, table or shards")
+
+
+def _folder_dataset(path: Path, task: str, transform: Callable | None) -> EvalDataset:
+    """A folder: CLIP_benchmark's webdataset root (split folders of shards), class sub-folders
+    (classification), or images with ``.txt`` captions (retrieval)."""
+    subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if any(any(d.glob("*.tar")) for d in subdirs):
+        return webdataset_shards(path, transform)
+    has_sidecars = any(path.rglob("*.txt"))
+    if subdirs and not (task == "retrieval" and has_sidecars):
+        return image_folder(path, transform)
+    return caption_folder(path, transform)
 
 
 def as_eval_dataset(

@@ -17,22 +17,19 @@ so ordering is preserved with any number of DataLoader workers.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import os
-import tarfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipforge.data.images import IMAGE_EXTENSIONS, iter_image_files
-from clipforge.data.patterns import expand_braces
+from clipforge.data.items import Item, list_items
+from clipforge.data.tables import TableOptions
 from clipforge.errors import DataError
+from clipforge.model.architecture import config_record, model_label
 from clipforge.search.tables import (
     atomic_save_npy,
     atomic_write_json,
@@ -44,152 +41,9 @@ from clipforge.search.tables import (
 
 log = logging.getLogger(__name__)
 
-TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
-IMAGE_COLUMNS = ("image", "filepath", "image_path", "path", "file", "filename", "img", "url")
-CAPTION_COLUMNS = ("caption", "text", "title", "captions", "label")
+__all__ = ["Item", "embed_images", "iter_embedding_chunks", "list_items", "load_manifest"]
 STATE_FILE = "embed_state.json"
 MANIFEST_FILE = "embed_manifest.json"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One source image: a file, or a member of an uncompressed tar shard (offset/size)."""
-
-    path: str
-    caption: str = ""
-    tar_offset: int = -1
-    tar_size: int = -1
-
-    def read_bytes(self) -> bytes:
-        with open(self.path, "rb") as f:
-            if self.tar_offset < 0:
-                return f.read()
-            f.seek(self.tar_offset)
-            return f.read(self.tar_size)
-
-
-# --------------------------------------------------------------------------- source listing
-def list_items(
-    source: str | os.PathLike | Sequence[str], *, image_key: str | None = None, caption_key: str | None = None
-) -> list[Item]:
-    """Resolve a folder (recursive), a pairs table, or webdataset shards into an ordered item list."""
-    if isinstance(source, (list, tuple)):
-        return [it for s in source for it in list_items(s, image_key=image_key, caption_key=caption_key)]
-    text = str(source)
-    if "{" in text or any(ch in text for ch in "*?["):
-        paths = sorted({p for pat in expand_braces(text) for p in _glob(pat)})
-        if not paths:
-            raise DataError(f"{text}: pattern matched no files")
-        return [it for p in paths for it in list_items(p, image_key=image_key, caption_key=caption_key)]
-    path = Path(text).expanduser()
-    if path.is_dir():
-        images = sorted(iter_image_files(path))  # globally sorted: ids follow path order
-        if images:
-            return [Item(str(p.resolve()), _sibling_caption(p)) for p in images]
-        tars = sorted(p for p in path.rglob("*.tar") if p.is_file())
-        if tars:
-            return [it for t in tars for it in _tar_items(t)]
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards found")
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    if path.suffix == ".tar":
-        return _tar_items(path)
-    if path.suffix.lower() in TABLE_EXTS:
-        return _table_items(path, image_key, caption_key)
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        return [Item(str(path.resolve()), _sibling_caption(path))]
-    raise DataError(f"{path}: not a folder, table ({', '.join(TABLE_EXTS)}), .tar shard or image")
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return (
-        glob.glob(pattern)
-        if any(ch in pattern for ch in "*?[")
-        else [pattern]
-        if Path(pattern).exists()
-        else []
-    )
-
-
-def _sibling_caption(image: Path) -> str:
-    txt = image.with_suffix(".txt")
-    if txt.is_file():
-        return txt.read_text(encoding="utf-8", errors="replace").strip()
-    return ""
-
-
-def _tar_items(tar_path: Path) -> list[Item]:
-    """Index an uncompressed tar by key; image bytes are later read straight from the offsets."""
-    groups: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
-    try:
-        with tarfile.open(tar_path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base:
-                    continue
-                key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
-                ext = "." + base.split(".", 1)[1].lower()
-                g = groups.get(key)
-                if g is None:
-                    g = groups[key] = {}
-                    order.append(key)
-                if ext in IMAGE_EXTENSIONS and "image" not in g:
-                    g["image"] = (m.offset_data, m.size)
-                elif ext in (".txt", ".caption"):
-                    f = tf.extractfile(m)
-                    g["caption"] = f.read().decode("utf-8", errors="replace").strip() if f else ""
-    except tarfile.ReadError as e:
-        raise DataError(f"{tar_path}: not an uncompressed tar shard ({e})") from e
-    path = str(tar_path.resolve())
-    return [
-        Item(path, groups[k].get("caption", ""), *groups[k]["image"]) for k in order if "image" in groups[k]
-    ]
-
-
-def _table_items(table: Path, image_key: str | None, caption_key: str | None) -> list[Item]:
-    rows = _read_source_table(table)
-    if not rows:
-        raise DataError(f"{table}: table has no rows")
-    present = list(rows[0])
-    img_col = image_key or next((c for c in IMAGE_COLUMNS if c in present), None)
-    if img_col is None or img_col not in present:
-        wanted = image_key or " / ".join(IMAGE_COLUMNS)
-        raise DataError(f"{table}: no image column {wanted!r}; columns present: {', '.join(present)}")
-    cap_col = caption_key or next((c for c in CAPTION_COLUMNS if c in present), None)
-    if caption_key and caption_key not in present:
-        raise DataError(f"{table}: no caption column {caption_key!r}; columns present: {', '.join(present)}")
-    root = table.parent.resolve()
-    items = []
-    for row in rows:
-        rel = str(row.get(img_col) or "")
-        cap = row.get(cap_col) if cap_col else ""
-        if isinstance(cap, list):  # JSONL with several captions: the first describes the image
-            cap = cap[0] if cap else ""
-        items.append(Item(str((root / rel).resolve()) if rel else "", str(cap or "")))
-    return items
-
-
-def _read_source_table(table: Path) -> list[dict[str, Any]]:
-    suffix = table.suffix.lower()
-    if suffix == ".parquet":
-        cols = read_table(table)
-        return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
-    with open(table, encoding="utf-8", errors="replace", newline="") as f:
-        if suffix in (".jsonl", ".json"):
-            out = []
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{table}:{lineno}: invalid JSON ({e.msg})") from e
-            return out
-        return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
 
 
 # --------------------------------------------------------------------------- decoding dataset
@@ -248,14 +102,15 @@ def embed_images(
     pretrained: str | None = None,
     device: Any = "cpu",
     max_pixels: int | None = None,
-    image_key: str | None = None,
-    caption_key: str | None = None,
+    table: TableOptions | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every image of ``source`` into ``out_dir``; returns the embed manifest (a dict).
 
-    ``tokenizer`` enables caption embeddings; ``model_name``/``pretrained`` are recorded so the
-    :class:`~clipforge.search.searcher.Searcher` can rebuild the same model for queries.
+    ``source`` is any spec of :mod:`clipforge.data.sources` with images (folder, table(s),
+    shards); ``table`` says how to read tables (separator, columns, data root), as for every
+    command. ``tokenizer`` enables caption embeddings; ``model_name``/``pretrained`` are
+    recorded so the :class:`~clipforge.search.searcher.Searcher` can rebuild the same model.
     """
     import torch
     from tqdm import tqdm
@@ -267,9 +122,10 @@ def embed_images(
         raise DataError("batch_size and shard_size must be positive")
     if pretrained is not None and Path(str(pretrained)).expanduser().exists():
         pretrained = str(Path(str(pretrained)).expanduser().resolve())  # usable from any folder later
+    model_name = model_label(model, model_name)  # the real architecture, never a merely close name
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = list_items(source, image_key=image_key, caption_key=caption_key)
+    items = list_items(source, table)
     if not items:
         raise DataError(f"{source}: no images found")
     n_shards = (len(items) + shard_size - 1) // shard_size
@@ -315,7 +171,7 @@ def embed_images(
                 bar.update(1)
         _write_shard(out, shard, items, buf, feats, model, tokenizer, with_text, dtype, device)
         bar.close()
-    return _finalize(out, n_shards, model_name, pretrained, dtype, with_text)
+    return _finalize(out, n_shards, model_name, pretrained, dtype, with_text, config_record(model))
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -339,7 +195,8 @@ def _check_state(
     """Refuse to resume into a folder whose shards came from another source, model or sharding."""
     h = hashlib.sha256()
     for it in items:
-        h.update(f"{it.path}\0{it.tar_offset}\0".encode("utf-8", "surrogatepass"))
+        key = f"{it.path}\0{it.tar_offset}\0" + (f"{it.row}\0" if it.row >= 0 else "")
+        h.update(key.encode("utf-8", "surrogatepass"))
     state = {
         "items": len(items),
         "fingerprint": h.hexdigest(),
@@ -389,6 +246,7 @@ def _write_shard(
         "height": [x["size"][1] for x in samples],
         "tar_offset": [r.tar_offset for r in rows],
         "tar_size": [r.tar_size for r in rows],
+        "row": [r.row for r in rows],
         "reason": [x["reason"] for x in samples],
     }
     if with_text:
@@ -413,10 +271,16 @@ def _embed_dim(model: Any) -> int:
 
 
 def _finalize(
-    out: Path, n_shards: int, model_name: str | None, pretrained: str | None, dtype: np.dtype, with_text: bool
+    out: Path,
+    n_shards: int,
+    model_name: str | None,
+    pretrained: str | None,
+    dtype: np.dtype,
+    with_text: bool,
+    model_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge the per-shard parts into ``metadata`` + ``skipped.csv`` and write the manifest."""
-    keep = ("id", "path", "caption", "width", "height", "tar_offset", "tar_size")
+    keep = ("id", "path", "caption", "width", "height", "tar_offset", "tar_size", "row")
     meta: dict[str, list[Any]] = {k: [] for k in keep}
     skipped: dict[str, list[Any]] = {"source_index": [], "path": [], "reason": []}
     shards, dim, n = [], 0, 0
@@ -453,6 +317,7 @@ def _finalize(
         "version": 1,
         "model": model_name,
         "pretrained": str(pretrained) if pretrained is not None else None,
+        "model_config": model_config,  # what the Searcher rebuilds; "model" is only its name
         "dim": int(dim),
         "count": n,
         "skipped": len(skipped["path"]),

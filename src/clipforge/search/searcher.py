@@ -2,7 +2,8 @@
 
 A query is a sum of unit embeddings times weights, re-normalised: ``image + 0.5 * "in winter"``
 moves an image query towards the text. The model that produced the index is named in its manifest
-(``model.name`` / ``model.pretrained``), and the Searcher rebuilds exactly that model on first
+(``model.name`` / ``model.pretrained`` / ``model.config``: the architecture itself, so a custom
+one is rebuilt as it was, not as a registered name), and the Searcher rebuilds exactly that model on first
 use unless one is passed in; queries by ``image_id`` need no model at all.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.errors import ClipforgeError
+from clipforge.model.architecture import config_record, model_label, model_source
 from clipforge.search.index import load_index, search_index
 from clipforge.search.tables import open_metadata
 
@@ -88,23 +90,39 @@ class Searcher:
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ model
+    @property
+    def architecture(self) -> str | None:
+        """The model's name as recorded by ``embed`` (the real architecture, e.g. "ViT-B-32" or
+        "custom (from my-arch.json)"), or the given/loaded model's own name."""
+        name = (self.manifest.get("model") or {}).get("name")
+        if self.model is not None and not name:
+            return model_label(self.model)
+        return name
+
+    @property
+    def model_config(self) -> dict[str, Any] | None:
+        """The recorded architecture itself (``CLIPConfig.to_dict()``), when the manifest has it."""
+        return (self.manifest.get("model") or {}).get("config") or config_record(self.model)
+
     def ensure_model(self) -> None:
         """Build the embedding model named in the manifest (once), unless one was given."""
         with self._lock:
             if self.model is not None and self.tokenizer is not None and self.preprocess is not None:
                 return
             info = self.manifest.get("model") or {}
-            if not info.get("name"):
+            source = model_source(info.get("name"), info.get("config"))
+            if source is None and not info.get("pretrained"):
                 raise ClipforgeError(
                     f"{self.index_dir}: the manifest names no model; pass model=, "
                     "tokenizer= and preprocess= to Searcher"
                 )
             from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
-            log.info("loading model %s (pretrained=%s)", info["name"], info.get("pretrained"))
+            log.info("loading model %s (pretrained=%s)", self.architecture, info.get("pretrained"))
             model, _, preprocess = create_model_and_transforms(
-                info["name"], pretrained=info.get("pretrained"), device=self.device
+                source, pretrained=info.get("pretrained"), device=self.device
             )
+            _check_rebuilt(model, info, self.index_dir)
             self.model = self.model or model
             self.preprocess = self.preprocess or preprocess
             self.tokenizer = self.tokenizer or get_tokenizer(model)  # the checkpoint's tokenizer settings
@@ -228,13 +246,30 @@ class Searcher:
 
     def image_bytes(self, image_id: int) -> bytes:
         """The stored image file (or tar member) of an indexed id; the id is never a path."""
+        from clipforge.data.items import read_item_bytes
+
         i = self.check_id(image_id)
-        path, off = self.metadata["path"][i], int(self.metadata.get("tar_offset", [-1] * self.count)[i])
-        with open(path, "rb") as f:
-            if off < 0:
-                return f.read()
-            f.seek(off)
-            return f.read(int(self.metadata["tar_size"][i]))
+        m = self.metadata
+
+        def cell(name: str) -> int:  # indexes from older versions lack the newer columns
+            return int(m[name][i]) if name in m else -1
+
+        return read_item_bytes(m["path"][i], cell("tar_offset"), cell("tar_size"), cell("row"))
+
+
+def _check_rebuilt(model: Any, info: Mapping[str, Any], index_dir: Path) -> None:
+    """Refuse a rebuilt model whose architecture is not the recorded one (e.g. the checkpoint
+    folder was overwritten since): its queries would not live in the index's embedding space."""
+    from clipforge.model.architecture import same_architecture
+    from clipforge.model.config import CLIPConfig
+
+    recorded = info.get("config")
+    if recorded and not same_architecture(model.config, CLIPConfig.from_dict(dict(recorded))):
+        raise ClipforgeError(
+            f"{index_dir}: the index was embedded with {info.get('name')!r} (config in its manifest), but "
+            f"pretrained={info.get('pretrained')!r} now holds a different architecture "
+            f"({model_label(model)!r}); re-embed, or point the manifest at the original weights"
+        )
 
 
 def combine(parts: Mapping[str, np.ndarray], weights: Any) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from clipforge.errors import DataError
 
 #: Columns stored as integers; everything else in a metadata table is text.
-INT_COLUMNS = frozenset({"id", "width", "height", "tar_offset", "tar_size", "source_index"})
+INT_COLUMNS = frozenset({"id", "width", "height", "tar_offset", "tar_size", "row", "source_index"})
 
 
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Any:

@@ -37,10 +37,14 @@ class TrainConfig:
 
     # --- what to train on and what to train -------------------------------------------------------
     data: str | None = _f(
-        None, "training data spec: table (csv/tsv/jsonl), folder, shards or synthetic:shapes"
+        None, "training data spec: table (csv/tsv/json/jsonl/parquet), folder, shards or synthetic:shapes"
     )
     val_data: str | None = _f(None, "validation data spec for retrieval (and zero-shot if it has classes)")
-    model: str = _f("tiny-vit", "architecture name (see `clipforge models`)")
+    model: str = _f(
+        "tiny-vit",
+        "architecture: a registered name (see `clipforge models`) or a model-config JSON file (clipforge's "
+        "or open_clip's); the resolved config is saved as OUTPUT_DIR/model_config.json",
+    )
     pretrained: str | None = _f(None, "initial weights: a file, a clipforge dir or hf-hub:org/name")
     output_dir: str = _f("./runs/clipforge", "where checkpoints, logs and the final model go")
     # --- length and batch -------------------------------------------------------------------------
@@ -107,8 +111,25 @@ class TrainConfig:
     tensorboard: bool = _f(False, "also log to TensorBoard in output_dir/tensorboard")
     eval_every_epochs: int = _f(0, "evaluate on val_data every N epochs (0 = only at the end if val_data)")
     zeroshot_templates: str = _f("simple", "prompt templates for zero-shot eval: simple, imagenet or a file")
-    caption_key: str | None = _f(None, "caption column of a pairs table")
-    image_key: str | None = _f(None, "image path column of a pairs table")
+    caption_key: str | None = _f(
+        None, "caption column(s) of a table, comma-separated (auto-detected)", aliases=("--csv-caption-key",)
+    )
+    image_key: str | None = _f(None, "image column of a table (auto-detected)", aliases=("--csv-img-key",))
+    csv_separator: str | None = _f(None, "table field separator, e.g. '\\t' (default: sniffed from the header)")
+    data_root: str | None = _f(None, "folder relative image paths start from (default: the table's folder)")
+    confine_paths: bool = _f(False, "skip table rows whose image path resolves outside the data root")
+
+    # ----------------------------------------------------------------------------------------------
+    def table_kwargs(self) -> dict[str, Any]:
+        """How to read tables, as ``build_dataset`` keywords (the same for train and val data)."""
+        kw = {
+            "image_key": self.image_key,
+            "caption_key": self.caption_key,
+            "separator": self.csv_separator,
+            "data_root": self.data_root,
+            "confine": self.confine_paths or None,
+        }
+        return {k: v for k, v in kw.items() if v is not None}
 
     # ----------------------------------------------------------------------------------------------
     def validate(self, source: str = "config") -> TrainConfig:
@@ -289,7 +310,7 @@ def add_arguments(parser: Any) -> None:
 
     for f in dataclasses.fields(TrainConfig):
         tp, _ = _unwrap_optional(_field_types()[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -297,7 +318,7 @@ def add_arguments(parser: Any) -> None:
             kw["metavar"] = f.name.upper()
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kw)
+        parser.add_argument(*flags, **kw)
 
 
 def config_from_args(args: Any) -> TrainConfig:

@@ -19,6 +19,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+MODEL_CONFIG_NAME = "model_config.json"
+
+
+def save_model_config(run: Run) -> Path:
+    """Write the resolved architecture to ``output_dir/model_config.json`` at the start of a run.
+
+    ``run_config`` keeps what was asked for (``model: my-arch.json``, a name, or weights); this
+    file keeps what that resolved to, so the run stays reproducible when the JSON is edited or
+    moved. It is in the clipforge ``config.json`` form: ``--model RUN/model_config.json`` reads it.
+    """
+    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.model.architecture import model_label
+
+    document = {"architecture": model_label(run.model), "model_config": run.model.config.to_dict()}
+    path = Path(run.cfg.output_dir) / MODEL_CONFIG_NAME
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    return path
+
+
 def save_final_model(run: Run) -> Path | None:
     """Write ``output_dir/final`` (model.safetensors + config.json) from rank 0; LoRA is merged."""
     model = run.model
@@ -30,6 +49,7 @@ def save_final_model(run: Run) -> Path | None:
 
         model = CLIP(run.model.config)  # an unsharded twin to hold the gathered weights
         model.preprocess_cfg = run.model.preprocess_cfg
+        model.architecture = getattr(run.model, "architecture", None)
         if has_lora(run.model):
             c = run.cfg
             towers = [
@@ -66,12 +86,13 @@ def evaluate(run: Run, rlog: RunLogger) -> dict[str, Any]:
             "model_name": run.cfg.model,
             "report_dir": Path(run.cfg.output_dir) / "eval",
         }
-        ds = load_eval_dataset(run.cfg.val_data, task="retrieval", transform=run.preprocess_val)
+        table = run.cfg.table_kwargs()
+        ds = load_eval_dataset(run.cfg.val_data, task="retrieval", transform=run.preprocess_val, **table)
         if ds.supports_retrieval:
             metrics.update(
                 run_eval(model, run.tokenizer, run.preprocess_val, ds, task="retrieval", **common)["metrics"]
             )
-        ds = load_eval_dataset(run.cfg.val_data, task="classification", transform=run.preprocess_val)
+        ds = load_eval_dataset(run.cfg.val_data, task="classification", transform=run.preprocess_val, **table)
         if ds.supports_classification:
             result = run_eval(
                 model,

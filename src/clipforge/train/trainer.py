@@ -41,7 +41,7 @@ from clipforge.train.distributed import (
 from clipforge.train.logger import RunLogger
 from clipforge.train.optim import build_optimizer as make_optimizer
 from clipforge.train.optim import build_scheduler
-from clipforge.train.outputs import evaluate, save_final_model, write_summary
+from clipforge.train.outputs import evaluate, save_final_model, save_model_config, write_summary
 from clipforge.train.surgery import apply_lora, lock_towers
 from clipforge.train.task import ContrastiveTask, TaskOutput, build_loss, split_micro_batches
 
@@ -152,8 +152,7 @@ def build_dataset(
     """Resolve a data spec with ``clipforge.data.build_dataset`` (tables, folders, shards, synthetic)."""
     from clipforge.data import build_dataset as build
 
-    options = {"image_key": cfg.image_key, "caption_key": cfg.caption_key, **extra}
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {**cfg.table_kwargs(), **{k: v for k, v in extra.items() if v is not None}}
     return build(spec, transform=transform, tokenizer=tokenizer, seed=seed, skip_counter=skips, **options)
 
 
@@ -466,6 +465,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             cfg.save(Path(cfg.output_dir) / run_config_name())
         run = build_run(cfg, info)
+        if info.is_main:
+            save_model_config(run)
         return fit(run)
     finally:
         if owns_group:
