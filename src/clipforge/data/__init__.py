@@ -18,7 +18,6 @@ Submodules are imported lazily: ``import clipforge.data`` does not import torch.
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 _API = {

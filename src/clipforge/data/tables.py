@@ -14,7 +14,7 @@ same thing to all of them:
   table's folder or ``data_root``. Confining paths to that root is opt-in (``confine=True``).
 - **Parquet**: paths, or the image bytes inside (Hugging Face datasets' ``{bytes, path}`` struct
   or a plain binary column). Only the caption and path columns are read up front, one row group
-  at a time; image bytes are read later, a row group at a time (:class:`ParquetImages`).
+  at a time; image bytes are read later, a row group at a time (:class:`~clipforge.data.parquet.EmbeddedImages`).
 
 Row problems normal in scraped data are counted, not fatal (see :mod:`clipforge.data.pairs`).
 """
@@ -28,9 +28,12 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipforge.errors import DataError
+
+if TYPE_CHECKING:
+    from clipforge.data.parquet import EmbeddedImages
 
 IMAGE_KEYS = ("image", "filepath", "image_path", "img", "jpg", "png", "path", "file", "filename", "url")
 CAPTION_KEYS = ("caption", "captions", "text", "title", "txt", "sentence", "sentences", "label")
@@ -74,7 +77,7 @@ class Table:
     rows: list[str] = field(default_factory=list)  # "file:line" per kept row
     images: list[str] = field(default_factory=list)  # resolved path, or "" when embedded
     captions: list[list[str]] = field(default_factory=list)
-    embedded: ParquetImages | None = None  # set when the image bytes live inside the table
+    embedded: EmbeddedImages | None = None  # set when the image bytes live inside the table
     image_key: str = ""
     caption_keys: list[str] = field(default_factory=list)
     require_captions: bool = True
