@@ -212,7 +212,10 @@ def test_index_manifest_and_files(setup):
 
     m = read_manifest(setup.index_dir)
     assert m["kind"] == "flat" and m["count"] == 62 and m["expected_recall_at_10"] == 1.0
-    assert m["model"] == {"name": "tiny-vit", "pretrained": str(setup.model_dir)}
+    from clipforge.model.registry import get_model_config
+
+    tiny = get_model_config("tiny-vit").to_dict()  # the architecture itself is recorded, not only its name
+    assert m["model"] == {"name": "tiny-vit", "pretrained": str(setup.model_dir), "config": tiny}
     names = sorted(p.name for p in setup.index_dir.iterdir())
     assert names == ["embeddings-1.npy", "index-1.faiss", "manifest.json", "metadata-1.cftable"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._model_options import add_model_argument, model_argument
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -13,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "ratios in the table hold even on a busy machine. Random weights unless --pretrained is given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="ViT-B-32", help="architecture name")
+    add_model_argument(p)  # neither --model nor --pretrained: ViT-B-32, random weights
     p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -47,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
     variants += [v for v, on in (("open_clip-bf16", bf16 and args.open_clip), ("bf16", bf16), ("int8", args.int8),
                                  ("compile", args.compile), ("onnx", args.onnx), ("onnx-int8", args.onnx_int8)) if on]  # fmt: skip
     device = resolve_device(args.device)
-    model = create_model(args.model, args.pretrained)
+    model = create_model(model_argument(args, fallback="ViT-B-32"), args.pretrained)
     rows = run_bench(model, variants=variants, kinds=kinds, batch_size=args.batch_size,
                      rounds=args.rounds, threads=args.threads, device=device)  # fmt: skip
-    print(f"{args.model} ({args.pretrained or 'random weights'})  {describe_device(device)}  "
+    print(f"{model.architecture} ({args.pretrained or 'random weights'})  {describe_device(device)}  "
           f"batch {args.batch_size}  median of {args.rounds} interleaved rounds")  # fmt: skip
     print(format_rows(rows, rows[0].variant if rows else variants[0]))
     print("items/s: images/s or texts/s (texts: realistic 5-30 word captions). max|diff| and min cos "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._model_options import add_model_argument
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,9 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--to", required=True, choices=("clipforge", "open_clip", "hf", "openai"), help="output format"
     )
-    p.add_argument(
-        "--model", default=None, help="architecture name when SRC carries no config (else inferred)"
-    )
+    add_model_argument(p)  # only used when SRC carries no config (else read from SRC / inferred)
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="cast the weights")
     p.add_argument("--cache-dir", default=None, help="Hugging Face Hub cache folder")
     p.set_defaults(func=run)

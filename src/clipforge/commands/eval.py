@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._model_options import add_model_argument, model_argument
+
 TASKS = ("zeroshot", "retrieval", "linear-probe")
 
 
@@ -18,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "cifar10:ROOT (any torchvision dataset: torchvision:NAME:ROOT).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", help="architecture name (see 'clipforge models')")
+    add_model_argument(p)
     p.add_argument("--pretrained", help="weights: tag, hf-hub:org/name, checkpoint file or folder")
     p.add_argument("--task", choices=TASKS, default="zeroshot")
     p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
@@ -71,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from clipforge.errors import ClipforgeError
 
-    if not args.model and not args.pretrained:
-        raise ClipforgeError("--model (or --pretrained with a checkpoint folder) is required")
+    model_argument(args)  # --model, or --pretrained alone with a self-describing checkpoint
     if not args.data:
         raise ClipforgeError("--data is required (e.g. --data synthetic:shapes?split=heldout)")
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         ks=tuple(args.recall_k),
-        model_name=args.model or "",
+        model_name=model.architecture,  # the real architecture (the config is recorded too)
         pretrained=args.pretrained,
         dataset_name=args.data,
         report_dir=args.report,

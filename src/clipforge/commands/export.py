@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._model_options import add_model_argument, model_argument
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -13,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "them against PyTorch with onnxruntime (max abs diff must stay below --atol).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="architecture name, e.g. ViT-B-32")
+    add_model_argument(p)
     p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--out", required=True, help="output folder")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(towers) - set(TOWERS))
     if unknown or not towers:
         raise ConfigError(f"--towers: unknown {unknown or 'empty'}; choose from {', '.join(TOWERS)}")
-    model = create_model(args.model, args.pretrained).eval()
+    model = create_model(model_argument(args), args.pretrained).eval()
     if args.format == "torch-export":
         result = export_program(model, args.out, towers=towers)
     else:
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     size, ctx = cfg.vision.image_size, cfg.text.context_length
     inputs = {"image": f"images float32 [batch, 3, {size}, {size}]", "text": f"tokens int64 [batch, <={ctx}]"}
     what = "torch.export programs" if args.format == "torch-export" else f"ONNX (opset {args.opset})"
-    print(f"{args.model} ({args.pretrained or 'random weights'}) -> {what} in {args.out}; "
+    print(f"{model.architecture} ({args.pretrained or 'random weights'}) -> {what} in {args.out}; "
           f"outputs: features float32 [batch, {cfg.embed_dim}], not L2-normalised")  # fmt: skip
     for tower, path in result.paths.items():
         diff, cos = result.max_abs_diff.get(tower), result.min_cos.get(tower)

@@ -66,6 +66,7 @@ def make_result(
     details: Mapping[str, Any] | None = None,
     timings: Mapping[str, float] | None = None,
     config: Mapping[str, Any] | None = None,
+    model_config: Mapping[str, Any] | None = None,
     language: str = "en",
 ) -> dict[str, Any]:
     """Assemble one run's record; non-scalar metric values are moved to ``details``."""
@@ -77,7 +78,8 @@ def make_result(
             extra[key] = value
     return {
         "dataset": dataset,
-        "model": model,
+        "model": model,  # a registered name only when the config is exactly that architecture
+        **({"model_config": dict(model_config)} if model_config else {}),
         "pretrained": pretrained or "",
         "task": benchmark_task(task),
         "metrics": scalars,

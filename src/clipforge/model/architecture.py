@@ -26,6 +26,7 @@ __all__ = [
     "architecture_name",
     "config_record",
     "is_config_file",
+    "model_label",
     "model_source",
     "read_config_file",
     "same_architecture",
@@ -147,6 +148,27 @@ def architecture_name(cfg: CLIPConfig, requested: str | None = None, source: str
     if match is not None:
         return match
     return f"{CUSTOM} (from {Path(source).name})" if source else CUSTOM
+
+
+def model_label(model: Any, requested: str | None = None) -> str | None:
+    """The name outputs record for ``model``: ``model.architecture`` (set by ``create_model``),
+    unless the caller gave one. A given *registered* name (or ``*.json`` file) is checked against
+    the model's config and replaced when it does not describe it; a free-form label is kept."""
+    cfg = getattr(model, "config", None)
+    own = getattr(model, "architecture", None)
+    if not isinstance(cfg, CLIPConfig):
+        return requested or own
+    if not requested or requested == own:
+        return own or architecture_name(cfg)
+    if is_config_file(requested):
+        return architecture_name(cfg, source=requested)
+    from clipforge.model.registry import get_model_config
+
+    try:
+        get_model_config(requested)
+    except ConfigError:
+        return requested  # not a registered name, so it claims nothing
+    return architecture_name(cfg, requested)
 
 
 def config_record(model: Any) -> dict[str, Any] | None:

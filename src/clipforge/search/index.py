@@ -301,7 +301,11 @@ def build_index(
         "memory_bytes": plan.memory_bytes,
         "reason": plan.reason,
         "build_seconds": round(build_s, 3),
-        "model": {"name": emb_manifest.get("model"), "pretrained": emb_manifest.get("pretrained")},
+        "model": {
+            "name": emb_manifest.get("model"),
+            "pretrained": emb_manifest.get("pretrained"),
+            "config": emb_manifest.get("model_config"),  # the architecture itself, to rebuild it exactly
+        },
         "index_file": f"index-{gen}.faiss",
         "embeddings_file": emb_path.name,
         "metadata_file": f"metadata-{gen}{MAPPED_SUFFIX}",
@@ -590,7 +594,9 @@ def add_to_index(
             f"{new_emb_dir}: embeddings have dim {new['dim']}, the index has {manifest['dim']}"
         )
     old_model = manifest.get("model") or {}
-    if new.get("model") and old_model.get("name") and new["model"] != old_model["name"]:
+    same_name = not (new.get("model") and old_model.get("name")) or new["model"] == old_model["name"]
+    same_config = not (new.get("model_config") and old_model.get("config")) or new["model_config"] == old_model["config"]
+    if not (same_name and same_config):
         raise SearchIndexError(
             f"{new_emb_dir}: embedded with model {new['model']!r}, the index uses "
             f"{old_model['name']!r}; embeddings of different models cannot be mixed"

@@ -346,7 +346,8 @@ def create_app(
     warmup: bool = True,
 ) -> Any:
     """Build the FastAPI app around a loaded :class:`Searcher` (the model is loaded once, here)."""
-    if warmup and (searcher.model is not None or (searcher.manifest.get("model") or {}).get("name")):
+    recorded = searcher.manifest.get("model") or {}
+    if warmup and (searcher.model is not None or any(recorded.get(k) for k in ("name", "config", "pretrained"))):
         searcher.ensure_model()
     parser = RequestParser(
         searcher,
@@ -389,7 +390,12 @@ def create_app(
         results = await batcher.submit(query)
         took = (time.perf_counter() - t0) * 1000
         return JSONResponse(
-            {"results": [_public(r) for r in results], "k": query.k, "took_ms": round(took, 2)}
+            {
+                "results": [_public(r) for r in results],
+                "k": query.k,
+                "model": searcher.architecture,
+                "took_ms": round(took, 2),
+            }
         )
 
     @app.get("/search")
@@ -449,7 +455,8 @@ def create_app(
             "count": searcher.count,
             "kind": m["kind"],
             "dim": m["dim"],
-            "model": (m.get("model") or {}).get("name"),
+            "model": searcher.architecture,  # the real architecture, e.g. "custom (from my-arch.json)"
+            "model_config": searcher.model_config,
             "expected_recall_at_10": m.get("expected_recall_at_10"),
             "max_k": max_k,
             "max_upload_bytes": max_upload_bytes,
