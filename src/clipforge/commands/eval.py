@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
 from clipforge.commands._model_options import add_model_argument, model_argument
+from clipforge.commands._options import add_table_arguments, table_kwargs
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
 
@@ -22,13 +24,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_argument(p)
     p.add_argument("--pretrained", help="weights: tag, hf-hub:org/name, checkpoint file or folder")
+    add_image_alpha_argument(p)
     p.add_argument("--task", choices=TASKS, default="zeroshot")
     p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
     p.add_argument(
         "--train-data", metavar="SPEC", help="linear probe training data (default: half of --data)"
     )
-    p.add_argument("--templates", default=None, help="imagenet | simple | FILE (one '{}' template per line)")
-    p.add_argument("--classnames", metavar="FILE", help="class names, one per line, overriding the dataset's")
+    p.add_argument(
+        "--templates",
+        default=None,
+        help="imagenet | simple | FILE: one '{}' or '{c}' template per line (CLIP_benchmark's "
+        "zeroshot_classification_templates.txt), or JSON: a list, or CLIP_benchmark's dict as FILE.json:DATASET",
+    )
+    p.add_argument(
+        "--classnames",
+        metavar="FILE",
+        help="class names overriding the dataset's: one per line (classnames.txt), or JSON: a list, "
+        "or CLIP_benchmark's en_classnames.json as FILE.json:DATASET",
+    )
     p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], metavar="K")
     p.add_argument("--report", metavar="DIR", help="also write PNG plots and index.html to DIR")
     p.add_argument(
@@ -41,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_table_arguments(p)
     p.set_defaults(func=run, eval_command=None)
 
     sub = p.add_subparsers(dest="eval_command", metavar="merge", required=False)
@@ -82,23 +96,26 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
     device = _device(args.device)
-    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
+    model, _, preprocess = create_model_and_transforms(
+        args.model, args.pretrained, device=device, image_alpha=image_alpha(args)
+    )
     model.eval()
     tokenizer = get_tokenizer(model)
     kind = "retrieval" if args.task == "retrieval" else "classification"
+    table = table_kwargs(args)
     dataset = load_eval_dataset(
-        args.data, task=kind, transform=preprocess, download=args.download, split=args.split
+        args.data, task=kind, transform=preprocess, download=args.download, split=args.split, **table
     )
     train = None
     if args.train_data:
         train = load_eval_dataset(
-            args.train_data, transform=preprocess, download=args.download, split="train"
+            args.train_data, transform=preprocess, download=args.download, split="train", **table
         )
     classnames = None
     if args.classnames:
-        classnames = [
-            n.strip() for n in Path(args.classnames).read_text(encoding="utf-8").splitlines() if n.strip()
-        ]
+        from clipforge.eval.templates import load_classnames_file, split_file_key
+
+        classnames = load_classnames_file(*split_file_key(args.classnames))
     output = args.output or (None if args.report else "results.json")
     result = evaluate(
         model,

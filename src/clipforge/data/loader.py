@@ -71,8 +71,9 @@ class EpochSampler(Sampler[int]):
         shuffle: bool,
         drop_last: bool,
         start: int = 0,
+        blocks: list[int] | None = None,
     ) -> None:
-        self.n, self.rank, self.world_size = n, rank, world_size
+        self.n, self.rank, self.world_size, self.blocks = n, rank, world_size, blocks
         self.seed, self.epoch, self.shuffle, self.drop_last, self.start = (
             seed,
             epoch,
@@ -82,7 +83,9 @@ class EpochSampler(Sampler[int]):
         )
 
     def indices(self) -> list[int]:
-        if self.shuffle:
+        if self.shuffle and self.blocks:
+            order = self._block_order()
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
@@ -93,6 +96,22 @@ class EpochSampler(Sampler[int]):
             pad = (-self.n) % self.world_size
             order = order + order[:pad]
         return order[self.rank :: self.world_size]
+
+    def _block_order(self) -> list[int]:
+        """Blocks (parquet row groups) in random order, rows shuffled within each block.
+
+        Why: rows of one row group are decoded together; a global permutation would decode a
+        whole row group for every row. Every row is still seen once per epoch.
+        """
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        starts, pos = [], 0
+        for size in self.blocks or []:
+            starts.append(pos)
+            pos += size
+        order: list[int] = []
+        for b in torch.randperm(len(starts), generator=g).tolist():
+            order += [starts[b] + j for j in torch.randperm(self.blocks[b], generator=g).tolist()]
+        return order
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])
@@ -197,6 +216,8 @@ class ResumableLoader:
         if self.is_stream:
             dataset.rank, dataset.world_size = self.rank, self.world_size
         self._items = dataset if self.is_stream else _SeededItems(dataset, self.seed)
+        blocks = getattr(dataset, "locality_blocks", None)
+        self._blocks = blocks() if callable(blocks) else None
         self.epoch = 0
         self.batches_done = 0
         self.worker_restarts = 0  # over the loader's life, for logs and tests
@@ -246,6 +267,7 @@ class ResumableLoader:
             shuffle=self.shuffle,
             drop_last=self.drop_last,
             start=start,
+            blocks=self._blocks,
         )
 
     def _dataloader(self) -> DataLoader:

@@ -35,7 +35,7 @@ def _pyarrow() -> Any:
     return pq
 
 
-def _image_column_kind(pf: Any, name: str) -> tuple[str, str | None]:
+def _image_column_kind(pf: Any, name: str, where: str) -> tuple[str, str | None]:
     """("path", None), ("bytes", None) for a binary column, or ("bytes", "<name>.bytes")."""
     import pyarrow as pa
 
@@ -47,7 +47,7 @@ def _image_column_kind(pf: Any, name: str) -> tuple[str, str | None]:
     if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0:
         return "bytes", f"{name}.bytes"
     raise DataError(
-        f"{pf.path}: image column {name!r} has type {typ}; expected paths, bytes or {{bytes, path}}"
+        f"{where}: image column {name!r} has type {typ}; expected paths, bytes or {{bytes, path}}"
     )
 
 
@@ -123,7 +123,7 @@ def image_bytes_column(path: str) -> str:
     pf = _pyarrow().ParquetFile(path)
     for name in pf.schema_arrow.names:
         try:
-            kind, sub = _image_column_kind(pf, name)
+            kind, sub = _image_column_kind(pf, name, path)
         except DataError:
             continue
         if kind == "bytes":
@@ -144,7 +144,7 @@ def read_parquet_table(path: Path, options: Any, base: str, issue: Any, captions
     image_key, caption_keys = pick_columns(
         columns, options.image_key, options.caption_key, str(path), captions
     )
-    kind, sub = _image_column_kind(pf, image_key)
+    kind, sub = _image_column_kind(pf, image_key, str(path))
     table = Table(str(path), image_key=image_key, caption_keys=caption_keys, require_captions=captions)
     wanted = list(dict.fromkeys(caption_keys + ([image_key] if kind == "path" else [])))
     if kind == "bytes":
