@@ -25,7 +25,6 @@ import inspect
 import io
 import logging
 import os
-import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 import torch
 
 from clipforge.data.images import IMAGE_EXTENSIONS
-from clipforge.data.sources import expand_braces
 from clipforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -354,120 +352,175 @@ def torchvision_dataset(
 
 
 # ---------------------------------------------------------------------------------------------
-# webdataset shards, read with the standard library: evaluation needs order and random access,
-# not shuffling or streaming from the network
-
-
-class _ShardReader:
-    """Random access to members of uncompressed tar shards; handles opened lazily per process."""
-
-    def __init__(self) -> None:
-        self._open: dict[str, tarfile.TarFile] = {}
-        self._pid = os.getpid()
-
-    def read(self, shard: str, member: tarfile.TarInfo) -> bytes:
-        if self._pid != os.getpid():  # forked into a DataLoader worker: do not share file offsets
-            self._open, self._pid = {}, os.getpid()
-        tf = self._open.get(shard)
-        if tf is None:
-            tf = self._open[shard] = tarfile.open(shard, "r:")
-        f = tf.extractfile(member)
-        if f is None:
-            raise DataError(f"{shard}: {member.name} is not a regular file")
-        return f.read()
-
-    def __getstate__(self) -> dict:
-        return {"_open": {}, "_pid": -1}
+# webdataset shards, indexed with the project's one tar index (``data.shards.ShardIndex``: a
+# header-only scan with offsets): evaluation needs order and random access, not shuffling
 
 
 class _ShardImages:
-    """``idx -> PIL image`` for the image members found while indexing the shards."""
+    """``idx -> PIL image`` by (shard, offset, size); file handles are opened lazily per
+    process, so a DataLoader worker never shares a file offset with its parent."""
 
-    def __init__(self, members: list[tuple[str, tarfile.TarInfo]]) -> None:
-        self.members = members
-        self.reader = _ShardReader()
+    def __init__(self, shards: list[str], members: list[tuple[int, int, int]]) -> None:
+        self.shards, self.members = shards, members
+        self._files: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __call__(self, idx: int) -> Any:
         from clipforge.data.images import load_image
 
-        shard, member = self.members[idx]
-        return load_image(io.BytesIO(self.reader.read(shard, member)))
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        s, offset, size = self.members[idx]
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = open(self.shards[s], "rb")  # noqa: SIM115 - cached handle
+        f.seek(offset)
+        return load_image(io.BytesIO(f.read(size)), keep_mode=True)  # the transform converts
+
+    def __getstate__(self) -> dict:
+        return {"shards": self.shards, "members": self.members, "_files": {}, "_pid": -1}
 
 
-def webdataset_shards(spec: str | os.PathLike, transform: Callable | None = None) -> EvalDataset:
-    """Shards (a directory, one ``.tar``, or a brace pattern) with ``jpg|png|webp`` images and
-    ``txt`` captions and/or ``cls`` labels. Class names come from ``classnames.txt`` beside the
-    shards (one per line, CLIP_benchmark's convention), else ``class 0..K-1``."""
-    spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        shards = sorted(str(p) for p in Path(spec).glob("*.tar"))
-        folder = Path(spec)
-    else:
-        shards = expand_braces(spec)
-        folder = Path(shards[0]).parent
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if not shards or missing:
-        raise DataError(f"webdataset shards not found: {missing[:3] or spec}")
-    images: list[tuple[str, tarfile.TarInfo]] = []
+CB_CLASSNAMES = "classnames.txt"
+CB_TEMPLATES = "zeroshot_classification_templates.txt"
+
+
+def webdataset_shards(
+    spec: str | os.PathLike, transform: Callable | None = None, split: str | None = None
+) -> EvalDataset:
+    """Shards with ``<key>.<image ext>`` images and ``<key>.txt`` captions (one per line) and/or
+    ``<key>.cls`` labels, in any of these forms:
+
+    * CLIP_benchmark's webdataset root: ``ROOT/{classnames.txt,
+      zeroshot_classification_templates.txt}`` and split folders ``ROOT/test/`` (default) or
+      ``ROOT/train/`` holding ``0.tar .. N-1.tar`` and ``nshards.txt``;
+    * one split folder ``ROOT/test`` (class names and templates are then read from ``ROOT``);
+    * a folder of ``.tar`` files, one ``.tar``, a brace pattern or a glob (class names and
+      templates beside the shards).
+
+    Without ``classnames.txt`` classes are named ``class 0..K-1``."""
+    from clipforge.data.shards import IMAGE_EXTS
+
+    shards, meta = _resolve_shards(os.fspath(spec), split)
+    members: list[tuple[int, int, int]] = []
     captions: list[list[str]] = []
     labels: list[int] = []
-    for shard in shards:
-        groups: dict[str, dict[str, Any]] = {}
-        with tarfile.open(shard, "r:") as tf:
-            for member in tf.getmembers():
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                if base.startswith("."):
-                    continue
-                key, ext = _split_key(member.name)
-                entry = groups.setdefault(key, {})
-                ext = ext.lower()
-                if ext in ("jpg", "jpeg", "png", "webp"):
-                    entry["image"] = member
-                elif ext in ("txt", "cls"):
-                    raw = tf.extractfile(member).read().decode("utf-8", "replace")  # type: ignore[union-attr]
-                    entry[ext] = raw
-        for key, entry in groups.items():
-            if "image" not in entry:
-                log.warning("%s: sample %s has no image; skipped", shard, key)
-                continue
-            images.append((shard, entry["image"]))
-            captions.append([c.strip() for c in entry.get("txt", "").splitlines() if c.strip()])
-            labels.append(int(entry["cls"].strip()) if "cls" in entry else -1)
-    has_text = any(captions)
-    has_cls = all(label >= 0 for label in labels) and bool(labels)
-    classnames = None
-    if has_cls:
-        names_file = folder / "classnames.txt"
-        if names_file.is_file():
-            classnames = [n.strip() for n in names_file.read_text(encoding="utf-8").splitlines() if n.strip()]
-        else:
-            classnames = [f"class {i}" for i in range(max(labels) + 1)]
-        if max(labels) >= len(classnames):
-            raise DataError(f"{names_file}: {len(classnames)} class names but label {max(labels)} found")
+    for s, shard in enumerate(shards):
+        _index_shard(s, shard, members, captions, labels)
+    if not members:
+        raise DataError(f"{spec}: the shards hold no images ({', '.join(IMAGE_EXTS)})")
+    has_cls = all(label >= 0 for label in labels)
+    classnames = _shard_classnames(meta, labels) if has_cls else None
     templates = None
-    tmpl_file = folder / "zeroshot_classification_templates.txt"
-    if tmpl_file.is_file():
+    if (meta / CB_TEMPLATES).is_file():
         from clipforge.eval.templates import load_template_file
 
-        templates = load_template_file(tmpl_file)
+        templates = load_template_file(meta / CB_TEMPLATES)
     return EvalDataset(
-        spec,
-        len(images),
-        _ShardImages(images),
+        os.fspath(spec),
+        len(members),
+        _ShardImages(shards, members),
         labels=labels if has_cls else None,
         classnames=classnames,
-        captions=captions if has_text else None,
+        captions=captions if any(captions) else None,
         templates=templates,
     ).with_transform(transform)
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset convention: the key is the path up to the first dot of the file name."""
-    head, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{head}/{key}" if head else key), ext
+def _index_shard(s: int, shard: str, members: list, captions: list[list[str]], labels: list[int]) -> None:
+    """Append shard ``s``'s samples: image (shard, offset, size), captions and label (-1: none).
+    The small ``.txt``/``.cls`` members are read by offset from one open handle."""
+    from clipforge.data.shards import IMAGE_EXTS, ShardIndex
+
+    index = ShardIndex.build(shard)
+    with open(shard, "rb") as f:
+
+        def text(span: tuple[int, int]) -> str:
+            f.seek(span[0])
+            return f.read(span[1]).decode("utf-8", "replace")
+
+        for key, parts in index.samples:
+            ext = next((e for e in IMAGE_EXTS if e in parts), None)
+            if ext is None:
+                log.warning("%s: sample %s has no image (%s); skipped", shard, key, "/".join(IMAGE_EXTS))
+                continue
+            members.append((s, *parts[ext]))
+            raw = text(parts["txt"]) if "txt" in parts else ""
+            captions.append([c.strip() for c in raw.splitlines() if c.strip()])
+            labels.append(_parse_label(text(parts["cls"]), shard, key) if "cls" in parts else -1)
+
+
+def _parse_label(raw: str, shard: str, key: str) -> int:
+    try:
+        label = int(raw.strip())
+    except ValueError:
+        raise DataError(f"{shard}: {key}.cls is not an integer class index: {raw[:40]!r}") from None
+    if label < 0:
+        raise DataError(f"{shard}: {key}.cls is negative ({label})")
+    return label
+
+
+def _shard_classnames(meta: Path, labels: list[int]) -> list[str]:
+    names_file = meta / CB_CLASSNAMES
+    if not names_file.is_file():
+        return [f"class {i}" for i in range(max(labels) + 1)]
+    from clipforge.eval.templates import load_classnames_file
+
+    names = load_classnames_file(names_file)
+    if max(labels) >= len(names):
+        raise DataError(f"{names_file}: {len(names)} class names but label {max(labels)} found")
+    return names
+
+
+def _resolve_shards(spec: str, split: str | None) -> tuple[list[str], Path]:
+    """(shard paths, folder with classnames/templates) for any accepted form of ``spec``."""
+    from clipforge.data.shards import expand_urls
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        shards = expand_urls(spec)
+        return shards, _meta_folder(Path(shards[0]).parent)
+    if not any(path.glob("*.tar")):  # a CLIP_benchmark root: pick the split folder
+        split = split or "test"
+        splits = sorted(d.name for d in path.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+        if split not in splits:
+            raise DataError(f"{path}: no split folder {split!r} with .tar shards (found: {splits or 'none'})")
+        return _split_shards(path / split), path
+    return _split_shards(path), _meta_folder(path)
+
+
+def _split_shards(folder: Path) -> list[str]:
+    """CLIP_benchmark reads ``0.tar .. N-1.tar`` with N from ``nshards.txt``; without it, every
+    ``.tar`` in the folder, in numeric-aware order."""
+    count_file = folder / "nshards.txt"
+    if not count_file.is_file():
+        return sorted((str(p) for p in folder.glob("*.tar")), key=_natural_key)
+    try:
+        n = int(count_file.read_text(encoding="utf-8").strip())
+    except ValueError:
+        raise DataError(f"{count_file}:1: not a shard count") from None
+    shards = [str(folder / f"{i}.tar") for i in range(n)]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if n < 1 or missing:
+        raise DataError(f"{count_file}: says {n} shards (0.tar..{n - 1}.tar) but missing {missing[:3]}")
+    return shards
+
+
+def _meta_folder(shard_dir: Path) -> Path:
+    """Class names and templates sit beside the shards, or one level up when the shards are a
+    CLIP_benchmark split folder (``ROOT/test``)."""
+    if (shard_dir / CB_CLASSNAMES).is_file() or (shard_dir / CB_TEMPLATES).is_file():
+        return shard_dir
+    parent = shard_dir.parent
+    if (shard_dir / "nshards.txt").is_file() or (parent / CB_CLASSNAMES).is_file():
+        return parent
+    return shard_dir
+
+
+def _natural_key(path: str) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
 # ---------------------------------------------------------------------------------------------

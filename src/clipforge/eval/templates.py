@@ -1,7 +1,10 @@
 """Prompt templates for zero-shot classification.
 
-A template is a plain ``str.format`` string with exactly one ``{}`` where the class name goes.
-Strings (not lambdas) so they can be saved in results, read from a text file, and compared.
+A template is a plain ``str.format`` string with exactly one placeholder where the class name
+goes: ``{}`` (open_clip / clipforge) or ``{c}`` (CLIP_benchmark, whose files are read as they
+are: ``zeroshot_classification_templates.txt``, one per line, and its JSON files keyed by dataset
+name such as ``en_zeroshot_classification_templates.json`` / ``en_classnames.json``). Strings
+(not lambdas) so they can be saved in results, read from a text file, and compared.
 
 ``IMAGENET_TEMPLATES`` is the set of 80 prompts OpenAI published with CLIP (the "Prompt
 Engineering for ImageNet" notebook); ``SIMPLE_TEMPLATES`` is the 7-prompt subset the same notebook
@@ -10,11 +13,14 @@ found to recover most of the ensemble's gain at a tenth of the text-encoding cos
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clipforge.errors import ConfigError
+
+PLACEHOLDERS = ("{}", "{c}")
 
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.",
@@ -120,29 +126,38 @@ TemplateSpec = str | os.PathLike | Sequence[Template]
 
 
 def validate_template(template: str, where: str = "template") -> str:
-    """A template must take the class name exactly once; anything else silently skews the
-    class embedding (no name -> identical prompts for all classes; two names -> odd prompts)."""
+    """A template must take the class name exactly once, as ``{}`` or as CLIP_benchmark's ``{c}``;
+    anything else silently skews the class embedding (no name -> identical prompts for all
+    classes; two names -> odd prompts)."""
     if not isinstance(template, str):
         raise ConfigError(f"{where}: template must be a string, got {type(template).__name__}")
-    count = template.count("{}")
+    count = sum(template.count(p) for p in PLACEHOLDERS)
     if count != 1:
-        raise ConfigError(f"{where}: template {template!r} must contain '{{}}' exactly once (found {count})")
+        raise ConfigError(
+            f"{where}: template {template!r} must contain the class placeholder '{{}}' or '{{c}}' "
+            f"exactly once (found {count})"
+        )
     try:
-        template.format("x")
+        format_template(template, "x")
     except (IndexError, KeyError, ValueError) as e:
         raise ConfigError(f"{where}: template {template!r} is not a valid format string ({e})") from e
     return template
 
 
-def load_template_file(path: str | os.PathLike) -> list[str]:
-    """One template per line; blank lines and lines starting with '#' are skipped."""
+def load_template_file(path: str | os.PathLike, key: str | None = None) -> list[str]:
+    """A ``.json`` file (see :func:`load_json_entry`), else one template per line; blank lines
+    and lines starting with '#' are skipped. Errors name the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read template file {path}: {e}") from e
+    if path.suffix.lower() == ".json":
+        entry, where = load_json_entry(path, key, fallback="imagenet1k")
+        if isinstance(entry, dict):
+            raise ConfigError(
+                f"{where}: class-specific prompts (a dict of class -> prompts) are not supported; "
+                "give a list of templates"
+            )
+        return [validate_template(t, where=f"{where}[{i}]") for i, t in enumerate(entry)]
     templates = []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(_read_lines(path, "template"), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -152,8 +167,92 @@ def load_template_file(path: str | os.PathLike) -> list[str]:
     return templates
 
 
+def load_classnames_file(path: str | os.PathLike, key: str | None = None) -> list[str]:
+    """Class names: a ``.json`` file (a list, or CLIP_benchmark's dict keyed by dataset name),
+    else ``classnames.txt``, one name per line, line i = class i. As in CLIP_benchmark every
+    line is a class, so an interior blank line keeps later labels in place (and is refused,
+    naming the line, since an empty name cannot be prompted); trailing blank lines are ignored."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        entry, where = load_json_entry(path, key)
+        if not all(isinstance(n, str) and n.strip() for n in entry):
+            raise ConfigError(f"{where}: class names must be non-empty strings")
+        return [n.strip() for n in entry]
+    lines = [line.strip() for line in _read_lines(path, "class names")]
+    while lines and not lines[-1]:
+        lines.pop()
+    for lineno, name in enumerate(lines, start=1):
+        if not name:
+            raise ConfigError(f"{path}:{lineno}: empty class name (line {lineno} is class {lineno - 1})")
+    if not lines:
+        raise ConfigError(f"class names file {path} is empty")
+    return lines
+
+
+def load_json_entry(
+    path: Path, key: str | None = None, fallback: str | None = None
+) -> tuple[list | dict, str]:
+    """A JSON list as it is, or from a dict keyed by dataset name (CLIP_benchmark's files) the
+    entry for ``key`` (else ``fallback``: CLIP_benchmark falls back to "imagenet1k" templates
+    for a dataset it has none for); without a key, the only entry. Returns (entry, where)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    if isinstance(data, list):
+        return data, str(path)
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a list, or a dict keyed by dataset name")
+    for k in _lookup_keys(key) + ([fallback] if fallback and key else []):
+        if k in data:
+            return _as_entry(data[k], f"{path}[{k!r}]"), f"{path}[{k!r}]"
+    if key is None and len(data) == 1:
+        ((k, v),) = data.items()
+        return _as_entry(v, f"{path}[{k!r}]"), f"{path}[{k!r}]"
+    shown = ", ".join(sorted(data)[:12]) + (" ..." if len(data) > 12 else "")
+    hint = f"no entry {key!r}" if key else "several datasets and no key"
+    raise ConfigError(f"{path}: {hint}; pick one with FILE.json:NAME (available: {shown})")
+
+
+def _lookup_keys(key: str | None) -> list[str]:
+    """CLIP_benchmark looks up ``wds/vtab/cifar10`` as itself and as ``vtab/cifar10``; its
+    Hugging Face webdataset repos are named ``wds_<name>``."""
+    if not key:
+        return []
+    keys = [key]
+    if "/" in key:
+        keys.append(key.split("/", 1)[1])
+    if key.startswith("wds_"):
+        keys += [key[4:], key[4:].replace("-", "/")]
+    return list(dict.fromkeys(keys))
+
+
+def _as_entry(value: object, where: str) -> list | dict:
+    if isinstance(value, list | dict) and value:
+        return value
+    raise ConfigError(f"{where}: expected a non-empty list")
+
+
+def split_file_key(spec: str) -> tuple[str, str | None]:
+    """``FILE.json:NAME`` -> (FILE.json, NAME); anything else is a plain path."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head.lower().endswith(".json") and not Path(spec).exists():
+        return head, tail
+    return spec, None
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} file {path}: {e}") from e
+
+
 def format_template(template: Template, classname: str) -> str:
-    return template(classname) if callable(template) else template.format(classname)
+    """``{c}`` templates are CLIP_benchmark's (``template.format(c=name)``), ``{}`` ours."""
+    if callable(template):
+        return template(classname)
+    return template.format(c=classname) if "{c}" in template else template.format(classname)
 
 
 def resolve_templates(spec: TemplateSpec) -> list[Template]:
@@ -163,13 +262,14 @@ def resolve_templates(spec: TemplateSpec) -> list[Template]:
         key = os.fspath(spec)
         if key in NAMED_TEMPLATES:
             return list(NAMED_TEMPLATES[key])
-        if Path(key).is_file():
-            return load_template_file(key)
-        if "{}" in key:  # a single inline template is a convenient shorthand
+        file, entry = split_file_key(key)
+        if Path(file).is_file():
+            return load_template_file(file, entry)
+        if any(p in key for p in PLACEHOLDERS):  # a single inline template is a convenient shorthand
             return [validate_template(key)]
         names = ", ".join(NAMED_TEMPLATES)
         raise ConfigError(
-            f"templates {key!r}: not a known set ({names}), an existing file, or a '{{}}' template"
+            f"templates {key!r}: not a known set ({names}), an existing file, or a '{{}}'/'{{c}}' template"
         )
     templates = [
         t if callable(t) else validate_template(t, where=f"templates[{i}]") for i, t in enumerate(spec)
