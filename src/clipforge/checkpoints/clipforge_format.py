@@ -19,7 +19,6 @@ import torch
 from clipforge.checkpoints.io import atomic_write_text, load_safetensors, save_safetensors
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.model.config import CLIPConfig
-from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +40,10 @@ class ClipforgeCheckpoint:
 
 
 def default_preprocess_dict(image_size: int) -> dict[str, Any]:
-    return {
-        "image_size": image_size,
-        "mean": list(OPENAI_MEAN),
-        "std": list(OPENAI_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
+    """clipforge's own preprocessing (alpha composited on white), for models without weights."""
+    from clipforge.transforms import PreprocessConfig
+
+    return PreprocessConfig.defaults_for("clipforge", image_size)
 
 
 def preprocess_to_dict(cfg: Any, image_size: int) -> dict[str, Any]:

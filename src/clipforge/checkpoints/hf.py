@@ -331,13 +331,45 @@ def load_sharded(index_path: str | Path) -> dict[str, torch.Tensor]:
     return merged
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def read_preprocessor_config(path: str | Path, image_size: int) -> dict[str, Any]:
+    """``PreprocessConfig`` fields reproducing the folder's ``CLIPImageProcessor``.
+
+    A folder without ``preprocessor_config.json`` gets ``CLIPImageProcessor``'s defaults at the
+    model's image size, which is what ``CLIPImageProcessor()`` would do for it.
+    """
+    from clipforge.transforms import PreprocessConfig
+
+    file = Path(path) / PREPROCESSOR_CONFIG
+    if not file.is_file():
+        return PreprocessConfig.defaults_for("hf", image_size)
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read the image processor config: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return PreprocessConfig.from_hf_processor(data, image_size, str(file)).to_dict()
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def save_hf(model: torch.nn.Module, directory: str | Path) -> Path:
-    """Write a folder ``transformers.CLIPModel.from_pretrained`` loads (config.json + model.safetensors)."""
+    """Write a folder ``transformers.CLIPModel.from_pretrained`` loads (config.json + model.safetensors),
+    with the ``preprocessor_config.json`` of the model's preprocessing (exact for HF-origin models)."""
+    from clipforge.transforms import PreprocessConfig
+
     directory = Path(directory)
     cfg: CLIPConfig = model.config
     hf_config = config_to_hf(cfg)
     sd = clipforge_to_hf({k: v for k, v in model.state_dict().items()})
+    pre = getattr(model, "preprocess_cfg", None) or PreprocessConfig.defaults_for("hf", cfg.vision.image_size)
+    processor = PreprocessConfig.coerce(pre).to_hf_processor()
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(sd, directory / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_text(directory / PREPROCESSOR_CONFIG, json.dumps(processor, indent=2) + "\n")
     atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2) + "\n")
     return directory

@@ -179,6 +179,10 @@ def resolve_hub(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
         if weights.name.endswith(".index.json"):  # sharded: fetch every shard into the same snapshot
             for shard in shard_names(weights):
                 hub_file(ref.repo_id, shard, revision=ref.revision, cache_dir=cache_dir)
+        if config_name == "config.json":  # a transformers repo: its image processor settings too
+            hub_file(
+                ref.repo_id, "preprocessor_config.json", revision=ref.revision, cache_dir=cache_dir, required=False
+            )
         if weights.parent != config.parent:  # different snapshots: hand back the weights file itself
             return weights
         return config.parent

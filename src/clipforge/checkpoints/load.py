@@ -9,6 +9,7 @@ one layout. Nothing executes pickled code (see :mod:`clipforge.checkpoints.io`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -183,9 +184,14 @@ def _read_open_clip_json(path: Path) -> tuple[CLIPConfig | None, dict[str, Any] 
     config = config_from_open_clip(model_cfg, str(path)) if isinstance(model_cfg, Mapping) else None
     pre = data.get("preprocess_cfg")
     if isinstance(pre, Mapping) and config is not None:
+        from clipforge.transforms import PreprocessConfig
+
+        # open_clip's own keys, plus the convention clipforge writes next to them (round trip);
+        # a file open_clip wrote has none, so the open_clip defaults of the format apply.
+        known = {f.name for f in dataclasses.fields(PreprocessConfig)} - {"image_size"}
         pre = {
-            "image_size": config.vision.image_size,
-            **{k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre},
+            **PreprocessConfig.defaults_for("open_clip", config.vision.image_size),
+            **{k: pre[k] for k in known if k in pre},
         }
     return config, dict(pre) if isinstance(pre, Mapping) else None
 
@@ -224,7 +230,8 @@ def _load_dir(path: Path) -> LoadedCheckpoint:
         )
     if hf.is_hf_dir(path):
         sd, config = hf.load_hf_dir(path)
-        return LoadedCheckpoint(sd, "hf", path, config, quick_gelu=config.quick_gelu)
+        pre = hf.read_preprocessor_config(path, config.vision.image_size)
+        return LoadedCheckpoint(sd, "hf", path, config, pre, quick_gelu=config.quick_gelu)
     weights = next((path / n for n in _OPEN_CLIP_FILES if (path / n).is_file()), None)
     if weights is None:
         candidates = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())

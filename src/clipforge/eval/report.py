@@ -214,6 +214,8 @@ def plot_retrieval_examples(
     size: tuple[int, int] | None = None,
 ) -> Path:
     """One row per text query: its top-5 images, framed green when it is the query's image."""
+    from clipforge.transforms import to_rgb
+
     rows = max(len(examples), 1)
     width, height = size or (1000, 40 + 230 * rows)
     fig = _figure(width, height)
@@ -229,7 +231,7 @@ def plot_retrieval_examples(
             if rank >= len(ex["top"]):
                 ax.axis("off")
                 continue
-            ax.imshow(load_image(ex["top"][rank]))
+            ax.imshow(to_rgb(load_image(ex["top"][rank])))  # datasets keep the file's mode
             ok = ex["correct"][rank]
             for spine in ax.spines.values():
                 spine.set_edgecolor(GOOD if ok else "#bbbbbb")

@@ -525,10 +525,12 @@ def serve(
     port: int = 8000,
     device: Any = "cpu",
     log_level: str = "info",
+    image_alpha: str | None = None,
     **app_options: Any,
 ) -> None:
-    """Load the index and the model once, then serve until interrupted."""
+    """Load the index and the model once, then serve until interrupted (``image_alpha``: see
+    ``--image-alpha``; None keeps the model's stored convention)."""
     import uvicorn
 
-    app = create_app(Searcher(index_dir, device=device), **app_options)
+    app = create_app(Searcher(index_dir, device=device, image_alpha=image_alpha), **app_options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)

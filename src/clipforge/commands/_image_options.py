@@ -1,0 +1,44 @@
+"""``--image-alpha`` as every image-preprocessing command takes it (train, eval, embed, search,
+serve, bench): one definition, one meaning. (The leading underscore keeps :mod:`clipforge.cli`
+from treating this module as a command.)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+IMAGE_ALPHA_HELP = (
+    "what transparent pixels (RGBA, LA, palette images) become: 'drop' (discard alpha, as open_clip, "
+    "OpenAI and transformers 4.x do), 'composite' (blend on white) or 'composite:#RRGGBB' / "
+    "'composite:R,G,B'. Default: the convention stored with the weights (open_clip/OpenAI weights: drop; "
+    "Hugging Face folders: composite on white, as CLIPImageProcessor; clipforge models: what they were "
+    "trained with)"
+)
+
+
+def _alpha_value(text: str) -> str:
+    """Validate while parsing, so a typo fails before any model is loaded."""
+    from clipforge.conventions import parse_alpha
+    from clipforge.errors import ConfigError
+
+    try:
+        parse_alpha(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_image_alpha_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--image-alpha`` (default None: keep the weights' stored convention)."""
+    parser.add_argument(
+        "--image-alpha",
+        default=None,
+        type=_alpha_value,
+        metavar="drop|composite[:COLOUR]",
+        help=IMAGE_ALPHA_HELP,
+    )
+
+
+def image_alpha(args: argparse.Namespace) -> str | None:
+    """The ``--image-alpha`` value, or None where the command has no such flag or it was not given."""
+    return getattr(args, "image_alpha", None)
