@@ -196,7 +196,7 @@ def encode_texts(
 def _open_nth(paths: Sequence[str], idx: int) -> Any:
     from clipforge.data.images import load_image
 
-    return load_image(paths[idx])
+    return load_image(paths[idx], keep_mode=True)  # the transform converts, per its convention
 
 
 def _first_item(dataset: Any, idx: int) -> Any:

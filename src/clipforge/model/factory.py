@@ -57,11 +57,7 @@ def make_preprocess_cfg(data: dict[str, Any] | Any) -> Any:
     """A ``PreprocessConfig`` from a stored dict (or an existing config, returned unchanged)."""
     from clipforge.transforms import PreprocessConfig
 
-    if isinstance(data, PreprocessConfig):
-        return data
-    if hasattr(PreprocessConfig, "from_dict"):
-        return PreprocessConfig.from_dict(dict(data))
-    return PreprocessConfig(**dict(data))
+    return PreprocessConfig.coerce(data if isinstance(data, PreprocessConfig) else dict(data))
 
 
 def _default_preprocess_dict(image_size: int) -> dict[str, Any]:
@@ -176,18 +172,26 @@ def _skip_random_init() -> Iterator[None]:
 def _attach_settings(
     model: torch.nn.Module, weights: _Weights | None, image_overrides: dict[str, Any]
 ) -> None:
-    """Set ``model.preprocess_cfg`` and ``model.tokenizer_cfg`` from the checkpoint or defaults."""
+    """Set ``model.preprocess_cfg`` and ``model.tokenizer_cfg`` from the checkpoint or defaults.
+
+    Preprocessing is layered: the weights' origin's convention (``PreprocessConfig.defaults_for``:
+    open_clip/OpenAI files and tags -> open_clip's, HF folders -> CLIPImageProcessor's), then the
+    tag's facts, then what the checkpoint stores, then explicit ``image_*`` arguments.
+    """
+    from clipforge.transforms import PreprocessConfig
+
     cfg: CLIPConfig = model.config
-    pre: dict[str, Any] | None = None
+    origin = weights.loaded.format if weights is not None else "clipforge"
+    pre = PreprocessConfig.defaults_for(origin, cfg.vision.image_size)
     tok: dict[str, Any] | None = None
     if weights is not None:
         if weights.entry is not None:
-            pre = weights.entry.preprocess_dict(cfg.vision.image_size)
-        pre = weights.loaded.preprocess_cfg or pre
+            pre.update(weights.entry.preprocess_dict(cfg.vision.image_size))
+        pre.update(weights.loaded.preprocess_cfg or {})
         tok = weights.loaded.tokenizer_cfg
-    pre = dict(pre or _default_preprocess_dict(cfg.vision.image_size))
+    alpha = image_overrides.pop("alpha", None)
     pre.update({k: v for k, v in image_overrides.items() if v is not None})
-    model.preprocess_cfg = make_preprocess_cfg(pre)
+    model.preprocess_cfg = make_preprocess_cfg(pre).with_alpha(alpha)
     model.tokenizer_cfg = dict(tok or {"type": "clip_bpe", "context_length": cfg.text.context_length})
 
 
@@ -203,6 +207,7 @@ def create_model(
     image_std: tuple[float, float, float] | None = None,
     image_interpolation: str | None = None,
     image_resize_mode: str | None = None,
+    image_alpha: str | None = None,
     **overrides: Any,
 ) -> torch.nn.Module:
     """A CLIP model, optionally with weights (``pretrained``: tag, ``hf-hub:...``, file or folder).
@@ -213,6 +218,7 @@ def create_model(
     :func:`~clipforge.model.architecture.architecture_name`).
 
     ``overrides`` replace config fields (``quick_gelu=True``, ``vision={"patch_dropout": 0.5}``).
+    ``image_alpha`` ("composite", "composite:#RRGGBB", "drop") overrides the weights' alpha rule.
     Like open_clip, the model is returned in train mode; call ``.eval()`` for inference.
     """
     from clipforge.model.clip import CLIP
@@ -237,6 +243,7 @@ def create_model(
         "std": image_std,
         "interpolation": image_interpolation,
         "resize_mode": image_resize_mode,
+        "alpha": image_alpha,  # "composite", "composite:#RRGGBB" or "drop"; overrides the stored one
     }
     _attach_settings(model, weights, image_overrides)
     model.architecture = _architecture_label(cfg, requested, weights)

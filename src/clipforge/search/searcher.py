@@ -76,6 +76,7 @@ class Searcher:
         device: Any = "cpu",
         mmap: bool = True,
         dedup_threshold: float = DEDUP_THRESHOLD,
+        image_alpha: str | None = None,
     ):
         self.index_dir = Path(index_dir)
         self.index, self.manifest = load_index(self.index_dir, mmap=mmap)
@@ -87,6 +88,7 @@ class Searcher:
         self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
         self.device = device
         self.dedup_threshold = dedup_threshold
+        self.image_alpha = image_alpha  # --image-alpha for image queries; None: the model's own rule
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ model
@@ -120,7 +122,7 @@ class Searcher:
 
             log.info("loading model %s (pretrained=%s)", self.architecture, info.get("pretrained"))
             model, _, preprocess = create_model_and_transforms(
-                source, pretrained=info.get("pretrained"), device=self.device
+                source, pretrained=info.get("pretrained"), device=self.device, image_alpha=self.image_alpha
             )
             _check_rebuilt(model, info, self.index_dir)
             self.model = self.model or model
@@ -305,19 +307,18 @@ def combine(parts: Mapping[str, np.ndarray], weights: Any) -> np.ndarray:
 
 
 def open_image(image: Any, *, max_pixels: int | None = None) -> Any:
-    """Path, bytes, file-like or PIL image -> RGB PIL image (bombs and junk raise BadImageError)."""
+    """Path, bytes, file-like or PIL image -> PIL image in its own mode (bombs and junk raise
+    BadImageError); the model's transform converts it to RGB where its convention does."""
     from PIL import Image
 
     from clipforge.data.images import load_image
 
     if isinstance(image, Image.Image):
-        from clipforge.transforms import to_rgb
-
-        return to_rgb(image)
+        return image
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = io.BytesIO(bytes(image))
     kw = {} if max_pixels is None else {"max_pixels": max_pixels}
-    return load_image(image, **kw)
+    return load_image(image, keep_mode=True, **kw)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

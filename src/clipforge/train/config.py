@@ -89,6 +89,11 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: list[str] = _f(["in_proj", "out_proj", "c_fc", "c_proj"], "module names that get adapters")
     patch_dropout: float | None = _f(None, "drop this fraction of image patches while training (ViT)")
+    image_alpha: str | None = _f(
+        None,
+        "transparent pixels: 'drop', 'composite' or 'composite:#RRGGBB' (default: the pretrained weights' "
+        "convention; from scratch: composite on white). Saved with the trained model",
+    )
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     compile: bool = _f(False, "torch.compile the model")
     # --- runtime ----------------------------------------------------------------------------------

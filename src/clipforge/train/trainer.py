@@ -121,7 +121,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
 
     overrides = {"vision": {"patch_dropout": cfg.patch_dropout}} if cfg.patch_dropout is not None else {}
     model, preprocess_train, preprocess_val = create_model_and_transforms(
-        cfg.model, cfg.pretrained, **overrides
+        cfg.model, cfg.pretrained, image_alpha=cfg.image_alpha, **overrides
     )
     tokenizer = get_tokenizer(model)
     if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
