@@ -81,7 +81,7 @@ class DemoResult:
     first_loss: float
     final_loss: float
     zero_shot: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {split, acc1, chance}
-    retrieval: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> {R@1, R@5, chance@1}
+    retrieval: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> CLIP_benchmark recall@1/5, chance
     report_html: str = ""
     examples: str = ""
 
@@ -191,9 +191,9 @@ def evaluate_demo(
         result = evaluate(model, tokenizer, preprocess, dataset, task="retrieval", num_examples=4, **common)
         m = result["metrics"]
         retrieval[split] = {
-            "text_to_image_R@1": m["image_retrieval_recall@1"],
-            "text_to_image_R@5": m["image_retrieval_recall@5"],
-            "image_to_text_R@1": m["text_retrieval_recall@1"],
+            "image_retrieval_recall@1": m["image_retrieval_recall@1"],
+            "image_retrieval_recall@5": m["image_retrieval_recall@5"],
+            "text_retrieval_recall@1": m["text_retrieval_recall@1"],
             "chance_R@1": 1.0 / n,
             "images": n,
         }
@@ -254,7 +254,7 @@ def write_demo_page(out: Path, result: DemoResult) -> Path:
     )
     rows += "".join(
         f"<tr><th>text&rarr;image R@1, {html.escape(k)} ({v['images']} images)</th>"
-        f"<td>{100 * v['text_to_image_R@1']:.1f}%</td><td>chance {100 * v['chance_R@1']:.1f}%</td></tr>"
+        f"<td>{100 * v['image_retrieval_recall@1']:.1f}%</td><td>chance {100 * v['chance_R@1']:.1f}%</td></tr>"
         for k, v in result.retrieval.items()
     )
     page = f"""<!doctype html>
@@ -331,7 +331,7 @@ def format_demo_summary(result: DemoResult) -> str:
     lines.append("text->image retrieval:")
     for split, r in result.retrieval.items():
         lines.append(
-            f"  {split:<8} R@1 {100 * r['text_to_image_R@1']:5.1f}%  R@5 {100 * r['text_to_image_R@5']:5.1f}%"
+            f"  {split:<8} R@1 {100 * r['image_retrieval_recall@1']:5.1f}%  R@5 {100 * r['image_retrieval_recall@5']:5.1f}%"
             f"   (chance R@1 {100 * r['chance_R@1']:.1f}%, {r['images']} images)"
         )
     if result.examples:

@@ -582,20 +582,20 @@ def load_eval_dataset(
             transform=transform,
         )
     if kind == "shards":
-        return webdataset_shards(spec, transform)
+        return webdataset_shards(spec, transform, split=split)
     if kind in ("table", "tables"):
         return pairs_table(table_files(spec), transform, **table)
     if kind == "folder":
-        return _folder_dataset(Path(spec).expanduser(), task, transform)
+        return _folder_dataset(Path(spec).expanduser(), task, transform, split)
     raise DataError(f"--data {spec!r}: a single {kind} cannot be evaluated; give a folder, table or shards")
 
 
-def _folder_dataset(path: Path, task: str, transform: Callable | None) -> EvalDataset:
+def _folder_dataset(path: Path, task: str, transform: Callable | None, split: str | None) -> EvalDataset:
     """A folder: CLIP_benchmark's webdataset root (split folders of shards), class sub-folders
     (classification), or images with ``.txt`` captions (retrieval)."""
     subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if any(any(d.glob("*.tar")) for d in subdirs):
-        return webdataset_shards(path, transform)
+        return webdataset_shards(path, transform, split=split)
     has_sidecars = any(path.rglob("*.txt"))
     if subdirs and not (task == "retrieval" and has_sidecars):
         return image_folder(path, transform)
