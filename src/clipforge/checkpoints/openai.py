@@ -12,6 +12,7 @@ Writing produces a plain ``torch.save`` state dict in the same naming, which Ope
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from clipforge.checkpoints.io import atomic_save, is_torchscript_archive, safe_t
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip, infer_config, open_clip_to_clipforge
 from clipforge.errors import CheckpointError
 from clipforge.model.config import CLIPConfig
+
+log = logging.getLogger(__name__)
 
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 
@@ -57,6 +60,14 @@ def openai_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_openai(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write OpenAI's layout. The format cannot say "GELU": OpenAI's ``clip.load`` and clipforge
+    read every such file as QuickGELU, so a GELU model is written with a warning."""
     path = Path(path)
+    if not model.config.quick_gelu:
+        log.warning(
+            "%s: OpenAI's format implies QuickGELU, but this model uses GELU; loaders will run it with "
+            "QuickGELU unless told quick_gelu=False (use the clipforge, open_clip or hf format to keep GELU)",
+            path,
+        )
     atomic_save(openai_state_dict(model), path)
     return path
