@@ -118,3 +118,19 @@ def test_a_wrong_model_name_no_longer_renames_the_outputs(trained):
 def test_commands_without_model_or_pretrained_say_what_to_give(capsys):
     assert main(["embed", "--images", "x", "--out", "y"]) == 2
     assert "give --model" in capsys.readouterr().err
+
+
+def test_fine_tuning_a_trained_folder_needs_no_model(trained, caplog):
+    root, cfg = trained
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING"):
+            code = main(["train", "--pretrained", str(root / "run" / "final"), "--data",
+                         "synthetic:shapes?n=8&image_size=32", "--batch-size", "8", "--max-steps", "1",
+                         "--threads", "1", "--no-progress", "--output-dir", str(root / "tuned")])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assert not [r for r in caplog.records if "differs from" in r.getMessage()]  # no stray default name
+    saved = json.loads((root / "tuned" / "model_config.json").read_text())
+    assert saved == {"architecture": LABEL, "model_config": cfg.to_dict()}

@@ -40,10 +40,11 @@ class TrainConfig:
         None, "training data spec: table (csv/tsv/json/jsonl/parquet), folder, shards or synthetic:shapes"
     )
     val_data: str | None = _f(None, "validation data spec for retrieval (and zero-shot if it has classes)")
-    model: str = _f(
-        "tiny-vit",
+    model: str | None = _f(
+        None,
         "architecture: a registered name (see `clipforge models`) or a model-config JSON file (clipforge's "
-        "or open_clip's); the resolved config is saved as OUTPUT_DIR/model_config.json",
+        "or open_clip's); default: the --pretrained checkpoint's own, else tiny-vit. The resolved config "
+        "is saved as OUTPUT_DIR/model_config.json",
     )
     pretrained: str | None = _f(None, "initial weights: a file, a clipforge dir or hf-hub:org/name")
     output_dir: str = _f("./runs/clipforge", "where checkpoints, logs and the final model go")

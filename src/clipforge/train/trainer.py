@@ -115,18 +115,24 @@ def configure_runtime(cfg: TrainConfig) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+#: What ``clipforge train`` builds when given neither --model nor --pretrained.
+DEFAULT_MODEL = "tiny-vit"
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any, Any]:
     """The CLIP to train, its train/val preprocessing and tokenizer, with locks/LoRA applied."""
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
     overrides = {"vision": {"patch_dropout": cfg.patch_dropout}} if cfg.patch_dropout is not None else {}
+    # No --model: fine-tune the --pretrained checkpoint as it describes itself, else the tiny default.
+    name = cfg.model or (None if cfg.pretrained else DEFAULT_MODEL)
     model, preprocess_train, preprocess_val = create_model_and_transforms(
-        cfg.model, cfg.pretrained, image_alpha=cfg.image_alpha, **overrides
+        name, cfg.pretrained, image_alpha=cfg.image_alpha, **overrides
     )
     tokenizer = get_tokenizer(model)
     if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
         raise ConfigError(
-            f"loss 'siglip' needs a model with a logit_bias (e.g. tiny-vit-siglip); {cfg.model} has none"
+            f"loss 'siglip' needs a model with a logit_bias (e.g. tiny-vit-siglip); {model.architecture} has none"
         )
     lock_towers(
         model,
