@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from search_fixtures import make_images
 
 from clipforge.cli import main
 from clipforge.model.architecture import read_config_file
 from clipforge.model.factory import create_model_and_transforms, get_tokenizer
-from search_fixtures import make_images
 
 LABEL = "custom (from my-arch.json)"
 #: open_clip's JSON form; no registered architecture has these shapes (or a 32-token context).
@@ -52,9 +52,9 @@ def test_training_saves_the_resolved_config_with_the_run(trained):
 def test_embed_index_search_serve_from_the_trained_folder_alone(trained, capsys):
     from fastapi.testclient import TestClient
 
+    from clipforge.search.searcher import Searcher
     from clipforge.search.server import create_app
     from clipforge.search.tables import read_table
-    from clipforge.search.searcher import Searcher
 
     root, cfg = trained
     final, emb, idx = root / "run" / "final", root / "emb", root / "idx"

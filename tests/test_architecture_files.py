@@ -29,7 +29,14 @@ TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
 OPEN_CLIP_JSONS = {
     "vit": {
         "embed_dim": 48,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "patch_size": 8, "head_width": 32, "mlp_ratio": 3.0},
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 96,
+            "patch_size": 8,
+            "head_width": 32,
+            "mlp_ratio": 3.0,
+        },
         "text_cfg": TINY_TEXT,
     },
     "vit-quickgelu-customtext": {
@@ -39,7 +46,11 @@ OPEN_CLIP_JSONS = {
         "vision_cfg": {"image_size": 48, "layers": 3, "width": 64, "patch_size": 16, "head_width": 16},
         "text_cfg": {**TINY_TEXT, "context_length": 32, "width": 96, "heads": 3},
     },
-    "rn": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 16}, "text_cfg": TINY_TEXT},
+    "rn": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 16},
+        "text_cfg": TINY_TEXT,
+    },
 }
 _counter = itertools.count()
 
