@@ -36,7 +36,7 @@ def photos() -> list[Path]:
     return _require(found, "photographs")
 
 
-def icons(size: str = "256x256") -> list[Path]:
+def icons(size: str = "96x96") -> list[Path]:
     """Adwaita's PNG icons of one size (``48x48``, ``256x256``, ``512x512``...), sorted."""
     return _require(glob.glob(f"{ICON_ROOT}/{size}/**/*.png", recursive=True), f"{size} PNG icons")
 
