@@ -271,3 +271,29 @@ def test_search_server_reads_parquet_rows_back(specs, icons, tmp_path):
     assert [it.row for it in items] == list(range(N))
     assert items[7].read_bytes() == icons[7].read_bytes()
     assert os.path.samefile(items[0].path, specs["parquet_bytes"])
+
+
+def test_search_queries_use_the_image_convention_embed_used(icons, tmp_path):
+    """``embed --image-alpha composite:#000000`` is recorded; image queries get the same pixels."""
+    from PIL import Image
+
+    from clipforge.search.searcher import Searcher
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in icons[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    import clipforge
+
+    emb, idx, weights = tmp_path / "emb", tmp_path / "idx", tmp_path / "model"
+    clipforge.save_pretrained(clipforge.create_model("tiny-vit"), weights)
+    assert main(["embed", "--pretrained", str(weights), "--images", str(folder), "--out", str(emb),
+                 "--workers", "0", "--image-alpha", "composite:#000000"]) == 0  # fmt: skip
+    assert json.loads((emb / "embed_manifest.json").read_text())["preprocess"]["alpha"] != "drop"
+    assert main(["index", str(emb), "--out", str(idx)]) == 0
+    searcher = Searcher(idx)
+    searcher.ensure_model()
+    stored = __import__("numpy").load(emb / "img_emb_00000.npy").astype("float32")
+    with Image.open(sorted(folder.iterdir())[0]) as im:
+        query = searcher.encode_images([im.copy()])
+    assert abs(float(query[0] @ stored[0]) - 1.0) < 2e-3  # same pixels as when embedded

@@ -64,7 +64,7 @@ class _ImageDataset:
             if not item.path:
                 raise FileNotFoundError("empty image path")
             kw = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
-            img = load_image(item.read_bytes(), **kw)
+            img = load_image(item.read_bytes(), keep_mode=True, **kw)  # the transform converts
             # width/height are those of the decoded image (huge ones are reduced while decoding)
             return {"i": i, "image": self.preprocess(img), "size": img.size, "reason": ""}
         except Exception as e:  # noqa: BLE001 - a bad item is skipped with its reason, not fatal
@@ -171,7 +171,9 @@ def embed_images(
                 bar.update(1)
         _write_shard(out, shard, items, buf, feats, model, tokenizer, with_text, dtype, device)
         bar.close()
-    return _finalize(out, n_shards, model_name, pretrained, dtype, with_text, config_record(model))
+    pre = getattr(model, "preprocess_cfg", None)
+    pre_dict = pre.to_dict() if hasattr(pre, "to_dict") else None
+    return _finalize(out, n_shards, model_name, pretrained, dtype, with_text, config_record(model), pre_dict)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -278,6 +280,7 @@ def _finalize(
     dtype: np.dtype,
     with_text: bool,
     model_config: dict[str, Any] | None = None,
+    preprocess_cfg: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge the per-shard parts into ``metadata`` + ``skipped.csv`` and write the manifest."""
     keep = ("id", "path", "caption", "width", "height", "tar_offset", "tar_size", "row")
@@ -318,6 +321,7 @@ def _finalize(
         "model": model_name,
         "pretrained": str(pretrained) if pretrained is not None else None,
         "model_config": model_config,  # what the Searcher rebuilds; "model" is only its name
+        "preprocess": preprocess_cfg,  # the image convention used (--image-alpha included), for queries
         "dim": int(dim),
         "count": n,
         "skipped": len(skipped["path"]),

@@ -305,6 +305,7 @@ def build_index(
             "name": emb_manifest.get("model"),
             "pretrained": emb_manifest.get("pretrained"),
             "config": emb_manifest.get("model_config"),  # the architecture itself, to rebuild it exactly
+            "preprocess": emb_manifest.get("preprocess"),  # image queries get the same convention
         },
         "index_file": f"index-{gen}.faiss",
         "embeddings_file": emb_path.name,

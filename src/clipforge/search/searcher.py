@@ -125,6 +125,10 @@ class Searcher:
                 source, pretrained=info.get("pretrained"), device=self.device, image_alpha=self.image_alpha
             )
             _check_rebuilt(model, info, self.index_dir)
+            if self.image_alpha is None and info.get("preprocess"):  # what embed used, flags included
+                from clipforge.transforms import PreprocessConfig, image_transform
+
+                preprocess = image_transform(PreprocessConfig.from_dict(info["preprocess"]))
             self.model = self.model or model
             self.preprocess = self.preprocess or preprocess
             self.tokenizer = self.tokenizer or get_tokenizer(model)  # the checkpoint's tokenizer settings
