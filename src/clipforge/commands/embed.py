@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
 from clipforge.commands._model_options import add_model_argument, model_argument
-
 from clipforge.commands._options import add_table_arguments, table_options
 
 
@@ -19,6 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_argument(p)
     p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
+    add_image_alpha_argument(p)
     p.add_argument(
         "--images",
         required=True,
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(
-        model_argument(args), pretrained=args.pretrained, device=args.device
+        model_argument(args), pretrained=args.pretrained, device=args.device, image_alpha=image_alpha(args)
     )
     model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)

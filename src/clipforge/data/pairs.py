@@ -140,8 +140,11 @@ class _PairsBase:
             raise BadImageError("missing", self.rows[idx], e.strerror or str(e)) from None
 
     def get_image(self, idx: int) -> Any:
-        """The decoded RGB image of item ``idx``; raises :class:`BadImageError`."""
-        return load_image(self.image_paths[idx], max_pixels=self.max_pixels, min_side=self.min_side)
+        """The decoded image of item ``idx``, in its own mode (the transform converts it, where the
+        model's preprocessing convention does); raises :class:`BadImageError`."""
+        return load_image(
+            self.image_paths[idx], max_pixels=self.max_pixels, min_side=self.min_side, keep_mode=True
+        )
 
     def __getitem__(self, idx: int) -> Any:
         n = len(self)
@@ -247,7 +250,9 @@ class PairsDataset(_PairsBase):
         """The decoded image of item ``idx`` (from its file, or from the parquet row)."""
         if self.embedded is None:
             return super().get_image(idx)
-        return load_image(self.image_bytes(idx), max_pixels=self.max_pixels, min_side=self.min_side)
+        return load_image(
+            self.image_bytes(idx), max_pixels=self.max_pixels, min_side=self.min_side, keep_mode=True
+        )
 
     def locality_blocks(self) -> list[int] | None:
         """Runs of items sharing a parquet row group (for a cache-friendly shuffle), or None."""

@@ -506,11 +506,14 @@ class ShardDataset(IterableDataset):
             )
         try:
             image = load_image(
-                self._read(s, *members[ext]), max_pixels=self.max_pixels, min_side=self.min_side
+                self._read(s, *members[ext]), max_pixels=self.max_pixels, min_side=self.min_side, keep_mode=True
             )
         except BadImageError as e:
             raise BadImageError(e.reason, f"{where}.{ext}", e.detail) from None
+        # drop EXIF/ICC payloads, keep a palette's transparency (the transform's alpha rule needs it)
+        kept = {k: image.info[k] for k in ("transparency",) if k in image.info}
         image.info.clear()
+        image.info.update(kept)
         if len(captions) == 1:
             return image, captions[0]
         return image, random.Random(f"{self.seed}:{self.epoch}:{key}").choice(captions)
