@@ -41,7 +41,8 @@ __all__ = sorted(_API) + ["build_dataset", "build_loader", "split_spec"]
 
 _SHARD_KW = ("shuffle", "buffer_size", "resampled", "samples_per_epoch", "rank", "world_size", "equalize")
 _TABLE_KW = (
-    "image_key", "caption_key", "separator", "data_root", "confine", "dedupe", "on_bad", "max_retries", "strict"
+    "image_key", "caption_key", "separator", "data_root", "confine", "dedupe", "on_bad", "max_retries", "strict",
+    "extra_keys",
 )
 _IMAGE_KW = ("max_pixels", "min_side")
 

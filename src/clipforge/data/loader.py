@@ -72,7 +72,13 @@ class EpochSampler(Sampler[int]):
         drop_last: bool,
         start: int = 0,
         blocks: list[int] | None = None,
+        group: int = 1,
     ) -> None:
+        # ``group`` k: indices come in runs of k consecutive ones (k captions of one image, see
+        # clipforge.data.objective_items); runs are permuted and split across ranks whole.
+        if group < 1 or n % group:
+            raise DataError(f"sampler: {n} indices do not split into groups of {group}")
+        self.group = group
         self.n, self.rank, self.world_size, self.blocks = n, rank, world_size, blocks
         self.seed, self.epoch, self.shuffle, self.drop_last, self.start = (
             seed,
@@ -83,19 +89,23 @@ class EpochSampler(Sampler[int]):
         )
 
     def indices(self) -> list[int]:
-        if self.shuffle and self.blocks:
+        units = self.n // self.group  # images when grouped, else single indices
+        if self.shuffle and self.blocks and self.group == 1:
             order = self._block_order()
         elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(units, generator=g).tolist()
         else:
-            order = list(range(self.n))
+            order = list(range(units))
         if self.drop_last:
-            order = order[: (self.n // self.world_size) * self.world_size]
+            order = order[: (units // self.world_size) * self.world_size]
         else:  # pad by repeating so every rank gets the same count
-            pad = (-self.n) % self.world_size
+            pad = (-units) % self.world_size
             order = order + order[:pad]
-        return order[self.rank :: self.world_size]
+        mine = order[self.rank :: self.world_size]
+        if self.group == 1:
+            return mine
+        return [u * self.group + j for u in mine for j in range(self.group)]
 
     def _block_order(self) -> list[int]:
         """Blocks (parquet row groups) in random order, rows shuffled within each block.
@@ -117,8 +127,9 @@ class EpochSampler(Sampler[int]):
         return iter(self.indices()[self.start :])
 
     def __len__(self) -> int:
-        per_rank = self.n // self.world_size if self.drop_last else -(-self.n // self.world_size)
-        return max(0, per_rank - self.start)
+        units = self.n // self.group
+        per_rank = units // self.world_size if self.drop_last else -(-units // self.world_size)
+        return max(0, per_rank * self.group - self.start)
 
 
 def _synchronous_failures(it: Any) -> Any:
@@ -268,6 +279,7 @@ class ResumableLoader:
             drop_last=self.drop_last,
             start=start,
             blocks=self._blocks,
+            group=getattr(self.dataset, "sampler_group", 1),
         )
 
     def _dataloader(self) -> DataLoader:

@@ -126,11 +126,16 @@ class _PairsBase:
         """Caption sampling (and substitutes) depend on the epoch; the loader sets it."""
         self.epoch = int(epoch)
 
-    def caption_for(self, idx: int) -> str:
+    def caption_for(self, idx: int, choice: int | None = None) -> str:
+        """The caption of item ``idx`` this epoch; ``choice`` j picks the j-th of a seeded
+        shuffle of its captions (cycling), so k draws of one image get k different captions."""
         captions = self.all_captions[idx]
         if len(captions) == 1:
             return captions[0]
-        return random.Random(f"{self.seed}:{self.epoch}:{idx}").choice(captions)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{idx}")
+        if choice is None:
+            return rng.choice(captions)
+        return captions[rng.sample(range(len(captions)), len(captions))[choice % len(captions)]]
 
     def image_bytes(self, idx: int) -> bytes:
         """The encoded image of item ``idx`` as stored (shards keep it byte for byte)."""
@@ -147,6 +152,12 @@ class _PairsBase:
         )
 
     def __getitem__(self, idx: int) -> Any:
+        found = self.fetch(idx)
+        return None if found is None else self._apply(found[1], found[2])
+
+    def fetch(self, idx: int, choice: int | None = None) -> tuple[int, Any, str] | None:
+        """``(row used, decoded image, caption)`` for item ``idx``, replacing a bad image by
+        another row (see the module doc) or returning None with ``on_bad="none"``."""
         n = len(self)
         j = int(idx)
         if j < 0:
@@ -166,7 +177,7 @@ class _PairsBase:
                 if self.on_bad == "none":
                     return None
                 continue
-            return self._apply(image, self.caption_for(j))
+            return j, image, self.caption_for(j, choice)
         raise DataError(
             f"{self.source}: {self.max_retries + 1} bad images in a row near item {idx} "
             f"({self.skipped.summary()}); check that image paths are relative to the table"
@@ -205,6 +216,7 @@ class PairsDataset(_PairsBase):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         min_side: int | None = DEFAULT_MIN_SIDE,
         strict: bool = True,
+        extra_keys: Sequence[str] = (),
     ) -> None:
         from clipforge.data.parquet import merge_tables
 
@@ -218,11 +230,13 @@ class PairsDataset(_PairsBase):
             caption_key=caption_key,
             data_root=os.fspath(data_root) if data_root is not None else None,
             confine=confine,
+            extra_keys=tuple(extra_keys),
         )
         parsed = merge_tables([read_table(f, options, strict=strict, issue=self._issue) for f in files])
         self.image_key, self.caption_keys = parsed.image_key, parsed.caption_keys
         self.embedded = parsed.embedded
         self.image_paths, self.all_captions, self.rows = [], [], []
+        self.extras: dict[str, list[list[str]]] = {k: [] for k in extra_keys}  # per item, like all_captions
         seen: set[tuple[str, tuple[str, ...]]] = set()
         for i, (where, path, captions) in enumerate(zip(parsed.rows, parsed.images, parsed.captions)):
             key = (path or where, tuple(captions))
@@ -234,6 +248,8 @@ class PairsDataset(_PairsBase):
             self.image_paths.append(path if self.embedded is None else str(i))
             self.all_captions.append(captions)
             self.rows.append(where)
+            for key in self.extras:
+                self.extras[key].append(parsed.extras[key][i])
         self._log_table_summary()
         if not self.image_paths and strict:
             raise DataError(f"{self.source}: no usable rows ({_reasons(self.stats)})")

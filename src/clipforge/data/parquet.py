@@ -142,11 +142,11 @@ def read_parquet_table(path: Path, options: Any, base: str, issue: Any, captions
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     columns = pf.schema_arrow.names
     image_key, caption_keys = pick_columns(
-        columns, options.image_key, options.caption_key, str(path), captions
+        columns, options.image_key, options.caption_key, str(path), captions, options.extra_keys
     )
     kind, sub = _image_column_kind(pf, image_key, str(path))
     table = Table(str(path), image_key=image_key, caption_keys=caption_keys, require_captions=captions)
-    wanted = list(dict.fromkeys(caption_keys + ([image_key] if kind == "path" else [])))
+    wanted = list(dict.fromkeys(caption_keys + ([image_key] if kind == "path" else []) + list(options.extra_keys)))
     if kind == "bytes":
         table.embedded = EmbeddedImages()
         table.embedded.files.append(ParquetFileImages(str(path), sub or image_key))
@@ -165,6 +165,7 @@ def read_parquet_table(path: Path, options: Any, base: str, issue: Any, captions
                 options,
                 issue,
                 embedded=kind == "bytes",
+                extra={k: cols[k][j] for k in options.extra_keys},
             )
             if kept and table.embedded is not None:
                 table.embedded.add(0, row)
@@ -186,6 +187,8 @@ def merge_tables(tables: Sequence[Any]) -> Any:
         out.rows += t.rows
         out.images += t.images
         out.captions += t.captions
+        for key, values in t.extras.items():
+            out.extras.setdefault(key, []).extend(values)
         if out.embedded is None:
             continue
         if t.embedded is None:

@@ -61,6 +61,7 @@ class TableOptions:
     caption_key: str | Sequence[str] | None = None
     data_root: str | None = None
     confine: bool = False
+    extra_keys: tuple[str, ...] = ()  # more columns to keep per row (group ids, hard negatives)
 
     @classmethod
     def from_kwargs(cls, kw: dict[str, Any]) -> TableOptions:
@@ -81,6 +82,7 @@ class Table:
     image_key: str = ""
     caption_keys: list[str] = field(default_factory=list)
     require_captions: bool = True
+    extras: dict[str, list[list[str]]] = field(default_factory=dict)  # extra column -> values per kept row
 
 
 def table_format(path: str | os.PathLike) -> str | None:
@@ -110,8 +112,20 @@ def sniff_separator(header: str, fmt: str) -> str:
     return best[2] if best[0] > 0 else ","
 
 
+def check_columns(columns: Sequence[str], keys: Sequence[str], where: str) -> None:
+    """Extra columns (``--group-key``, ``--hard-negative-key``) must exist, like the named ones."""
+    for k in keys:
+        if k not in columns:
+            raise DataError(f"{where}: column {k!r} not found; columns present: {list(columns)}")
+
+
 def pick_columns(
-    columns: Sequence[str], image_key: str | None, caption_key: Any, where: str, captions: bool = True
+    columns: Sequence[str],
+    image_key: str | None,
+    caption_key: Any,
+    where: str,
+    captions: bool = True,
+    extra_keys: Sequence[str] = (),
 ) -> tuple[str, list[str]]:
     """The image column and caption column(s): given names (checked) or the first known name.
 
@@ -138,6 +152,7 @@ def pick_columns(
         return keys
 
     image = pick(image_key, IMAGE_KEYS, "image", "--csv-img-key / image_key=")[0]
+    check_columns(columns, extra_keys, where)
     if not captions and caption_key is None and not any(c.lower() in CAPTION_KEYS for c in columns):
         return image, []
     return image, pick(caption_key, CAPTION_KEYS, "caption", "--csv-caption-key / caption_key=")
@@ -292,13 +307,15 @@ def read_table(
     else:
         columns, records = _json_records(path, text, strict, issue)
     image_key, caption_keys = pick_columns(
-        columns, options.image_key, options.caption_key, f"{path}:1", captions
+        columns, options.image_key, options.caption_key, f"{path}:1", captions, options.extra_keys
     )
     table = Table(str(path), image_key=image_key, caption_keys=caption_keys, require_captions=captions)
     for where, record in records:
+        extra = {k: record.get(k) for k in options.extra_keys}
         add_row(
-            table, where, record.get(image_key), [record.get(k) for k in caption_keys], base, options, issue
-        )
+            table, where, record.get(image_key), [record.get(k) for k in caption_keys], base, options, issue,
+            extra=extra,
+        )  # fmt: skip
     return table
 
 
@@ -312,8 +329,13 @@ def add_row(
     issue: Issue,
     *,
     embedded: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> bool:
-    """Validate one row and append it; returns whether it was kept."""
+    """Validate one row and append it; returns whether it was kept.
+
+    ``extra`` holds the row's cells of ``options.extra_keys``; each is kept as a list of strings
+    (a list-valued JSON/parquet cell gives several, an empty cell none).
+    """
     captions = [c for c in (clean_caption(x) for cell in caption_cells for x in as_captions(cell)) if c]
     if not embedded and (not isinstance(raw_path, str) or not raw_path.strip()):
         issue("missing_field", where, f"no value in column {table.image_key!r}")
@@ -332,4 +354,7 @@ def add_row(
     table.rows.append(where)
     table.images.append(path)
     table.captions.append(captions)
+    for key in options.extra_keys:
+        cell = (extra or {}).get(key)
+        table.extras.setdefault(key, []).append([v for v in (clean_caption(x) for x in as_captions(cell)) if v])
     return True

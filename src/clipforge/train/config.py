@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.errors import ConfigError
+from clipforge.objectives.registry import LOSS_NAMES, LOSS_OPTIONS, flag, resolve_options
+from clipforge.objectives.registry import LOSSES as LOSS_SPECS
 
 SCHEDULES = ("cosine", "const", "const-cooldown")
 PRECISIONS = ("fp32", "bf16", "fp16")
-LOSSES = ("clip", "siglip", "chunked")
+LOSSES = LOSS_NAMES  # the objective registry's names (clipforge.objectives.registry)
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
 
@@ -73,10 +75,35 @@ class TrainConfig:
         "fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp16 only on CUDA)", choices=PRECISIONS
     )
     # --- objective --------------------------------------------------------------------------------
-    loss: str = _f("clip", f"contrastive loss: {', '.join(LOSSES)}", choices=LOSSES)
-    chunk_size: int = _f(1024, "tile size of the chunked loss")
-    local_loss: bool = _f(False, "each rank computes the loss of its own rows only (saves memory)")
-    gather_with_grad: bool = _f(True, "all-gather features with gradients (exact full-batch gradients)")
+    loss: str = _f("clip", f"contrastive loss: {', '.join(LOSSES)} (options: see each below)", choices=LOSSES)
+    # Loss options: None = not given (the loss's own default); one the chosen loss lacks is an error.
+    chunk_size: int | None = _f(None, "[chunked 1024, multipos: off] tile size: the B x B logits are never built")
+    local_loss: bool | None = _f(None, "[clip, chunked, multipos] each rank computes its own rows only (saves memory)")
+    gather_with_grad: bool | None = _f(
+        None, "[all but siglip-neighbour] all-gather features with gradients (exact full-batch gradients)"
+    )
+    positives: str | None = _f(None, "[multipos] normalise each row over its positives: mean (default) or lse")
+    margin: float | None = _f(None, "[triplet] margin on cosine similarity (default 0.2)")
+    mining: str | None = _f(None, "[triplet] in-batch negative: hardest (default) or semihard")
+    siglip_exchange: str | None = _f(
+        None, "[siglip] across ranks: neighbour (pass text chunks around, default) or gather"
+    )
+    pos_weight: float | None = _f(None, "[bce] weight of the positive pairs (default 1)")
+    # --- batch composition and extra terms --------------------------------------------------------
+    captions_per_image: int = _f(1, "put k captions of each image in the batch (k positives; batch size % k == 0)")
+    group_key: str | None = _f(None, "table column whose equal values are positives of each other (e.g. product id)")
+    hard_negative_key: str | None = _f(
+        None, "table column(s) of hard-negative captions, comma-separated (needs --loss multipos)"
+    )
+    hard_negatives: int | None = _f(None, "hard negatives drawn per row from --hard-negative-key (default 1)")
+    image_ssl: str | None = _f(None, "add SLIP's image-image term over two augmented views: ntxent")
+    image_ssl_weight: float | None = _f(None, "weight of the --image-ssl term (default 1)")
+    image_ssl_temperature: float | None = _f(None, "temperature of the --image-ssl term (default 0.1)")
+    distill_model: str | None = _f(None, "teacher for distillation, run on the fly: any --model clipforge loads")
+    distill_pretrained: str | None = _f(None, "the teacher's weights (with --distill-model)")
+    distill_features: str | None = _f(None, "teacher features precomputed by `clipforge embed` (an embedding folder)")
+    distill_weight: float | None = _f(None, "weight of the distillation KL term (default 1)")
+    distill_scale: float | None = _f(None, "teacher temperature (default: the teacher model's; 100 for features)")
     max_logit_scale: float = _f(100.0, "temperature clamp: logit_scale.exp() never exceeds this")
     ema_decay: float | None = _f(None, "keep an exponential moving average of the weights (e.g. 0.999)")
     # --- model surgery ----------------------------------------------------------------------------
@@ -144,7 +171,7 @@ class TrainConfig:
             "epochs",
             "batch_size",
             "accum_steps",
-            "chunk_size",
+            "captions_per_image",
             "log_every",
             "keep_last",
             "max_bad_steps",
@@ -152,7 +179,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: key {name!r} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "steps_per_epoch", "save_every_steps", "threads"):
+        for name in ("max_steps", "steps_per_epoch", "save_every_steps", "threads", "chunk_size", "hard_negatives"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{source}: key {name!r} must be >= 1 or null, got {value!r}")
@@ -181,7 +208,45 @@ class TrainConfig:
             raise ConfigError(f"{source}: key 'ema_decay' must be in (0, 1), got {self.ema_decay!r}")
         if self.max_logit_scale <= 1.0:
             raise ConfigError(f"{source}: key 'max_logit_scale' must be > 1, got {self.max_logit_scale!r}")
+        self._validate_objective(source)
         return self
+
+    def loss_options(self) -> dict[str, Any]:
+        """The loss options that were given (non-None), for the objective registry."""
+        return {name: getattr(self, name) for name in LOSS_OPTIONS if getattr(self, name) is not None}
+
+    def _validate_objective(self, source: str) -> None:
+        """Options of the objective that do not fit the chosen loss or each other are errors."""
+        try:
+            resolve_options(self.loss, self.loss_options())
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        takes_negatives = [n for n, spec in LOSS_SPECS.items() if "hard_negatives" in spec.inputs]
+        if self.hard_negative_key and self.loss not in takes_negatives:
+            raise ConfigError(
+                f"{source}: --hard-negative-key needs --loss {' or '.join(takes_negatives)} (got --loss {self.loss})"
+            )
+        pairs = (
+            ("hard_negatives", "hard_negative_key"),
+            ("image_ssl_weight", "image_ssl"),
+            ("image_ssl_temperature", "image_ssl"),
+            ("distill_pretrained", "distill_model"),
+        )
+        for option, needs in pairs:
+            if getattr(self, option) is not None and not getattr(self, needs):
+                raise ConfigError(f"{source}: {flag(option)} is given without {flag(needs)}")
+        if self.image_ssl is not None and self.image_ssl != "ntxent":
+            raise ConfigError(f"{source}: --image-ssl must be 'ntxent', got {self.image_ssl!r}")
+        if self.distill_model and self.distill_features:
+            raise ConfigError(f"{source}: give --distill-model or --distill-features, not both")
+        for option in ("distill_weight", "distill_scale"):
+            if getattr(self, option) is not None and not (self.distill_model or self.distill_features):
+                raise ConfigError(f"{source}: {flag(option)} is given without --distill-model or --distill-features")
+        if self.batch_size % self.captions_per_image:
+            raise ConfigError(
+                f"{source}: --batch-size {self.batch_size} is not a multiple of --captions-per-image "
+                f"{self.captions_per_image} (an image's captions must share a micro-batch)"
+            )
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

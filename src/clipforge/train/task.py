@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from clipforge.errors import ConfigError
 from clipforge.train.distributed import unwrap
 
 
@@ -36,6 +35,9 @@ class Features:
     text: Tensor
     logit_scale: Tensor
     logit_bias: Tensor | None = None
+    # Per-sample extras for the objective (ids, hard negatives, second views, teacher features),
+    # all in sample order so micro-batches concatenate like the features.
+    inputs: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,32 +47,12 @@ class TaskOutput:
 
 
 def build_loss(
-    kind: str,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    local_loss: bool = False,
-    gather_with_grad: bool = True,
-    chunk_size: int = 1024,
+    kind: str, options: dict[str, Any] | None = None, *, rank: int = 0, world_size: int = 1
 ) -> Callable[..., Tensor]:
-    """Instantiate a ``clipforge.losses`` loss, passing only the options it accepts."""
-    from clipforge import losses
+    """The registry's loss ``kind`` with its declared ``options`` (an undeclared one is an error)."""
+    from clipforge.objectives import registry
 
-    classes = {"clip": "ClipLoss", "siglip": "SigLipLoss", "chunked": "ChunkedClipLoss"}
-    if kind not in classes:
-        raise ConfigError(f"unknown loss {kind!r}; choose one of {sorted(classes)}")
-    cls = getattr(losses, classes[kind])
-    options = {
-        "rank": rank,
-        "world_size": world_size,
-        "local_loss": local_loss,
-        "gather_with_grad": gather_with_grad,
-        "chunk_size": chunk_size,
-    }
-    accepted = inspect.signature(cls).parameters
-    if world_size > 1 and "world_size" not in accepted:
-        raise ConfigError(f"loss {kind!r} does not support distributed training")
-    return cls(**{k: v for k, v in options.items() if k in accepted})
+    return registry.build(kind, options or {}, rank=rank, world_size=world_size)
 
 
 class ModelEMA:
@@ -105,9 +87,11 @@ class ContrastiveTask:
         *,
         max_logit_scale: float = 100.0,
         ema_decay: float | None = None,
+        teacher: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.teacher = teacher  # frozen model run on each batch, for distillation (or None)
         self.max_log_scale = math.log(max_logit_scale)
         self.ema = ModelEMA(model, ema_decay) if ema_decay else None
 
@@ -116,57 +100,91 @@ class ContrastiveTask:
         return unwrap(self.model)
 
     # --- the paper, in code --------------------------------------------------------------------
-    def encode(self, images: Tensor, tokens: Tensor, model: nn.Module | None = None) -> Features:
-        out = (model or self.model)(images=images, tokens=tokens)
-        return Features(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+    def encode(
+        self, images: Tensor, tokens: Tensor, model: nn.Module | None = None, extras: dict[str, Tensor] | None = None
+    ) -> Features:
+        """Both towers in one forward (through the DDP wrapper), extra inputs encoded with the batch.
+
+        ``extras`` may hold ``image_views`` (a second augmentation, encoded after the images),
+        ``hard_negative_tokens`` ``[N, H, L]`` (encoded after the captions), and per-sample
+        tensors passed through to the objective (``ids``, ``teacher_image``, ...).
+        """
+        extras = dict(extras or {})
+        n = images.shape[0]
+        views = extras.pop("image_views", None)
+        negatives = extras.pop("hard_negative_tokens", None)
+        valid = extras.pop("hard_negatives_valid", None)
+        image_in = images if views is None else torch.cat([images, views.to(images.dtype)])
+        tokens_in = tokens if negatives is None else torch.cat([tokens, negatives.flatten(0, 1)])
+        out = (model or self.model)(images=image_in, tokens=tokens_in)
+        inputs = dict(extras)
+        if views is not None:
+            inputs["image_views"] = out.image_features[n:]
+        if negatives is not None:
+            inputs["hard_negatives"] = out.text_features[n:]
+            inputs["hard_negatives_valid"] = (
+                valid.flatten() if valid is not None else torch.ones(negatives.shape[0] * negatives.shape[1], dtype=torch.bool)
+            ).to(out.text_features.device)
+        return Features(out.image_features[:n], out.text_features[:n], out.logit_scale, out.logit_bias, inputs)
+
+    def _encode(self, images: Tensor, tokens: Tensor, extras: dict[str, Tensor], model: nn.Module | None = None) -> Features:
+        return self.encode(images, tokens, model=model, extras=extras) if extras else self.encode(images, tokens, model=model)
 
     def loss(self, f: Features) -> Tensor:
-        return self.loss_fn(f.image, f.text, f.logit_scale, f.logit_bias)
+        return self.loss_fn(f.image, f.text, f.logit_scale, f.logit_bias, **f.inputs)
 
     # --- one optimiser step's worth of gradients -------------------------------------------------
     def forward_backward(
         self,
-        micro_batches: Sequence[tuple[Tensor, Tensor]],
+        micro_batches: Sequence[tuple[Tensor, ...]],
         backward: Callable[[Tensor], None] = Tensor.backward,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> TaskOutput:
-        """Accumulate the effective batch's gradients into ``.grad``; ``backward`` may apply a scaler."""
+        """Accumulate the effective batch's gradients into ``.grad``; ``backward`` may apply a scaler.
+
+        A micro-batch is ``(images, tokens)`` or ``(images, tokens, extras)`` (see :meth:`encode`).
+        """
+        micro_batches = [self._with_teacher(mb) for mb in micro_batches]
         if len(micro_batches) == 1:
-            images, tokens = micro_batches[0]
+            images, tokens, extras = _unpack(micro_batches[0])
             with autocast():
-                f = self.encode(images, tokens)
+                f = self._encode(images, tokens, extras)
                 loss = self.loss(f)
             backward(loss)
             return self._output(loss, f)
         return self._cached_accumulation(micro_batches, backward, autocast)
 
+    def _with_teacher(self, micro_batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Add on-the-fly teacher features once per micro-batch (not again in the cached pass)."""
+        images, tokens, extras = _unpack(micro_batch)
+        if self.teacher is not None and "teacher_image" not in extras:
+            t_image, t_text = self.teacher(images, tokens)
+            extras = {**extras, "teacher_image": t_image, "teacher_text": t_text}
+        return images, tokens, extras
+
     def _cached_accumulation(self, micro_batches, backward, autocast) -> TaskOutput:
         rng_states, cached = [], []
         with torch.no_grad():
-            for images, tokens in micro_batches:
+            for images, tokens, extras in micro_batches:
                 rng_states.append(_rng_state(images.device))
                 with autocast():
-                    cached.append(self.encode(images, tokens, model=self.raw_model))
-        all_image = [f.image for f in cached]
-        all_text = [f.text for f in cached]
+                    cached.append(self._encode(images, tokens, extras, model=self.raw_model))
         last = len(micro_batches) - 1
-        for j, (images, tokens) in enumerate(micro_batches):
+        for j, (images, tokens, extras) in enumerate(micro_batches):
             _set_rng_state(rng_states[j], images.device)
             sync = contextlib.nullcontext() if j == last else _no_sync(self.model)
             with sync:
                 with autocast():
-                    f = self.encode(images, tokens)
-                    image = torch.cat(all_image[:j] + [f.image] + all_image[j + 1 :])
-                    text = torch.cat(all_text[:j] + [f.text] + all_text[j + 1 :])
-                    # The temperature gets its gradient once (first pass), not once per micro-batch.
-                    scale = f.logit_scale if j == 0 else f.logit_scale.detach()
-                    bias = f.logit_bias if (j == 0 or f.logit_bias is None) else f.logit_bias.detach()
-                    loss = self.loss(Features(image, text, scale, bias))
+                    f = self._encode(images, tokens, extras)
+                    merged = _merge_cached(cached, j, f)
+                    loss = self.loss(merged)
                 backward(loss)
-        return self._output(loss, Features(image.detach(), text.detach(), f.logit_scale, f.logit_bias))
+        f_out = Features(merged.image.detach(), merged.text.detach(), f.logit_scale, f.logit_bias)
+        return self._output(loss, f_out)
 
     def _output(self, loss: Tensor, f: Features) -> TaskOutput:
         metrics = {"loss": float(loss.detach().float()), "logit_scale": float(f.logit_scale.detach().float())}
+        metrics.update(getattr(self.loss_fn, "last_terms", None) or {})
         return TaskOutput(loss.detach(), metrics)
 
     # --- after the optimiser step ----------------------------------------------------------------
@@ -177,6 +195,30 @@ class ContrastiveTask:
         raw.logit_scale.clamp_(0.0, self.max_log_scale)
         if self.ema is not None:
             self.ema.update(raw)
+
+
+def _unpack(micro_batch: Sequence[Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    images, tokens, *rest = micro_batch
+    return images, tokens, dict(rest[0]) if rest else {}
+
+
+def _merge_cached(cached: list[Features], j: int, fresh: Features) -> Features:
+    """The effective batch: micro-batch ``j``'s fresh features amid the others' cached ones.
+
+    The temperature (and SigLIP bias) keeps its graph in the first pass only: it appears in all
+    K losses and would otherwise get K times its gradient.
+    """
+
+    def cat(parts: list[Tensor]) -> Tensor:
+        return torch.cat(parts)
+
+    def around(get: Callable[[Features], Tensor]) -> Tensor:
+        return cat([get(c) for c in cached[:j]] + [get(fresh)] + [get(c) for c in cached[j + 1 :]])
+
+    inputs = {key: around(lambda f, k=key: f.inputs[k]) for key in fresh.inputs}
+    scale = fresh.logit_scale if j == 0 else fresh.logit_scale.detach()
+    bias = fresh.logit_bias if (j == 0 or fresh.logit_bias is None) else fresh.logit_bias.detach()
+    return Features(around(lambda f: f.image), around(lambda f: f.text), scale, bias, inputs)
 
 
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -196,11 +238,20 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def split_micro_batches(images: Tensor, tokens: Tensor, accum_steps: int) -> list[tuple[Tensor, Tensor]]:
-    """Split one loader batch into ``accum_steps`` equal micro-batches (the last may be smaller)."""
+def split_micro_batches(
+    images: Tensor, tokens: Tensor, accum_steps: int, extras: dict[str, Tensor] | None = None
+) -> list[tuple[Any, ...]]:
+    """Split one loader batch into ``accum_steps`` equal micro-batches (the last may be smaller).
+
+    With ``extras`` (per-sample tensors) each micro-batch is ``(images, tokens, extras_part)``.
+    """
     if accum_steps <= 1:
-        return [(images, tokens)]
-    return list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps)))
+        return [(images, tokens)] if not extras else [(images, tokens, extras)]
+    parts = list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps)))
+    if not extras:
+        return parts
+    chunks = {k: v.chunk(accum_steps) for k, v in extras.items()}
+    return [(i, t, {k: c[m] for k, c in chunks.items()}) for m, (i, t) in enumerate(parts)]
 
 
 def iter_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

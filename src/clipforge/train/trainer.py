@@ -43,7 +43,7 @@ from clipforge.train.optim import build_optimizer as make_optimizer
 from clipforge.train.optim import build_scheduler
 from clipforge.train.outputs import evaluate, save_final_model, save_model_config, write_summary
 from clipforge.train.surgery import apply_lora, lock_towers
-from clipforge.train.task import ContrastiveTask, TaskOutput, build_loss, split_micro_batches
+from clipforge.train.task import ContrastiveTask, TaskOutput, split_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
         name, cfg.pretrained, image_alpha=cfg.image_alpha, **overrides
     )
     tokenizer = get_tokenizer(model)
-    if cfg.loss == "siglip" and getattr(model, "logit_bias", None) is None:
+    from clipforge.objectives.registry import get_spec
+
+    if get_spec(cfg.loss).needs_bias and getattr(model, "logit_bias", None) is None:
         raise ConfigError(
-            f"loss 'siglip' needs a model with a logit_bias (e.g. tiny-vit-siglip); {model.architecture} has none"
+            f"loss {cfg.loss!r} needs a model with a logit_bias (e.g. tiny-vit-siglip); {model.architecture} has none"
         )
     lock_towers(
         model,
@@ -167,6 +169,7 @@ def build_data(
 ) -> ResumableLoader:
     if not cfg.data:
         raise ConfigError("no training data: pass --data (a table, folder, shards or synthetic:shapes)")
+    extra_keys = [k for k in [cfg.group_key, *_hard_negative_keys(cfg)] if k]
     dataset = build_dataset(
         cfg.data,
         transform=transform,
@@ -176,7 +179,9 @@ def build_data(
         cfg=cfg,
         rank=info.rank,
         world_size=info.world_size,
+        extra_keys=tuple(extra_keys) or None,
     )
+    dataset = wrap_objective_items(cfg, dataset)
     loader = ResumableLoader(
         dataset,
         batch_size=cfg.batch_size * cfg.accum_steps,
@@ -195,6 +200,78 @@ def build_data(
             f"{info.world_size} process(es); lower --batch-size (or set --steps-per-epoch for endless streams)"
         )
     return loader
+
+
+def _hard_negative_keys(cfg: TrainConfig) -> list[str]:
+    return [k.strip() for k in (cfg.hard_negative_key or "").split(",") if k.strip()]
+
+
+def wrap_objective_items(cfg: TrainConfig, dataset: Any) -> Any:
+    """Dict items (group ids, k captions, hard negatives, views, teacher features) when asked for.
+
+    Only then: plain runs keep ``(image, tokens)`` items, with their exact data order.
+    """
+    wanted = (
+        cfg.loss == "multipos"
+        or cfg.captions_per_image > 1
+        or cfg.group_key
+        or cfg.hard_negative_key
+        or cfg.image_ssl
+        or cfg.distill_features
+    )
+    if not wanted:
+        return dataset
+    from clipforge.data.objective_items import ObjectiveItems, TeacherFeatures
+
+    return ObjectiveItems(
+        dataset,
+        captions_per_image=cfg.captions_per_image,
+        group_key=cfg.group_key,
+        hard_negative_keys=_hard_negative_keys(cfg),
+        hard_negatives=cfg.hard_negatives or 1,
+        image_views=cfg.image_ssl is not None,
+        teacher=TeacherFeatures(cfg.distill_features) if cfg.distill_features else None,
+    )
+
+
+def build_objective(cfg: TrainConfig, info: DistInfo, student: nn.Module) -> tuple[Any, Any]:
+    """The loss callable from the registry (+ SSL and distillation terms) and the on-the-fly teacher."""
+    from clipforge.objectives.combined import build_objective as make
+
+    teacher, scale = None, cfg.distill_scale
+    if cfg.distill_model:
+        teacher = build_teacher(cfg, info.device, student)
+        scale = scale if scale is not None else teacher.logit_scale
+    distilling = bool(cfg.distill_model or cfg.distill_features)
+    objective = make(
+        cfg.loss,
+        cfg.loss_options(),
+        rank=info.rank,
+        world_size=info.world_size,
+        image_ssl=cfg.image_ssl,
+        image_ssl_weight=1.0 if cfg.image_ssl_weight is None else cfg.image_ssl_weight,
+        image_ssl_temperature=cfg.image_ssl_temperature or 0.1,
+        distill_weight=(1.0 if cfg.distill_weight is None else cfg.distill_weight) if distilling else None,
+        distill_scale=scale if scale is not None else 100.0,
+    )
+    return objective, teacher
+
+
+def build_teacher(cfg: TrainConfig, device: torch.device, student: nn.Module) -> Any:
+    """A frozen teacher (any model clipforge loads) that embeds the student's batches."""
+    from clipforge.model.factory import create_model, get_tokenizer
+    from clipforge.objectives.distill import OnTheFlyTeacher
+
+    model = create_model(cfg.distill_model, cfg.distill_pretrained).to(device)
+    ours, theirs = get_tokenizer(student), get_tokenizer(model)
+    probe = ["a photo of a cat", "zebra crossing at night"]
+    if not torch.equal(torch.as_tensor(ours(probe)), torch.as_tensor(theirs(probe))):
+        raise ConfigError(
+            f"--distill-model {cfg.distill_model}: its tokenizer differs from the student's; on-the-fly "
+            "distillation reuses the batch's tokens (precompute teacher features with `clipforge embed` instead)"
+        )
+    s_pre, t_pre = student.preprocess_cfg, model.preprocess_cfg
+    return OnTheFlyTeacher(model, (s_pre.mean, s_pre.std), (t_pre.mean, t_pre.std), t_pre.size)
 
 
 def build_optimizer(
@@ -236,15 +313,10 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     optimizer, scheduler, scaler = build_optimizer(cfg, model, total)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    loss_fn = build_loss(
-        cfg.loss,
-        rank=info.rank,
-        world_size=info.world_size,
-        local_loss=cfg.local_loss,
-        gather_with_grad=cfg.gather_with_grad,
-        chunk_size=cfg.chunk_size,
+    loss_fn, teacher = build_objective(cfg, info, model)
+    task = ContrastiveTask(
+        wrapped, loss_fn, max_logit_scale=cfg.max_logit_scale, ema_decay=cfg.ema_decay, teacher=teacher
     )
-    task = ContrastiveTask(wrapped, loss_fn, max_logit_scale=cfg.max_logit_scale, ema_decay=cfg.ema_decay)
     run = Run(
         cfg, info, model, task, optimizer, scheduler, scaler, loader, tokenizer, preprocess_val, skips, total
     )
@@ -272,16 +344,26 @@ def _grads_finite_norm(run: Run) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """A loader batch as ``(images, tokens, extras)``: tuples for plain pairs, dicts for objective items."""
+    if isinstance(batch, dict):
+        extras = {k: v for k, v in batch.items() if k not in ("image", "tokens")}
+        return batch["image"], batch["tokens"], extras
+    images, tokens = batch[0], batch[1]
+    return images, tokens, {}
+
+
 def compute_gradients(
-    run: Run, images: Tensor, tokens: Tensor, autocast=contextlib.nullcontext
+    run: Run, images: Tensor, tokens: Tensor, autocast=contextlib.nullcontext, extras: dict[str, Tensor] | None = None
 ) -> TaskOutput:
     """Fill ``.grad`` with one step's (scaled) gradients: every micro-batch, in sync on every rank."""
     device = run.info.device
     images = images.to(device, non_blocking=True)
     tokens = tokens.to(device, non_blocking=True)
+    extras = {k: v.to(device, non_blocking=True) for k, v in (extras or {}).items()}
     run.optimizer.zero_grad(set_to_none=True)
     out = run.task.forward_backward(
-        split_micro_batches(images, tokens, run.cfg.accum_steps),
+        split_micro_batches(images, tokens, run.cfg.accum_steps, extras),
         backward=lambda loss: run.scaler.scale(loss).backward(),
         autocast=autocast,
     )
@@ -290,9 +372,11 @@ def compute_gradients(
     return out
 
 
-def train_step(run: Run, images: Tensor, tokens: Tensor, autocast) -> dict[str, float] | None:
+def train_step(
+    run: Run, images: Tensor, tokens: Tensor, autocast, extras: dict[str, Tensor] | None = None
+) -> dict[str, float] | None:
     """One optimiser step; returns metrics, or None if the step was skipped (NaN/Inf)."""
-    out = compute_gradients(run, images, tokens, autocast)
+    out = compute_gradients(run, images, tokens, autocast, extras)
     run.scaler.unscale_(run.optimizer)
     grad_norm = _grads_finite_norm(run)
     loss_ok = math.isfinite(out.metrics["loss"])
@@ -387,8 +471,9 @@ def fit(run: Run) -> TrainResult:
                     eval_step = state.step
             if state.step >= run.total_steps or (not cfg.max_steps and state.epoch >= cfg.epochs):
                 break  # max_steps, when given, overrides epochs
-            for images, tokens in run.loader:
-                metrics = train_step(run, images, tokens, autocast)
+            for batch in run.loader:
+                images, tokens, extras = unpack_batch(batch)
+                metrics = train_step(run, images, tokens, autocast, extras)
                 if metrics is None:
                     _handle_bad_step(run, rlog)
                 else:
