@@ -10,6 +10,12 @@ loss through ``/proc/self/clear_refs`` (Linux), with a sampling thread as a fall
 allocations are invisible to ``tracemalloc``, hence the OS view. Gradients of the features count
 in both columns. Time = best of ``--repeats`` forward + backward passes after a small warm-up.
 
+    python benchmarks/loss_memory.py --objectives            # multi-positive and SigLIP rows (issue 16)
+
+``--objectives`` measures, against the plain losses in the same run: multi-positive InfoNCE
+(groups of 4 ids) dense vs ``ClipLoss`` and chunked vs ``ChunkedClipLoss``; then SigLIP's peak
+memory per rank at 1, 2 and 4 gloo ranks (fixed local batch), all-gather vs neighbour exchange.
+
 Targets (issue 3): at 16,384 the chunked loss uses <= 1/10 of the plain loss's peak memory at
 <= 1.5x its time, and it runs at 65,536 on a 24 GiB machine where the plain loss cannot (the plain
 loss's need there is estimated from its measured bytes-per-logit at 16,384 and the case skipped).
@@ -75,8 +81,16 @@ def run_case(impl: str, batch: int, dim: int, chunk: int, repeats: int, seed: in
     import torch.nn.functional as F
 
     from clipforge.losses import ChunkedClipLoss, ClipLoss
+    from clipforge.objectives.multipos import MultiPositiveLoss
 
-    loss_fn = ClipLoss() if impl == "plain" else ChunkedClipLoss(chunk_size=chunk)
+    ids = None
+    if impl == "plain":
+        loss_fn = ClipLoss()
+    elif impl == "chunked":
+        loss_fn = ChunkedClipLoss(chunk_size=chunk)
+    else:  # multipos / multipos-chunked: 4 captions per image
+        loss_fn = MultiPositiveLoss(chunk_size=chunk if impl == "multipos-chunked" else None)
+        ids = torch.arange(batch) // 4
     # Warm-up on a small batch: thread pools, kernels, allocator; not counted.
     small = F.normalize(torch.randn(256, dim), dim=-1).requires_grad_()
     loss_fn(small, small.detach().clone().requires_grad_(), torch.tensor(10.0, requires_grad=True)).backward()
@@ -91,7 +105,7 @@ def run_case(impl: str, batch: int, dim: int, chunk: int, repeats: int, seed: in
         for _ in range(repeats):
             image.grad = text.grad = scale.grad = None
             start = time.perf_counter()
-            loss = loss_fn(image, text, scale)
+            loss = loss_fn(image, text, scale) if ids is None else loss_fn(image, text, scale, ids=ids)
             loss.backward()
             times.append(time.perf_counter() - start)
     return {
@@ -103,6 +117,86 @@ def run_case(impl: str, batch: int, dim: int, chunk: int, repeats: int, seed: in
         "scale_grad": float(scale.grad),
         "threads": torch.get_num_threads(),
     }
+
+
+def siglip_rank(rank: int, world: int, init: str, impl: str, n: int, dim: int, repeats: int) -> dict:
+    """One rank of the SigLIP measurement: local batch ``n``, ``impl`` gather or neighbour."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from clipforge.objectives.siglip import SigLip
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    loss_fn = SigLip(exchange=impl, rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(rank)
+    image = F.normalize(torch.randn(n, dim, generator=gen), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(n, dim, generator=gen), dim=-1).requires_grad_()
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    small = image[:64].detach().clone().requires_grad_()
+    loss_fn(small, small.detach().clone().requires_grad_(), scale, bias).backward()  # warm-up
+    times = []
+    with _PeakRSS() as mem:
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            loss = loss_fn(image, text, scale, bias)
+            loss.backward()
+            times.append(time.perf_counter() - start)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    dist.destroy_process_group()
+    return {"peak_bytes": mem.delta, "seconds": min(times), "loss": float(total) / world}
+
+
+def spawn_siglip(impl: str, world: int, n: int, dim: int, repeats: int) -> dict:
+    """All ranks of one SigLIP case; returns the largest per-rank peak and the slowest rank's time."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "init")
+        cmd = [sys.executable, os.path.abspath(__file__), "--dim", str(dim), "--repeats", str(repeats)]
+        procs = [
+            subprocess.Popen(
+                [*cmd, "--siglip-child", str(r), str(world), init, impl, str(n)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            for r in range(world)
+        ]
+        outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return {
+        "peak_bytes": max(o["peak_bytes"] for o in outs),
+        "seconds": max(o["seconds"] for o in outs),
+        "loss": outs[0]["loss"],
+    }
+
+
+def objectives_report(args: argparse.Namespace) -> None:
+    """Multi-positive vs plain InfoNCE, and SigLIP memory per rank against world size."""
+    print(f"multi-positive InfoNCE (groups of 4), float32, embed dim {args.dim}, chunk {args.chunk}, CPU")
+    for batch in args.batches:
+        res = {impl: spawn_case(args, impl, batch, args.repeats) for impl in ("plain", "multipos", "chunked", "multipos-chunked")}
+        for r in res.values():
+            print(fmt(r), flush=True)
+        for new, old in (("multipos", "plain"), ("multipos-chunked", "chunked"), ("multipos-chunked", "plain")):
+            mem = res[new]["peak_bytes"] / max(res[old]["peak_bytes"], 1)
+            print(f"  -> batch {batch}: {new}/{old} memory {mem:.3f}, time {res[new]['seconds'] / res[old]['seconds']:.2f}x")
+    n = args.siglip_local
+    print(f"SigLIP, local batch {n} per rank, embed dim {args.dim}, 1 thread per rank (gloo, CPU)")
+    base: dict[str, dict] = {}
+    for world in (1, 2, 4):
+        for impl in ("gather", "neighbour"):
+            r = spawn_siglip(impl, world, n, args.dim, args.repeats)
+            base.setdefault(impl, r)
+            print(
+                f"  {impl:9s} {world} rank(s): peak/rank {r['peak_bytes'] / MiB:8.1f} MiB "
+                f"({r['peak_bytes'] / max(base[impl]['peak_bytes'], 1):.2f}x its 1-rank peak), "
+                f"fwd+bwd {r['seconds']:.3f} s, loss {r['loss']:.6f}",
+                flush=True,
+            )
 
 
 def spawn_case(args: argparse.Namespace, impl: str, batch: int, repeats: int) -> dict:
@@ -145,7 +239,18 @@ def main() -> int:
         "--memory-gib", type=float, default=24.0, help="RAM of the machine, for the 'cannot' check"
     )
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--objectives", action="store_true", help="multi-positive and SigLIP-per-rank rows")
+    parser.add_argument("--siglip-local", type=int, default=2048, help="SigLIP local batch per rank")
+    parser.add_argument("--siglip-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.siglip_child:
+        rank, world, init, impl, n = args.siglip_child
+        print(json.dumps(siglip_rank(int(rank), int(world), init, impl, int(n), args.dim, args.repeats)))
+        return 0
+    if args.objectives:
+        objectives_report(args)
+        return 0
 
     if args.child:
         impl, batch = args.child[0], int(args.child[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 
 import pytest
 import torch
@@ -48,7 +49,9 @@ def test_an_option_the_loss_does_not_take_is_an_error() -> None:
 def test_grouped_sampler_keeps_images_whole_across_ranks_and_resumes() -> None:
     k, n = 3, 3 * 10
     ranks = [
-        EpochSampler(n, rank=r, world_size=2, seed=5, epoch=1, shuffle=True, drop_last=True, group=k).indices()
+        EpochSampler(
+            n, rank=r, world_size=2, seed=5, epoch=1, shuffle=True, drop_last=True, group=k
+        ).indices()
         for r in range(2)
     ]
     for idx in ranks:
@@ -56,7 +59,9 @@ def test_grouped_sampler_keeps_images_whole_across_ranks_and_resumes() -> None:
         runs = [idx[i : i + k] for i in range(0, len(idx), k)]
         assert all(r == list(range(r[0], r[0] + k)) and r[0] % k == 0 for r in runs)
     assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0]) | set(ranks[1])) == n
-    resumed = EpochSampler(n, rank=1, world_size=2, seed=5, epoch=1, shuffle=True, drop_last=True, group=k, start=6)
+    resumed = EpochSampler(
+        n, rank=1, world_size=2, seed=5, epoch=1, shuffle=True, drop_last=True, group=k, start=6
+    )
     assert list(resumed) == ranks[1][6:] and len(resumed) == 9
     with pytest.raises(DataError, match="groups of 4"):
         EpochSampler(n, rank=0, world_size=1, seed=0, epoch=0, shuffle=True, drop_last=True, group=4)
@@ -71,7 +76,17 @@ def write_table(tmp_path, rows: int = 8) -> str:
         for i in range(rows):
             Image.new("RGB", (20, 20), (30 * i % 255, 10, 200)).save(tmp_path / f"{i}.png")
             negs = [f"not {i}", f"never {i}"][: i % 3]
-            w.writerow([f"{i}.png", f"cap {i} a", f"cap {i} b", f"cap {i} c", f"p{i // 2}", *negs, *[""] * (2 - len(negs))])
+            w.writerow(
+                [
+                    f"{i}.png",
+                    f"cap {i} a",
+                    f"cap {i} b",
+                    f"cap {i} c",
+                    f"p{i // 2}",
+                    *negs,
+                    *[""] * (2 - len(negs)),
+                ]
+            )
     return str(path)
 
 
@@ -142,8 +157,12 @@ def test_accumulation_equals_full_batch_with_extras(loss: str) -> None:
     extras = {
         "ids": torch.tensor([0, 0, 1, 2, 2, 3, 4, 4]),
         "image_views": views.double(),
-        "teacher_image": torch.nn.functional.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1),
-        "teacher_text": torch.nn.functional.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1),
+        "teacher_image": torch.nn.functional.normalize(
+            torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1
+        ),
+        "teacher_text": torch.nn.functional.normalize(
+            torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1
+        ),
     }
     if loss == "multipos":
         extras["hard_negative_tokens"] = neg_tokens
@@ -155,9 +174,57 @@ def test_accumulation_equals_full_batch_with_extras(loss: str) -> None:
         objective = build_objective(loss, options, image_ssl="ntxent", distill_weight=0.7, distill_scale=20.0)
         task = ContrastiveTask(model, objective)
         out = task.forward_backward(split_micro_batches(images.double(), tokens, accum, extras))
-        results.append((out.loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (out.loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
     for loss_value, grads in results[1:]:
         torch.testing.assert_close(loss_value, results[0][0], atol=1e-10, rtol=0)
         assert grads.keys() == results[0][1].keys()
         for n, grad in grads.items():
-            torch.testing.assert_close(grad, results[0][1][n], atol=1e-6, rtol=1e-6, msg=n)  # model LayerNorms run in fp32
+            torch.testing.assert_close(
+                grad, results[0][1][n], atol=1e-6, rtol=1e-6, msg=n
+            )  # model LayerNorms run in fp32
+
+
+def _one_caption_table(tmp_path) -> str:
+    path = tmp_path / "one.csv"
+    rows = ["filepath,caption"]
+    for i in range(8):
+        Image.new("RGB", (20, 20), (25 * i, 100, 40)).save(tmp_path / f"d{i}.png")
+        rows.append(f"d{i}.png,a shape number {i}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["features", "model"])
+def test_distillation_from_embed_folder_or_live_teacher(tmp_path, source: str) -> None:
+    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.search.embed import embed_images
+    from clipforge.train.distributed import DistInfo
+    from clipforge.train.trainer import build_run, compute_gradients, unpack_batch
+
+    table = _one_caption_table(tmp_path)
+    cfg = dict(data=table, model="tiny-vit", batch_size=4, accum_steps=2, output_dir=str(tmp_path / "run"))
+    cfg.update(threads=1, progress=False, distill_weight=0.5)
+    if source == "features":
+        teacher, _, preprocess = create_model_and_transforms("tiny-vit")
+        out = tmp_path / "emb"
+        embed_images(teacher, preprocess, table, out, batch_size=4, num_workers=0, dtype="float32",
+                     tokenizer=get_tokenizer(teacher), progress=False)  # fmt: skip
+        cfg.update(distill_features=str(out), distill_scale=50.0)
+    else:
+        cfg.update(distill_model="tiny-vit")
+    run = build_run(TrainConfig(**cfg).validate(), DistInfo())
+    images, tokens, extras = unpack_batch(next(iter(run.loader)))
+    if source == "features":
+        assert set(extras) == {"ids", "teacher_image", "teacher_text"}
+        assert torch.allclose(extras["teacher_image"].norm(dim=-1), torch.ones(4 * 2), atol=1e-3)
+    else:
+        assert run.task.teacher is not None and not extras
+    metrics = compute_gradients(run, images, tokens, extras=extras).metrics
+    assert metrics["loss_distill"] > 0 and math.isclose(
+        metrics["loss"], metrics["loss_main"] + 0.5 * metrics["loss_distill"], rel_tol=1e-5
+    )
+    with pytest.raises(ConfigError, match="--distill-weight is given without"):
+        TrainConfig(distill_weight=1.0).validate()

@@ -271,7 +271,8 @@ def build_teacher(cfg: TrainConfig, device: torch.device, student: nn.Module) ->
             "distillation reuses the batch's tokens (precompute teacher features with `clipforge embed` instead)"
         )
     s_pre, t_pre = student.preprocess_cfg, model.preprocess_cfg
-    return OnTheFlyTeacher(model, (s_pre.mean, s_pre.std), (t_pre.mean, t_pre.std), t_pre.size)
+    size = t_pre.image_size if isinstance(t_pre.image_size, int) else t_pre.image_size[0]
+    return OnTheFlyTeacher(model, (s_pre.mean, s_pre.std), (t_pre.mean, t_pre.std), size)
 
 
 def build_optimizer(
