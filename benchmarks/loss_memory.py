@@ -162,7 +162,9 @@ def spawn_siglip(impl: str, world: int, n: int, dim: int, repeats: int) -> dict:
                 [*cmd, "--siglip-child", str(r), str(world), init, impl, str(n)],
                 stdout=subprocess.PIPE,
                 text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                # Big buffers straight from mmap: freed memory leaves the RSS at once, so the peak RSS
+                # is the peak of live tensors rather than of glibc's heap fragmentation.
+                env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"},
             )
             for r in range(world)
         ]
@@ -177,7 +179,7 @@ def spawn_siglip(impl: str, world: int, n: int, dim: int, repeats: int) -> dict:
 def objectives_report(args: argparse.Namespace) -> None:
     """Multi-positive vs plain InfoNCE, and SigLIP memory per rank against world size."""
     print(f"multi-positive InfoNCE (groups of 4), float32, embed dim {args.dim}, chunk {args.chunk}, CPU")
-    for batch in args.batches:
+    for batch in [] if args.siglip_only else args.batches:
         res = {impl: spawn_case(args, impl, batch, args.repeats) for impl in ("plain", "multipos", "chunked", "multipos-chunked")}
         for r in res.values():
             print(fmt(r), flush=True)
@@ -241,6 +243,7 @@ def main() -> int:
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--objectives", action="store_true", help="multi-positive and SigLIP-per-rank rows")
     parser.add_argument("--siglip-local", type=int, default=2048, help="SigLIP local batch per rank")
+    parser.add_argument("--siglip-only", action="store_true", help="with --objectives: only the SigLIP rows")
     parser.add_argument("--siglip-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -35,6 +35,28 @@ def _block_loss(
     return -F.logsigmoid(_signs(row_ids, col_ids, logits.dtype) * logits).sum()
 
 
+@torch.no_grad()
+def _block_value(
+    image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, row_ids: Tensor, col_ids: Tensor
+) -> Tensor:
+    """:func:`_block_loss` without a graph, in place: two ``[N, N]`` buffers at a time."""
+    x = image @ text.T
+    x.mul_(scale).add_(bias).mul_(_signs(row_ids, col_ids, x.dtype))
+    return -F.logsigmoid(x).sum()
+
+
+@torch.no_grad()
+def _block_grad(
+    image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, row_ids: Tensor, col_ids: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(raw, g)``: ``raw = image @ text.T`` and ``g = d block / d logits = -z sigmoid(-z logits)``."""
+    raw = image @ text.T
+    z = _signs(row_ids, col_ids, raw.dtype)
+    g = raw * scale
+    g.add_(bias).mul_(z).neg_().sigmoid_().mul_(z).neg_()
+    return raw, g
+
+
 def _shift_right(tensors: list[Tensor], rank: int, world_size: int) -> list[Tensor]:
     """Send each tensor to rank+1 and receive the same-shaped tensors from rank-1."""
     import torch.distributed as dist
@@ -59,7 +81,7 @@ class _RingSigLip(torch.autograd.Function):
             for step in range(world_size):
                 if step:
                     chunk, chunk_ids = _shift_right([chunk, chunk_ids], rank, world_size)
-                total = total + _block_loss(image, chunk, scale, bias, ids, chunk_ids).to(total.dtype)
+                total = total + _block_value(image, chunk, scale, bias, ids, chunk_ids).to(total.dtype)
         ctx.save_for_backward(image, text, scale, bias, ids)
         ctx.rank, ctx.world_size = rank, world_size
         return (total / image.shape[0]).to(image.dtype)
@@ -75,14 +97,13 @@ class _RingSigLip(torch.autograd.Function):
         for step in range(world_size):
             if step:
                 chunk, chunk_ids, chunk_grad = _shift_right([chunk, chunk_ids, chunk_grad], rank, world_size)
-            raw = image @ chunk.T
-            z = _signs(ids, chunk_ids, raw.dtype)
-            # d/dx of -log sigmoid(z x) is -z sigmoid(-z x)
-            g = (-z * torch.sigmoid(-z * (scale * raw + bias))) * weight
-            grad_image += scale * (g @ chunk)
-            chunk_grad = chunk_grad + scale * (g.T @ image)
-            grad_scale += (g * raw).sum()
+            raw, g = _block_grad(image, chunk, scale, bias, ids, chunk_ids)
+            g.mul_(weight)
+            grad_image.addmm_(g, chunk, alpha=float(scale))
+            chunk_grad.addmm_(g.T, image, alpha=float(scale))
+            grad_scale += raw.mul_(g).sum()
             grad_bias += g.sum()
+            del raw, g
         if world_size > 1:  # the buffer visited every rank; one more hop takes it to its owner
             (chunk_grad,) = _shift_right([chunk_grad], rank, world_size)
         return grad_image, chunk_grad, grad_scale, grad_bias, None, None, None
