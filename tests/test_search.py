@@ -215,7 +215,10 @@ def test_index_manifest_and_files(setup):
     from clipforge.model.registry import get_model_config
 
     tiny = get_model_config("tiny-vit").to_dict()  # the architecture itself is recorded, not only its name
-    assert m["model"] == {"name": "tiny-vit", "pretrained": str(setup.model_dir), "config": tiny}
+    from clipforge.model.factory import create_model
+
+    pre = create_model(pretrained=setup.model_dir).preprocess_cfg.to_dict()  # image queries get these pixels
+    assert m["model"] == {"name": "tiny-vit", "pretrained": str(setup.model_dir), "config": tiny, "preprocess": pre}
     names = sorted(p.name for p in setup.index_dir.iterdir())
     assert names == ["embeddings-1.npy", "index-1.faiss", "manifest.json", "metadata-1.cftable"]
 

@@ -76,7 +76,8 @@ def scan_dataset(
     Table-level errors that make the data unusable (missing table or column) still raise
     :class:`~clipforge.errors.DataError`; malformed JSONL lines are counted, not raised.
     """
-    from clipforge.data import build_dataset, source_kind
+    from clipforge.data.build import build_dataset
+    from clipforge.data.sources import source_kind
 
     kind = source_kind(spec)
     if kind in ("table", "tables"):

@@ -206,7 +206,7 @@ def write_shards(
     if max_count < 1:
         raise DataError(f"max_count must be >= 1, got {max_count}")
     if isinstance(source, str | os.PathLike):
-        from clipforge.data import build_dataset
+        from clipforge.data.build import build_dataset
 
         source = build_dataset(os.fspath(source), **dataset_kw)
     out = Path(out_dir)

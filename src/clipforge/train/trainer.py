@@ -158,7 +158,7 @@ def build_dataset(
     spec: str, *, transform: Any, tokenizer: Any, seed: int, skips: Any, cfg: TrainConfig, **extra: Any
 ) -> Any:
     """Resolve a data spec with ``clipforge.data.build_dataset`` (tables, folders, shards, synthetic)."""
-    from clipforge.data import build_dataset as build
+    from clipforge.data.build import build_dataset as build
 
     options = {**cfg.table_kwargs(), **{k: v for k, v in extra.items() if v is not None}}
     return build(spec, transform=transform, tokenizer=tokenizer, seed=seed, skip_counter=skips, **options)
