@@ -13,7 +13,6 @@ Image columns recognised: a string column (paths, resolved like any table's), a 
 
 from __future__ import annotations
 
-import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -219,7 +218,3 @@ def locality_blocks(embedded: EmbeddedImages) -> list[int]:
             blocks.append(1)
             last = key
     return blocks
-
-
-def is_parquet(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(".parquet")

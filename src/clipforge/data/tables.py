@@ -63,12 +63,6 @@ class TableOptions:
     confine: bool = False
     extra_keys: tuple[str, ...] = ()  # more columns to keep per row (group ids, hard negatives)
 
-    @classmethod
-    def from_kwargs(cls, kw: dict[str, Any]) -> TableOptions:
-        """Pop the table options out of a keyword dict (the rest is left for the caller)."""
-        names = ("separator", "image_key", "caption_key", "data_root", "confine")
-        return cls(**{k: kw.pop(k) for k in names if kw.get(k) is not None})
-
 
 @dataclass
 class Table:
@@ -285,7 +279,8 @@ def read_table(
 
     ``issue(reason, where, detail, skip=True, count=1)`` receives every repaired or skipped
     row (reasons: ``non_utf8``, ``nul``, ``malformed_row``, ``missing_field``, ``empty_caption``,
-    ``path_escape``). ``captions=False`` keeps rows without a caption (embedding). Table-level problems (missing file, unknown format, missing column) raise
+    ``path_escape``). ``captions=False`` keeps rows without a caption (embedding).
+    Table-level problems (missing file, unknown format, missing column) raise
     :class:`DataError` naming the file and line.
     """
     options = options or TableOptions()
