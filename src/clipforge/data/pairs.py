@@ -101,6 +101,12 @@ class _PairsBase:
         self.stats: Counter[str] = Counter()
         self.issues: list[tuple[str, str, str]] = []  # (reason, where, detail), first few per table
         self._known_bad: set[int] = set()
+        self.image_cache: Any = None  # clipforge.data.cache.ImageCache, see use_image_cache
+
+    def use_image_cache(self, cache: Any, transform: Callable | None) -> None:
+        """Read decoded images from ``cache`` and apply ``transform`` (its cached-image form)
+        from now on; :func:`clipforge.data.cache.attach_cache` builds both."""
+        self.image_cache, self.transform = cache, transform
 
     def _issue(self, reason: str, where: str, detail: str = "", *, skip: bool = True, count: int = 1) -> None:
         self.stats[reason] += count
@@ -170,7 +176,7 @@ class _PairsBase:
                     return None
                 continue
             try:
-                image = self.get_image(j)
+                image = self.get_image(j) if self.image_cache is None else self.image_cache.get(j)
             except BadImageError as e:
                 self._known_bad.add(j)  # count each bad item once per process
                 self.skipped.add(e.reason, f"{self.rows[j]}: {e}")

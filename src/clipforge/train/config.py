@@ -56,7 +56,13 @@ class TrainConfig:
     steps_per_epoch: int | None = _f(None, "optimiser steps per epoch for sources without a length")
     batch_size: int = _f(64, "samples per micro-batch per process")
     accum_steps: int = _f(1, "micro-batches per optimiser step (features are cached: all negatives seen)")
-    workers: int = _f(0, "data loader worker processes")
+    workers: int | None = _f(
+        None, "data loader worker processes (default: auto, clipforge.data.workers.auto_workers)"
+    )
+    cache_images: bool = _f(
+        False, "decode every training image once into a memory-mapped uint8 cache (clipforge.data.cache)"
+    )
+    cache_dir: str | None = _f(None, "where the image cache lives (default: OUTPUT_DIR/image_cache)")
     # --- optimisation -----------------------------------------------------------------------------
     lr: float = _f(5e-4, "peak learning rate")
     weight_decay: float = _f(
@@ -186,13 +192,14 @@ class TrainConfig:
         for name in (
             "warmup_steps",
             "cooldown_steps",
-            "workers",
             "lora_rank",
             "weight_decay",
             "save_every_epochs",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{source}: key {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"{source}: key 'workers' must be >= 0 or null (auto), got {self.workers!r}")
         if self.lr <= 0:
             raise ConfigError(f"{source}: key 'lr' must be > 0, got {self.lr!r}")
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("loss", LOSSES)):

@@ -181,11 +181,16 @@ def build_data(
         world_size=info.world_size,
         extra_keys=tuple(extra_keys) or None,
     )
+    from clipforge.data.cache import maybe_cache_images
+    from clipforge.data.workers import auto_workers
+
+    dataset = maybe_cache_images(cfg, info, dataset)
+    workers = cfg.workers if cfg.workers is not None else auto_workers(dataset, info.device.type, info.world_size)
     dataset = wrap_objective_items(cfg, dataset)
     loader = ResumableLoader(
         dataset,
         batch_size=cfg.batch_size * cfg.accum_steps,
-        num_workers=cfg.workers,
+        num_workers=workers,
         seed=cfg.seed,
         rank=info.rank,
         world_size=info.world_size,
