@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,13 @@ SCHEDULES = ("cosine", "const", "const-cooldown")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = LOSS_NAMES  # the objective registry's names (clipforge.objectives.registry)
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+
+#: What every run config held before the objective registry (up to 3f1f61e), whatever its loss:
+#: these options were plain fields with these defaults, so each saved ``run_config.yaml`` (and each
+#: checkpoint's config) has them. For a loss that does not take one, that value means "not given".
+LEGACY_LOSS_DEFAULTS: dict[str, Any] = {"chunk_size": 1024, "local_loss": False, "gather_with_grad": True}
+
+log = logging.getLogger(__name__)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -158,6 +166,10 @@ class TrainConfig:
     data_root: str | None = _f(None, "folder relative image paths start from (default: the table's folder)")
     confine_paths: bool = _f(False, "skip table rows whose image path resolves outside the data root")
 
+    def __post_init__(self) -> None:
+        """Old run configs keep working: see :func:`drop_legacy_loss_defaults`."""
+        drop_legacy_loss_defaults(self)
+
     # ----------------------------------------------------------------------------------------------
     def table_kwargs(self) -> dict[str, Any]:
         """How to read tables, as ``build_dataset`` keywords (the same for train and val data)."""
@@ -257,7 +269,15 @@ class TrainConfig:
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, but of the loss options only the chosen loss's: a saved run config must not
+        carry options its loss rejects (a later ``--loss`` override would trip over them)."""
+        data = dataclasses.asdict(self)
+        spec = LOSS_SPECS.get(self.loss)
+        if spec is not None:
+            for name in LOSS_OPTIONS:
+                if name not in spec.options:
+                    data.pop(name, None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -298,6 +318,34 @@ class TrainConfig:
 
     def replace(self, **overrides: Any) -> TrainConfig:
         return dataclasses.replace(self, **overrides).validate()
+
+
+def drop_legacy_loss_defaults(cfg: TrainConfig) -> None:
+    """Unset the options an old run config (or a flag) gives at their pre-registry default
+    (:data:`LEGACY_LOSS_DEFAULTS`) for a loss that does not take them.
+
+    Why here, on construction: files, flags, ``dataclasses.replace`` and the Python API all build
+    a ``TrainConfig``, and each must read such a value as "not given" before validation rejects an
+    option the loss lacks. Any other value is still given, so ``loss: clip`` with
+    ``chunk_size: 256`` remains an error naming ``--chunk-size``. Logged at debug level only: the
+    value never had an effect on that loss.
+    """
+    spec = LOSS_SPECS.get(cfg.loss)
+    if spec is None:  # an unknown loss: validate() names it
+        return
+    for name, old_default in LEGACY_LOSS_DEFAULTS.items():
+        value = getattr(cfg, name)
+        if name in spec.options or value is None:
+            continue
+        if isinstance(value, bool) is isinstance(old_default, bool) and value == old_default:
+            log.debug(
+                "%s=%r (the default before the objective registry) is not an option of --loss %s; "
+                "read as not given",
+                name,
+                value,
+                cfg.loss,
+            )
+            setattr(cfg, name, None)
 
 
 def read_run_config(path: str | Path) -> dict[str, Any]:
