@@ -141,7 +141,7 @@ def test_json_of_neither_format_names_the_keys_found(tmp_path):
 
 def test_unsupported_open_clip_field_is_refused_with_file_and_key(tmp_path):
     data = json.loads(json.dumps(OPEN_CLIP_JSONS["vit"]))
-    data["vision_cfg"]["attentional_pool"] = True
+    data["vision_cfg"]["attentional_pool"] = "parallel"  # open_clip's WIP pooler (True, CoCa's, is supported)
     path = write_json(tmp_path, data)
     with pytest.raises(ConfigError, match=r"my-arch\.json: vision_cfg\.attentional_pool"):
         create_model(str(path))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.model.clip import CLIP, CLIPOutput
+from clipforge.model.clip import CLIP, CLIPOutput, build_model
 from clipforge.model.config import CLIPConfig
 from clipforge.model.layers import LayerNorm, PatchDropout
 from clipforge.model.registry import get_model_config, list_models
@@ -27,6 +27,9 @@ def tiny_variant(cfg: CLIPConfig) -> CLIPConfig:
     else:
         vision = {"width": 64, "head_width": 32, "layers": 2, "image_size": 2 * v.patch_size}
     text = {"width": 32, "heads": 2, "layers": 2, "vocab_size": 50000}
+    if cfg.multimodal is not None:  # CoCa: the decoder has embed_dim channels and the text vocabulary
+        decoder = {"width": 32, "heads": 2, "layers": 2, "vocab_size": 50000}
+        return cfg.replace(embed_dim=32, vision=vision, text=text, multimodal=decoder)
     return cfg.replace(embed_dim=32, vision=vision, text=text)
 
 
@@ -46,7 +49,7 @@ def build(name: str, seed: int = 0) -> CLIP:
     cfg = get_model_config(name)
     if name not in ("tiny-vit", "tiny-rn", "tiny-vit-siglip"):
         cfg = tiny_variant(cfg)
-    return CLIP(cfg)
+    return build_model(cfg)
 
 
 def images_for(model: CLIP, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -57,7 +60,7 @@ def images_for(model: CLIP, batch: int = 2, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_every_architecture_forward_backward(name: str) -> None:
     model = build(name)
-    images, tokens = images_for(model), make_tokens(2, [5, 12])
+    images, tokens = images_for(model), make_tokens(2, [5, 12], context=model.context_length)
     out = model(images, tokens)
     assert isinstance(out, CLIPOutput)
     embed = model.config.embed_dim
@@ -356,7 +359,8 @@ def test_models_command_prints_table(capsys) -> None:
 
     assert main(["models", "--filter", "ViT-B-32"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[0] == "model" and len(out) == 2
+    # --filter is a substring: coca_ViT-B-32 is listed too (the towers only: its decoder is extra).
+    assert out[0].split()[0] == "model" and [line.split()[0] for line in out[1:]] == ["ViT-B-32", "coca_ViT-B-32"]
     fields = out[1].split()
     assert fields[0] == "ViT-B-32"
     assert float(fields[1]) + float(fields[2]) == pytest.approx(151.28, abs=0.02)

@@ -24,6 +24,7 @@ from clipforge.checkpoints.io import is_torchscript_archive, load_safetensors, s
 from clipforge.checkpoints.open_clip import (
     infer_config,
     is_open_clip_state_dict,
+    multimodal_from_open_clip,
     open_clip_to_clipforge,
     strip_prefixes,
 )
@@ -116,22 +117,21 @@ def to_clipforge_names(sd: Mapping[str, torch.Tensor], fmt: str) -> dict[str, to
 # --- open_clip's config json ----------------------------------------------------------------------
 _VISION_MAP = (
     "image_size layers width patch_size head_width mlp_ratio ls_init_value patch_dropout no_ln_pre "
-    "final_ln_after_pool pool_type timm_model_name timm_pool timm_proj"
+    "final_ln_after_pool pool_type timm_model_name timm_pool timm_proj "
+    "attentional_pool attn_pooler_queries attn_pooler_heads"
 ).split()
 _TEXT_MAP = (
     "context_length vocab_size width heads layers mlp_ratio ls_init_value pad_id pool_type proj_bias "
-    "hf_model_name hf_pooler_type hf_proj_type"
+    "hf_model_name hf_pooler_type hf_proj_type embed_cls correct_cls_mask"
 ).split()
 # open_clip features clipforge does not implement: refuse when set, rather than load wrong math.
 _UNSUPPORTED = {
-    "attentional_pool": False,
     "qk_norm": False,
     "scaled_cosine_attn": False,
     "scale_heads": False,
     "scale_attn_inner": False,
     "scale_attn": False,
     "scale_fc": False,
-    "embed_cls": False,
     "no_causal_mask": False,
     "pos_embed_type": "learnable",
     "proj_type": "linear",
@@ -145,6 +145,11 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
         for name, default in _UNSUPPORTED.items():
             if name in sub and sub[name] not in (default, None):
                 raise CheckpointError(f"{source}: {where}.{name}={sub[name]!r} is not supported by clipforge")
+        if isinstance(sub.get("attentional_pool"), str):  # open_clip's WIP 'parallel'/'cascade' pools
+            raise CheckpointError(
+                f"{source}: {where}.attentional_pool={sub['attentional_pool']!r} is not supported by "
+                "clipforge (only open_clip's original CoCa pooler, attentional_pool=true)"
+            )
         if where == "text_cfg" and sub.get("final_ln_after_pool"):
             raise CheckpointError(f"{source}: text_cfg.final_ln_after_pool is not supported by clipforge")
     vision = {k: v_in[k] for k in _VISION_MAP if k in v_in}
@@ -168,6 +173,7 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
                 **{k: model_cfg[k] for k in ("init_logit_scale", "init_logit_bias") if k in model_cfg},
                 "vision": vision,
                 "text": text,
+                "multimodal": multimodal_from_open_clip(model_cfg.get("multimodal_cfg"), t_in),
             },
             source=source,
         )
@@ -291,7 +297,10 @@ def detect_format(path: str | Path) -> str:
 # --- fitting a model ------------------------------------------------------------------------------
 def _cfg_signature(cfg: CLIPConfig) -> tuple:
     v, t = cfg.vision, cfg.text
-    return (v.is_resnet, v.width, v.layers, v.patch_size, v.image_size, t.width, t.layers, cfg.embed_dim)
+    return (
+        v.is_resnet, v.width, v.layers, v.patch_size, v.image_size, t.width, t.layers, cfg.embed_dim,
+        cfg.multimodal is not None,  # a CoCa is never the closest twin of a CLIP, nor the reverse
+    )
 
 
 def closest_architecture(cfg: CLIPConfig) -> tuple[str, bool]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from clipforge.errors import CheckpointError
-from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+from clipforge.model.config import CLIPConfig, MultimodalConfig, TextConfig, VisionConfig
 
 #: Root-level text modules of open_clip's ``CLIP`` (moved under ``text.`` in clipforge).
 _TEXT_ROOT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
@@ -27,6 +27,14 @@ _TEXT_ROOT = ("token_embedding.", "positional_embedding", "transformer.", "ln_fi
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Entries in OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+#: CoCa's attentions with a separate context (pooler, decoder cross-attention): open_clip stores
+#: ``nn.MultiheadAttention`` weights (fused ``in_proj_weight`` when the widths agree, else
+#: ``q/k/v_proj_weight``; always a fused ``in_proj_bias``), clipforge three linears.
+_CROSS_MHA = re.compile(
+    r"^(visual\.attn_pool\.attn|text_decoder\.cross_attn\.\d+\.attn)\."
+    r"(in_proj_weight|in_proj_bias|q_proj_weight|k_proj_weight|v_proj_weight)$"
+)
+_CROSS_LINEARS = re.compile(r"^(visual\.attn_pool\.attn|text_decoder\.cross_attn\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$")
 
 
 def strip_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,6 +75,9 @@ def open_clip_to_clipforge(sd: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in strip_prefixes(_unwrap(sd)).items():
         if key in _OPENAI_SCALARS or key.endswith("attn_mask"):
             continue  # hyper-parameters / non-persistent buffers, not weights
+        if (cross := _CROSS_MHA.match(key)) is not None:
+            out.update(_split_mha(cross.group(1), cross.group(2), value))
+            continue
         if key.startswith(_TEXT_ROOT):
             key = "text." + key
         key = re.sub(r"\.attn\.in_proj_(weight|bias)$", r".attn.in_proj.\1", key)
@@ -81,14 +92,65 @@ def clipforge_to_open_clip(sd: Mapping[str, Any]) -> dict[str, Any]:
 
     A Hugging Face text tower stays under ``text.``, as in open_clip's ``CustomTextCLIP``.
     """
-    sd = strip_prefixes(sd)
-    root_text = "text.token_embedding.weight" in sd
+    sd = _merge_mha(strip_prefixes(sd))
+    # open_clip's CoCa (like its CustomTextCLIP) keeps the text tower under ``text.``.
+    root_text = "text.token_embedding.weight" in sd and "text.cls_emb" not in sd
     out: dict[str, Any] = {}
     for key, value in sd.items():
         if root_text and key.startswith("text."):
             key = key[len("text.") :]
         key = re.sub(r"\.attn\.in_proj\.(weight|bias)$", r".attn.in_proj_\1", key)
         out[key] = value
+    return out
+
+
+def multimodal_from_open_clip(
+    multimodal_cfg: Mapping[str, Any] | None, text_cfg: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """clipforge's ``multimodal`` fields from open_clip's ``multimodal_cfg`` (None for a plain CLIP).
+
+    Defaults are open_clip's ``MultimodalCfg``'s; the vocabulary is the text tower's, as open_clip's
+    CoCa builds its LM head. ``dim_head``, ``n_queries`` and ``attn_pooler_heads`` there do not
+    reach open_clip's decoder, so they are not read.
+    """
+    if not multimodal_cfg:
+        return None
+    return {
+        "width": multimodal_cfg.get("width", 512),
+        "heads": multimodal_cfg.get("heads", 8),
+        "layers": multimodal_cfg.get("layers", 12),
+        "mlp_ratio": float(multimodal_cfg.get("mlp_ratio", 4)),
+        "ls_init_value": multimodal_cfg.get("ls_init_value"),
+        "context_length": multimodal_cfg.get("context_length", 77),
+        "vocab_size": text_cfg.get("vocab_size", 49408),
+    }
+
+
+def _split_mha(prefix: str, name: str, value: Any) -> dict[str, Any]:
+    """open_clip ``nn.MultiheadAttention`` entries -> clipforge ``q_proj``/``k_proj``/``v_proj`` linears."""
+    if name in ("in_proj_weight", "in_proj_bias"):
+        kind = "weight" if name.endswith("weight") else "bias"
+        return {f"{prefix}.{p}_proj.{kind}": part for p, part in zip("qkv", value.chunk(3, dim=0))}
+    return {f"{prefix}.{name[0]}_proj.weight": value}
+
+
+def _merge_mha(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_split_mha`, in the layout ``nn.MultiheadAttention`` would have."""
+    out: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in sd.items():
+        match = _CROSS_LINEARS.match(key)
+        if match is None:
+            out[key] = value
+        else:
+            groups.setdefault(match.group(1), {})[f"{match.group(2)}.{match.group(3)}"] = value
+    for prefix, parts in groups.items():
+        weights = [parts[f"{p}.weight"] for p in "qkv"]
+        out[f"{prefix}.in_proj_bias"] = torch.cat([parts[f"{p}.bias"] for p in "qkv"])
+        if all(w.shape == weights[0].shape for w in weights):  # MHA's _qkv_same_embed_dim
+            out[f"{prefix}.in_proj_weight"] = torch.cat(weights)
+        else:
+            out.update({f"{prefix}.{p}_proj_weight": w for p, w in zip("qkv", weights)})
     return out
 
 
@@ -131,6 +193,9 @@ def _infer_vision(sd: Mapping[str, Any], keys: list[str]) -> tuple[VisionConfig,
         ls_init_value=1e-5 if ls else None,
         no_ln_pre="visual.ln_pre.weight" not in sd,
     )
+    if "visual.attn_pool.query" in sd:  # CoCa's attention pooler
+        vision.attentional_pool = True
+        vision.attn_pooler_queries = _shape(sd, "visual.attn_pool.query")[0]
     return vision, _shape(sd, "visual.proj")[1]
 
 
@@ -141,8 +206,10 @@ def _infer_text(sd: Mapping[str, Any], keys: list[str]) -> tuple[TextConfig, int
     embed_dim = (
         _shape(sd, "text.text_projection.weight")[0] if proj_bias else _shape(sd, "text.text_projection")[1]
     )
+    cls = "text.cls_emb" in sd  # CoCa: the class token has its own position after the text
     text = TextConfig(
-        context_length=_shape(sd, "text.positional_embedding")[0],
+        context_length=_shape(sd, "text.positional_embedding")[0] - (1 if cls else 0),
+        embed_cls=cls,
         vocab_size=vocab,
         width=width,
         heads=max(width // 64, 1),
@@ -152,6 +219,38 @@ def _infer_text(sd: Mapping[str, Any], keys: list[str]) -> tuple[TextConfig, int
         proj_bias=proj_bias,
     )
     return text, embed_dim
+
+
+def _infer_decoder(sd: Mapping[str, Any], keys: list[str], text: TextConfig) -> MultimodalConfig | None:
+    """CoCa's captioning decoder from its shapes (context length: the text tower's, as open_clip's configs)."""
+    if "text_decoder.text_projection" not in sd:
+        return None
+    width, vocab = _shape(sd, "text_decoder.text_projection")
+    hidden = _shape(sd, "text_decoder.resblocks.0.mlp.c_fc.weight")[0]
+    return MultimodalConfig(
+        width=width,
+        heads=max(width // 64, 1),
+        layers=_count_blocks(keys, "text_decoder.resblocks."),
+        mlp_ratio=_exact_ratio(width, hidden / width),
+        ls_init_value=1e-5 if "text_decoder.resblocks.0.ls_1.gamma" in sd else None,
+        context_length=text.context_length,
+        vocab_size=vocab,
+    )
+
+
+def _adopt_coca_conventions(cfg: CLIPConfig) -> None:
+    """Pooler and decoder heads are invisible in shapes too: take them from a registered CoCa twin."""
+    from clipforge.model.registry import _REGISTRY
+
+    for known in _REGISTRY.values():
+        if known.multimodal is None:
+            continue
+        kv, v = known.vision, cfg.vision
+        if (kv.width, kv.layers, kv.patch_size, cfg.embed_dim) == (v.width, v.layers, v.patch_size, known.embed_dim):
+            v.attn_pooler_heads = kv.attn_pooler_heads
+        km, m = known.multimodal, cfg.multimodal
+        if m is not None and (km.width, km.layers) == (m.width, m.layers):
+            m.heads = km.heads
 
 
 def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
@@ -205,6 +304,7 @@ def infer_config(sd: Mapping[str, Any], *, quick_gelu: bool | None = None) -> CL
         embed_dim=embed_dim,
         vision=vision,
         text=text,
+        multimodal=_infer_decoder(sd, keys, text),
         quick_gelu=openai_file if quick_gelu is None else quick_gelu,
         init_logit_bias=float(bias)
         if isinstance(bias, torch.Tensor) and bias.device.type != "meta"
@@ -213,6 +313,8 @@ def infer_config(sd: Mapping[str, Any], *, quick_gelu: bool | None = None) -> CL
     if isinstance(bias, torch.Tensor) and cfg.init_logit_bias is None:
         cfg.init_logit_bias = -10.0
     _adopt_registry_conventions(cfg)
+    if cfg.vision.attentional_pool or cfg.multimodal is not None:
+        _adopt_coca_conventions(cfg)
     if not cfg.vision.is_resnet:
         cfg.vision.mlp_ratio = _exact_ratio(cfg.vision.width, cfg.vision.mlp_ratio)
     cfg.text.mlp_ratio = _exact_ratio(cfg.text.width, cfg.text.mlp_ratio)

@@ -135,6 +135,16 @@ _add("ViT-g-14", "laion2b_s34b_b88k", "laion/CLIP-ViT-g-14-laion2B-s34B-b88K")
 _add("ViT-bigG-14", "laion2b_s39b_b160k", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")
 _add("ViT-bigG-14", "metaclip_fullcc", "timm/vit_gigantic_patch14_clip_224.metaclip_2pt5b", quick_gelu=True)
 
+# --- CoCa -----------------------------------------------------------------------------------------
+for _coca, _size in (("coca_ViT-B-32", "B-32"), ("coca_ViT-L-14", "L-14")):
+    _add(_coca, "laion2b_s13b_b90k", f"laion/CoCa-ViT-{_size}-laion2B-s13B-b90k")
+    _add(
+        _coca,
+        "mscoco_finetuned_laion2b_s13b_b90k",
+        f"laion/mscoco_finetuned_CoCa-ViT-{_size}-laion2B-s13B-b90k",
+        notes="fine-tuned for COCO captioning",
+    )
+
 
 def register_pretrained(weights: PretrainedWeights) -> None:
     """Add or replace a tag (tests and private deployments register their own repositories)."""

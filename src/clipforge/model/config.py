@@ -39,6 +39,11 @@ class VisionConfig:
     timm_pretrained: bool = False
     timm_pool: str = "avg"
     timm_proj: str = "linear"
+    # CoCa (open_clip's names): an attention pooler over the final tokens replaces the class token;
+    # its first query is the contrastive embedding and the rest are the captioning decoder's memory.
+    attentional_pool: bool = False
+    attn_pooler_queries: int = 256
+    attn_pooler_heads: int = 8
 
     @property
     def is_resnet(self) -> bool:
@@ -82,6 +87,11 @@ class VisionConfig:
             raise ConfigError(f"vision.pool_type must be 'tok' or 'avg', got {self.pool_type!r}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.attentional_pool and self.attn_pooler_queries < 2:
+            raise ConfigError(
+                f"vision.attn_pooler_queries must be >= 2 (one contrastive query plus caption tokens), "
+                f"got {self.attn_pooler_queries}"
+            )
 
 
 @dataclass
@@ -101,6 +111,11 @@ class TextConfig:
     hf_model_name: str | None = None  # optional Hugging Face text tower
     hf_pooler_type: str = "mean"
     hf_proj_type: str = "linear"
+    # CoCa (open_clip's names): a learned class token appended after the text, pooled for the
+    # contrastive embedding. open_clip's released CoCa weights were trained with its original mask,
+    # which is shifted by one position; ``correct_cls_mask=True`` selects the fixed one.
+    embed_cls: bool = False
+    correct_cls_mask: bool = False
 
     def validate(self) -> None:
         if self.hf_model_name is not None:
@@ -114,6 +129,36 @@ class TextConfig:
 
 
 @dataclass
+class MultimodalConfig:
+    """CoCa's captioning decoder: causal self-attention plus cross-attention to the image tokens.
+
+    ``width`` must equal the model's ``embed_dim`` (the pooled image tokens it attends to have
+    that width, as in open_clip). Its LM head predicts ``vocab_size`` tokens.
+    """
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    ls_init_value: float | None = None
+    context_length: int = 76
+    vocab_size: int = 49408
+
+    def validate(self, embed_dim: int) -> None:
+        if self.width % self.heads:
+            raise ConfigError(
+                f"multimodal.width {self.width} is not a multiple of multimodal.heads {self.heads}"
+            )
+        if self.width != embed_dim:
+            raise ConfigError(
+                f"multimodal.width {self.width} must equal embed_dim {embed_dim}: the decoder "
+                "cross-attends to the pooled image tokens, which have embed_dim channels"
+            )
+        if self.context_length < 2:
+            raise ConfigError(f"multimodal.context_length must be >= 2, got {self.context_length}")
+
+
+@dataclass
 class CLIPConfig:
     """A whole CLIP model: two towers projected into one ``embed_dim`` space."""
 
@@ -124,6 +169,7 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP models
     format_version: int = CONFIG_FORMAT_VERSION
+    multimodal: MultimodalConfig | None = None  # set for CoCa (captioning decoder)
 
     def validate(self) -> CLIPConfig:
         if self.embed_dim <= 0:
@@ -135,7 +181,26 @@ class CLIPConfig:
             )
         self.vision.validate()
         self.text.validate()
+        if self.multimodal is not None:
+            self._validate_coca()
         return self
+
+    def _validate_coca(self) -> None:
+        """A captioner needs CoCa's two towers: the attention pooler and the class-token text encoder."""
+        self.multimodal.validate(self.embed_dim)
+        if not self.vision.attentional_pool or self.vision.is_resnet or self.vision.timm_model_name:
+            raise ConfigError("a CoCa model (multimodal set) needs a ViT image tower with attentional_pool=True")
+        if not self.text.embed_cls or self.text.hf_model_name:
+            raise ConfigError("a CoCa model (multimodal set) needs the built-in text tower with embed_cls=True")
+        if self.multimodal.vocab_size != self.text.vocab_size:
+            raise ConfigError(
+                f"multimodal.vocab_size {self.multimodal.vocab_size} differs from text.vocab_size "
+                f"{self.text.vocab_size}: the decoder reads the text tower's tokens"
+            )
+
+    @property
+    def is_coca(self) -> bool:
+        return self.multimodal is not None
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +213,10 @@ class CLIPConfig:
         data = dict(data)
         vision = _build(VisionConfig, data.pop("vision", {}), f"{source}: vision")
         text = _build(TextConfig, data.pop("text", {}), f"{source}: text")
-        cfg = _build(cls, data, source, vision=vision, text=text)
+        multimodal = data.pop("multimodal", None)
+        if multimodal is not None:
+            multimodal = _build(MultimodalConfig, multimodal, f"{source}: multimodal")
+        cfg = _build(cls, data, source, vision=vision, text=text, multimodal=multimodal)
         return cfg.validate()
 
     def to_json(self, indent: int = 2) -> str:
@@ -170,14 +238,21 @@ class CLIPConfig:
         return cls.from_dict(data, source)
 
     def replace(self, **overrides: Any) -> CLIPConfig:
-        """Copy with overrides; ``vision``/``text`` accept dicts of field overrides."""
+        """Copy with overrides; ``vision``/``text``/``multimodal`` accept dicts of field overrides."""
         vision = self.vision
         text = self.text
+        multimodal = self.multimodal
         if isinstance(overrides.get("vision"), dict):
             vision = dataclasses.replace(vision, **overrides.pop("vision"))
         if isinstance(overrides.get("text"), dict):
             text = dataclasses.replace(text, **overrides.pop("text"))
-        return dataclasses.replace(self, vision=vision, text=text, **overrides).validate()
+        if isinstance(overrides.get("multimodal"), dict):
+            changes = overrides.pop("multimodal")
+            multimodal = dataclasses.replace(multimodal, **changes) if multimodal else MultimodalConfig(**changes)
+        multimodal = overrides.pop("multimodal", multimodal)
+        return dataclasses.replace(
+            self, vision=vision, text=text, multimodal=multimodal, **overrides
+        ).validate()
 
 
 def _build(kind: type, data: Any, source: str, **extra: Any) -> Any:

@@ -221,7 +221,7 @@ def create_model(
     ``image_alpha`` ("composite", "composite:#RRGGBB", "drop") overrides the weights' alpha rule.
     Like open_clip, the model is returned in train mode; call ``.eval()`` for inference.
     """
-    from clipforge.model.clip import CLIP
+    from clipforge.model.clip import build_model
 
     if isinstance(name_or_config, str) and is_hub_spec(name_or_config):
         if pretrained is not None:
@@ -232,7 +232,7 @@ def create_model(
     weights = resolve_weights(tag_name, pretrained, cache_dir) if pretrained else None
     cfg = _choose_config(name_or_config, weights, overrides)
     with _skip_random_init() if weights is not None and strict else contextlib.nullcontext():
-        model = CLIP(cfg)
+        model = build_model(cfg)
     if weights is not None:
         _warn_activation(model, weights.loaded)
         apply_state_dict(

@@ -269,3 +269,55 @@ def lock_groups(tower: nn.Module, groups: list, unlocked_groups: int) -> None:
     set_requires_grad(tower, False)
     if unlocked_groups > 0:
         set_requires_grad(groups[-unlocked_groups:], True)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries ``[B, Lq, E]`` to a context ``[B, Lk, C]`` via SDPA.
+
+    Separate ``q_proj``/``k_proj``/``v_proj`` linears because the context width may differ from
+    the query width (CoCa's pooler reads ViT tokens of the tower's width into ``embed_dim``
+    queries); open_clip's ``nn.MultiheadAttention`` weights are split into them on load.
+    """
+
+    def __init__(self, width: int, heads: int, context_width: int | None = None) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        context_width = context_width or width
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(context_width, width)
+        self.v_proj = nn.Linear(context_width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, E]`` -> ``[B, H, L, E/H]``."""
+        batch, length, width = x.shape
+        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, Lk, D]`` of a context: computed once and reused when decoding."""
+        return self.split_heads(self.k_proj(context)), self.split_heads(self.v_proj(context))
+
+    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        batch, length, width = queries.shape
+        out = F.scaled_dot_product_attention(self.split_heads(self.q_proj(queries)), keys, values)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.attend(queries, *self.project_context(context))
+
+
+class AttentionalPooler(nn.Module):
+    """Learned queries attending over a tower's tokens (CoCa): ``[B, L, C]`` -> ``[B, Q, E]``."""
+
+    def __init__(self, width: int, context_width: int, heads: int = 8, queries: int = 256) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, width))
+        self.attn = CrossAttention(width, heads, context_width)
+        self.ln_q = LayerNorm(width)
+        self.ln_k = LayerNorm(context_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.ln_q(self.query.to(x.dtype))
+        return self.attn(q.unsqueeze(0).expand(x.shape[0], -1, -1), self.ln_k(x))

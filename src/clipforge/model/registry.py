@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 
 from clipforge.errors import ConfigError
-from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+from clipforge.model.config import CLIPConfig, MultimodalConfig, TextConfig, VisionConfig
 
 _REGISTRY: dict[str, CLIPConfig] = {}
 
@@ -110,5 +110,34 @@ register_model(
         text=TextConfig(width=64, heads=2, layers=2),
         init_logit_scale=2.302585092994046,  # log(10), as in SigLIP
         init_logit_bias=-10.0,
+    ),
+)
+
+
+# --- CoCa (open_clip's coca_* configs): attention-pooled image tower, class-token text tower, decoder --
+def _coca(
+    embed: int, width: int, layers: int, patch: int, text_width: int, text_heads: int, pool_heads: int = 8
+) -> CLIPConfig:
+    vision = VisionConfig(
+        image_size=224, patch_size=patch, width=width, layers=layers, attentional_pool=True,
+        attn_pooler_heads=pool_heads,
+    )
+    text = TextConfig(context_length=76, width=text_width, heads=text_heads, layers=12, embed_cls=True)
+    decoder = MultimodalConfig(width=text_width, heads=text_heads, layers=12, context_length=76)
+    return CLIPConfig(embed_dim=embed, vision=vision, text=text, multimodal=decoder)
+
+
+register_model("coca_ViT-B-32", _coca(512, 768, 12, 32, 512, 8))
+register_model("coca_ViT-L-14", _coca(768, 1024, 24, 14, 768, 12))
+register_model(
+    "tiny-coca",
+    CLIPConfig(
+        embed_dim=64,
+        vision=VisionConfig(
+            image_size=32, patch_size=8, width=64, layers=2, head_width=32, attentional_pool=True,
+            attn_pooler_queries=8, attn_pooler_heads=2,
+        ),
+        text=TextConfig(context_length=32, width=64, heads=2, layers=2, embed_cls=True),
+        multimodal=MultimodalConfig(width=64, heads=2, layers=2, context_length=32),
     ),
 )

@@ -27,10 +27,10 @@ class ModelStats:
 
 def count_params(config: CLIPConfig) -> tuple[int, int, int]:
     """(image tower, text tower, total) parameter counts; total includes logit scale/bias."""
-    from clipforge.model.clip import CLIP
+    from clipforge.model.clip import build_model
 
     with torch.device("meta"):
-        model = CLIP(config)
+        model = build_model(config)
     image = sum(p.numel() for p in model.visual.parameters())
     text = sum(p.numel() for p in model.text.parameters())
     return image, text, sum(p.numel() for p in model.parameters())

@@ -64,7 +64,11 @@ class TextTransformer(nn.Module):
         self.trim = True
 
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        # CoCa: a class token appended after the text (one more position), pooled instead of EOT.
+        self.cls_emb = nn.Parameter(torch.empty(cfg.width)) if cfg.embed_cls else None
+        self.correct_cls_mask = cfg.correct_cls_mask
+        positions = cfg.context_length + (1 if cfg.embed_cls else 0)
+        self.positional_embedding = nn.Parameter(torch.empty(positions, cfg.width))
         self.transformer = Transformer(
             cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer
         )
@@ -91,6 +95,8 @@ class TextTransformer(nn.Module):
     def init_parameters(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
         init_transformer(self.transformer)
         std = self.width**-0.5
         if isinstance(self.text_projection, nn.Linear):
@@ -103,13 +109,13 @@ class TextTransformer(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
-        return {"positional_embedding"}
+        return {"positional_embedding"} | ({"cls_emb"} if self.cls_emb is not None else set())
 
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         """Freeze the tower except the last ``unlocked_groups`` groups (as open_clip's lock_text_tower)."""
         blocks = self.transformer.resblocks
         groups = [
-            [self.token_embedding, self.positional_embedding],
+            [self.token_embedding, self.positional_embedding, *([self.cls_emb] if self.cls_emb is not None else [])],
             *blocks[:-1],
             [blocks[-1], self.ln_final],
             self.text_projection,
@@ -146,6 +152,8 @@ class TextTransformer(nn.Module):
         return int(idx.max()) + 1
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cls_emb is not None:
+            return self.forward_tokens(tokens)[0]
         idx = self.eot_indices(tokens)
         return self.encode_trimmed(tokens[:, : self._trim_length(tokens, idx)], idx)
 
@@ -156,6 +164,45 @@ class TextTransformer(nn.Module):
         pooled = self.transformer.forward_at(self.embed(tokens), idx, is_causal=True)
         return self.project(self.ln_final(pooled))
 
+    # --- CoCa: class token ---------------------------------------------------------------------------
+    def key_valid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which positions of ``[tokens, cls]`` may be attended to (``[B, L + 1]``, True = keep).
+
+        Padding is hidden from every query. open_clip's released CoCa weights were trained with
+        this validity shifted right by one (key ``j`` hidden when token ``j - 1`` is padding, the
+        class slot always first-valid); that legacy mask is the default so those weights compute
+        what they were trained to. ``correct_cls_mask`` hides the padding tokens themselves.
+        """
+        valid = tokens != self.pad_id
+        always = torch.ones_like(valid[:, :1])
+        return torch.cat([valid, always] if self.correct_cls_mask else [always, valid], dim=1)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected class-token feature ``[B, E]``, token states ``[B, L, W]``) of a CoCa text tower.
+
+        The token states are the last block's output without ``ln_final`` (what open_clip's CoCa
+        feeds its decoder); the class token is normalised after pooling.
+        """
+        if self.cls_emb is None:
+            raise ConfigError("forward_tokens needs a text tower with embed_cls=True (CoCa)")
+        length = tokens.shape[1]
+        x = self.embed_with_cls(tokens)
+        causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=x.device).tril_()
+        mask = causal[None, None] & self.key_valid(tokens)[:, None, None, :]
+        x = self.transformer(x, attn_mask=mask)
+        return self.project(self.ln_final(x[:, -1])), x[:, :-1]
+
+    def embed_with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ConfigError(
+                f"text has {length} tokens but the model's context_length is {self.context_length}; "
+                "tokenize with the model's tokenizer (it truncates)"
+            )
+        x = self.token_embedding(tokens)
+        x = torch.cat([x, self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+        return x + self.positional_embedding[: length + 1].to(x.dtype)
+
     def forward_hidden(self, tokens: torch.Tensor, pad_to_context: bool = False) -> TextOutput:
         """Pooled features plus all token states.
 
@@ -165,6 +212,11 @@ class TextTransformer(nn.Module):
         full so that they equal an untrimmed run exactly: positions after EOT depend on the
         padding tokens, so they cannot be filled in without running them.
         """
+        if self.cls_emb is not None:
+            raise ConfigError(
+                "forward_hidden (per-layer EOT states) is not defined for a class-token text tower "
+                "(CoCa); use forward_tokens"
+            )
         idx = self.eot_indices(tokens)
         if pad_to_context:
             if tokens.shape[1] < self.context_length:

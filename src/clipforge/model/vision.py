@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from clipforge.model.config import VisionConfig
-from clipforge.model.layers import LayerNorm, PatchDropout, Transformer, init_transformer, lock_groups
+from clipforge.model.layers import (
+    AttentionalPooler,
+    LayerNorm,
+    PatchDropout,
+    Transformer,
+    init_transformer,
+    lock_groups,
+)
 
 
 @dataclass
@@ -48,8 +55,14 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(
             width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer
         )
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        # CoCa: queries pool the tokens into embed_dim channels; ln_post and proj then act on those.
+        self.attn_pool: AttentionalPooler | None = None
+        pool_width = width
+        if cfg.attentional_pool:
+            self.attn_pool = AttentionalPooler(embed_dim, width, cfg.attn_pooler_heads, cfg.attn_pooler_queries)
+            pool_width = embed_dim
+        self.ln_post = LayerNorm(pool_width)
+        self.proj = nn.Parameter(scale * torch.randn(pool_width, embed_dim))
         self.init_parameters()
 
     # --- contract ---------------------------------------------------------------------------------
@@ -71,7 +84,7 @@ class VisionTransformer(nn.Module):
         groups = [
             [self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre],
             *self.transformer.resblocks[:-1],
-            [self.transformer.resblocks[-1], self.ln_post],
+            [self.transformer.resblocks[-1], self.ln_post, *([self.attn_pool] if self.attn_pool else [])],
             self.proj,
         ]
         lock_groups(self, groups, unlocked_groups)
@@ -85,8 +98,14 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(self.patch_dropout(x))
 
     def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final norm + pooling -> (projected pooled features, patch tokens)."""
-        if self.final_ln_after_pool:
+        """Final norm + pooling -> (projected pooled features, patch tokens).
+
+        With an attention pooler (CoCa, open_clip's original layout) the queries' outputs are
+        normalised and pooled instead: query 0 is the contrastive feature, the others the tokens.
+        """
+        if self.attn_pool is not None:
+            pooled, tokens = self._global_pool(self.ln_post(self.attn_pool(x)))
+        elif self.final_ln_after_pool:
             pooled, tokens = self._global_pool(x)
             pooled = self.ln_post(pooled)
         else:
@@ -100,7 +119,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
-        if self.pool_type == "tok":  # only the class token leaves the last block: skip the rest
+        if self.pool_type == "tok" and self.attn_pool is None:  # only the class token is read: skip the rest
             cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             return self.ln_post(self.transformer.forward_at(x, cls_index)) @ self.proj
         return self.pool(self.transformer(x))[0]

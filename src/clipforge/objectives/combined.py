@@ -26,7 +26,16 @@ from clipforge.objectives import registry
 from clipforge.objectives.distill import DistillKL
 from clipforge.objectives.pairwise import _Rows, nt_xent
 
-INPUTS = ("ids", "hard_negatives", "hard_negatives_valid", "image_views", "teacher_image", "teacher_text")
+INPUTS = (
+    "ids",
+    "hard_negatives",
+    "hard_negatives_valid",
+    "image_views",
+    "teacher_image",
+    "teacher_text",
+    "caption_nll",  # CoCa's per-sample caption terms (clipforge.objectives.coca)
+    "caption_tokens",
+)
 IMAGE_SSL = ("ntxent",)
 
 
@@ -96,6 +105,7 @@ class Objective(nn.Module):
             )
             loss = loss + self.distill_weight * terms["loss_distill"]
         self.last_terms = {k: float(v.detach().float()) for k, v in terms.items()} if len(terms) > 1 else {}
+        self.last_terms.update(getattr(self.main, "last_terms", None) or {})  # e.g. coca's two terms
         return loss
 
 

@@ -82,6 +82,17 @@ LOSSES: dict[str, LossSpec] = {
             {"pos_weight": 1.0, "gather_with_grad": True},
             inputs=("ids",),
         ),
+        LossSpec(
+            "coca",
+            "clipforge.objectives.coca:CoCaLoss",
+            "CoCa: contrastive InfoNCE plus caption cross-entropy (open_clip's CoCaLoss; needs a CoCa model)",
+            {"coca_caption_loss_weight": 2.0, "coca_contrastive_loss_weight": 1.0, **_GATHER},
+            inputs=("caption_nll", "caption_tokens"),
+            renames={
+                "coca_caption_loss_weight": "caption_loss_weight",
+                "coca_contrastive_loss_weight": "clip_loss_weight",
+            },
+        ),
     )
 }
 

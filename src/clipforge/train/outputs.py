@@ -45,9 +45,9 @@ def save_final_model(run: Run) -> Path | None:
         model_sd, _ = full_state_dicts(run)
         if not run.info.is_main:
             return None
-        from clipforge.model.clip import CLIP
+        from clipforge.model.clip import build_model
 
-        model = CLIP(run.model.config)  # an unsharded twin to hold the gathered weights
+        model = build_model(run.model.config)  # an unsharded twin to hold the gathered weights
         model.preprocess_cfg = run.model.preprocess_cfg
         model.architecture = getattr(run.model, "architecture", None)
         if has_lora(run.model):

@@ -118,6 +118,12 @@ class ContrastiveTask:
         tokens_in = tokens if negatives is None else torch.cat([tokens, negatives.flatten(0, 1)])
         out = (model or self.model)(images=image_in, tokens=tokens_in)
         inputs = dict(extras)
+        if "caption_nll" in getattr(self.loss_fn, "accepts", ()):  # --loss coca: the caption terms
+            from clipforge.objectives.coca import caption_inputs
+
+            inputs.update(
+                caption_inputs(out, n, getattr(getattr(self.loss_fn, "main", self.loss_fn), "pad_id", 0))
+            )
         if views is not None:
             inputs["image_views"] = out.image_features[n:]
         if negatives is not None:
