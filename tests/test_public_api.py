@@ -104,3 +104,19 @@ def test_missing_optional_package_names_the_extra(capsys, monkeypatch):
     monkeypatch.setattr(index_command, "run", needs_something_else)
     with pytest.raises(ModuleNotFoundError):  # a real bug, not a missing extra: keep the traceback
         main(["index", "emb", "--out", "idx"])
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help texts with %: one stray '%' in a flag's help breaks --help."""
+    import pkgutil
+
+    from clipforge import commands
+    from clipforge.cli import main
+
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    assert "train" in names and "embed" in names
+    for name in names:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert "usage: clipforge" in capsys.readouterr().out, name
