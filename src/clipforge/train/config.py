@@ -103,6 +103,8 @@ class TrainConfig:
         None, "[siglip] across ranks: neighbour (pass text chunks around, default) or gather"
     )
     pos_weight: float | None = _f(None, "[bce] weight of the positive pairs (default 1)")
+    coca_caption_loss_weight: float | None = _f(None, "[coca] weight of the caption cross-entropy (default 2)")
+    coca_contrastive_loss_weight: float | None = _f(None, "[coca] weight of the contrastive loss (default 1)")
     # --- batch composition and extra terms --------------------------------------------------------
     captions_per_image: int = _f(1, "put k captions of each image in the batch (k positives; batch size % k == 0)")
     group_key: str | None = _f(None, "table column whose equal values are positives of each other (e.g. product id)")
@@ -437,7 +439,8 @@ def add_arguments(parser: Any) -> None:
     for f in dataclasses.fields(TrainConfig):
         tp, _ = _unwrap_optional(_field_types()[f.name])
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        help_text = (f.metadata.get("help") or "").replace("%", "%%")  # argparse formats help with %
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
