@@ -131,6 +131,8 @@ def compile_towers(model: nn.Module, backend: str = "inductor") -> nn.Module:
             return compiled(tokens.clone(), *args)
 
         setattr(text, name, fresh_tokens)
+        if hasattr(text, "pack"):  # packed rows vary in shape per batch: keep the one compiled graph
+            text.pack = False
     return model
 
 

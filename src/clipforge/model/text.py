@@ -62,6 +62,8 @@ class TextTransformer(nn.Module):
         self.output_dim = embed_dim
         #: Run only up to the batch's last EOT (identical outputs); turn off to time the full run.
         self.trim = True
+        #: In eval mode, pack captions or sort them into micro-batches when cheaper (model.packing).
+        self.pack = True
 
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         # CoCa: a class token appended after the text (one more position), pooled instead of EOT.
@@ -155,6 +157,13 @@ class TextTransformer(nn.Module):
         if self.cls_emb is not None:
             return self.forward_tokens(tokens)[0]
         idx = self.eot_indices(tokens)
+        if self.pack and self.trim and not self.training and self.pool_type == "argmax" and tokens.shape[0] > 1:
+            if not _tracing():
+                from clipforge.model.packing import encode as encode_packed
+
+                packed = encode_packed(self, tokens, idx)
+                if packed is not None:
+                    return packed
         return self.encode_trimmed(tokens[:, : self._trim_length(tokens, idx)], idx)
 
     def encode_trimmed(self, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
