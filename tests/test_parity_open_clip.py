@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip, infer_config, open_clip_to_clipforge
-from clipforge.model.clip import CLIP
+from clipforge.model.clip import CLIP, build_model
 from clipforge.model.config import CLIPConfig
 from clipforge.model.registry import get_model_config, list_models
 
@@ -145,7 +145,7 @@ def test_state_dict_shapes_and_inferred_config_match_open_clip(name: str) -> Non
     """Full-size open_clip models on the meta device: same tensors, same shapes, same config."""
     with torch.device("meta"):
         oc_model = open_clip.create_model(name, device="meta")
-        cf_model = CLIP(get_model_config(name))
+        cf_model = build_model(get_model_config(name))  # a CoCa for coca_* names
     mapped = open_clip_to_clipforge(oc_model.state_dict())
     ours = cf_model.state_dict()
     assert set(mapped) == set(ours)
