@@ -44,6 +44,20 @@ def _decoded(items: Sequence[Any], preprocess: Callable) -> tuple[list[tuple[Any
     return good, bad
 
 
+def can_caption(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has a captioning decoder (a CoCa): what ``generate`` needs."""
+    return getattr(model, "text_decoder", None) is not None and callable(getattr(model, "generate", None))
+
+
+def require_captioner(model: torch.nn.Module) -> None:
+    """Raise a :class:`ConfigError` naming the model when it cannot caption."""
+    if not can_caption(model):
+        raise ConfigError(
+            f"{getattr(model, 'architecture', 'this model')} cannot caption: it has no captioning decoder "
+            "(use a CoCa model, e.g. --model coca_ViT-B-32 --pretrained mscoco_finetuned_laion2b_s13b_b90k)"
+        )
+
+
 def iter_captions(
     model: torch.nn.Module,
     preprocess: Callable,
@@ -60,11 +74,7 @@ def iter_captions(
 
     from clipforge.model.generate import captions_from_ids
 
-    if getattr(model, "text_decoder", None) is None:
-        raise ConfigError(
-            f"{getattr(model, 'architecture', 'this model')} cannot caption: it has no captioning decoder "
-            "(use a CoCa model, e.g. --model coca_ViT-B-32 --pretrained mscoco_finetuned_laion2b_s13b_b90k)"
-        )
+    require_captioner(model)
     model.eval()
     pad = generate_options.get("pad_token_id", 0)
     starts = range(0, len(items), batch_size)

@@ -28,6 +28,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_generation_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="seed for top-k/top-p sampling")
+    add_table_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """open_clip's ``CoCa.generate`` options with its defaults (shared by ``caption`` and ``eval``)."""
     g = p.add_argument_group("generation (open_clip's CoCa.generate arguments)")
     g.add_argument(
         "--generation-type", default="beam_search", choices=["beam_search", "greedy", "top_k", "top_p"]
@@ -42,9 +50,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=0.1)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0, help="seed for top-k/top-p sampling")
-    add_table_arguments(p)
-    p.set_defaults(func=run)
 
 
 def generation_options(args: argparse.Namespace) -> dict:

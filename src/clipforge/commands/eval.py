@@ -1,4 +1,4 @@
-"""``clipforge eval``: zero-shot classification, retrieval or linear probe -> JSON (+ report);
+"""``clipforge eval``: zero-shot classification, retrieval, linear probe or captioning -> JSON (+ report);
 ``clipforge eval merge``: many result JSONs -> one CSV table."""
 
 from __future__ import annotations
@@ -8,18 +8,21 @@ import argparse
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
 from clipforge.commands._model_options import add_model_argument, model_argument
 from clipforge.commands._options import add_table_arguments, table_kwargs
+from clipforge.commands.caption import add_generation_arguments, generation_options
 
-TASKS = ("zeroshot", "retrieval", "linear-probe")
+TASKS = ("zeroshot", "retrieval", "linear-probe", "captioning")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model (zero-shot, retrieval, linear probe); 'eval merge' tabulates results",
+        help="evaluate a model (zero-shot, retrieval, linear probe, captioning); 'eval merge' tabulates results",
         description="Evaluate a CLIP model and write a CLIP_benchmark-style JSON result. "
         "Data specs: an ImageFolder dir, a pairs table (.csv/.tsv/.jsonl), a caption folder, "
         "webdataset shards (dir, x.tar, x-{000..009}.tar), synthetic:shapes?split=heldout, "
-        "cifar10:ROOT (any torchvision dataset: torchvision:NAME:ROOT).",
+        "cifar10:ROOT (any torchvision dataset: torchvision:NAME:ROOT). --task captioning (a CoCa "
+        "model) generates a caption per image and scores it against all the image's captions with "
+        "pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr; needs Java).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_argument(p)
@@ -55,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_table_arguments(p)
+    add_generation_arguments(p)
     p.set_defaults(func=run, eval_command=None)
 
     sub = p.add_subparsers(dest="eval_command", metavar="merge", required=False)
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     )
     model.eval()
     tokenizer = get_tokenizer(model)
-    kind = "retrieval" if args.task == "retrieval" else "classification"
+    kind = "retrieval" if args.task in ("retrieval", "captioning") else "classification"
     table = table_kwargs(args)
     dataset = load_eval_dataset(
         args.data, task=kind, transform=preprocess, download=args.download, split=args.split, **table
@@ -137,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         output=output,
         progress=not args.no_progress,
         seed=args.seed,
+        generate_options=generation_options(args) if args.task == "captioning" else None,
     )
     print(format_summary(result))
     if args.task == "retrieval":
@@ -144,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
         if examples:
             print("example text -> image searches:")
             print(examples)
+    if args.task == "captioning":
+        from clipforge.eval.runner import format_caption_examples
+
+        print("example captions:")
+        print(format_caption_examples(result))
     print(f"time {result['timings']['total']:.1f}s")
     if output:
         print(f"result: {output}")

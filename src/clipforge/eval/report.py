@@ -240,6 +240,42 @@ def plot_retrieval_examples(
     return _save(fig, path)
 
 
+def plot_caption_examples(
+    examples: Sequence[Mapping[str, Any]],
+    load_image: Any,
+    path: str | os.PathLike,
+    columns: int = 4,
+) -> Path:
+    """A grid of images, each with its generated caption (bold, above) and its first reference (below)."""
+    import textwrap
+    import warnings
+
+    from clipforge.transforms import to_rgb
+
+    count = max(len(examples), 1)
+    cols = min(columns, count)
+    rows = -(-count // cols)
+    fig = _figure(260 * cols, 60 + 420 * rows)  # room for three lines above and below each image
+    fig.suptitle("Generated captions (bold, above) and each image's first reference caption", fontsize=12)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= len(examples):
+            ax.axis("off")
+            continue
+        ex = examples[k]
+        ax.imshow(to_rgb(load_image(ex["index"])))  # datasets keep the file's mode
+        refs = ex.get("references") or [""]
+        ax.set_title(textwrap.fill(_short(ex["caption"], 80), 32), fontsize=9, fontweight="bold")
+        score = f"  (CIDEr {ex['CIDEr']:.2f})" if "CIDEr" in ex else ""
+        truth = textwrap.fill(f"truth: {_short(refs[0], 80)}", 38)
+        ax.set_xlabel(f"image {ex['index']}{score}\n{truth}", fontsize=8, color="#444")
+    with warnings.catch_warnings():  # glyphs DejaVu lacks (emoji, scripts) are drawn as boxes
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        return _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # report folder
 
@@ -283,6 +319,9 @@ def write_report(
                 details["examples"], dataset.load_image, out / f"{name}-examples.png"
             )
             plots.append(grid.name)
+    if result["task"] == "captioning" and details.get("examples") and dataset is not None:
+        grid = plot_caption_examples(details["examples"], dataset.load_image, out / f"{name}-captions.png")
+        plots.append(grid.name)
     info = {"json": f"{name}.json", "html": "index.html", "plots": plots}
     write_result({**result, "report": info}, out / info["json"])
     write_index(out)
@@ -304,13 +343,16 @@ def _load_results(out: Path) -> list[dict[str, Any]]:
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
+    from clipforge.eval.captioning import METRICS as CAPTION_METRICS
+
     rows = []
     for k, v in metrics.items():
-        shown = (
-            f"{100 * v:.2f}%"
-            if isinstance(v, float) and ("acc" in k or "recall" in k)
-            else html.escape(str(v))
-        )
+        if isinstance(v, float) and ("acc" in k or "recall" in k):
+            shown = f"{100 * v:.2f}%"
+        elif isinstance(v, float) and k in CAPTION_METRICS:  # BLEU, METEOR, ROUGE-L, CIDEr
+            shown = f"{v:.4f}"
+        else:
+            shown = html.escape(str(v))
         rows.append(f"<tr><th>{html.escape(k)}</th><td>{shown}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 

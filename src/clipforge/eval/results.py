@@ -32,6 +32,7 @@ TASK_NAMES = {
     "zeroshot_retrieval": "zeroshot_retrieval",
     "linear-probe": "linear_probe",
     "linear_probe": "linear_probe",
+    "captioning": "captioning",
 }
 FIRST_COLUMNS = ("model", "pretrained", "model_fullname", "dataset", "task", "language")
 
@@ -40,7 +41,7 @@ def benchmark_task(task: str) -> str:
     try:
         return TASK_NAMES[task]
     except KeyError:
-        raise ClipforgeError(f"unknown task {task!r}; use zeroshot, retrieval or linear-probe") from None
+        raise ClipforgeError(f"unknown task {task!r}; use zeroshot, retrieval, linear-probe or captioning") from None
 
 
 def versions() -> dict[str, str]:
@@ -179,7 +180,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
     return publish(path)
 
 
-HEADLINE = ("acc1", "acc5", "mean_per_class_recall")
+HEADLINE = ("acc1", "acc5", "mean_per_class_recall", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
 def _headline_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:

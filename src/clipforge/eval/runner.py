@@ -59,15 +59,19 @@ def evaluate(
     num_examples: int = 6,
     progress: bool = False,
     seed: int = 0,
+    generate_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` (an :class:`EvalDataset`, a ``--data`` spec string, or a
-    clipforge/torchvision dataset) for ``task`` in {"zeroshot", "retrieval", "linear-probe"}.
+    clipforge/torchvision dataset) for ``task`` in {"zeroshot", "retrieval", "linear-probe",
+    "captioning"}.
 
     ``preprocess`` turns a PIL image into the model's input tensor. Linear probe trains on
-    ``train_dataset`` if given, else on a seeded random half of ``dataset``.
+    ``train_dataset`` if given, else on a seeded random half of ``dataset``. Captioning (a CoCa)
+    generates with ``generate_options`` (:func:`clipforge.model.generate.generate`'s keywords;
+    open_clip's beam-search defaults, as CLIP_benchmark) and scores against every reference.
     """
     bench_task = benchmark_task(task)
-    kind = "retrieval" if bench_task == "zeroshot_retrieval" else "classification"
+    kind = "retrieval" if bench_task in ("zeroshot_retrieval", "captioning") else "classification"
     t0 = time.perf_counter()
     ds = as_eval_dataset(dataset, task=kind, transform=preprocess)
     loader_kw = {"batch_size": batch_size, "num_workers": num_workers}
@@ -76,6 +80,8 @@ def evaluate(
         metrics, details, config = run.zero_shot(templates, classnames)
     elif bench_task == "zeroshot_retrieval":
         metrics, details, config = run.retrieval(ks, num_examples)
+    elif bench_task == "captioning":
+        metrics, details, config = run.captioning(num_examples, dict(generate_options or {}), seed)
     else:
         train_ds = as_eval_dataset(train_dataset, transform=preprocess) if train_dataset is not None else None
         metrics, details, config = run.linear_probe(train_ds, seed)
@@ -206,6 +212,65 @@ class _Run:
         details = {"examples": examples, "skipped_images": len(ds) - len(idx)}
         return m, details, {"ks": list(ks), "logit_scale": float(scale)}
 
+    def captioning(self, num_examples: int, options: dict[str, Any], seed: int) -> tuple[dict, dict, dict]:
+        """Generate one caption per image, then BLEU/METEOR/ROUGE-L/CIDEr against all its references."""
+        from clipforge.captioning import require_captioner
+        from clipforge.eval.captioning import caption_scores, require_toolkit, spread
+
+        ds = self.ds
+        require_captioner(self.model)
+        if not ds.supports_retrieval:
+            raise ClipforgeError(f"{ds.name}: no reference captions, so captioning cannot be scored")
+        require_toolkit()  # before minutes of generation, not after
+        idx, generated = self._timed("generate", self._generate, options, seed)
+        keep = [k for k, i in enumerate(idx) if ds.captions[i]]
+        if not keep:
+            raise ClipforgeError(f"{ds.name}: none of the loaded images has a reference caption")
+        images = [idx[k] for k in keep]
+        candidates = [generated[k] for k in keep]
+        references = [ds.captions[i] for i in images]
+        t = time.perf_counter()
+        metrics, per_image = caption_scores(candidates, references)
+        self.timings["metrics"] = time.perf_counter() - t
+        examples = [
+            {
+                "index": images[k],
+                "caption": candidates[k],
+                "references": references[k],
+                **{m: round(per_image[m][k], 4) for m in ("Bleu_4", "CIDEr")},
+            }
+            for k in spread(num_examples, len(images))
+        ]
+        details = {
+            "examples": examples,
+            "captions": [{"index": i, "caption": c} for i, c in zip(images, candidates)],
+            "skipped_images": len(ds) - len(idx),
+            "images_without_references": len(idx) - len(keep),
+        }
+        metrics = {**metrics, "num_images": len(images), "num_references": sum(map(len, references))}
+        return metrics, details, {"generate": options, "seed": seed}
+
+    def _generate(self, options: dict[str, Any], seed: int) -> tuple[list[int], list[str]]:
+        """(dataset indices that loaded, their captions) over the dataset's batches."""
+        from clipforge.eval.zero_shot import _maybe_tqdm, model_dtype
+        from clipforge.model.generate import captions_from_ids
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        dtype = model_dtype(self.model)
+        pad = options.get("pad_token_id", 0)
+        indices: list[int] = []
+        captions: list[str] = []
+        for batch in _maybe_tqdm(make_loader(self.ds, **self.loader_kw), self.progress, "caption"):
+            if batch is None:
+                continue
+            images, idx = batch
+            ids = self.model.generate(images.to(self.device, dtype), generator=generator, **options)
+            captions += captions_from_ids(self.tokenizer, ids.cpu(), pad)
+            indices += [int(i) for i in idx]
+        if not indices:
+            raise ClipforgeError(f"{self.ds.name}: no images could be loaded for captioning")
+        return indices, captions
+
     def linear_probe(self, train_ds: EvalDataset | None, seed: int) -> tuple[dict, dict, dict]:
         from clipforge.eval.linear_probe import linear_probe
 
@@ -253,7 +318,12 @@ def format_summary(result: dict[str, Any]) -> str:
     m = result["metrics"]
     model = f"{result['model']} {result.get('pretrained') or ''}".strip()
     head = f"{result['task']} on {result['dataset']} ({model})"
-    if result["task"] == "zeroshot_retrieval":
+    if result["task"] == "captioning":
+        from clipforge.eval.captioning import HEADLINE
+
+        scores = "  ".join(f"{label} {m[key]:.3f}" for key, label in HEADLINE.items() if key in m)
+        body = [f"  {scores}  ({m.get('num_images', 0)} images, {m.get('num_references', 0)} references)"]
+    elif result["task"] == "zeroshot_retrieval":
         ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("image_retrieval_recall@"))
         t2i = "  ".join(f"R@{k} {100 * m[f'image_retrieval_recall@{k}']:.1f}" for k in ks)
         i2t = "  ".join(f"R@{k} {100 * m[f'text_retrieval_recall@{k}']:.1f}" for k in ks)
@@ -274,6 +344,17 @@ def format_examples(result: dict[str, Any], dataset: EvalDataset | None = None) 
         for rank, (j, s, ok) in enumerate(zip(ex["top"], ex["scores"], ex["correct"]), start=1):
             what = _describe_item(dataset, j)
             lines.append(f"     {rank}. {'✓' if ok else ' '} {s:+.3f}  {what}")
+    return "\n".join(lines)
+
+
+def format_caption_examples(result: dict[str, Any]) -> str:
+    """Example generated captions as text, each with the image's first reference and its scores."""
+    lines = []
+    for ex in result.get("details", {}).get("examples", []):
+        refs = ex.get("references") or [""]
+        more = f" (+{len(refs) - 1} more)" if len(refs) > 1 else ""
+        lines.append(f'  image {ex["index"]}: "{ex["caption"]}"   BLEU-4 {ex["Bleu_4"]:.3f}  CIDEr {ex["CIDEr"]:.3f}')
+        lines.append(f'     truth: "{refs[0]}"{more}')
     return "\n".join(lines)
 
 
