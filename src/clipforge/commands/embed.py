@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
 from clipforge.commands._model_options import add_model_argument, model_argument
@@ -14,7 +15,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "embed",
         help="embed a collection of images into .npy shards + a metadata table",
         description="Embed images with a CLIP model. Resumable: rerun the same command after an "
-        "interruption and finished shards are skipped. Unreadable images are listed in skipped.csv.",
+        "interruption and finished shards are skipped. Unreadable images are listed in skipped.csv. "
+        "Under `torchrun --nproc-per-node N -m clipforge embed ...` the shards are split over the "
+        "ranks (gloo on CPU, nccl with --device cuda: one GPU per rank); a rerun with any number "
+        "of ranks finishes what is missing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_argument(p)
@@ -32,19 +36,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: this rank's GPU), auto")
     p.add_argument("--no-captions", action="store_true", help="do not embed captions")
     add_table_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipforge.search import sharding
+
+    info = sharding.start(args.device)  # a world of one without torchrun
+    try:
+        return _embed(args, info)
+    finally:
+        sharding.finish()
+
+
+def _embed(args: argparse.Namespace, info: Any) -> int:
     from clipforge.inference import optimize_for_inference
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(
-        model_argument(args), pretrained=args.pretrained, device=args.device, image_alpha=image_alpha(args)
+        model_argument(args), pretrained=args.pretrained, device=info.device, image_alpha=image_alpha(args)
     )
     model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)
@@ -61,9 +75,14 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         model_name=model.architecture,  # e.g. "custom (from my-arch.json)"; the config is stored too
         pretrained=args.pretrained,
-        device=args.device,
+        device=info.device,
         table=table_options(args),
     )
+    if not info.is_main:
+        return 0
+    ranks = sorted({s["rank"] for s in m["shards"] if s.get("rank") is not None})
+    if info.distributed:
+        print(f"{info.world_size} ranks ({info.backend}); shards on disk written by ranks {ranks}")
     print(
         f"embedded {m['count']:,} images ({m['dim']}-d, {m['dtype']}) into {len(m['shards'])} shard(s) in {args.out}"
     )

@@ -12,7 +12,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipforge.data.images import IMAGE_EXTENSIONS, iter_image_files
@@ -32,6 +32,9 @@ class Item:
     tar_offset: int = -1
     tar_size: int = -1
     row: int = -1  # row of the parquet file ``path`` whose image column holds the bytes
+    # The input this item was listed from (tar shard, table file, folder): distributed embedding
+    # splits work at this granularity. Not part of equality: it says where, not what.
+    source: str = field(default="", compare=False)
 
     def read_bytes(self) -> bytes:
         return read_item_bytes(self.path, self.tar_offset, self.tar_size, self.row)
@@ -63,7 +66,11 @@ def read_item_bytes(
 
 
 def list_items(source: str | os.PathLike | Sequence[str], options: TableOptions | None = None) -> list[Item]:
-    """Resolve a spec (folder, table(s), shards, image file, pattern) into an ordered item list."""
+    """Resolve a spec (folder, table(s), shards, image file, pattern) into an ordered item list.
+
+    Each item's ``source`` names its input: the tar shard or table file it came from, or the
+    folder / spec for image files, so consecutive items with one ``source`` form one input shard.
+    """
     if isinstance(source, list | tuple):
         return [it for s in source for it in list_items(s, options)]
     spec = os.fspath(source)
@@ -73,9 +80,9 @@ def list_items(source: str | os.PathLike | Sequence[str], options: TableOptions 
         images = sorted(iter_image_files(path))  # globally sorted: ids follow path order
         if not images:
             raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        return [Item(str(p.resolve()), _sibling_caption(p)) for p in images]
+        return [Item(str(p.resolve()), _sibling_caption(p), source=spec) for p in images]
     if kind == "image":
-        return [Item(str(Path(p).resolve()), _sibling_caption(Path(p))) for p in expand_paths(spec)]
+        return [Item(str(Path(p).resolve()), _sibling_caption(Path(p)), source=spec) for p in expand_paths(spec)]
     if kind == "shards":
         from clipforge.data.shards import expand_urls
 
@@ -109,7 +116,7 @@ def _tar_items(url: str) -> list[Item]:
             if text is not None:
                 f.seek(text[0])
                 caption = f.read(text[1]).decode("utf-8", errors="replace").strip()
-            items.append(Item(path, caption, image[0], image[1]))
+            items.append(Item(path, caption, image[0], image[1], source=path))
     return items
 
 
@@ -138,7 +145,8 @@ def _table_items(path: Path, options: TableOptions) -> list[Item]:
             f"{path}: no usable rows ({', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))})"
         )
     first = [c[0] if c else "" for c in table.captions]
+    name = str(path.resolve())
     if table.embedded is None:
-        return [Item(p, c) for p, c in zip(table.images, first)]
+        return [Item(p, c, source=name) for p, c in zip(table.images, first)]
     rows = table.embedded.file_row
-    return [Item(str(path.resolve()), c, row=rows[i]) for i, c in enumerate(first)]
+    return [Item(name, c, row=rows[i], source=name) for i, c in enumerate(first)]

@@ -9,10 +9,18 @@ Layout of ``out_dir`` (everything written atomically):
 - ``skipped.csv``             source items that could not be decoded, with the reason
 - ``embed_manifest.json``     model name/pretrained, dim, count, shard list
 
-A shard is the unit of resumption: shard ``i`` always covers source items
-``[i*shard_size, (i+1)*shard_size)``, so a rerun lists the same items, skips shards whose
+A shard is the unit of resumption. Output shards follow the input: each input shard (tar file,
+table file; a folder is one input) is cut into pieces of ``shard_size`` items, so shard ``i``
+always covers the same source items; a rerun lists the same items, skips shards whose
 ``img_emb`` file exists (written last) and embeds only the rest. Batches never straddle shards,
 so ordering is preserved with any number of DataLoader workers.
+
+Under ``torchrun`` the pending shards are split over the ranks (:mod:`clipforge.search.sharding`):
+whole input shards per rank where the source has several, contiguous runs of output shards
+otherwise. Each rank writes its own shards (plus ``shard_00000.json``: which rank, which items
+of which input); rank 0 writes the manifest from what is on disk once every rank is done. The
+files are the same as a single-process run's, and a rerun with any number of ranks finishes
+only the missing shards.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +38,7 @@ from clipforge.data.items import Item, list_items
 from clipforge.data.tables import TableOptions
 from clipforge.errors import DataError
 from clipforge.model.architecture import config_record, model_label
+from clipforge.search import sharding
 from clipforge.search.tables import (
     atomic_save_npy,
     atomic_write_json,
@@ -44,6 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Item", "embed_images", "iter_embedding_chunks", "list_items", "load_manifest"]
 STATE_FILE = "embed_state.json"
 MANIFEST_FILE = "embed_manifest.json"
+LAYOUT = "per-input"  # output shards cut per input shard (one input: global ranges, as before)
 
 
 # --------------------------------------------------------------------------- decoding dataset
@@ -111,10 +121,10 @@ def embed_images(
     shards); ``table`` says how to read tables (separator, columns, data root), as for every
     command. ``tokenizer`` enables caption embeddings; ``model_name``/``pretrained`` are
     recorded so the :class:`~clipforge.search.searcher.Searcher` can rebuild the same model.
-    """
-    import torch
-    from tqdm import tqdm
 
+    Called on every rank of an initialised process group (``clipforge embed`` under torchrun),
+    each rank embeds its share of the missing shards and every rank returns the manifest.
+    """
     dtype = np.dtype(dtype)
     if dtype not in (np.float16, np.float32):
         raise DataError(f"dtype must be float16 or float32, got {dtype}")
@@ -128,52 +138,119 @@ def embed_images(
     items = list_items(source, table)
     if not items:
         raise DataError(f"{source}: no images found")
-    n_shards = (len(items) + shard_size - 1) // shard_size
-    _check_state(out, items, shard_size, model_name, pretrained, dtype)
-    with_text = tokenizer is not None and any(it.caption for it in items)
+    plan = plan_shards(items, shard_size)
+    rank, world = sharding.world()
 
-    pending = [s for s in range(n_shards) if not _shard_done(out, s)]
-    if len(pending) < n_shards:
-        log.info("resuming: %d of %d shards already written", n_shards - len(pending), n_shards)
-    batches = [
-        list(range(b, min(b + batch_size, (s + 1) * shard_size, len(items))))
-        for s in pending
-        for b in range(s * shard_size, min((s + 1) * shard_size, len(items)), batch_size)
-    ]
-    if batches:
-        on_gpu = torch.device(device).type == "cuda"
-        loader = torch.utils.data.DataLoader(
-            _ImageDataset(items, preprocess, max_pixels),
-            batch_sampler=batches,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=on_gpu,
-            persistent_workers=False,
-        )
-        model.eval()
-        pixel_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        buf: list[dict[str, Any]] = []
-        feats: list[np.ndarray] = []
-        shard = pending[0]
-        bar = tqdm(total=len(batches), unit="batch", desc="embed", disable=not progress)
-        with torch.inference_mode():
-            for batch in loader:
-                samples = batch["samples"]
-                s = samples[0]["i"] // shard_size
-                if s != shard:
-                    _write_shard(out, shard, items, buf, feats, model, tokenizer, with_text, dtype, device)
-                    buf, feats, shard = [], [], s
-                buf.extend(samples)
-                if batch["images"] is not None:
-                    x = batch["images"].to(device, dtype=pixel_dtype, non_blocking=on_gpu)
-                    f = model.encode_image(x, normalize=True).float()
-                    feats.append(_normalise(f.cpu().numpy()))
-                bar.update(1)
-        _write_shard(out, shard, items, buf, feats, model, tokenizer, with_text, dtype, device)
-        bar.close()
+    def check() -> list[int]:  # rank 0 decides what is missing; every rank gets the same list
+        _check_state(out, items, shard_size, model_name, pretrained, dtype, plan[-1].input + 1)
+        return [s for s in range(len(plan)) if not _shard_done(out, s)]
+
+    pending = sharding.agree(check)
+    with_text = tokenizer is not None and any(it.caption for it in items)
+    if len(pending) < len(plan) and rank == 0:
+        log.info("resuming: %d of %d shards already written", len(plan) - len(pending), len(plan))
+    mine = [s for s, r in zip(pending, assign_shards(plan, pending, world)) if r == rank]
+    if mine:
+        writer = _ShardWriter(out, plan, items, model, tokenizer, with_text, dtype, device, rank, world)
+        _embed_shards(model, preprocess, items, plan, mine, writer, batch_size, num_workers, max_pixels, progress)
+    sharding.wait_all()  # every rank's shards are on disk
     pre = getattr(model, "preprocess_cfg", None)
     pre_dict = pre.to_dict() if hasattr(pre, "to_dict") else None
-    return _finalize(out, n_shards, model_name, pretrained, dtype, with_text, config_record(model), pre_dict)
+    if rank == 0:
+        manifest = _finalize(out, plan, model_name, pretrained, dtype, with_text, config_record(model), pre_dict)
+    sharding.wait_all()  # the manifest is written
+    return manifest if rank == 0 else load_manifest(out)
+
+
+class Span(NamedTuple):
+    """One output shard: source items ``[start, end)``, all from input number ``input``."""
+
+    start: int
+    end: int
+    input: int
+
+
+def plan_shards(items: Sequence[Item], shard_size: int) -> list[Span]:
+    """The output shards: each input (consecutive items with one ``source``) cut into pieces of
+    ``shard_size``. A shard never straddles two inputs, so a rank given whole inputs reads only
+    its own files; with one input this is the plain ``[i*shard_size, (i+1)*shard_size)`` layout."""
+    plan: list[Span] = []
+    start, n_input = 0, 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i].source != items[start].source:
+            plan += [Span(b, min(b + shard_size, i), n_input) for b in range(start, i, shard_size)]
+            start, n_input = i, n_input + 1
+    return plan
+
+
+def assign_shards(plan: Sequence[Span], pending: Sequence[int], world: int) -> list[int]:
+    """The rank of each pending shard: whole input shards per rank when there are at least as
+    many as ranks, else contiguous runs of output shards; balanced by item count either way."""
+    if world <= 1:
+        return [0] * len(pending)
+    groups: list[list[int]] = []
+    for s in pending:
+        if groups and plan[groups[-1][-1]].input == plan[s].input:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    if len(groups) < world:  # one folder/table, or fewer inputs than ranks
+        groups = [[s] for s in pending]
+    sizes = [sum(plan[s].end - plan[s].start for s in g) for g in groups]
+    return [r for g, r in zip(groups, sharding.contiguous_split(sizes, world)) for _ in g]
+
+
+def _embed_shards(
+    model: Any,
+    preprocess: Callable,
+    items: list[Item],
+    plan: Sequence[Span],
+    mine: Sequence[int],
+    writer: _ShardWriter,
+    batch_size: int,
+    num_workers: int,
+    max_pixels: int | None,
+    progress: bool,
+) -> None:
+    """Embed this rank's shards in order, one DataLoader over all their batches."""
+    import torch
+    from tqdm import tqdm
+
+    batches, shard_of = [], []
+    for s in mine:
+        span = plan[s]
+        for b in range(span.start, span.end, batch_size):
+            batches.append(list(range(b, min(b + batch_size, span.end))))
+            shard_of.append(s)
+    on_gpu = torch.device(writer.device).type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(items, preprocess, max_pixels),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=on_gpu,
+        persistent_workers=False,
+    )
+    model.eval()
+    pixel_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    buf: list[dict[str, Any]] = []
+    feats: list[np.ndarray] = []
+    shard = shard_of[0]
+    desc = "embed" if writer.world == 1 else f"embed rank {writer.rank}/{writer.world}"
+    n_items = sum(len(b) for b in batches)
+    bar = tqdm(total=n_items, unit="img", desc=desc, disable=not progress, position=writer.rank)
+    with torch.inference_mode():
+        for batch, s in zip(loader, shard_of):
+            if s != shard:
+                bar.set_postfix_str(writer.write(shard, buf, feats), refresh=False)
+                buf, feats, shard = [], [], s
+            buf.extend(batch["samples"])
+            if batch["images"] is not None:
+                x = batch["images"].to(writer.device, dtype=pixel_dtype, non_blocking=on_gpu)
+                feats.append(_normalise(model.encode_image(x, normalize=True).float().cpu().numpy()))
+            bar.update(len(batch["samples"]))
+    bar.set_postfix_str(writer.write(shard, buf, feats))
+    bar.close()
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -193,6 +270,7 @@ def _check_state(
     model_name: str | None,
     pretrained: str | None,
     dtype: np.dtype,
+    n_inputs: int = 1,
 ) -> None:
     """Refuse to resume into a folder whose shards came from another source, model or sharding."""
     h = hashlib.sha256()
@@ -206,10 +284,13 @@ def _check_state(
         "model": model_name,
         "pretrained": str(pretrained) if pretrained is not None else None,
         "dtype": dtype.name,
+        "layout": LAYOUT,
     }
     path = out / STATE_FILE
     if path.is_file():
         old = read_json(path)
+        if "layout" not in old and n_inputs == 1:  # before per-input shards: same cut for one input
+            old["layout"] = LAYOUT
         diff = [k for k in state if old.get(k) != state[k]]
         if diff:
             raise DataError(
@@ -222,49 +303,71 @@ def _check_state(
     atomic_write_json(path, state)
 
 
-def _write_shard(
-    out: Path,
-    s: int,
-    items: list[Item],
-    samples: list[dict[str, Any]],
-    feats: list[np.ndarray],
-    model: Any,
-    tokenizer: Callable | None,
-    with_text: bool,
-    dtype: np.dtype,
-    device: Any,
-) -> None:
-    """Write one shard: metadata part, caption embeddings, then the image embeddings (the marker)."""
-    import torch
+class _ShardWriter:
+    """Writes one output shard: metadata part, caption embeddings, which rank wrote it and from
+    which input, then the image embeddings (the marker a rerun looks for)."""
 
-    dim = feats[0].shape[1] if feats else _embed_dim(model)
-    img = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
-    rows = [items[x["i"]] for x in samples]
-    meta = {
-        "source_index": [x["i"] for x in samples],
-        "path": [r.path for r in rows],
-        "caption": [r.caption for r in rows],
-        "width": [x["size"][0] for x in samples],
-        "height": [x["size"][1] for x in samples],
-        "tar_offset": [r.tar_offset for r in rows],
-        "tar_size": [r.tar_size for r in rows],
-        "row": [r.row for r in rows],
-        "reason": [x["reason"] for x in samples],
-    }
-    if with_text:
-        caps = [items[x["i"]].caption for x in samples if not x["reason"]]
+    def __init__(
+        self,
+        out: Path,
+        plan: Sequence[Span],
+        items: list[Item],
+        model: Any,
+        tokenizer: Callable | None,
+        with_text: bool,
+        dtype: np.dtype,
+        device: Any,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.out, self.plan, self.items, self.model, self.tokenizer = out, plan, items, model, tokenizer
+        self.with_text, self.dtype, self.device, self.rank, self.world = with_text, dtype, device, rank, world
+
+    def write(self, s: int, samples: list[dict[str, Any]], feats: list[np.ndarray]) -> str:
+        """Write shard ``s``; returns a progress note with the total over all ranks (on disk)."""
+        out, items = self.out, self.items
+        dim = feats[0].shape[1] if feats else _embed_dim(self.model)
+        img = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+        rows = [items[x["i"]] for x in samples]
+        meta = {
+            "source_index": [x["i"] for x in samples],
+            "path": [r.path for r in rows],
+            "caption": [r.caption for r in rows],
+            "width": [x["size"][0] for x in samples],
+            "height": [x["size"][1] for x in samples],
+            "tar_offset": [r.tar_offset for r in rows],
+            "tar_size": [r.tar_size for r in rows],
+            "row": [r.row for r in rows],
+            "reason": [x["reason"] for x in samples],
+        }
+        if self.with_text:
+            caps = [x["i"] for x in samples if not x["reason"]]
+            txt = self._embed_captions([items[i].caption for i in caps], dim)
+            atomic_save_npy(out / f"txt_emb_{s:05d}.npy", txt.astype(self.dtype))
+        write_table(out / f"meta_{s:05d}.csv", meta)
+        span = self.plan[s]
+        record = {"rank": self.rank, "world_size": self.world, "items": [span.start, span.end],
+                  "inputs": [items[span.start].source]}  # fmt: skip
+        atomic_write_json(out / f"shard_{s:05d}.json", record)
+        atomic_save_npy(out / f"img_emb_{s:05d}.npy", img.astype(self.dtype))
+        n_bad = sum(1 for x in samples if x["reason"])
+        done = sum(1 for _ in out.glob("img_emb_*.npy"))
+        log.info("rank %d: shard %05d: %d embedded, %d skipped (all ranks: %d/%d shards)",
+                 self.rank, s, len(img), n_bad, done, len(self.plan))  # fmt: skip
+        return f"all ranks: {done}/{len(self.plan)} shards"
+
+    def _embed_captions(self, caps: list[str], dim: int) -> np.ndarray:
+        import torch
+
         txt = np.zeros((len(caps), dim), np.float32)
         idx = [j for j, c in enumerate(caps) if c.strip()]
         with torch.inference_mode():
             for b in range(0, len(idx), 256):
                 chunk = idx[b : b + 256]
-                tokens = tokenizer([caps[j] for j in chunk]).to(device)
-                txt[chunk] = _normalise(model.encode_text(tokens, normalize=True).float().cpu().numpy())
-        atomic_save_npy(out / f"txt_emb_{s:05d}.npy", txt.astype(dtype))
-    write_table(out / f"meta_{s:05d}.csv", meta)
-    atomic_save_npy(out / f"img_emb_{s:05d}.npy", img.astype(dtype))
-    n_bad = sum(1 for x in samples if x["reason"])
-    log.info("shard %05d: %d embedded, %d skipped", s, len(img), n_bad)
+                tokens = self.tokenizer([caps[j] for j in chunk]).to(self.device)
+                feats = self.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+                txt[chunk] = _normalise(feats)
+        return txt
 
 
 def _embed_dim(model: Any) -> int:
@@ -274,7 +377,7 @@ def _embed_dim(model: Any) -> int:
 
 def _finalize(
     out: Path,
-    n_shards: int,
+    plan: Sequence[Span],
     model_name: str | None,
     pretrained: str | None,
     dtype: np.dtype,
@@ -282,12 +385,15 @@ def _finalize(
     model_config: dict[str, Any] | None = None,
     preprocess_cfg: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge the per-shard parts into ``metadata`` + ``skipped.csv`` and write the manifest."""
+    """Merge the per-shard parts into ``metadata`` + ``skipped.csv`` and write the manifest.
+
+    Everything is read back from disk (whichever rank or run wrote a shard), so the manifest
+    describes the files as they are."""
     keep = ("id", "path", "caption", "width", "height", "tar_offset", "tar_size", "row")
     meta: dict[str, list[Any]] = {k: [] for k in keep}
     skipped: dict[str, list[Any]] = {"source_index": [], "path": [], "reason": []}
     shards, dim, n = [], 0, 0
-    for s in range(n_shards):
+    for s in range(len(plan)):
         part = read_table(out / f"meta_{s:05d}.csv")
         emb = np.load(out / f"img_emb_{s:05d}.npy", mmap_mode="r")
         ok = [j for j, r in enumerate(part["reason"]) if not r]
@@ -309,6 +415,7 @@ def _finalize(
                 "image": f"img_emb_{s:05d}.npy",
                 "rows": int(emb.shape[0]),
                 "text": f"txt_emb_{s:05d}.npy" if with_text else None,
+                **_shard_record(out, s, plan[s]),
             }
         )
     meta_path = write_table(out / f"metadata{table_suffix()}", meta)
@@ -329,10 +436,22 @@ def _finalize(
         "normalized": True,
         "has_text": with_text,
         "metadata": meta_path.name,
+        "layout": LAYOUT,
         "shards": shards,
     }
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return manifest
+
+
+def _shard_record(out: Path, s: int, span: Span) -> dict[str, Any]:
+    """Who wrote shard ``s`` and what it covers; shards of older versions have no record."""
+    path = out / f"shard_{s:05d}.json"
+    rec = read_json(path) if path.is_file() else {}
+    return {
+        "rank": rec.get("rank"),
+        "items": rec.get("items", [span.start, span.end]),
+        "inputs": rec.get("inputs", []),
+    }
 
 
 # --------------------------------------------------------------------------- reading back

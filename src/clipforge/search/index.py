@@ -23,15 +23,25 @@ Index folder layout (generation ``g`` increments on every rewrite; ``manifest.js
 last and names the live files, so a crash at any point leaves a consistent index):
 ``index-g.faiss``, ``embeddings-g.npy`` (the embed dtype; for query-by-id, dedup and re-scoring),
 ``metadata-g.cftable`` (memory-mapped columns, see ``tables.write_mapped_table``), ``manifest.json``.
+
+IVF kinds (``ivf``, ``ivfpq``) are built shard by shard (:mod:`clipforge.search.build`): trained on
+a sample, filled in parts (in parallel under ``torchrun``), merged into on-disk inverted lists
+``index-g.ivfdata`` beside ``index-g.faiss``, plus ``index-g.trained`` (the empty trained index
+``index --add`` fills new parts from). No step holds all vectors; ``--max-memory`` bounds the
+training sample, the part size and, with the planner's choice, the index at query time. From one
+million vectors ``ivfpq`` adds an OPQ rotation, and from 8,192 lists the coarse quantizer is an
+HNSW graph (assigning a vector then costs ~log(nlist), not nlist, distance computations).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,15 +51,18 @@ from typing import Any
 import numpy as np
 
 from clipforge.errors import ClipforgeError, DataError
+from clipforge.search import build as streamed
+from clipforge.search import sharding
 from clipforge.search.embed import iter_embedding_chunks, load_manifest
 from clipforge.search.tables import (
     MAPPED_SUFFIX,
     atomic_write_json,
     find_table,
+    iter_table_chunks,
     open_metadata,
     read_json,
     read_table,
-    write_mapped_table,
+    write_mapped_table_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +76,9 @@ CALIBRATION_QUERIES = 500
 CALIBRATION_K = 10
 CALIBRATION_MARGIN = {"hnsw": 0.035}  # others: 0.02 (see calibrate)
 SMALL_PARALLEL = 20_000
+STREAMED_KINDS = ("ivf", "ivfpq")  # built shard by shard into on-disk inverted lists
+OPQ_MIN = 1_000_000  # ivfpq learns a rotation first: PQ sub-spaces then carry equal variance
+HNSW_QUANTIZER_MIN = 8192  # lists from which the coarse quantizer is a graph, not a flat scan
 MANIFEST = "manifest.json"
 INDEX_FORMAT_VERSION = 1
 
@@ -102,11 +118,24 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _nlist(n: int) -> int:
-    """About 4*sqrt(n) lists (a power of two), and at least ~39 training points per list."""
+def _nlist(n: int, dim: int = 0, budget: int | None = None) -> int:
+    """About 4*sqrt(n) lists (a power of two), and at least ~39 training points per list; under a
+    memory budget, no more lists than the training sample the budget allows can train."""
     target = 4 * math.sqrt(max(n, 1))
     nlist = 2 ** max(0, round(math.log2(target)))
-    return int(max(1, min(nlist, n // 39, 65536)))
+    cap = n // 39
+    if budget and dim:
+        cap = min(cap, max(1, max_training_rows(dim, budget) // 39))
+        nlist = 2 ** int(math.log2(max(1, min(nlist, cap))))
+    return int(max(1, min(nlist, cap, 65536)))
+
+
+def max_training_rows(dim: int, budget: int | None) -> int:
+    """Training points (float32) in an eighth of ``budget`` (k-means and PQ training hold about
+    four copies of the sample: residuals, sub-space slices, assignments), at most ``TRAIN_MAX``."""
+    if not budget:
+        return streamed.TRAIN_MAX
+    return int(min(streamed.TRAIN_MAX, budget // 8 // (dim * 4)))
 
 
 def _pq_choices(dim: int) -> list[int]:
@@ -148,11 +177,14 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int | str | Non
     for k in candidates:
         options = [{"pq_m": m} for m in _pq_choices(dim)] if k == "ivfpq" else [{}]
         for opt in options:
-            params = {"nlist": _nlist(n), **opt} if k in ("ivf", "ivfpq") else dict(opt)
+            params = {"nlist": _nlist(n, dim, budget), **opt} if k in ("ivf", "ivfpq") else dict(opt)
             if k == "hnsw":
                 params["hnsw_m"] = HNSW_M
+            if k in ("ivf", "ivfpq"):
+                params["quantizer"] = "hnsw" if params["nlist"] >= HNSW_QUANTIZER_MIN else "flat"
             if k == "ivfpq":
                 params["pq_nbits"] = _pq_nbits(n)
+                params["opq"] = n >= OPQ_MIN
             mem = estimate_memory(k, n, dim, **params)
             if budget is None or mem <= budget:
                 why = (
@@ -204,7 +236,11 @@ def _new_index(plan: IndexPlan, dim: int, metric: str):
         index = faiss.IndexHNSWFlat(dim, p["hnsw_m"], mt)
         index.hnsw.efConstruction = 64
         return index
-    quantizer = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+    if p.get("quantizer") == "hnsw":
+        quantizer = faiss.IndexHNSWFlat(dim, 32, mt)
+        quantizer.hnsw.efConstruction, quantizer.hnsw.efSearch = 40, 64
+    else:
+        quantizer = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
     if plan.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, p["nlist"], mt)
     else:
@@ -215,6 +251,14 @@ def _new_index(plan: IndexPlan, dim: int, metric: str):
     index.cp.min_points_per_centroid = 5  # we size nlist/nbits for the data; skip faiss's warning
     if plan.kind == "ivfpq":
         index.pq.cp.min_points_per_centroid = 5
+    if plan.kind == "ivfpq" and p.get("opq"):
+        opq = faiss.OPQMatrix(dim, p["pq_m"])
+        opq.niter, opq.max_train_points = 20, 65_536  # the rotation converges long before faiss's 50
+        wrapped = faiss.IndexPreTransform(opq, index)
+        wrapped.own_fields = True
+        opq.this.disown()
+        index.this.disown()
+        return wrapped
     return index
 
 
@@ -239,12 +283,14 @@ def _chunks(arrays: Iterable[np.ndarray], size: int = 65_536) -> Iterable[np.nda
             yield np.ascontiguousarray(arr[start : start + size], dtype=np.float32)
 
 
-def _training_sample(emb: np.ndarray, plan: IndexPlan, seed: int) -> np.ndarray:
+def _training_sample(emb: Any, plan: IndexPlan, seed: int, budget: int | None = None) -> np.ndarray:
+    """A seeded random sample of rows: 30 per list (20k at least; 64 per PQ centroid for ivfpq),
+    no more than :func:`max_training_rows` allows."""
     n = emb.shape[0]
-    want = n if plan.kind == "flat" or plan.kind == "hnsw" else min(n, max(30 * plan.params["nlist"], 20_000))
-    if plan.kind == "ivfpq":
-        want = min(n, max(want, 64 * 2 ** plan.params["pq_nbits"]))
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=want, replace=False))
+    if plan.kind in STREAMED_KINDS:
+        rows = _training_rows_for(emb, plan, seed, budget)
+    else:
+        rows = streamed.training_rows(n, n, seed)
     return np.ascontiguousarray(emb[rows], dtype=np.float32)
 
 
@@ -258,33 +304,47 @@ def build_index(
     target_recall: float = 0.95,
     seed: int = 0,
     progress: bool = True,
+    part_rows: int | None = None,
 ) -> dict[str, Any]:
-    """Build an index over ``emb_dir`` (from ``clipforge embed``) into ``out_dir``; returns the manifest."""
+    """Build an index over ``emb_dir`` (from ``clipforge embed``) into ``out_dir``; returns the manifest.
+
+    Called on every rank of an initialised process group (``clipforge index`` under torchrun),
+    the parts of an IVF build are split over the ranks and rank 0 merges them; every rank
+    returns the manifest. ``part_rows`` sets the vectors per part (default: from the budget).
+    """
     _faiss()  # fail before any work if faiss is missing
     emb_manifest = load_manifest(emb_dir)
     n, dim = int(emb_manifest["count"]), int(emb_manifest["dim"])
     if n == 0:
         raise DataError(f"{emb_dir}: no embeddings to index (all images skipped?)")
     plan = plan_index(n, dim, kind, max_memory)
+    budget = parse_memory(max_memory)
     log.info("index: %s, ~%s in memory (%s)", plan.kind, _fmt_bytes(plan.memory_bytes), plan.reason)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = _next_generation(out)
-    t0 = time.perf_counter()
-    emb_path = out / f"embeddings-{gen}.npy"
     dtype = emb_manifest.get("dtype", "float16")
-    _write_embeddings(emb_path, iter_embedding_chunks(emb_dir), n, dim, dtype)
-    emb = np.load(emb_path, mmap_mode="r")
-    index = _new_index(plan, dim, metric)
+    t0 = time.perf_counter()
+
+    def prepare() -> int:  # rank 0: the new generation's copy of the vectors, streamed
+        gen = _next_generation(out)
+        _write_embeddings(out / f"embeddings-{gen}.npy", iter_embedding_chunks(emb_dir), n, dim, dtype)
+        return gen
+
+    gen = sharding.agree(prepare)
+    emb_path = out / f"embeddings-{gen}.npy"
+    rank = sharding.world()[0]
+    if plan.kind in STREAMED_KINDS:
+        index = _build_streamed(out, gen, emb_path, plan, metric, seed, budget, progress, part_rows)
+    elif rank == 0:
+        index = _build_in_memory(emb_path, plan, metric, seed, progress)
+    if rank != 0:
+        sharding.wait_all()  # rank 0 calibrates and saves
+        return read_manifest(out)
+    build_s = time.perf_counter() - t0
+    rows = streamed.RowReader(emb_path)
     with omp_threads(n):
-        if not index.is_trained:
-            index.train(_training_sample(emb, plan, seed))
-            log.info("trained %s in %.1fs", plan.kind, time.perf_counter() - t0)
-        _add_with_progress(index, _chunks([emb]), n, progress)
-        build_s = time.perf_counter() - t0
-        params, recall = calibrate(index, plan.kind, emb, metric, target_recall=target_recall, seed=seed)
-        log.info("calibrated %s in %.1fs", params, time.perf_counter() - t0 - build_s)
-    meta = read_table(find_table(Path(emb_dir), "metadata"))
+        params, recall = calibrate(index, plan.kind, rows, metric, target_recall=target_recall, seed=seed)
+    log.info("calibrated %s in %.1fs", params, time.perf_counter() - t0 - build_s)
     manifest = {
         "format": "clipforge-index",
         "version": INDEX_FORMAT_VERSION,
@@ -311,7 +371,11 @@ def build_index(
         "embeddings_file": emb_path.name,
         "metadata_file": f"metadata-{gen}{MAPPED_SUFFIX}",
     }
-    _save(out, index, meta, manifest)
+    if plan.kind in STREAMED_KINDS:
+        manifest |= {"ivfdata_file": f"index-{gen}.ivfdata", "trained_file": f"index-{gen}.trained"}
+        manifest["build"] = {"ranks": sharding.world()[1], "max_memory": budget, "part_rows": part_rows,
+                             "train_rows": len(_training_rows_for(rows, plan, seed, budget))}  # fmt: skip
+    _save(out, index, iter_table_chunks(find_table(Path(emb_dir), "metadata")), manifest)
     log.info(
         "index built in %.1fs: %s, expected recall@10 %.3f, %s",
         build_s,
@@ -319,7 +383,62 @@ def build_index(
         recall,
         _fmt_bytes(plan.memory_bytes),
     )
+    sharding.wait_all()
     return manifest
+
+
+def _build_in_memory(emb_path: Path, plan: IndexPlan, metric: str, seed: int, progress: bool) -> Any:
+    """flat / hnsw: these hold every vector in memory by nature (the planner sizes them)."""
+    emb = np.load(emb_path, mmap_mode="r")
+    index = _new_index(plan, emb.shape[1], metric)
+    with omp_threads(emb.shape[0]):
+        if not index.is_trained:
+            index.train(_training_sample(emb, plan, seed))
+        _add_with_progress(index, _chunks([emb]), emb.shape[0], progress)
+    return index
+
+
+def _training_rows_for(rows: Any, plan: IndexPlan, seed: int, budget: int | None) -> np.ndarray:
+    n, dim = rows.shape
+    want = min(n, max(30 * plan.params["nlist"], 20_000))
+    if plan.kind == "ivfpq":
+        want = min(n, max(want, 64 * 2 ** plan.params["pq_nbits"]))
+    # the budget never cuts the sample below 1,024 points (2 MiB at 512-d): codebooks need them
+    return streamed.training_rows(n, min(want, max(max_training_rows(dim, budget), 1024)), seed)
+
+
+def _build_streamed(
+    out: Path,
+    gen: int,
+    emb_path: Path,
+    plan: IndexPlan,
+    metric: str,
+    seed: int,
+    budget: int | None,
+    progress: bool,
+    part_rows: int | None = None,
+) -> Any:
+    """Train (rank 0), fill the parts (every rank), merge (rank 0; ``None`` elsewhere)."""
+    rows = streamed.RowReader(emb_path)
+    work, trained = out / f"build-{gen}", out / f"index-{gen}.trained"
+
+    def train() -> None:
+        streamed.fresh_dir(work)
+        t0 = time.perf_counter()
+        sample = np.ascontiguousarray(rows[_training_rows_for(rows, plan, seed, budget)], dtype=np.float32)
+        with omp_threads(len(rows)):
+            streamed.train_to(trained, _new_index(plan, rows.shape[1], metric), sample)
+        log.info("trained %s on %d vectors in %.1fs", plan.kind, len(sample), time.perf_counter() - t0)
+
+    sharding.agree(train)
+    with omp_threads(len(rows)):
+        parts = streamed.build_parts(trained, rows, 0, work, budget, progress, part_rows)
+    sharding.wait_all()
+    if sharding.world()[0] != 0:
+        return None
+    index = streamed.merge_parts(trained, parts, out / f"index-{gen}.ivfdata")
+    shutil.rmtree(work, ignore_errors=True)
+    return index
 
 
 def _add_with_progress(index: Any, chunks: Iterable[np.ndarray], total: int, progress: bool) -> None:
@@ -334,21 +453,8 @@ def _add_with_progress(index: Any, chunks: Iterable[np.ndarray], total: int, pro
 def _write_embeddings(
     path: Path, chunks: Iterable[np.ndarray], n: int, dim: int, dtype: str = "float16"
 ) -> None:
-    """Stream chunks into one ``.npy`` (temp file, then rename): never all in RAM."""
-    from clipforge.checkpoints.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
-        pos = 0
-        for chunk in chunks:
-            if chunk.shape[1] != dim:
-                raise DataError(f"{path}: embedding shard has dim {chunk.shape[1]}, expected {dim}")
-            arr[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-        if pos != n:
-            raise DataError(f"embedding shards hold {pos} rows but the manifest says {n}")
-        arr.flush()
-        del arr
+    """Stream chunks into one ``.npy`` (temp file, then rename): never all in RAM nor mapped."""
+    streamed.write_npy(path, chunks, n, dim, dtype)
 
 
 def _next_generation(out: Path) -> int:
@@ -356,16 +462,20 @@ def _next_generation(out: Path) -> int:
     return int(read_json(mf).get("generation", 0)) + 1 if mf.is_file() else 1
 
 
-def _save(out: Path, index: Any, meta: dict[str, list[Any]], manifest: dict[str, Any]) -> None:
-    """Write index + metadata of the new generation, then the manifest, then drop old files."""
+def _save(out: Path, index: Any, meta: Iterable[dict[str, list[Any]]], manifest: dict[str, Any]) -> None:
+    """Write index + metadata (row chunks) of the new generation, then the manifest, then drop
+    old files (an on-disk index's ``.ivfdata`` was written by the merge and is live already)."""
     faiss = _faiss()
     from clipforge.checkpoints.io import atomic_path
 
     with atomic_path(out / manifest["index_file"]) as tmp:
         faiss.write_index(index, str(tmp))
-    write_mapped_table(out / manifest["metadata_file"], meta)
+    chunks = iter(meta)
+    first = next(chunks)
+    write_mapped_table_chunks(out / manifest["metadata_file"], list(first), manifest["count"], itertools.chain([first], chunks))
     atomic_write_json(out / MANIFEST, manifest)
-    live = {manifest["index_file"], manifest["embeddings_file"], manifest["metadata_file"], MANIFEST}
+    live = {manifest[k] for k in ("index_file", "embeddings_file", "metadata_file", "ivfdata_file",
+                                  "trained_file") if manifest.get(k)} | {MANIFEST}  # fmt: skip
     for p in out.iterdir():
         if (
             p.is_file()
@@ -420,11 +530,12 @@ def exact_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.full((len(q), k), -1, np.int64)
     start = 0
-    for chunk in _chunks([embeddings]):
+    for chunk in _chunks([embeddings], 2048):  # memory: a few (queries x 2048) arrays at any size
         s = q @ chunk.T
-        ids = np.broadcast_to(np.arange(start, start + len(chunk)), s.shape)
-        all_s = np.concatenate([best_s, s], axis=1)
-        all_i = np.concatenate([best_i, ids], axis=1)
+        kk = min(k, s.shape[1])
+        cand = np.argpartition(-s, kk - 1, axis=1)[:, :kk]  # the chunk's own top-k first
+        all_s = np.concatenate([best_s, np.take_along_axis(s, cand, 1)], axis=1)
+        all_i = np.concatenate([best_i, cand + start], axis=1)
         top = np.argpartition(-all_s, min(k, all_s.shape[1] - 1), axis=1)[:, :k]
         best_s = np.take_along_axis(all_s, top, 1)
         best_i = np.take_along_axis(all_i, top, 1)
@@ -541,7 +652,12 @@ def load_index(index_dir: str | os.PathLike, *, mmap: bool = True) -> tuple[Any,
     if not os.path.isfile(path):
         raise SearchIndexError(f"{path}: index file missing (manifest names it)")
     index = None
-    if mmap:
+    if manifest.get("ivfdata_file"):  # built shard by shard: the lists are always on disk
+        try:
+            index = streamed.read_ondisk(Path(path), Path(index_dir) / manifest["ivfdata_file"])
+        except (RuntimeError, DataError) as e:
+            raise SearchIndexError(f"{path}: cannot read on-disk index ({_first_line(e)})") from e
+    elif mmap:
         try:
             index = faiss.read_index(path, _mmap_flags(faiss, manifest["kind"]))
         except RuntimeError as e:
@@ -604,6 +720,8 @@ def add_to_index(
         )
     n_old, n_new, dim = manifest["count"], int(new["count"]), manifest["dim"]
     gen = int(manifest["generation"]) + 1
+    if manifest.get("ivfdata_file"):
+        return _add_streamed(out, index, manifest, Path(new_emb_dir), n_new, progress)
     old_emb = np.load(out / manifest["embeddings_file"], mmap_mode="r")
     emb_path = out / f"embeddings-{gen}.npy"
     _write_embeddings(
@@ -651,8 +769,58 @@ def add_to_index(
             "flat index now holds %d vectors; rebuild with `clipforge index` for a faster kind",
             manifest["count"],
         )
-    _save(out, index, meta, manifest)
+    _save(out, index, [meta], manifest)
     return manifest
+
+
+def _add_streamed(
+    out: Path, index: Any, manifest: dict[str, Any], new_dir: Path, n_new: int, progress: bool
+) -> dict[str, Any]:
+    """``index --add`` for an index built shard by shard: the new vectors go into parts of the
+    saved trained index, merged after the old lists into the next generation's ``.ivfdata``."""
+    n_old, dim, gen = manifest["count"], manifest["dim"], int(manifest["generation"]) + 1
+    old_rows = streamed.RowReader(out / manifest["embeddings_file"])
+    emb_path = out / f"embeddings-{gen}.npy"
+    chunks = [*streamed.float_chunks(old_rows), *iter_embedding_chunks(new_dir)] if n_new else streamed.float_chunks(old_rows)
+    _write_embeddings(emb_path, chunks, n_old + n_new, dim, manifest.get("dtype", "float16"))
+    rows = streamed.RowReader(emb_path)
+    trained = out / f"index-{gen}.trained"
+    shutil.copyfile(out / manifest["trained_file"], trained)
+    work = streamed.fresh_dir(out / f"build-{gen}")
+    with omp_threads(n_old + n_new):
+        build = manifest.get("build", {})
+        parts = streamed.build_parts(trained, rows, n_old, work, build.get("max_memory"), progress, build.get("part_rows"))
+        merged = streamed.merge_parts(trained, parts, out / f"index-{gen}.ivfdata", before=index)
+        shutil.rmtree(work, ignore_errors=True)
+        params, recall = calibrate(merged, manifest["kind"], rows, manifest["metric"],
+                                   target_recall=float(manifest.get("target_recall", 0.95)))  # fmt: skip
+    old_meta = open_metadata(out / manifest["metadata_file"])
+    manifest = {
+        **manifest,
+        "generation": gen,
+        "count": int(merged.ntotal),
+        "memory_bytes": estimate_memory(manifest["kind"], int(merged.ntotal), dim, **manifest["build_params"]),
+        "added_after_build": int(manifest.get("added_after_build", 0)) + n_new,
+        "search_params": params,
+        "expected_recall_at_10": recall,
+        "index_file": f"index-{gen}.faiss",
+        "embeddings_file": emb_path.name,
+        "metadata_file": f"metadata-{gen}{MAPPED_SUFFIX}",
+        "ivfdata_file": f"index-{gen}.ivfdata",
+        "trained_file": trained.name,
+    }
+    _save(out, merged, _grown_metadata(old_meta, n_old, new_dir), manifest)
+    return manifest
+
+
+def _grown_metadata(old: Any, n_old: int, new_dir: Path, rows: int = 65_536) -> Iterable[dict[str, list[Any]]]:
+    """The old (memory-mapped) metadata then the new embeddings' rows, ids continuing, in chunks."""
+    names = list(old)
+    for b in range(0, n_old, rows):
+        yield {k: old[k][b : min(b + rows, n_old)] for k in names}
+    for chunk in iter_table_chunks(find_table(new_dir, "metadata")):
+        size = len(chunk["id"])
+        yield {k: [i + n_old for i in chunk["id"]] if k == "id" else chunk.get(k, [""] * size) for k in names}
 
 
 def describe(manifest: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,31 +156,102 @@ def write_mapped_table(path: str | os.PathLike, columns: dict[str, Sequence[Any]
     ``{"rows", "int_columns", "text_columns"}``; then int64 ``(n_int, rows)``; then int64 offsets
     ``(n_text, rows + 1)`` into a UTF-8 blob holding every text column back to back.
     """
+    return write_mapped_table_chunks(path, list(columns), _row_count(columns), [columns])
+
+
+def write_mapped_table_chunks(
+    path: str | os.PathLike, names: Sequence[str], rows: int, chunks: Iterable[Mapping[str, Sequence[Any]]]
+) -> Path:
+    """:func:`write_mapped_table` from consecutive row chunks: memory holds one chunk, not the table.
+
+    Integer cells and text offsets are written in place (their positions follow from ``rows``);
+    each text column's bytes go to a temporary file, appended in column order at the end.
+    """
+    import tempfile
+
     path = Path(path)
-    names = list(columns)
-    n = _row_count(columns)
     ints = [k for k in names if k in INT_COLUMNS]
     texts = [k for k in names if k not in INT_COLUMNS]
-    header = json.dumps({"rows": n, "int_columns": ints, "text_columns": texts}).encode()
+    header = json.dumps({"rows": rows, "int_columns": ints, "text_columns": texts}).encode()
     header += b" " * (-(len(MAPPED_MAGIC) + 8 + len(header)) % 8)
-    int_arr = np.array([[int(v) for v in columns[k]] for k in ints], dtype="<i8").reshape(len(ints), n)
-    offsets = np.zeros((len(texts), n + 1), dtype="<i8")
-    with atomic_open(path, "wb") as f:
+    int_start = len(MAPPED_MAGIC) + 8 + len(header)
+    off_start = int_start + 8 * len(ints) * rows
+    blobs = [tempfile.TemporaryFile(dir=path.parent) for _ in texts]
+    sizes = [0] * len(texts)
+    with atomic_open(path, "w+b") as f:  # read back once to shift the text offsets
         f.write(MAPPED_MAGIC + len(header).to_bytes(8, "little") + header)
-        f.write(int_arr.tobytes())
-        pos = 0
-        parts: list[bytes] = []
-        for c, k in enumerate(texts):
-            for r, v in enumerate(columns[k]):
-                b = _clean_text(v).encode("utf-8", "surrogatepass")
-                parts.append(b)
-                pos += len(b)
-                offsets[c, r + 1] = pos
-            if c + 1 < len(texts):
-                offsets[c + 1, 0] = pos
-        f.write(offsets.tobytes())
-        f.write(b"".join(parts))
+        f.truncate(off_start + 8 * len(texts) * (rows + 1))
+        done = 0
+        for chunk in chunks:
+            n = _row_count({k: chunk[k] for k in names})
+            if done + n > rows:
+                raise ValueError(f"chunks hold more than the {rows} rows announced")
+            for c, k in enumerate(ints):
+                f.seek(int_start + 8 * (c * rows + done))
+                f.write(np.asarray([int(v) for v in chunk[k]], dtype="<i8").tobytes())
+            for c, k in enumerate(texts):
+                encoded = [_clean_text(v).encode("utf-8", "surrogatepass") for v in chunk[k]]
+                ends = sizes[c] + np.cumsum([len(b) for b in encoded], dtype=np.int64)
+                f.seek(off_start + 8 * (c * (rows + 1) + done + 1))
+                f.write(ends.astype("<i8").tobytes())
+                blobs[c].write(b"".join(encoded))
+                sizes[c] = int(ends[-1]) if len(ends) else sizes[c]
+            done += n
+        if done != rows:
+            raise ValueError(f"chunks hold {done} rows, {rows} announced")
+        _shift_offsets(f, off_start, rows, sizes)
+        f.seek(0, os.SEEK_END)
+        for blob in blobs:
+            blob.seek(0)
+            while block := blob.read(1 << 24):
+                f.write(block)
+            blob.close()
     return path
+
+
+def _shift_offsets(f: Any, off_start: int, rows: int, sizes: Sequence[int]) -> None:
+    """Text columns were written with offsets from their own start; make them global (column
+    ``c`` starts where column ``c - 1`` ends), a chunk at a time."""
+    base = 0
+    for c, size in enumerate(sizes):
+        col = off_start + 8 * c * (rows + 1)
+        for b in range(0, rows + 1, 1 << 20):
+            n = min(1 << 20, rows + 1 - b)
+            f.seek(col + 8 * b)
+            vals = np.frombuffer(f.read(8 * n), dtype="<i8") + base
+            f.seek(col + 8 * b)
+            f.write(vals.astype("<i8").tobytes())
+        base += size
+
+
+def iter_table_chunks(path: str | os.PathLike, rows: int = 16_384) -> Iterator[dict[str, list[Any]]]:
+    """A :func:`write_table` file (parquet or CSV) as consecutive chunks of column lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: metadata table not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+            yield {k: list(v) for k, v in batch.to_pydict().items()}
+        return
+    csv.field_size_limit(1 << 24)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        names = next(reader, None)
+        if names is None:
+            raise DataError(f"{path}: empty metadata table (no header)")
+        cols: dict[str, list[Any]] = {k: [] for k in names}
+        for lineno, row in enumerate(reader, start=2):
+            if len(row) != len(names):
+                raise DataError(f"{path}:{lineno}: expected {len(names)} fields, got {len(row)}")
+            for k, v in zip(names, row):
+                cols[k].append(int(v) if k in INT_COLUMNS else v)
+            if len(cols[names[0]]) >= rows:
+                yield cols
+                cols = {k: [] for k in names}
+        if cols[names[0]]:
+            yield cols
 
 
 class _IntColumn(Sequence):
