@@ -64,7 +64,7 @@ def test_every_packing_and_grouping_equals_plain(capacity):
         used = max(sum(lengths[i] for i in r) for r in rows)
         assert used <= (capacity or max(lengths))
         packed = packing._encode_packed(model.text, tokens, idx, rows, used)
-        _, groups = packing._sorted_groups(lengths, model.text.width, 3, packing.CALL_COST["cpu"])
+        _, groups = packing._sorted_groups(lengths, model.text.width, 3, packing.CALL_TOKENS["cpu"])
         grouped = packing._encode_sorted(model.text, tokens, idx, groups)
     assert torch.allclose(packed, want, atol=1e-5, rtol=0)
     assert torch.allclose(grouped, want, atol=1e-5, rtol=0)

@@ -25,8 +25,11 @@ import torch.nn.functional as F
 
 #: Longest packed row: attention grows with the square of it, the linear layers do not.
 MAX_ROW = 256
-#: Fixed cost of one forward call per layer, in multiply-adds (kernel launches, dispatch).
-CALL_COST = {"cpu": 4e6, "cuda": 6e7}
+#: Fixed cost of one call, in tokens of linear-layer work: a matrix product over few rows is
+#: bound by reading the weights (and on an accelerator by launching kernels), so a call costs at
+#: least about this many tokens whatever it computes. Measured on a 2-core CPU: 57 tokens took as
+#: long as ~100 in one call.
+CALL_TOKENS = {"cpu": 96, "cuda": 2048}
 #: Extra price of attention under an explicit mask (no fused causal kernel) relative to causal.
 MASK_PENALTY = 2.0
 
@@ -44,10 +47,11 @@ class Plan:
 
 
 def _cost(rows: int, length: int, width: int, layers: int, call: float, masked: bool = False) -> float:
-    """Multiply-adds of one call over ``rows`` x ``length`` tokens (per the module doc)."""
-    linear = rows * length * 12 * width * width
+    """Multiply-adds of one call over ``rows`` x ``length`` tokens, the fixed cost of a call
+    (``call`` tokens' worth) included (per the module doc)."""
+    linear = (rows * length + call) * 12 * width * width
     attention = rows * length * length * 2 * width * (MASK_PENALTY if masked else 1.0)
-    return layers * (linear + attention + call)
+    return layers * (linear + attention)
 
 
 def _sorted_groups(lengths: list[int], width: int, layers: int, call: float) -> tuple[float, list[list[int]]]:
@@ -92,7 +96,7 @@ def _packed_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def choose(lengths: list[int], width: int, layers: int, device: str = "cpu") -> Plan:
     """The cheapest of plain / sorted micro-batches / packed rows for captions of ``lengths``."""
-    call = CALL_COST.get(device, CALL_COST["cuda"])
+    call = CALL_TOKENS.get(device, CALL_TOKENS["cuda"])
     longest = max(lengths)
     best = Plan("plain", _cost(len(lengths), longest, width, layers, call))
     if len(lengths) < 2 or min(lengths) == longest:
@@ -100,9 +104,10 @@ def choose(lengths: list[int], width: int, layers: int, device: str = "cpu") -> 
     cost, groups = _sorted_groups(lengths, width, layers, call)
     if cost < best.cost and len(groups) > 1:
         best = Plan("sorted", cost, groups=groups)
-    for capacity in sorted({longest, min(MAX_ROW, 2 * longest), MAX_ROW}):
-        if capacity < longest:
-            continue
+    total = sum(lengths)
+    # Rows as full as possible: capacities that split the tokens into k nearly equal rows.
+    capacities = {max(longest, min(MAX_ROW, -(-total // k) + 2)) for k in range(1, 17)} | {longest}
+    for capacity in sorted(capacities):
         rows = _packed_rows(lengths, capacity)
         used = max(sum(lengths[i] for i in row) for row in rows)
         cost = _cost(len(rows), used, width, layers, call, masked=True)
