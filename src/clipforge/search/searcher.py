@@ -151,6 +151,30 @@ class Searcher:
             x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
             return _unit(self.model.encode_image(x, normalize=True).float().cpu().numpy())
 
+    @property
+    def can_caption(self) -> bool:
+        """Whether the loaded model writes captions (a CoCa); False while no model is loaded."""
+        from clipforge.captioning import can_caption
+
+        return self.model is not None and can_caption(self.model)
+
+    def caption_images(self, images: Sequence[Any], **generate_options: Any) -> list[str]:
+        """Captions of decoded PIL images in one ``generate`` batch (open_clip's defaults unless given).
+
+        The images go through the index's preprocessing, the one its embeddings were made with.
+        """
+        import torch
+
+        from clipforge.captioning import require_captioner
+        from clipforge.model.generate import captions_from_ids
+
+        self.ensure_model()
+        require_captioner(self.model)
+        with self._lock, torch.inference_mode():
+            x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+            ids = self.model.generate(x, **generate_options)
+        return captions_from_ids(self.tokenizer, ids.cpu(), generate_options.get("pad_token_id", 0))
+
     def vector(self, image_id: int) -> np.ndarray:
         self.check_id(image_id)
         return _unit(np.asarray(self.embeddings[image_id : image_id + 1], dtype=np.float32))[0]

@@ -3,8 +3,9 @@
 (This module imports FastAPI at the top: FastAPI resolves the endpoints' annotations from module
 globals. Only ``clipforge serve`` and tests import it, so ``import clipforge`` stays light.)
 
-Endpoints: ``GET|POST /search``, ``GET /image/{id}`` (thumbnail), ``GET /health``, ``GET /`` (the
-web page). Every bad input is answered with a 4xx and a JSON body ``{"error": "..."}``; a 5xx
+Endpoints: ``GET|POST /search``, ``GET|POST /caption`` (when the index's model is a CoCa: a
+caption for an indexed ``image_id`` or an uploaded image), ``GET /image/{id}`` (thumbnail),
+``GET /health``, ``GET /`` (the web page). Every bad input is answered with a 4xx and a JSON body ``{"error": "..."}``; a 5xx
 means a bug. Three things keep a hostile or careless client from hurting other users:
 
 - a body limit enforced while the body streams in (``Content-Length`` is not trusted), plus a
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 QUERY_FIELDS = ("text", "q", "image_base64", "image_id", "k", "weights", "dedup")
+CAPTION_FIELDS = ("image_id", "image_base64")
+CAPTION_CACHE_SIZE = 4096  # captions of indexed images: they never change for a loaded index
 
 
 class ApiError(Exception):
@@ -257,6 +260,25 @@ class RequestParser:
             raise ApiError(422, "give text, an image (upload or image_base64) or image_id")
         return Query(text=text, image=image, image_id=image_id, weights=weights, k=k, dedup=dedup)
 
+    async def parse_caption(self, fields: dict[str, Any], image_bytes: bytes | None = None) -> tuple[str, Any]:
+        """``("id", image_id)`` or ``("image", PIL image)``: exactly one image to caption."""
+        unknown = sorted(set(fields) - set(CAPTION_FIELDS))
+        if unknown:
+            raise ApiError(422, f"unknown field(s) {unknown}; accepted: {', '.join(CAPTION_FIELDS)} or an upload")
+        if fields.get("image_base64") is not None:
+            if image_bytes is not None:
+                raise ApiError(422, "give either an uploaded image or image_base64, not both")
+            image_bytes = self._b64(fields["image_base64"])
+        image_id = fields.get("image_id")
+        if (image_id is None) == (image_bytes is None):
+            raise ApiError(422, "give exactly one of image_id, image_base64 or an uploaded image")
+        if image_bytes is not None:
+            return "image", await self._image(image_bytes)
+        image_id = _as_int(image_id, "image_id")
+        if not 0 <= image_id < self.searcher.count:
+            raise ApiError(404, f"image_id {image_id} out of range [0, {self.searcher.count})")
+        return "id", image_id
+
     def _text(self, text: Any) -> str:
         if not isinstance(text, str):
             raise ApiError(422, f"text must be a string, got {type(text).__name__}")
@@ -357,6 +379,8 @@ def create_app(
         max_pixels=max_pixels,
     )
     batcher = MicroBatcher(_run_batch(searcher), max_batch=max_batch, wait_s=batch_wait_ms / 1000)
+    captioner = MicroBatcher(_run_captions(searcher, max_pixels), max_batch=8, wait_s=batch_wait_ms / 1000)
+    captions: dict[int, str] = {}
     app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher, app.state.batcher = searcher, batcher
     # Multipart adds headers and boundaries; base64 adds a third: allow both on top of the image.
@@ -409,16 +433,36 @@ def create_app(
         if ctype == "multipart/form-data":
             fields, image = await _read_form(request)
             return await answer(await parser.parse(fields, image))
-        if ctype not in ("", "application/json", "text/plain"):
-            raise ApiError(415, f"unsupported content type {ctype!r}; send JSON or multipart/form-data")
-        body = await request.body()
-        try:
-            fields = json.loads(body)
-        except (ValueError, RecursionError):
-            raise ApiError(400, "request body is not valid JSON") from None
-        if not isinstance(fields, dict):
-            raise ApiError(422, f"request body must be a JSON object, got {type(fields).__name__}")
-        return await answer(await parser.parse(fields))
+        return await answer(await parser.parse(await _json_fields(request, ctype)))
+
+    async def caption_answer(item: tuple[str, Any]) -> JSONResponse:
+        from starlette.concurrency import run_in_threadpool
+
+        if searcher.model is None:
+            await run_in_threadpool(searcher.ensure_model)
+        if not searcher.can_caption:
+            raise ApiError(404, f"this index's model ({searcher.architecture}) cannot caption: it is not a CoCa")
+        t0 = time.perf_counter()
+        kind, value = item
+        text = captions.get(value) if kind == "id" else None
+        if text is None:
+            text = await captioner.submit(item)
+            if kind == "id" and len(captions) < CAPTION_CACHE_SIZE:
+                captions[value] = text
+        body = {"caption": text, "model": searcher.architecture, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        return JSONResponse({**({"id": value} if kind == "id" else {}), **body})
+
+    @app.get("/caption")
+    async def caption_get(request: Request) -> JSONResponse:
+        return await caption_answer(await parser.parse_caption(dict(request.query_params)))
+
+    @app.post("/caption")
+    async def caption_post(request: Request) -> JSONResponse:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            fields, image = await _read_form(request)
+            return await caption_answer(await parser.parse_caption(fields, image))
+        return await caption_answer(await parser.parse_caption(await _json_fields(request, ctype)))
 
     @app.get("/image/{image_id}")
     def image(image_id: str, size: str = "256") -> Response:
@@ -462,6 +506,7 @@ def create_app(
             "max_upload_bytes": max_upload_bytes,
             "batches": batcher.batches,
             "batched_queries": batcher.items,
+            "can_caption": searcher.can_caption,
         }
 
     @app.get("/")
@@ -480,6 +525,20 @@ def create_app(
 @functools.lru_cache(maxsize=1)
 def _static_files() -> frozenset[str]:
     return frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
+
+
+async def _json_fields(request: Any, ctype: str) -> dict[str, Any]:
+    """A POST body's JSON object (415 for other content types, 400/422 for bad JSON)."""
+    if ctype not in ("", "application/json", "text/plain"):
+        raise ApiError(415, f"unsupported content type {ctype!r}; send JSON or multipart/form-data")
+    body = await request.body()
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise ApiError(422, f"request body must be a JSON object, got {type(fields).__name__}")
+    return fields
 
 
 async def _read_form(request: Any) -> tuple[dict[str, Any], bytes | None]:
@@ -514,6 +573,26 @@ def _public(r: Any) -> dict[str, Any]:
 def _run_batch(searcher: Searcher) -> Callable[[Sequence[Query]], list[Any]]:
     def run(queries: Sequence[Query]) -> list[Any]:
         return searcher.search_many(list(queries))
+
+    return run
+
+
+def _run_captions(searcher: Searcher, max_pixels: int) -> Callable[[Sequence[tuple[str, Any]]], list[str]]:
+    """Caption a batch of ``("id", i)`` / ``("image", PIL)`` items in one ``generate`` call."""
+
+    def run(items: Sequence[tuple[str, Any]]) -> list[str]:
+        from clipforge.data.images import BadImageError
+
+        images = []
+        for kind, value in items:
+            if kind == "image":
+                images.append(value)
+                continue
+            try:
+                images.append(open_image(searcher.image_bytes(value), max_pixels=max_pixels))
+            except (OSError, BadImageError) as e:
+                raise ApiError(404, f"image {value} is no longer readable: {_first_line(e)}") from None
+        return searcher.caption_images(images)
 
     return run
 
