@@ -19,6 +19,11 @@ machine with C cores, decoding takes CPU time the model would otherwise use, so 
 possible ratio is about ``model_cpu / (model_cpu + decode_cpu)`` per image.
 
 Issue 6 target: pipeline >= 85% of model-only throughput.
+
+    python benchmarks/embed_pipeline.py --against clip-retrieval --workers 1 --rounds 2
+
+runs ``clipforge embed`` against ``clip-retrieval inference`` instead (real photos and icons, same
+random weights through a local hub cache, clip-retrieval in its own venv): see embed_real.py.
 """
 
 from __future__ import annotations
@@ -80,7 +85,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", default="0,1,2", help="comma-separated decoding worker counts to time")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--against", choices=("model-only", "clip-retrieval"), default="model-only",
+                   help="clip-retrieval: whole `clipforge embed` vs `clip-retrieval inference` runs on real "
+                   "photos and icons (benchmarks/embed_real.py; --workers takes one number)")  # fmt: skip
+    p.add_argument("--venv", default="~/.cache/clipforge-bench/clip-retrieval-venv")
+    p.add_argument("--photo-repeat", type=int, default=3, help="list each photo this many times")
+    p.add_argument("--icons", type=int, default=250, help="96x96 icons (plus every 512x512 one)")
     args = p.parse_args()
+    if args.against == "clip-retrieval":
+        from embed_real import compare
+
+        args.workers = int(args.workers.split(",")[-1])
+        compare(args)
+        return
 
     torch.set_num_threads(args.threads)
     size = tuple(int(v) for v in args.size.lower().split("x"))

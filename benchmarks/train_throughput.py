@@ -10,6 +10,7 @@ hits both alike; the best round of each is reported.
 
     python benchmarks/train_throughput.py                   # tiny-vit, batch 64, 2 threads
     python benchmarks/train_throughput.py --model clipforge-demo --batch-size 128 --rounds 3
+    python benchmarks/train_throughput.py --real icons --image-size 64 --epochs 10   # real PNGs, wall time
 
 Prints samples/s for both, the ratio, and the mean loss of the last steps of each (same steps).
 """
@@ -69,7 +70,7 @@ def env(threads: int) -> dict[str, str]:
     }
 
 
-def run_clipforge(args, table: Path, out: Path) -> tuple[list[float], list[float]]:
+def run_clipforge(args, table: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[float], list[float]]:
     model_flag = args.model
     cmd = [
         sys.executable,
@@ -83,7 +84,7 @@ def run_clipforge(args, table: Path, out: Path) -> tuple[list[float], list[float
         "--batch-size",
         str(args.batch_size),
         "--epochs",
-        "1",
+        str(args.epochs),
         "--lr",
         str(args.lr),
         "--warmup-steps",
@@ -105,8 +106,11 @@ def run_clipforge(args, table: Path, out: Path) -> tuple[list[float], list[float
         "--no-progress",
         "--output-dir",
         str(out),
+        *extra,
     ]
-    subprocess.run(cmd, env=env(args.threads), check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env(args.threads), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"clipforge train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train" and "loss" in r]
     times = [b["time"] - a["time"] for a, b in zip(train, train[1:])]
@@ -116,7 +120,9 @@ def run_clipforge(args, table: Path, out: Path) -> tuple[list[float], list[float
 _LINE = re.compile(r"Batch \(t\): ([0-9.]+).*?Loss: ([0-9.]+)")
 
 
-def run_open_clip(args, table: Path, out: Path, model_dir: Path) -> tuple[list[float], list[float]]:
+def run_open_clip(
+    args, table: Path, out: Path, model_dir: Path, extra: tuple[str, ...] = ()
+) -> tuple[list[float], list[float]]:
     cmd = [
         sys.executable,
         "-m",
@@ -136,7 +142,7 @@ def run_open_clip(args, table: Path, out: Path, model_dir: Path) -> tuple[list[f
         "--batch-size",
         str(args.batch_size),
         "--epochs",
-        "1",
+        str(args.epochs),
         "--lr",
         str(args.lr),
         "--warmup",
@@ -171,6 +177,7 @@ def run_open_clip(args, table: Path, out: Path, model_dir: Path) -> tuple[list[f
         str(out),
         "--name",
         "bench",
+        *extra,
     ]
     proc = subprocess.run(cmd, env=env(args.threads), capture_output=True, text=True, cwd=out)
     if proc.returncode:
@@ -200,7 +207,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip", type=int, default=3, help="first steps left out of the median")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument(
+        "--real",
+        choices=("icons",),
+        default=None,
+        help="real images instead of synthetic ones: Adwaita's PNG icons, captioned by their names "
+        "(see real_icons_main); clipforge runs with --cache-images",
+    )
+    ap.add_argument("--image-size", type=int, default=None, help="model image size override (e.g. 64)")
+    ap.add_argument("--no-cache-too", action="store_true", help="--real: also time clipforge without --cache-images")
     args = ap.parse_args()
+    if args.real:
+        from train_real import real_icons_main
+
+        real_icons_main(args)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="clipforge-bench-"))
     oc_cfg = open_clip_config(args.model)

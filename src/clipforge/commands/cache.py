@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--side", type=int, default=None, help="cached short side in pixels (default: from the crop scale)"
     )
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core, at most 8)")
     add_table_arguments(p)
     p.set_defaults(func=run)
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     )
     dataset = build_dataset(args.data, transform=train_transform, **table_kwargs(args))
     spec, _ = spec_for_transform(train_transform, args.side)
-    workers = args.workers if args.workers is not None else max(0, min(8, available_cores() - 1))
+    workers = args.workers if args.workers is not None else min(8, available_cores())
     folder = build_cache(dataset, args.out, spec, workers=workers)
     cache = ImageCache(folder)
     bad = len(cache.manifest["bad"])

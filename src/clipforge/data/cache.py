@@ -196,7 +196,8 @@ def _decoded(
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(dataset, spec)) as pool:
-        yield from pool.imap(_worker_decode, range(n), chunksize=8)
+        # Small chunks: a few huge images next to each other must not all land on one worker.
+        yield from pool.imap(_worker_decode, range(n), chunksize=2)
 
 
 def build_cache(dataset: Any, folder: str | os.PathLike, spec: CacheSpec, *, workers: int = 0) -> Path:
@@ -432,7 +433,7 @@ def maybe_cache_images(cfg: Any, info: Any, dataset: Any) -> Any:
     from clipforge.data.workers import available_cores
 
     folder = Path(cfg.cache_dir or Path(cfg.output_dir) / "image_cache")
-    builders = max(0, min(8, available_cores() - 1)) if info.rank == 0 else 0
+    builders = min(8, available_cores()) if info.rank == 0 else 0  # training waits: every core decodes
     if info.rank == 0:
         _check_dataset(dataset)
         spec, _ = spec_for_transform(dataset.transform)

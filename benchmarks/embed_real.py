@@ -1,0 +1,203 @@
+"""``embed_pipeline.py --against clip-retrieval``: ``clipforge embed`` vs ``clip-retrieval inference``.
+
+    python benchmarks/embed_pipeline.py --against clip-retrieval --batch-size 32 --workers 1
+
+Both are whole command-line runs on the same folders, same model (``ViT-B-32``), batch size,
+torch threads and decoding worker processes, alternating round by round:
+
+- clip-retrieval 2.45 lives in its own virtual environment (``--venv``, default
+  ``~/.cache/clipforge-bench/clip-retrieval-venv``), created by this script when missing: it pins
+  numpy < 2, pyarrow < 16 and older packages that the project's environment cannot hold.
+  torch and torchvision are the versions of the environment running this script.
+- The weights: there is no network at run time, so the script writes one set of random weights
+  (seed 0) as ``open_clip_model.safetensors`` into a private Hugging Face hub cache, under the
+  repository the tag ``laion2b_s34b_b79k`` names; both programs resolve the tag offline
+  (``HF_HUB_OFFLINE=1``) to that file, so they compute with identical weights.
+- Folders: a real photo collection (Debian's ``ukui-wallpapers``/``gnome-backgrounds``: 2-6k pixel
+  JPEG, PNG and WebP; listed ``--photo-repeat`` times through symlinks so there are enough) and
+  Adwaita's PNG icons (``--icons`` of them).
+
+images/s = images / wall time of the process; "net" subtracts each program's wall time on a
+one-image folder (start-up, model load, clip-retrieval's warm-up), so the rate is that of the
+pipeline itself. The ratio is clipforge / clip-retrieval for both. Embeddings are compared too
+(max |cos - 1| between the two programs' vectors of the same image file).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+TAG = "laion2b_s34b_b79k"
+PHOTO_GLOBS = (
+    "/usr/share/backgrounds/*.jpg",
+    "/usr/share/backgrounds/*.png",
+    "/usr/share/backgrounds/gnome/*.webp",
+)
+
+
+def ensure_venv(venv: Path) -> Path:
+    """The clip-retrieval environment (created once): returns its ``clip-retrieval`` script."""
+    exe = venv / "bin" / "clip-retrieval"
+    if exe.exists():
+        return exe
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    import torch
+    import torchvision
+
+    # The torch and torchvision of this environment (a matching pair, usually in pip's cache);
+    # clip-anytorch imports pkg_resources, which setuptools 81 removed.
+    same = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+    ]
+    pins = [*same, "clip-retrieval==2.45.0", "setuptools<81"]
+    print(f"creating {venv}: pip install {' '.join(pins)} (a few minutes)", flush=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *pins], check=True)
+    return exe
+
+
+def build_hub(root: Path) -> Path:
+    """A hub cache holding random ViT-B-32 weights under the repository of the tag."""
+    import torch
+
+    from clipforge.checkpoints.convert import save_open_clip
+    from clipforge.model.clip import CLIP
+    from clipforge.model.registry import get_model_config
+
+    torch.manual_seed(0)
+    model = CLIP(get_model_config("ViT-B-32"))
+    commit = "0" * 40
+    repo = root / ("models--" + REPO.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    save_open_clip(model, snap / "open_clip_model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+def folders(root: Path, photo_repeat: int, n_icons: int) -> dict[str, Path]:
+    """{name: folder} of symlinks (unique names), and a one-image folder per name for start-up."""
+    photos = sorted(p for g in PHOTO_GLOBS for p in glob.glob(g) if os.path.getsize(p) > 1024)
+    icons = sorted(glob.glob("/usr/share/icons/Adwaita/96x96/**/*.png", recursive=True))[:n_icons]
+    icons += sorted(glob.glob("/usr/share/icons/Adwaita/512x512/**/*.png", recursive=True))
+    if not photos or not icons:
+        raise SystemExit("apt-get install gnome-backgrounds ukui-wallpapers adwaita-icon-theme")
+    sets = {"photos": [p for _ in range(photo_repeat) for p in photos], "icons": icons}
+    out = {}
+    for name, files in sets.items():
+        for variant, chosen in ((name, files), (f"{name}-1", files[:1])):
+            d = root / variant
+            d.mkdir()
+            for i, p in enumerate(chosen):
+                (d / f"{i:05d}{Path(p).suffix.lower()}").symlink_to(p)
+            out[variant] = d
+    return out
+
+
+def env(args, hub: Path) -> dict[str, str]:
+    threads = str(args.threads)
+    return {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+
+def run_clipforge(args, folder: Path, out: Path, hub: Path) -> float:
+    cmd = [sys.executable, "-m", "clipforge", "embed", "--model", "ViT-B-32", "--pretrained", TAG,
+           "--images", str(folder), "--out", str(out), "--batch-size", str(args.batch_size),
+           "--workers", str(args.workers), "--dtype", "float32"]  # fmt: skip
+    return _timed(cmd, env(args, hub))
+
+
+def run_clip_retrieval(args, exe: Path, folder: Path, out: Path, hub: Path) -> float:
+    cmd = [str(exe), "inference", "--input_dataset", str(folder), "--output_folder", str(out),
+           "--clip_model", f"open_clip:ViT-B-32/{TAG}", "--batch_size", str(args.batch_size),
+           "--num_prepro_workers", str(args.workers), "--enable_text", "False", "--enable_wandb", "False",
+           "--clip_cache_path", str(hub)]  # fmt: skip
+    # clip-retrieval's threads: torch reads OMP_NUM_THREADS at start-up like clipforge's does.
+    return _timed(cmd, env(args, hub))
+
+
+def _timed(cmd: list[str], environ: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=environ, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} {cmd[1]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def agreement(cf_out: Path, cr_out: Path) -> float:
+    """max |cos - 1| between the two programs' embeddings of the same file."""
+    import pyarrow.parquet as pq
+
+    cf = np.concatenate([np.load(p) for p in sorted(cf_out.glob("img_emb_*.npy"))]).astype(np.float64)
+    cf_names = _clipforge_names(cf_out)
+    cr = np.concatenate([np.load(p) for p in sorted((cr_out / "img_emb").glob("*.npy"))]).astype(np.float64)
+    table = pq.read_table(sorted((cr_out / "metadata").glob("*.parquet"))[0])
+    cr_names = [str(Path(x).resolve()) for x in table["image_path"].to_pylist()]  # clipforge resolves links
+    index = {n: i for i, n in enumerate(cr_names)}
+    rows = [(i, index[n]) for i, n in enumerate(cf_names) if n in index]
+    a = cf[[r[0] for r in rows]]
+    b = cr[[r[1] for r in rows]]
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.abs((a * b).sum(1) - 1).max())
+
+
+def _clipforge_names(out: Path) -> list[str]:
+    from clipforge.search.tables import find_table, read_table
+
+    return [str(Path(p).resolve()) for p in read_table(find_table(out, "metadata"))["path"]]
+
+
+def compare(args) -> None:
+    root = Path(tempfile.mkdtemp(prefix="clipforge-embed-vs-cr-"))
+    exe = ensure_venv(Path(args.venv).expanduser())
+    hub = build_hub(root / "hub")
+    sets = folders(root, args.photo_repeat, args.icons)
+    print(f"clipforge embed vs clip-retrieval inference: ViT-B-32 (same random weights), batch {args.batch_size}, "
+          f"{args.threads} threads, {args.workers} decoding worker(s), {args.rounds} alternating round(s)")  # fmt: skip
+    for name in ("photos", "icons"):
+        n = len(list(sets[name].iterdir()))
+        walls = {"clipforge": [], "clip-retrieval": []}
+        start = {}
+        for key in walls:  # start-up: the one-image folder
+            fn = _runner(key, args, exe, hub)
+            start[key] = min(fn(sets[f"{name}-1"], root / f"{key}-{name}-1-{i}") for i in range(1))
+        for r in range(args.rounds):
+            for key in ("clipforge", "clip-retrieval") if r % 2 == 0 else ("clip-retrieval", "clipforge"):
+                walls[key].append(_runner(key, args, exe, hub)(sets[name], root / f"{key}-{name}-{r}"))
+        _print_set(
+            name, n, walls, start, agreement(root / f"clipforge-{name}-0", root / f"clip-retrieval-{name}-0")
+        )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _runner(key: str, args, exe: Path, hub: Path):
+    if key == "clipforge":
+        return lambda folder, out: run_clipforge(args, folder, out, hub)
+    return lambda folder, out: run_clip_retrieval(args, exe, folder, out, hub)
+
+
+def _print_set(name: str, n: int, walls: dict, start: dict, max_cos_diff: float) -> None:
+    best = {k: min(v) for k, v in walls.items()}
+    rate = {k: n / best[k] for k in best}
+    net = {k: (n - 1) / max(1e-9, best[k] - start[k]) for k in best}
+    print(f"\n{name}: {n} images")
+    for k in best:
+        print(f"  {k:<15} wall {best[k]:6.1f} s (median {statistics.median(walls[k]):.1f})  {rate[k]:6.2f} images/s  "
+              f"start-up {start[k]:5.1f} s  net {net[k]:6.2f} images/s")  # fmt: skip
+    print(f"  ratio clipforge / clip-retrieval: {rate['clipforge'] / rate['clip-retrieval']:.2f}x images/s, "
+          f"{net['clipforge'] / net['clip-retrieval']:.2f}x net (target >= 1.5x); "
+          f"embeddings agree: max |cos - 1| = {max_cos_diff:.1e}")  # fmt: skip
