@@ -136,6 +136,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
         raise ConfigError(
             f"loss {cfg.loss!r} needs a model with a logit_bias (e.g. tiny-vit-siglip); {model.architecture} has none"
         )
+    if cfg.loss == "coca" and getattr(model, "text_decoder", None) is None:
+        raise ConfigError(
+            f"loss 'coca' needs a CoCa model with a captioning decoder (e.g. tiny-coca, coca_ViT-B-32); "
+            f"{model.architecture} has none"
+        )
     lock_towers(
         model,
         lock_image=cfg.lock_image,
