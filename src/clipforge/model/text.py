@@ -133,15 +133,19 @@ class TextTransformer(nn.Module):
             return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, after checking the length fits the position table."""
         length = tokens.shape[1]
         if length > self.context_length:
             raise ConfigError(
                 f"text has {length} tokens but the model's context_length is {self.context_length}; "
                 "tokenize with the model's tokenizer (it truncates)"
             )
-        x = self.token_embedding(tokens)
-        return x + self.positional_embedding[:length].to(x.dtype)
+        return self.token_embedding(tokens)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self._token_embedding(tokens)
+        return x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         if isinstance(self.text_projection, nn.Linear):
@@ -202,15 +206,9 @@ class TextTransformer(nn.Module):
         return self.project(self.ln_final(x[:, -1])), x[:, :-1]
 
     def embed_with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
-        length = tokens.shape[1]
-        if length > self.context_length:
-            raise ConfigError(
-                f"text has {length} tokens but the model's context_length is {self.context_length}; "
-                "tokenize with the model's tokenizer (it truncates)"
-            )
-        x = self.token_embedding(tokens)
+        x = self._token_embedding(tokens)
         x = torch.cat([x, self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
-        return x + self.positional_embedding[: length + 1].to(x.dtype)
+        return x + self.positional_embedding[: tokens.shape[1] + 1].to(x.dtype)
 
     def forward_hidden(self, tokens: torch.Tensor, pad_to_context: bool = False) -> TextOutput:
         """Pooled features plus all token states.

@@ -752,18 +752,7 @@ def add_to_index(
             meta[key].extend(i + n_old for i in extra["id"])
         else:
             meta[key].extend(extra.get(key, [""] * n_new))
-    manifest = {
-        **manifest,
-        "generation": gen,
-        "count": int(index.ntotal),
-        "memory_bytes": estimate_memory(manifest["kind"], int(index.ntotal), dim, **manifest["build_params"]),
-        "added_after_build": int(manifest.get("added_after_build", 0)) + n_new,
-        "search_params": params,
-        "expected_recall_at_10": recall,
-        "index_file": f"index-{gen}.faiss",
-        "embeddings_file": emb_path.name,
-        "metadata_file": f"metadata-{gen}{MAPPED_SUFFIX}",
-    }
+    manifest = _grown_manifest(manifest, gen, int(index.ntotal), n_new, params, recall, emb_path)
     if manifest["kind"] == "flat" and manifest["count"] >= FLAT_MAX:
         log.warning(
             "flat index now holds %d vectors; rebuild with `clipforge index` for a faster kind",
@@ -771,6 +760,24 @@ def add_to_index(
         )
     _save(out, index, [meta], manifest)
     return manifest
+
+
+def _grown_manifest(
+    manifest: dict[str, Any], gen: int, count: int, n_new: int, params: Any, recall: float, emb_path: Path
+) -> dict[str, Any]:
+    """The manifest of generation ``gen`` after ``index --add`` (both index layouts)."""
+    return {
+        **manifest,
+        "generation": gen,
+        "count": count,
+        "memory_bytes": estimate_memory(manifest["kind"], count, manifest["dim"], **manifest["build_params"]),
+        "added_after_build": int(manifest.get("added_after_build", 0)) + n_new,
+        "search_params": params,
+        "expected_recall_at_10": recall,
+        "index_file": f"index-{gen}.faiss",
+        "embeddings_file": emb_path.name,
+        "metadata_file": f"metadata-{gen}{MAPPED_SUFFIX}",
+    }
 
 
 def _add_streamed(
@@ -796,16 +803,7 @@ def _add_streamed(
                                    target_recall=float(manifest.get("target_recall", 0.95)))  # fmt: skip
     old_meta = open_metadata(out / manifest["metadata_file"])
     manifest = {
-        **manifest,
-        "generation": gen,
-        "count": int(merged.ntotal),
-        "memory_bytes": estimate_memory(manifest["kind"], int(merged.ntotal), dim, **manifest["build_params"]),
-        "added_after_build": int(manifest.get("added_after_build", 0)) + n_new,
-        "search_params": params,
-        "expected_recall_at_10": recall,
-        "index_file": f"index-{gen}.faiss",
-        "embeddings_file": emb_path.name,
-        "metadata_file": f"metadata-{gen}{MAPPED_SUFFIX}",
+        **_grown_manifest(manifest, gen, int(merged.ntotal), n_new, params, recall, emb_path),
         "ivfdata_file": f"index-{gen}.ivfdata",
         "trained_file": trained.name,
     }
