@@ -2,9 +2,9 @@
 of one process with batch 16 (full feature gathering), see different data, and run the whole loop
 (checkpoints and final model from rank 0 only, then a resume).
 
-The two ranks are forked from the test process after the heavy imports (torch, torchvision,
-the trainer), which saves a fresh interpreter's ~5 s of CPU per rank; each sets one intra-op
-thread before touching torch, so no OpenMP pool is inherited across the fork.
+The two ranks are forked from a clean forkserver that has the heavy imports done (see
+``tests/forking.py``), which saves a fresh interpreter's ~5 s of CPU per rank; each sets one
+intra-op thread before touching torch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from forking import START_METHOD, context
 from ports import free_port
 
 import clipforge.train.trainer  # noqa: F401 - imported once, before forking the ranks
@@ -79,8 +80,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path, strategy):
     assert not torch.distributed.is_initialized(), "a forked rank must not inherit a process group"
+    context()  # the clean forkserver, its preloads set
     mp.start_processes(
-        _worker, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True, start_method="fork"
+        _worker, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True, start_method=START_METHOD
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 

@@ -2,9 +2,9 @@
 
 The reference run trains in-process; the interrupted run is ``clipforge train``'s ``main()`` in a
 child process stopped with SIGTERM after a checkpoint, resumed in a second child that is killed
-with SIGKILL, and finished in-process. The children are forked from the test process (with the
-heavy imports already done), which saves the ~5 s of CPU a fresh interpreter spends importing
-torch and torchvision; they are still separate processes that receive real signals and share
+with SIGKILL, and finished in-process. The children are forked from a clean forkserver with the
+heavy imports already done (``tests/forking.py``), which saves the ~5 s of CPU a fresh
+interpreter spends importing torch and torchvision; they are still separate processes that receive real signals and share
 nothing with the run but the checkpoint files. Patch dropout and random-crop augmentation are
 on, so the test also proves that every RNG (model and data) is restored.
 """
@@ -12,7 +12,6 @@ on, so the test also proves that every RNG (model and data) is restored.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forking import context
 from safetensors.torch import load_file
 
 import clipforge.transforms  # noqa: F401 - torchvision: imported once, before forking
@@ -78,7 +78,7 @@ class CliRun:
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
-        self.proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args, str(log)))
+        self.proc = context().Process(target=_cli_child, args=(args, str(log)))
         self.proc.start()
 
     def output(self) -> str:
