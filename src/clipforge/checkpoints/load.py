@@ -117,12 +117,13 @@ def to_clipforge_names(sd: Mapping[str, torch.Tensor], fmt: str) -> dict[str, to
 # --- open_clip's config json ----------------------------------------------------------------------
 _VISION_MAP = (
     "image_size layers width patch_size head_width mlp_ratio ls_init_value patch_dropout no_ln_pre "
-    "final_ln_after_pool pool_type timm_model_name timm_pool timm_proj "
-    "attentional_pool attn_pooler_queries attn_pooler_heads"
+    "final_ln_after_pool pool_type timm_model_name timm_pool timm_proj timm_proj_bias timm_drop "
+    "timm_drop_path attentional_pool attn_pooler_queries attn_pooler_heads"
 ).split()
 _TEXT_MAP = (
     "context_length vocab_size width heads layers mlp_ratio ls_init_value pad_id pool_type proj_bias "
-    "hf_model_name hf_pooler_type hf_proj_type embed_cls correct_cls_mask"
+    "proj_type eos_id no_causal_mask hf_model_name hf_pooler_type hf_proj_type hf_tokenizer_name "
+    "tokenizer_kwargs embed_cls correct_cls_mask"
 ).split()
 # open_clip features clipforge does not implement: refuse when set, rather than load wrong math.
 _UNSUPPORTED = {
@@ -132,9 +133,7 @@ _UNSUPPORTED = {
     "scale_attn_inner": False,
     "scale_attn": False,
     "scale_fc": False,
-    "no_causal_mask": False,
     "pos_embed_type": "learnable",
-    "proj_type": "linear",
 }
 
 
@@ -164,12 +163,16 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
         vision.setdefault("patch_size", 16)  # open_clip's default when omitted
     if v_in.get("timm_model_pretrained"):
         vision["timm_pretrained"] = True
+    if "timm_proj" in vision and not vision["timm_proj"]:
+        vision["timm_proj"] = "none"  # open_clip: null / "" mean no projection head
     text = {k: t_in[k] for k in _TEXT_MAP if k in t_in}
+    text.update(_text_kwargs(t_in, source))
     try:
         return CLIPConfig.from_dict(
             {
                 "embed_dim": model_cfg.get("embed_dim", 512),
                 "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+                "custom_text": bool(model_cfg.get("custom_text", False)),
                 **{k: model_cfg[k] for k in ("init_logit_scale", "init_logit_bias") if k in model_cfg},
                 "vision": vision,
                 "text": text,
@@ -179,6 +182,25 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
         )
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def _text_kwargs(t_in: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """open_clip's ``norm_kwargs``/``act_kwargs`` and ``*_pooler`` names as clipforge fields."""
+    out: dict[str, Any] = {}
+    norm = dict(t_in.get("norm_kwargs") or {})
+    act = dict(t_in.get("act_kwargs") or {})
+    if set(norm) - {"eps"} or set(act) - {"approximate"}:
+        raise CheckpointError(
+            f"{source}: text_cfg norm_kwargs {norm} / act_kwargs {act}: only eps and approximate are supported"
+        )
+    if "eps" in norm:
+        out["norm_eps"] = float(norm["eps"])
+    if "approximate" in act:
+        out["act_approximate"] = act["approximate"]
+    pooler = t_in.get("hf_pooler_type")
+    if isinstance(pooler, str) and pooler.endswith("_pooler"):
+        out["hf_pooler_type"] = pooler.removesuffix("_pooler")
+    return out
 
 
 def _read_open_clip_json(path: Path) -> tuple[CLIPConfig | None, dict[str, Any] | None]:

@@ -37,7 +37,10 @@ __all__ = [
 _NOT_ARCHITECTURE = {
     ("vision", "patch_dropout"),
     ("vision", "timm_pretrained"),
+    ("vision", "timm_drop"),
+    ("vision", "timm_drop_path"),
     ("init_logit_scale",),
+    ("custom_text",),
     ("format_version",),
 }
 CUSTOM = "custom"

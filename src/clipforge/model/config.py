@@ -35,10 +35,16 @@ class VisionConfig:
     pool_type: str = "tok"  # "tok" (class token) | "avg" (mean of patch tokens)
     final_ln_after_pool: bool = False  # open_clip variant: LN applied after pooling, not to all tokens
     no_ln_pre: bool = False
-    timm_model_name: str | None = None  # optional timm image tower
+    # A timm image tower, with open_clip's TimmModel options (its names and meanings): ``timm_pool``
+    # is timm's ``global_pool`` ("" = none, "avg", "token", "map", ...) or open_clip's "abs_attn" /
+    # "rot_attn"; ``timm_proj`` the head after it ("linear", "mlp" or "none").
+    timm_model_name: str | None = None
     timm_pretrained: bool = False
     timm_pool: str = "avg"
     timm_proj: str = "linear"
+    timm_proj_bias: bool = False
+    timm_drop: float = 0.0
+    timm_drop_path: float | None = None
     # CoCa (open_clip's names): an attention pooler over the final tokens replaces the class token;
     # its first query is the contrastive embedding and the rest are the captioning decoder's memory.
     attentional_pool: bool = False
@@ -96,7 +102,11 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """Causal text transformer over CLIP BPE tokens."""
+    """Text transformer (open_clip's ``text_cfg`` names and defaults), or a Hugging Face encoder.
+
+    SigLIP-style towers set ``no_causal_mask`` (bidirectional attention), ``pool_type="last"``,
+    ``proj_bias``, ``norm_eps=1e-6`` and, for SigLIP 2, ``act_approximate="tanh"``.
+    """
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -105,12 +115,21 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
     ls_init_value: float | None = None
-    pool_type: str = "argmax"  # "argmax" (EOT = highest id, CLIP) | "last" | "first"
+    pool_type: str = "argmax"  # "argmax" (EOT = highest id, CLIP) | "eos" (first eos_id) | "last" | "first"
     proj_bias: bool = False
+    proj_type: str = "linear"  # "linear" | "none" (identity: needs width == embed_dim)
     pad_id: int = 0
+    eos_id: int = 2  # open_clip's default; read by pool_type="eos"
+    no_causal_mask: bool = False  # bidirectional attention (SigLIP, MobileCLIP text towers)
+    norm_eps: float = 1e-5  # LayerNorm epsilon (SigLIP: 1e-6)
+    act_approximate: str = "none"  # GELU approximation: "none" | "tanh" (SigLIP 2)
     hf_model_name: str | None = None  # optional Hugging Face text tower
     hf_pooler_type: str = "mean"
     hf_proj_type: str = "linear"
+    # The tokenizer the weights were trained with (open_clip's names): a Hugging Face tokenizer
+    # (hub id or local folder) instead of CLIP's BPE, and open_clip HFTokenizer's options.
+    hf_tokenizer_name: str | None = None
+    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
     # CoCa (open_clip's names): a learned class token appended after the text, pooled for the
     # contrastive embedding. open_clip's released CoCa weights were trained with its original mask,
     # which is shifted by one position; ``correct_cls_mask=True`` selects the fixed one.
@@ -122,8 +141,14 @@ class TextConfig:
             return
         if self.width % self.heads:
             raise ConfigError(f"text.width {self.width} is not a multiple of text.heads {self.heads}")
-        if self.pool_type not in ("argmax", "last", "first"):
-            raise ConfigError(f"text.pool_type must be 'argmax', 'last' or 'first', got {self.pool_type!r}")
+        if self.pool_type not in ("argmax", "eos", "last", "first"):
+            raise ConfigError(
+                f"text.pool_type must be 'argmax', 'eos', 'last' or 'first', got {self.pool_type!r}"
+            )
+        if self.proj_type not in ("linear", "none"):
+            raise ConfigError(f"text.proj_type must be 'linear' or 'none', got {self.proj_type!r}")
+        if self.act_approximate not in ("none", "tanh"):
+            raise ConfigError(f"text.act_approximate must be 'none' or 'tanh', got {self.act_approximate!r}")
         if self.context_length < 2:
             raise ConfigError(f"text.context_length must be >= 2 (SOT and EOT), got {self.context_length}")
 
@@ -170,6 +195,9 @@ class CLIPConfig:
     init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP models
     format_version: int = CONFIG_FORMAT_VERSION
     multimodal: MultimodalConfig | None = None  # set for CoCa (captioning decoder)
+    # open_clip's CustomTextCLIP layout: its state dicts keep the text tower under ``text.``
+    # (clipforge always does). Only the key layout written back to open_clip depends on it.
+    custom_text: bool = False
 
     def validate(self) -> CLIPConfig:
         if self.embed_dim <= 0:
