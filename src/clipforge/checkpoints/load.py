@@ -164,7 +164,7 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
     if v_in.get("timm_model_pretrained"):
         vision["timm_pretrained"] = True
     if "timm_proj" in vision and not vision["timm_proj"]:
-        vision["timm_proj"] = "none"  # open_clip: null / "" mean no projection head
+        vision["timm_proj"] = "head"  # open_clip: null / "" = timm's own classifier head projects
     text = {k: t_in[k] for k in _TEXT_MAP if k in t_in}
     text.update(_text_kwargs(t_in, source))
     try:

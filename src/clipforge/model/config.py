@@ -37,7 +37,9 @@ class VisionConfig:
     no_ln_pre: bool = False
     # A timm image tower, with open_clip's TimmModel options (its names and meanings): ``timm_pool``
     # is timm's ``global_pool`` ("" = none, "avg", "token", "map", ...) or open_clip's "abs_attn" /
-    # "rot_attn"; ``timm_proj`` the head after it ("linear", "mlp" or "none").
+    # "rot_attn"; ``timm_proj`` the projection after it: "linear" or "mlp" (open_clip's head),
+    # "none" (trunk features pass through) or "head" (timm's own classifier head, built with
+    # ``num_classes=embed_dim``: what open_clip does for ``timm_proj: null``).
     timm_model_name: str | None = None
     timm_pretrained: bool = False
     timm_pool: str = "avg"
