@@ -47,6 +47,9 @@ class VisionConfig:
     timm_proj_bias: bool = False
     timm_drop: float = 0.0
     timm_drop_path: float | None = None
+    # Extra keyword arguments for ``timm.create_model`` (e.g. ``embed_dim``/``depth`` for the small
+    # instances tests and demos train); open_clip has no such field, so it is never read from its configs.
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # CoCa (open_clip's names): an attention pooler over the final tokens replaces the class token;
     # its first query is the contrastive embedding and the rest are the captioning decoder's memory.
     attentional_pool: bool = False
