@@ -41,7 +41,7 @@ def build_image_tower(cfg: VisionConfig, embed_dim: int, quick_gelu: bool = Fals
 def build_text_tower(cfg: TextConfig, embed_dim: int, quick_gelu: bool = False) -> nn.Module:
     """CLIP's causal text transformer, or a Hugging Face encoder when ``hf_model_name`` is set."""
     if cfg.hf_model_name:
-        from clipforge.model.towers import HFTextTower
+        from clipforge.model.hf_text import HFTextTower
 
         return HFTextTower(cfg, embed_dim)
     from clipforge.model.text import TextTransformer

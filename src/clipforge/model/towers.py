@@ -1,9 +1,8 @@
 """Optional towers from other libraries behind clipforge's tower contract.
 
-``TimmImageTower`` wraps any timm backbone; ``HFTextTower`` any Hugging Face encoder. Module
-names (``trunk``/``head.proj`` and ``transformer``/``proj``) follow open_clip's adapters so its
-checkpoints for such models keep their keys. timm and transformers are imported only here, and
-only when such a tower is built.
+``TimmImageTower`` wraps any timm backbone (Hugging Face text towers: :mod:`clipforge.model.hf_text`).
+Module names (``trunk``/``head.proj``) follow open_clip's adapter so its checkpoints for such
+models keep their keys. timm is imported only here, and only when such a tower is built.
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import torch
 from torch import nn
 
 from clipforge.errors import ConfigError
-from clipforge.model.config import TextConfig, VisionConfig
+from clipforge.model.config import VisionConfig
 from clipforge.model.layers import set_requires_grad
-from clipforge.model.text import TextOutput
 
 logger = logging.getLogger(__name__)
 
@@ -76,78 +74,3 @@ class TimmImageTower(nn.Module):
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{n}" for n in names}
-
-
-class HFTextTower(nn.Module):
-    """Hugging Face encoder (architecture from ``hf_model_name``, weights from the CLIP checkpoint)."""
-
-    def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
-        super().__init__()
-        transformers = _require("transformers", "hf")
-        config = transformers.AutoConfig.from_pretrained(cfg.hf_model_name)
-        self.transformer = transformers.AutoModel.from_config(config)
-        self.pooler_type = cfg.hf_pooler_type
-        pad = getattr(config, "pad_token_id", None)
-        self.pad_id = cfg.pad_id if pad is None else pad
-        width = config.hidden_size
-        if cfg.hf_proj_type == "linear":
-            self.proj: nn.Module = nn.Linear(width, embed_dim, bias=False)
-        elif cfg.hf_proj_type == "mlp":
-            hidden = (width + embed_dim) // 2
-            self.proj = nn.Sequential(
-                nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False)
-            )
-        else:
-            raise ConfigError(f"text.hf_proj_type must be 'linear' or 'mlp', got {cfg.hf_proj_type!r}")
-        if self.pooler_type not in ("mean", "cls", "max"):
-            raise ConfigError(f"text.hf_pooler_type must be 'mean', 'cls' or 'max', got {self.pooler_type!r}")
-        self.context_length = cfg.context_length
-        self.output_dim = embed_dim
-
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.pooler_type == "cls":
-            return hidden[:, 0]
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooler_type == "max":
-            return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
-        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-
-    def forward_hidden(self, tokens: torch.Tensor, pad_to_context: bool = False) -> TextOutput:
-        mask = (tokens != self.pad_id).long()
-        out = self.transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
-        hidden = list(out.hidden_states)
-        pooled = self.proj(self._pool(out.last_hidden_state, mask))
-        return TextOutput(
-            pooled=pooled, last_hidden=out.last_hidden_state, hidden_states=hidden, penultimate=hidden[-2]
-        )
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = (tokens != self.pad_id).long()
-        out = self.transformer(input_ids=tokens, attention_mask=mask)
-        return self.proj(self._pool(out.last_hidden_state, mask))
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.transformer.gradient_checkpointing_enable()
-        else:
-            self.transformer.gradient_checkpointing_disable()
-
-    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
-        """Freeze the encoder except its last ``unlocked_groups`` layers; the projection stays trainable."""
-        set_requires_grad(self.transformer, False)
-        layers = _encoder_layers(self.transformer)
-        if unlocked_groups and layers is not None:
-            set_requires_grad(list(layers[-unlocked_groups:]), True)
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-
-def _encoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    for path in ("encoder.layer", "encoder.layers", "layers", "h"):
-        obj: object = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    return None
