@@ -200,6 +200,9 @@ def _text_kwargs(t_in: Mapping[str, Any], source: str) -> dict[str, Any]:
     pooler = t_in.get("hf_pooler_type")
     if isinstance(pooler, str) and pooler.endswith("_pooler"):
         out["hf_pooler_type"] = pooler.removesuffix("_pooler")
+    if t_in.get("hf_model_name"):  # open_clip's default projection is an MLP; null = identity
+        proj = t_in.get("hf_proj_type", "mlp")
+        out["hf_proj_type"] = "none" if proj is None else proj
     return out
 
 

@@ -106,7 +106,7 @@ def _encoder_of(transformers: Any, config: Any) -> nn.Module:
     name = MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES.get(config.model_type)
     if name is not None and hasattr(transformers, name):
         return getattr(transformers, name)(config).encoder
-    model_cls = transformers.AutoModel._model_mapping.get(type(config))
+    model_cls = transformers.AutoModel._model_mapping.get(type(config), None)
     if model_cls is not None:
         module = inspect.getmodule(model_cls)
         encoder_cls = getattr(module, model_cls.__name__.removesuffix("Model") + "Encoder", None)

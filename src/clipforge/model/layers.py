@@ -142,12 +142,13 @@ class ResidualAttentionBlock(nn.Module):
         mlp_ratio: float = 4.0,
         ls_init_value: float | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads)
         self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=norm_eps)
         self.mlp = MLP(width, int(width * mlp_ratio), act_layer)
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
@@ -181,13 +182,15 @@ class Transformer(nn.Module):
         mlp_ratio: float = 4.0,
         ls_init_value: float | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value, act_layer) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value, act_layer, norm_eps)
+            for _ in range(layers)
         )
 
     def _run(

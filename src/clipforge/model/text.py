@@ -1,13 +1,21 @@
-"""Causal text transformer (CLIP's text tower) with EOT pooling and hidden-state outputs.
+"""CLIP's text transformer with every open_clip ``text_cfg`` option, and hidden-state outputs.
 
-Speed note: under the causal mask, position ``i`` only sees positions ``<= i``. The pooled EOT
-feature therefore does not depend on anything after the batch's last EOT, so ``forward`` runs
-the transformer on ``tokens[:, :max_eot + 1]`` only. Real captions are 10-30 tokens out of 77,
-which makes text encoding several times faster with identical outputs.
+Causal (CLIP) or bidirectional (``no_causal_mask``: SigLIP, MobileCLIP) attention; pooling at the
+EOT (``argmax``: highest id), the first ``eos_id`` (``eos``), the ``last`` or the ``first``
+position; a projection matrix, a biased ``Linear`` (``proj_bias``) or none (``proj_type='none'``);
+LayerNorm ``norm_eps`` and GELU ``act_approximate`` as open_clip's ``norm_kwargs``/``act_kwargs``.
+
+Speed note: under the causal mask, position ``i`` only sees positions ``<= i``. The pooled
+feature therefore does not depend on anything after the batch's last pooled position, so
+``forward`` runs the transformer on ``tokens[:, :max_eot + 1]`` only, and in eval mode may pack
+captions end to end (:mod:`clipforge.model.packing`). Real captions are 10-30 tokens out of 77,
+which makes text encoding several times faster with identical outputs. A bidirectional tower
+reads the padding too (every token sees every other), so it always runs the full given length.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +58,19 @@ def _tracing() -> bool:
     )
 
 
+def text_activation(act_layer: Callable[[], nn.Module], approximate: str) -> Callable[[], nn.Module]:
+    """The MLP activation with open_clip's ``act_kwargs``: ``approximate='tanh'`` is GELU's tanh
+    form (SigLIP 2); QuickGELU has no such option, so asking for both is an error, not a guess."""
+    if approximate == "none":
+        return act_layer
+    if act_layer is not nn.GELU:
+        raise ConfigError(
+            f"text.act_approximate={approximate!r} applies to GELU, but the model uses "
+            f"{getattr(act_layer, '__name__', act_layer)} (quick_gelu=True); set one of them"
+        )
+    return functools.partial(nn.GELU, approximate=approximate)
+
+
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int, act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -59,6 +80,9 @@ class TextTransformer(nn.Module):
         self.heads = cfg.heads
         self.pool_type = cfg.pool_type
         self.pad_id = cfg.pad_id
+        self.eos_id = cfg.eos_id
+        #: False for bidirectional towers (``no_causal_mask``): then nothing is trimmed or packed.
+        self.causal = not cfg.no_causal_mask
         self.output_dim = embed_dim
         #: Run only up to the batch's last EOT (identical outputs); turn off to time the full run.
         self.trim = True
@@ -71,24 +95,25 @@ class TextTransformer(nn.Module):
         self.correct_cls_mask = cfg.correct_cls_mask
         positions = cfg.context_length + (1 if cfg.embed_cls else 0)
         self.positional_embedding = nn.Parameter(torch.empty(positions, cfg.width))
+        act = text_activation(act_layer, cfg.act_approximate)
         self.transformer = Transformer(
-            cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer
+            cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act, cfg.norm_eps
         )
-        self.ln_final = LayerNorm(cfg.width)
-        if cfg.proj_bias:
-            self.text_projection: nn.Module | nn.Parameter = nn.Linear(cfg.width, embed_dim)
-        else:
-            self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        self.ln_final = LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.text_projection = _projection(cfg, embed_dim)
         self.init_parameters()
 
     @property
-    def attn_mask(self) -> torch.Tensor:
-        """Additive causal mask ``[ctx, ctx]`` (0 on and below the diagonal, -inf above).
+    def attn_mask(self) -> torch.Tensor | None:
+        """Additive causal mask ``[ctx, ctx]`` (0 on and below the diagonal, -inf above), or None
+        for a bidirectional tower (as open_clip's ``attn_mask``).
 
         Built on demand rather than stored: forward uses SDPA's ``is_causal`` (the kernel skips
         the masked half), and a computed mask is never in the state dict nor left behind on the
         ``meta`` device when a model is built there and loaded with ``assign=True``.
         """
+        if not self.causal:
+            return None
         ctx = self.context_length
         ref = self.positional_embedding
         return torch.full((ctx, ctx), float("-inf"), device=ref.device, dtype=ref.dtype).triu_(1)
@@ -104,7 +129,7 @@ class TextTransformer(nn.Module):
         if isinstance(self.text_projection, nn.Linear):
             nn.init.normal_(self.text_projection.weight, std=std)
             nn.init.zeros_(self.text_projection.bias)
-        else:
+        elif self.text_projection is not None:
             nn.init.normal_(self.text_projection, std=std)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -120,15 +145,18 @@ class TextTransformer(nn.Module):
             [self.token_embedding, self.positional_embedding, *([self.cls_emb] if self.cls_emb is not None else [])],
             *blocks[:-1],
             [blocks[-1], self.ln_final],
-            self.text_projection,
+            *([self.text_projection] if self.text_projection is not None else []),
         ]
         lock_groups(self, groups, unlocked_groups)
 
     # --- forward ----------------------------------------------------------------------------------
     def eot_indices(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Position pooled for each row: the EOT (highest id, CLIP's tokenizer), first or last."""
+        """Position pooled for each row: the EOT (highest id, CLIP's tokenizer), the first
+        ``eos_id`` (row 0 when a row has none, as open_clip), the first or the last position."""
         if self.pool_type == "argmax":
             return tokens.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
         if self.pool_type == "first":
             return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
@@ -148,12 +176,16 @@ class TextTransformer(nn.Module):
         return x + self.positional_embedding[: tokens.shape[1]].to(x.dtype)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.text_projection is None:
+            return pooled
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(pooled)
         return pooled @ self.text_projection
 
     def _trim_length(self, tokens: torch.Tensor, idx: torch.Tensor) -> int:
-        if not self.trim or _tracing() or tokens.shape[0] == 0:
+        """How many leading positions decide the pooled feature: up to the last pooled one under
+        the causal mask, all of them in a bidirectional tower."""
+        if not self.causal or not self.trim or _tracing() or tokens.shape[0] == 0:
             return tokens.shape[1]
         return int(idx.max()) + 1
 
@@ -161,7 +193,7 @@ class TextTransformer(nn.Module):
         if self.cls_emb is not None:
             return self.forward_tokens(tokens)[0]
         idx = self.eot_indices(tokens)
-        if self.pack and self.trim and not self.training and self.pool_type == "argmax" and tokens.shape[0] > 1:
+        if self.pack and self.trim and self.causal and not self.training and tokens.shape[0] > 1:
             if not _tracing():
                 from clipforge.model.packing import encode as encode_packed
 
@@ -174,7 +206,7 @@ class TextTransformer(nn.Module):
         """Projected features of already-trimmed tokens pooled at ``idx`` (the compilable part)."""
         # Only the EOT row of the last block is read: forward_at skips the rest of its work, and
         # LayerNorm being per token, normalising just the pooled rows is exact.
-        pooled = self.transformer.forward_at(self.embed(tokens), idx, is_causal=True)
+        pooled = self.transformer.forward_at(self.embed(tokens), idx, is_causal=self.causal)
         return self.project(self.ln_final(pooled))
 
     # --- CoCa: class token ---------------------------------------------------------------------------
@@ -213,10 +245,11 @@ class TextTransformer(nn.Module):
     def forward_hidden(self, tokens: torch.Tensor, pad_to_context: bool = False) -> TextOutput:
         """Pooled features plus all token states.
 
-        By default the run is trimmed to the batch's last EOT, so ``last_hidden`` and
-        ``hidden_states`` have that many positions. ``pad_to_context=True`` returns all
-        ``context_length`` positions (short inputs are padded with ``pad_id``), computed in
-        full so that they equal an untrimmed run exactly: positions after EOT depend on the
+        By default a causal run is trimmed to the batch's last EOT, so ``last_hidden`` and
+        ``hidden_states`` have that many positions (a bidirectional one keeps the given length).
+        ``pad_to_context=True`` returns all ``context_length`` positions (short inputs are padded
+        with ``pad_id`` first, and the pooled position is read from the padded tokens), computed
+        in full so that they equal an untrimmed run exactly: positions after EOT depend on the
         padding tokens, so they cannot be filled in without running them.
         """
         if self.cls_emb is not None:
@@ -224,14 +257,28 @@ class TextTransformer(nn.Module):
                 "forward_hidden (per-layer EOT states) is not defined for a class-token text tower "
                 "(CoCa); use forward_tokens"
             )
+        if pad_to_context and tokens.shape[1] < self.context_length:
+            tokens = F.pad(tokens, (0, self.context_length - tokens.shape[1]), value=self.pad_id)
         idx = self.eot_indices(tokens)
-        if pad_to_context:
-            if tokens.shape[1] < self.context_length:
-                tokens = F.pad(tokens, (0, self.context_length - tokens.shape[1]), value=self.pad_id)
-        else:
+        if not pad_to_context:
             tokens = tokens[:, : self._trim_length(tokens, idx)]
-        x, hidden = self.transformer.forward_hidden(self.embed(tokens), is_causal=True)
+        x, hidden = self.transformer.forward_hidden(self.embed(tokens), is_causal=self.causal)
         last = self.ln_final(x)
         pooled = self.project(last[torch.arange(x.shape[0], device=x.device), idx])
         penultimate = hidden[-2] if len(hidden) > 1 else hidden[-1]
         return TextOutput(pooled=pooled, last_hidden=last, hidden_states=hidden, penultimate=penultimate)
+
+
+def _projection(cfg: TextConfig, embed_dim: int) -> nn.Module | nn.Parameter | None:
+    """open_clip's text projection: a ``[width, embed_dim]`` matrix, a biased ``Linear``
+    (``proj_bias``), or none (``proj_type='none'``: the pooled feature is the embedding)."""
+    if cfg.proj_type == "none":
+        if cfg.width != embed_dim:
+            raise ConfigError(
+                f"text.proj_type='none' needs text.width ({cfg.width}) == embed_dim ({embed_dim}): "
+                "the pooled feature is the embedding"
+            )
+        return None
+    if cfg.proj_bias:
+        return nn.Linear(cfg.width, embed_dim)
+    return nn.Parameter(torch.empty(cfg.width, embed_dim))
