@@ -1,4 +1,5 @@
-"""``clipforge models``: the registered architectures with their size and cost."""
+"""``clipforge models``: the registered architectures with their size and cost, and
+(``--pretrained``) the named weights with their Hub repository and licence."""
 
 from __future__ import annotations
 
@@ -76,19 +77,47 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join([fmt.format(*header), *(fmt.format(*line) for line in lines)])
 
 
-def _pretrained_lines(name_filter: str | None) -> list[str]:
-    try:
-        from clipforge.checkpoints.pretrained import list_pretrained
-    except ImportError:
-        return ["(no pretrained table available)"]
-    pairs = [(m, t) for m, t in list_pretrained() if not name_filter or name_filter.lower() in m.lower()]
-    width = max((len(m) for m, _ in pairs), default=5)
-    return [f"{'model':<{width}}  tag"] + [f"{m:<{width}}  {t}" for m, t in pairs]
+def pretrained_rows(name_filter: str | None = None) -> list[dict[str, object]]:
+    """One row per named weight set (library function behind ``--pretrained``; no torch import)."""
+    from clipforge.checkpoints.pretrained import pretrained_entries
+
+    return [
+        {
+            "model": e.model,
+            "tag": e.tag,
+            "hf_hub": e.hf_hub,
+            "license": e.license or "-",
+            "quick_gelu": e.quick_gelu,
+            "image_size": e.image_size or 224,
+        }
+        for e in pretrained_entries(name_filter)
+    ]
+
+
+def format_pretrained(rows: list[dict[str, object]]) -> str:
+    """Aligned columns; QuickGELU tags also answer to ``<model>-quickgelu``, as in open_clip."""
+    header = ("model", "tag", "hub repository", "license", "quickgelu", "size")
+    lines = [
+        (
+            str(r["model"]),
+            str(r["tag"]),
+            str(r["hf_hub"]),
+            str(r["license"]),
+            "yes" if r["quick_gelu"] else "",
+            str(r["image_size"]),
+        )
+        for r in rows
+    ]
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)
+    ]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 5 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), *(fmt.format(*line).rstrip() for line in lines)])
 
 
 def run(args: argparse.Namespace) -> int:
     if args.pretrained:
-        print("\n".join(_pretrained_lines(args.filter)))
+        print(format_pretrained(pretrained_rows(args.filter)))
         return 0
     print(format_table(models_table(args.filter)))
     return 0
