@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoints import clipforge_format, hf, openai
+from clipforge.checkpoints import clipforge_format, hf, hf_siglip, openai
 from clipforge.checkpoints.io import atomic_save, atomic_write_text, save_safetensors
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip
 from clipforge.errors import ConfigError
@@ -91,6 +91,8 @@ def save_as(model: torch.nn.Module, dst: str | Path, to: str) -> Path:
     if to == "clipforge":
         return clipforge_format.save_pretrained(model, dst)
     if to == "hf":
+        if hf_siglip.is_siglip_config(model.config):  # SigLIP: a SiglipModel / Siglip2Model folder
+            return hf_siglip.save_hf_siglip(model, dst)
         return hf.save_hf(model, dst)
     if to == "open_clip":
         return save_open_clip(model, dst)

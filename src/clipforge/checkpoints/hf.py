@@ -142,7 +142,12 @@ def _ratio(width: int, hidden: int) -> float:
 
 
 def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> CLIPConfig:
-    """A ``CLIPConfig`` from a transformers ``CLIPConfig`` dict (``config.json``)."""
+    """A ``CLIPConfig`` from a transformers ``CLIPConfig`` dict (``config.json``); Siglip(2) dicts
+    are read by :mod:`clipforge.checkpoints.hf_siglip`."""
+    from clipforge.checkpoints import hf_siglip
+
+    if hf_siglip.siglip_kind(data) is not None:
+        return hf_siglip.config_from_hf_siglip(data, source)
     if data.get("model_type") not in (None, "clip"):
         raise CheckpointError(f"{source}: model_type {data.get('model_type')!r} is not a CLIP model")
     v = dict(data.get("vision_config") or {})
@@ -267,8 +272,14 @@ def load_hf_config(path: str | Path) -> CLIPConfig:
 
 
 def load_hf_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
-    """clipforge-named weights and config from a ``CLIPModel.save_pretrained`` folder."""
+    """clipforge-named weights and config from a ``CLIPModel`` (or ``SiglipModel`` / ``Siglip2Model``)
+    ``save_pretrained`` folder."""
+    from clipforge.checkpoints import hf_siglip
+
     path = Path(path)
+    if hf_siglip.is_siglip_dir(path):
+        sd, cfg, *_ = hf_siglip.load_siglip_dir(path)
+        return sd, cfg
     cfg = load_hf_config(path)
     weights = next((path / n for n in HF_WEIGHT_FILES + HF_INDEX_FILES if (path / n).is_file()), None)
     if weights is None:

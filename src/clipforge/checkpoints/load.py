@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoints import clipforge_format, hf, openai
+from clipforge.checkpoints import clipforge_format, hf, hf_siglip, openai
 from clipforge.checkpoints.io import is_torchscript_archive, load_safetensors, safe_torch_load
 from clipforge.checkpoints.open_clip import (
     infer_config,
@@ -259,6 +259,9 @@ def _load_dir(path: Path) -> LoadedCheckpoint:
         return LoadedCheckpoint(
             ck.state_dict, "clipforge", path, ck.config, ck.preprocess_cfg, ck.tokenizer_cfg, extra=ck.extra
         )
+    if hf_siglip.is_siglip_dir(path):
+        sd, config, pre, tok, extra = hf_siglip.load_siglip_dir(path)
+        return LoadedCheckpoint(sd, "hf", path, config, pre, tok, quick_gelu=False, extra=extra)
     if hf.is_hf_dir(path):
         sd, config = hf.load_hf_dir(path)
         pre = hf.read_preprocessor_config(path, config.vision.image_size)
