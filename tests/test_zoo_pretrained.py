@@ -394,3 +394,30 @@ def test_open_clip_hub_repo_loads_like_open_clip(offline_cache, tmp_path, monkey
     assert image_diff < 1e-5 and text_diff < 1e-5, (image_diff, text_diff)
     assert cf.logit_bias.item() == pytest.approx(oc.logit_bias.item())
     print(f"\nhub layout parity: image {image_diff:.2e}, text {text_diff:.2e}")
+
+
+def test_online_resolution_fetches_the_tokenizer_files_the_repo_has(offline_cache, monkeypatch):
+    """Online, the files beside the config that the repository lists are fetched into the same
+    snapshot (one listing request, then only those files); absent ones are not asked for."""
+    import huggingface_hub
+
+    snapshot = populate(
+        offline_cache, SO400M, {"open_clip_config.json": b"{}", "open_clip_model.safetensors": b"x"}
+    )
+    asked: list[str] = []
+
+    def fake_download(repo_id, filename, **kwargs):  # what hf_hub_download does: file into the snapshot
+        asked.append(filename)
+        (snapshot / filename).write_bytes(b"{}")
+        return str(snapshot / filename)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "_endpoint_reachable", lambda: True)
+    monkeypatch.setattr(
+        hub, "_repo_listing", lambda ref: {"open_clip_config.json", "tokenizer.json", "spiece.model"}
+    )
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    got = hub.resolve_hub_files(f"hf-hub:{SO400M}")
+    assert sorted(asked) == ["spiece.model", "tokenizer.json"]
+    assert sorted(p.name for p in got.tokenizer) == ["spiece.model", "tokenizer.json"]
+    assert {p.parent for p in got.tokenizer} == {snapshot} == {got.folder}
