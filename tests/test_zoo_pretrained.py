@@ -151,6 +151,11 @@ def test_listing_is_open_clips_list():
     registered = set(list_models())
     buildable = {(m, t) for m, t in open_clip.list_pretrained() if m.removesuffix("-quickgelu") in registered}
     assert set(list_pretrained()) == buildable
+    from clipforge.model.registry import get_model_config
+
+    for entry in pretrained_entries():  # the registered architecture takes the tag's input size
+        if entry.model in registered:
+            assert get_model_config(entry.model).vision.image_size == (entry.image_size or 224), entry.model
     assert set(list_pretrained("ViT-B-16-quickgelu", include_unregistered=True)) == {
         ("ViT-B-16-quickgelu", t) for t in open_clip.list_pretrained_tags_by_model("ViT-B-16-quickgelu")
     }
