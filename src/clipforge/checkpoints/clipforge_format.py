@@ -101,11 +101,11 @@ def save_pretrained(
     tok = tokenizer_cfg or getattr(model, "tokenizer_cfg", None)
     if tok is not None and hasattr(tok, "to_dict"):
         tok = tok.to_dict()
-    tok = (
-        dict(tok)
-        if tok
-        else {"type": "clip_bpe", "context_length": config.text.context_length, "clean": "lower"}
-    )
+    if not tok:  # CLIP BPE, or the Hugging Face tokenizer the text config names
+        from clipforge.hf_tokenizer import tokenizer_cfg_for
+
+        tok = tokenizer_cfg_for(config.text)
+    tok = dict(tok)
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(
         model.state_dict(),

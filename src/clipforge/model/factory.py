@@ -192,7 +192,21 @@ def _attach_settings(
     alpha = image_overrides.pop("alpha", None)
     pre.update({k: v for k, v in image_overrides.items() if v is not None})
     model.preprocess_cfg = make_preprocess_cfg(pre).with_alpha(alpha)
-    model.tokenizer_cfg = dict(tok or {"type": "clip_bpe", "context_length": cfg.text.context_length})
+    model.tokenizer_cfg = _tokenizer_cfg(cfg, tok, weights.loaded.path if weights is not None else None)
+
+
+def _tokenizer_cfg(cfg: CLIPConfig, stored: dict[str, Any] | None, weights_path: Path | None) -> dict[str, Any]:
+    """The checkpoint's stored tokenizer settings, else those its config implies (CLIP BPE, or a
+    Hugging Face tokenizer when ``text.hf_tokenizer_name`` is set). A Hugging Face tokenizer is
+    looked for first in the folder of the weights (open_clip Hub repos ship it there)."""
+    from clipforge.hf_tokenizer import tokenizer_cfg_for, with_model_dir
+
+    model_dir = None
+    if weights_path is not None:
+        model_dir = weights_path if weights_path.is_dir() else weights_path.parent
+    if stored:
+        return with_model_dir(dict(stored), model_dir)
+    return tokenizer_cfg_for(cfg.text, model_dir)
 
 
 def create_model(
@@ -296,34 +310,63 @@ def _tokenizer_settings(source: str) -> dict[str, Any]:
     path = resolve_hub(source) if is_hub_spec(source) else Path(source).expanduser()
     if path.is_dir() and clipforge_format.is_clipforge_dir(path):
         data = clipforge_format.read_config(path)
-        context = data["model_config"].get("text", {}).get("context_length", 77)
-        return {"type": "clip_bpe", "context_length": context, **(data.get("tokenizer_cfg") or {})}
+        text = data["model_config"].get("text", {})
+        stored = data.get("tokenizer_cfg")
+        if stored:
+            from clipforge.hf_tokenizer import with_model_dir
+
+            return with_model_dir({"context_length": text.get("context_length", 77), **stored}, path)
+        config = CLIPConfig.from_dict(data["model_config"], source=str(path / clipforge_format.CONFIG_NAME))
+        return _tokenizer_cfg(config, None, path)
     if path.is_dir() and hf.is_hf_dir(path):
-        config = hf.load_hf_config(path)
-        return {"type": "clip_bpe", "context_length": config.text.context_length}
+        return _tokenizer_cfg(hf.load_hf_config(path), None, path)
     loaded = load_any(path)
-    settings = dict(loaded.tokenizer_cfg or {"type": "clip_bpe"})
-    settings.setdefault("context_length", loaded.resolve_config().text.context_length)
+    config = loaded.resolve_config()
+    settings = _tokenizer_cfg(config, loaded.tokenizer_cfg, loaded.path)
+    settings.setdefault("context_length", config.text.context_length)
     return settings
 
 
+def _build_tokenizer(settings: dict[str, Any]) -> Any:
+    """The tokenizer a ``tokenizer_cfg`` describes: ``clip_bpe`` (the default) or ``hf``."""
+    kind = settings.get("type", "clip_bpe")
+    if kind == "hf":
+        from clipforge.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_dict(settings)
+    if kind == "clip_bpe":
+        from clipforge.tokenizer import Tokenizer
+
+        return Tokenizer.from_dict(settings)
+    raise ConfigError(f"tokenizer_cfg type {kind!r} is not one of 'clip_bpe' (CLIP BPE) or 'hf' (Hugging Face)")
+
+
 def get_tokenizer(name_or_model: Any = None, context_length: int | None = None, **kwargs: Any) -> Any:
-    """The tokenizer a model (or a model name, ``hf-hub:`` ref or checkpoint folder) expects."""
-    from clipforge.tokenizer import Tokenizer
+    """The tokenizer a model (or a model name, ``hf-hub:`` ref or checkpoint folder) expects.
+
+    CLIP's BPE unless the model's text config names a Hugging Face tokenizer
+    (``text.hf_tokenizer_name``: SigLIP, SigLIP 2, XLM-R, mT5, NLLB towers), which is loaded offline
+    (:class:`clipforge.hf_tokenizer.HFTokenizer`). ``kwargs`` override the stored settings.
+    """
+    from clipforge.hf_tokenizer import tokenizer_cfg_for
 
     settings: dict[str, Any] = {"type": "clip_bpe"}
     if isinstance(name_or_model, torch.nn.Module):
         model_cfg = getattr(name_or_model, "config", None)
-        settings = dict(getattr(name_or_model, "tokenizer_cfg", None) or settings)
+        stored = getattr(name_or_model, "tokenizer_cfg", None)
+        if stored:
+            settings = dict(stored)
+        elif model_cfg is not None:
+            settings = tokenizer_cfg_for(model_cfg.text)
         if model_cfg is not None:
             settings.setdefault("context_length", model_cfg.text.context_length)
     elif isinstance(name_or_model, CLIPConfig):
-        settings["context_length"] = name_or_model.text.context_length
+        settings = tokenizer_cfg_for(name_or_model.text)
     elif isinstance(name_or_model, str) and _is_source(name_or_model):
         settings = _tokenizer_settings(name_or_model)
     elif isinstance(name_or_model, str):
-        settings["context_length"] = get_model_config(name_or_model).text.context_length
+        settings = tokenizer_cfg_for(get_model_config(name_or_model).text)
     if context_length is not None:
         settings["context_length"] = context_length
     settings.update(kwargs)
-    return Tokenizer.from_dict(settings)
+    return _build_tokenizer(settings)
