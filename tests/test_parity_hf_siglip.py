@@ -5,10 +5,10 @@ and read through clipforge's loader. The mapped weights must compute, inside the
 test, exactly what transformers' ``get_image_features`` / ``get_text_features`` compute on real
 photographs and token batches; ``convert --to hf`` must give back every tensor and config field.
 
-Model under test: open_clip's ``CustomTextCLIP`` with the loaded config's timm trunk (open_clip
-is a test-only oracle), because it fixes the key layout clipforge's SigLIP towers share; set
-``MODEL_UNDER_TEST = "clipforge"`` once clipforge's timm MAP tower (with ``timm_kwargs``) and its
-bidirectional text tower compute what open_clip computes.
+Models under test, both loaded from the same mapped state dict: clipforge's own model
+(``create_model(None, pretrained=folder)``), and open_clip's ``CustomTextCLIP`` with the config's
+timm trunk (open_clip is a test-only oracle), which checks the mapping against the key layout
+clipforge's SigLIP towers share with open_clip independently of those towers' code.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 
 TOL = 1e-5
-MODEL_UNDER_TEST = "open_clip"
+MODELS_UNDER_TEST = ("clipforge", "open_clip")
 log = logging.getLogger(__name__)
 
 _TINY_TEXT = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -175,8 +175,8 @@ def open_clip_model(cfg, sd: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def model_under_test(folder: Path) -> torch.nn.Module:
-    if MODEL_UNDER_TEST == "clipforge":
+def model_under_test(which: str, folder: Path) -> torch.nn.Module:
+    if which == "clipforge":
         from clipforge.model.factory import create_model
 
         return create_model(None, pretrained=folder).eval()
@@ -232,9 +232,10 @@ def test_preprocessing_equals_the_folders_image_processor_on_photos(case):
     assert diff < 1e-5
 
 
-def test_features_equal_transformers(case):
+@pytest.mark.parametrize("which", MODELS_UNDER_TEST)
+def test_features_equal_transformers(case, which):
     name, kind, hf_model, folder = case
-    model = model_under_test(folder)
+    model = model_under_test(which, folder)
     loaded = _loaded(folder)
     images = _images(loaded.preprocess_cfg)
     tokens = _tokens(loaded.config.text.vocab_size, loaded.config.text.context_length)
@@ -243,12 +244,27 @@ def test_features_equal_transformers(case):
         hf_txt = hf_model.get_text_features(input_ids=tokens).pooler_output
     hf_img = _hf_image_features(hf_model, kind, images, hf_model.config.vision_config.patch_size)
     d_img, d_txt = (ours_img - hf_img).abs().max().item(), (ours_txt - hf_txt).abs().max().item()
-    print(f"{name} ({MODEL_UNDER_TEST}) vs transformers: image {d_img:.3g}, text {d_txt:.3g}")
+    print(f"{name} ({which}) vs transformers: image {d_img:.3g}, text {d_txt:.3g}")
     assert min(hf_img.abs().max().item(), hf_txt.abs().max().item()) > 0.1  # a tolerance that means something
     assert d_img < TOL and d_txt < TOL
     # the logit scalars, reshaped from HF's [1]
     assert model.logit_bias.item() == hf_model.logit_bias.item()
     assert model.logit_scale.item() == hf_model.logit_scale.item()
+
+
+def test_tokenizer_is_the_folders_own(case):
+    """The recorded ``type: hf`` tokenizer gives the ids transformers' tokenizer of the folder gives
+    (padded to the context), through the model and through the folder alone."""
+    from clipforge.model.factory import get_tokenizer
+
+    name, kind, hf_model, folder = case
+    context = hf_model.config.text_config.max_position_embeddings
+    texts = ["w5 w7 w9", "w3", " ".join(f"w{i}" for i in range(3, 3 + 2 * context))]  # the last is truncated
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    want = reference(texts, padding="max_length", max_length=context, truncation=True, return_tensors="pt")
+    assert _loaded(folder).config.text.hf_tokenizer_name == str(folder)
+    for tokenizer in (get_tokenizer(str(folder)), get_tokenizer(_loaded(folder).config)):
+        assert torch.equal(tokenizer(texts), want["input_ids"])
 
 
 def test_mapping_round_trip_is_bit_exact(case):

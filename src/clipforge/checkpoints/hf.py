@@ -263,6 +263,10 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def load_hf_config(path: str | Path) -> CLIPConfig:
+    from clipforge.checkpoints import hf_siglip
+
+    if hf_siglip.is_siglip_dir(path):
+        return hf_siglip.load_siglip_config(path)
     config_path = Path(path) / "config.json"
     try:
         data = json.loads(config_path.read_text())

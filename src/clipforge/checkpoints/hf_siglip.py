@@ -489,6 +489,26 @@ def tokenizer_settings(path: str | Path, context_length: int) -> dict[str, Any] 
     return {"type": "hf", "name": str(path), "context_length": context_length, "clean": "canonicalize"}
 
 
+def with_folder_tokenizer(cfg: CLIPConfig, path: str | Path) -> CLIPConfig:
+    """``cfg`` naming the folder's own tokenizer as open_clip's SigLIP configs name theirs
+    (``hf_tokenizer_name`` + ``clean: canonicalize``), so that paths reading the config alone
+    (``get_tokenizer(folder)``) find it; a folder without tokenizer files is left on CLIP's BPE,
+    with a warning, since its ids would not be the model's."""
+    if tokenizer_settings(path, cfg.text.context_length) is None:
+        log.warning("%s: no tokenizer files (%s); SigLIP text towers need the tokenizer they were trained "
+                    "with, copy its files into the folder", path, ", ".join(TOKENIZER_FILES))
+        return cfg
+    return cfg.replace(text={"hf_tokenizer_name": str(path), "tokenizer_kwargs": {"clean": "canonicalize"}})
+
+
+def load_siglip_config(path: str | Path) -> CLIPConfig:
+    """The clipforge config of a Siglip(2)Model folder (its ``config.json`` and tokenizer files)."""
+    data = read_hf_config(path)
+    if data is None or siglip_kind(data) is None:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: not a Hugging Face SiglipModel / Siglip2Model config")
+    return with_folder_tokenizer(config_from_hf_siglip(data, str(Path(path) / "config.json")), path)
+
+
 def _copy_tokenizer(model: nn.Module, directory: Path) -> None:
     """Copy the model's HF tokenizer files along (a folder is only usable with its tokenizer)."""
     tok = getattr(model, "tokenizer_cfg", None) or {}
@@ -509,11 +529,8 @@ def load_siglip_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConf
                                                 dict[str, Any] | None, dict[str, Any]]:
     """``(state dict, config, preprocess fields, tokenizer_cfg, extra)`` of a Siglip(2)Model folder."""
     path = Path(path)
-    data = read_hf_config(path)
-    if data is None or siglip_kind(data) is None:
-        raise CheckpointError(f"{path / 'config.json'}: not a Hugging Face SiglipModel / Siglip2Model config")
-    kind = siglip_kind(data)
-    cfg = config_from_hf_siglip(data, str(path / "config.json"))
+    cfg = load_siglip_config(path)
+    kind = siglip_kind(read_hf_config(path) or {})
     weights = next((path / n for n in hf.HF_WEIGHT_FILES + hf.HF_INDEX_FILES if (path / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path}: no {' or '.join(hf.HF_WEIGHT_FILES + hf.HF_INDEX_FILES)} next to config.json")
