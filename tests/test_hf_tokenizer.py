@@ -353,6 +353,29 @@ def test_dict_and_pickle_round_trip(kinds) -> None:
     assert not torch.equal(lower(["DOG Cat"]), tok(["DOG Cat"]))
 
 
+class _Captions(torch.utils.data.Dataset):
+    def __init__(self, texts: list[str], tokenizer: HFTokenizer) -> None:
+        self.texts, self.tokenizer = texts, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.tokenizer(self.texts[i])[0]
+
+
+def test_dataloader_workers(kinds) -> None:
+    """Two forked DataLoader workers tokenise as the main process does (the tokenizer pickles)."""
+    import multiprocessing
+
+    texts = varied_texts(64, seed=4)
+    tok = HFTokenizer(str(kinds["siglip2"]), 64, clean="canonicalize")
+    loader = torch.utils.data.DataLoader(
+        _Captions(texts, tok), batch_size=16, num_workers=2, multiprocessing_context=multiprocessing.get_context("fork")
+    )
+    assert_same_ids(torch.cat(list(loader)), tok(texts), texts)
+
+
 def test_decode_and_batch_decode(kinds) -> None:
     tok = HFTokenizer(str(kinds["siglip"]), 64, clean="canonicalize")
     rows = tok(["A Photo, of the DOG!", "", "a red car"])
@@ -493,6 +516,12 @@ def test_model_folder_and_hub_repo_carry_the_tokenizer(offline, kinds, tmp_path)
     assert stored["type"] == "hf" and stored["name"] == "test-org/not-cached" and stored["clean"] == "canonicalize"
     assert_same_ids(get_tokenizer(str(tmp_path / "saved"))(texts), theirs(texts), texts)
     assert_same_ids(get_tokenizer(create_model(pretrained=str(tmp_path / "saved")))(texts), theirs(texts), texts)
+    # tokenizer files saved into the checkpoint make it self-contained (the first folder is gone)
+    get_tokenizer(model).save_pretrained(tmp_path / "saved")
+    folder.rename(tmp_path / "moved")
+    ours = get_tokenizer(str(tmp_path / "saved"))
+    assert ours.folder == (tmp_path / "saved").resolve()
+    assert_same_ids(ours(texts), theirs(texts), texts)
     # a Hub repo naming itself as hf_tokenizer_name, as timm's SigLIP repos do (open_clip: hf-hub:)
     repo = _open_clip_repo(tmp_path / "hub-repo", _tiny_siglip_cfg("test-org/tiny-siglip"), kinds["siglip2"])
     snapshot = populate(offline, "test-org/tiny-siglip", repo, {"config.json": json.dumps(TIMM_CONFIG).encode()})

@@ -41,8 +41,8 @@ VOCAB_FILES = (
     "vocab.txt",  # BERT
     "vocab.json",  # RoBERTa / GPT-2 (with merges.txt)
 )
-#: What to download for a Hub repository (the vocabulary file too when the repo has one).
-DOWNLOAD_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: ``hf download --include`` patterns that fetch a repository's tokenizer files, whichever it has.
+DOWNLOAD_PATTERNS = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt")
 #: open_clip ``tokenizer_kwargs`` this wrapper interprets; any other key goes to ``from_pretrained``.
 _OWN_KEYS = ("clean", "strip_sep_token", "language", "tokenizer_mode")
 _MODES = (None, "clips")
@@ -107,15 +107,16 @@ def _not_cached_error(name: str, repo: str, revision: str | None, cache_dir: Any
     snapshots = [p for p in (root / "snapshots").iterdir() if p.is_dir()] if (root / "snapshots").is_dir() else []
     where = "; ".join(f"{s}: {_missing(s)}" for s in snapshots) or f"{root} does not exist"
     looked = "".join(f" Looked first next to the weights in {p} ({_missing(p)})." for p in searched)
-    files = " ".join(DOWNLOAD_FILES)
+    patterns = " ".join(f'"{p}"' for p in DOWNLOAD_PATTERNS)
     rev = f" --revision {revision}" if revision else ""
     return DownloadError(
         f"tokenizer {name!r}: Hugging Face repo {repo} has no tokenizer files in the local hub cache "
         f"({where}); clipforge loads tokenizers offline and never downloads them at run time.{looked} "
-        f"Needed: {files} (plus its vocabulary file, e.g. spiece.model or tokenizer.model, if the repo has "
-        f"one). Fetch them where there is network with `hf download {repo} {files}{rev}` (or "
-        f"`huggingface-cli download ...`) into this cache (HF_HUB_CACHE={root.parent}), or save the "
-        f"tokenizer to a folder (tokenizer.save_pretrained(folder)) and use that folder as hf_tokenizer_name."
+        f"Needed: tokenizer.json and tokenizer_config.json (or the vocabulary file, e.g. spiece.model or "
+        f"tokenizer.model, that the repo has instead). Fetch them where there is network with "
+        f"`hf download {repo}{rev} --include {patterns}` into this cache (HF_HUB_CACHE={root.parent}; "
+        f"copy it over if needed), or save the tokenizer to a folder (tokenizer.save_pretrained(folder)) and "
+        f"set hf_tokenizer_name to that folder."
     )
 
 
