@@ -141,3 +141,8 @@ register_model(
         multimodal=MultimodalConfig(width=64, heads=2, layers=2, context_length=32),
     ),
 )
+
+# --- tiny instances of the timm-built families (SigLIP, ConvNeXt, EVA-02, MobileCLIP, PE) -------
+from clipforge.model.zoo_tiny import register_tiny_models  # noqa: E402
+
+register_tiny_models(register_model)
