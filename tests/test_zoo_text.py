@@ -178,6 +178,13 @@ def test_eos_pooling_takes_the_first_eos() -> None:
     assert tower.eot_indices(tokens).tolist() == [2, 1, 0]
 
 
+def test_trim_length_only_trims_causal_towers() -> None:
+    """What callers trimming before the tower (export, benchmarks) may cut: nothing when bidirectional."""
+    tokens = torch.tensor([[1, 5, 63, 0, 0, 0, 0, 0], [1, 7, 7, 63, 0, 0, 0, 0]])
+    assert build_text_tower(small_text(), 32).trim_length(tokens) == 4
+    assert build_text_tower(small_text(no_causal_mask=True, pool_type="last"), 32).trim_length(tokens) == 8
+
+
 def test_option_errors_name_the_fields() -> None:
     with pytest.raises(ConfigError, match="act_approximate.*quick_gelu"):
         build_text_tower(small_text(act_approximate="tanh"), 32, quick_gelu=True)
@@ -298,3 +305,26 @@ def test_hf_model_name_resolves_offline_from_hub_cache(tmp_path: Path, monkeypat
         text.hf_model_name = bad
         with pytest.raises(ConfigError, match=why):
             build_text_tower(text, 48)
+
+
+def test_hf_open_clip_checkpoint_loads_into_clip(tmp_path: Path) -> None:
+    """A whole open_clip XLM-R CLIP state dict, with the ``position_ids`` buffer that checkpoints
+    saved by transformers < 4.31 carry, loads strictly into clipforge's CLIP (keys unchanged)."""
+    from clipforge.checkpoints.load import apply_state_dict
+    from clipforge.model.clip import CLIP
+
+    folder = tiny_hf("xlm-roberta", tmp_path / "xlmr")
+    name = "xlm-roberta-base-ViT-B-32"
+    cfg = zoo_cfg(name, {"hf_model_name": str(folder), "hf_model_pretrained": False}, embed_dim=48)
+    oc = randomize_(
+        open_clip.create_model(
+            name, pretrained_hf=False, vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], embed_dim=48
+        )
+    )
+    sd = dict(oc.state_dict())
+    sd["text.transformer.embeddings.position_ids"] = torch.arange(80)[None]
+    model = CLIP(config_from_open_clip(cfg, source=name)).eval()
+    apply_state_dict(model, open_clip_to_clipforge(sd), name, strict=True)
+    tokens = captions(77, 1000, (0, 2, 1, 4), seed=4)
+    with torch.no_grad():
+        assert max_diff(model.encode_text(tokens), oc.encode_text(tokens)) < TOL

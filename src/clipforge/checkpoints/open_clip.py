@@ -23,6 +23,8 @@ from clipforge.model.config import CLIPConfig, MultimodalConfig, TextConfig, Vis
 
 #: Root-level text modules of open_clip's ``CLIP`` (moved under ``text.`` in clipforge).
 _TEXT_ROOT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+#: A buffer transformers < 4.31 saved with HF text towers; open_clip drops it on load too.
+_HF_POSITION_IDS = "text.transformer.embeddings.position_ids"
 #: Prefixes left by DDP/FSDP (``module.``) and torch.compile (``_orig_mod.``).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Entries in OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
@@ -73,7 +75,7 @@ def open_clip_to_clipforge(sd: Mapping[str, Any]) -> dict[str, Any]:
     """Map an open_clip or OpenAI state dict to clipforge's key names (tensors are not copied)."""
     out: dict[str, Any] = {}
     for key, value in strip_prefixes(_unwrap(sd)).items():
-        if key in _OPENAI_SCALARS or key.endswith("attn_mask"):
+        if key in _OPENAI_SCALARS or key.endswith("attn_mask") or key == _HF_POSITION_IDS:
             continue  # hyper-parameters / non-persistent buffers, not weights
         if (cross := _CROSS_MHA.match(key)) is not None:
             out.update(_split_mha(cross.group(1), cross.group(2), value))

@@ -189,6 +189,14 @@ class TextTransformer(nn.Module):
             return tokens.shape[1]
         return int(idx.max()) + 1
 
+    def trim_length(self, tokens: torch.Tensor) -> int:
+        """Leading token columns that decide the pooled feature, for callers that trim before
+        the tower (export, benchmarks): the batch's last pooled position + 1 under the causal
+        mask, every column in a bidirectional or class-token (CoCa) tower."""
+        if self.cls_emb is not None or not self.causal or tokens.shape[0] == 0:
+            return tokens.shape[1]
+        return int(self.eot_indices(tokens).max()) + 1
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cls_emb is not None:
             return self.forward_tokens(tokens)[0]
