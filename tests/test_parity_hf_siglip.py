@@ -84,10 +84,19 @@ def _hf_config(kind: str, vision: dict, text: dict):
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     """``(name, kind, HF model, folder)``: a random-weight folder as transformers writes it."""
-    kind, vision, text = CASES[request.param]
+    return _make_case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def siglip2_tiny(tmp_path_factory):
+    return _make_case("siglip2-tiny", tmp_path_factory)
+
+
+def _make_case(name: str, tmp_path_factory) -> tuple:
+    kind, vision, text = CASES[name]
     cls = transformers.Siglip2Model if kind == "siglip2" else transformers.SiglipModel
-    model = _randomize_(cls(_hf_config(kind, vision, text)), seed=len(request.param))
-    folder = tmp_path_factory.mktemp(request.param)
+    model = _randomize_(cls(_hf_config(kind, vision, text)), seed=len(name))
+    folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder, max_shard_size="100KB" if kind == "siglip2" else "2GB")
     if kind == "siglip":
         size = model.config.vision_config.image_size
@@ -95,7 +104,7 @@ def case(request, tmp_path_factory):
     else:
         transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(folder)
     _write_tokenizer(folder, model.config.text_config.vocab_size)
-    return request.param, kind, model, folder
+    return name, kind, model, folder
 
 
 @functools.cache
@@ -149,6 +158,19 @@ def _hf_image_features(model, kind: str, images: torch.Tensor, patch: int) -> to
         shapes = torch.tensor([[gh, gw]] * b)
         return model.get_image_features(pixel_values=patches, pixel_attention_mask=mask,
                                         spatial_shapes=shapes).pooler_output  # fmt: skip
+
+
+_HF_FEATURES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _hf_features(case: tuple, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' image and text features of a case's inputs, computed once per case."""
+    name, kind, hf_model, _ = case
+    if name not in _HF_FEATURES:
+        with torch.no_grad():
+            text = hf_model.get_text_features(input_ids=tokens).pooler_output
+        _HF_FEATURES[name] = (_hf_image_features(hf_model, kind, images, hf_model.config.vision_config.patch_size), text)
+    return _HF_FEATURES[name]
 
 
 # --- the model under test -------------------------------------------------------------------------
@@ -241,8 +263,7 @@ def test_features_equal_transformers(case, which):
     tokens = _tokens(loaded.config.text.vocab_size, loaded.config.text.context_length)
     with torch.no_grad():
         ours_img, ours_txt = model.encode_image(images), model.encode_text(tokens)
-        hf_txt = hf_model.get_text_features(input_ids=tokens).pooler_output
-    hf_img = _hf_image_features(hf_model, kind, images, hf_model.config.vision_config.patch_size)
+    hf_img, hf_txt = _hf_features(case, images, tokens)
     d_img, d_txt = (ours_img - hf_img).abs().max().item(), (ours_txt - hf_txt).abs().max().item()
     print(f"{name} ({which}) vs transformers: image {d_img:.3g}, text {d_txt:.3g}")
     assert min(hf_img.abs().max().item(), hf_txt.abs().max().item()) > 0.1  # a tolerance that means something
@@ -353,3 +374,63 @@ def test_a_clip_model_is_not_written_as_siglip(tmp_path):
     assert not hf_siglip.is_siglip_config(model.config)
     with pytest.raises(ConfigError, match="needs a timm image trunk"):
         hf_siglip.save_hf_siglip(model, tmp_path / "out")
+
+
+# --- clipforge-origin models ----------------------------------------------------------------------
+def _clipforge_siglip():
+    """A tiny SigLIP 2 as clipforge builds open_clip's ViT-B-16-SigLIP2 config (exact-GELU timm trunk,
+    tanh-GELU text tower), random weights."""
+    from clipforge.checkpoints.load import config_from_open_clip
+    from clipforge.model.factory import create_model
+
+    cfg = config_from_open_clip(open_clip.get_model_config("ViT-B-16-SigLIP2"), "ViT-B-16-SigLIP2").replace(
+        embed_dim=32,
+        vision={"image_size": 32, "timm_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 4, "patch_size": 8,
+                                                  "img_size": 32, "mlp_ratio": 2.0}},
+        text={"width": 32, "heads": 4, "layers": 2, "vocab_size": 100, "context_length": 16,
+              "hf_tokenizer_name": None, "tokenizer_kwargs": {}},
+    )  # fmt: skip
+    return _randomize_(create_model(cfg), seed=7)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2"])
+def test_clipforge_siglip_written_as_hf_computes_the_same(kind, tmp_path):
+    """A clipforge (open_clip-config) SigLIP written as a SiglipModel / Siglip2Model folder: transformers
+    computes clipforge's features; reading the folder back gives every tensor and the architecture."""
+    model = _clipforge_siglip()
+    out = hf_siglip.save_hf_siglip(model, tmp_path / kind, kind=kind)
+    cls = transformers.Siglip2Model if kind == "siglip2" else transformers.SiglipModel
+    again = cls.from_pretrained(out).eval()
+    assert again.config.vision_config.hidden_act == "gelu" and again.config.text_config.hidden_act == "gelu_pytorch_tanh"
+    images = _images(_loaded(out).preprocess_cfg)
+    tokens = _tokens(100, 16)
+    with torch.no_grad():
+        ours_img, ours_txt = model.encode_image(images), model.encode_text(tokens)
+        hf_txt = again.get_text_features(input_ids=tokens).pooler_output
+    hf_img = _hf_image_features(again, kind, images, 8)
+    d_img, d_txt = (ours_img - hf_img).abs().max().item(), (ours_txt - hf_txt).abs().max().item()
+    print(f"clipforge SigLIP written as {cls.__name__}: image {d_img:.3g}, text {d_txt:.3g}")
+    assert d_img < TOL and d_txt < TOL
+    loaded, own = _loaded(out), model.state_dict()
+    assert sorted(loaded.state_dict) == sorted(own) and all(torch.equal(loaded.state_dict[k], own[k]) for k in own)
+    assert _timm_fields(loaded.config.vision) == _timm_fields(model.config.vision)
+    assert loaded.config.text == model.config.text
+
+
+def _timm_fields(v) -> dict:
+    """What builds a timm tower (its ViT fields, patch_size/width/layers, are not read for one)."""
+    names = ("image_size", "timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "timm_kwargs")
+    return {n: getattr(v, n) for n in names}
+
+
+def test_siglip2_survives_a_clipforge_folder_and_the_cli(siglip2_tiny, tmp_path):
+    """Siglip2 -> clipforge folder -> ``clipforge convert --to hf``: still a Siglip2Model, bit-exact."""
+    from clipforge.cli import main
+
+    name, kind, hf_model, folder = siglip2_tiny
+    middle = convert_checkpoint(folder, tmp_path / "cf", "clipforge")
+    assert main(["convert", str(middle), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    again = type(hf_model).from_pretrained(tmp_path / "hf")
+    assert again.config.architectures == [type(hf_model).__name__]
+    ref, got = hf_model.state_dict(), again.state_dict()
+    assert sorted(ref) == sorted(got) and all(torch.equal(ref[k], got[k]) for k in ref)
