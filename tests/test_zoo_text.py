@@ -329,3 +329,26 @@ def test_hf_open_clip_checkpoint_loads_into_clip(tmp_path: Path) -> None:
     tokens = captions(77, 1000, (0, 2, 1, 4), seed=4)
     with torch.no_grad():
         assert max_diff(model.encode_text(tokens), oc.encode_text(tokens)) < TOL
+
+
+def test_hf_projection_options(tmp_path: Path) -> None:
+    """``hf_proj_type`` null in an open_clip config is the identity (widths must agree); proj_bias
+    gives the projection linears biases (open_clip 3.3's adapter has no such option to compare)."""
+    folder = str(tiny_hf("m2m_100", tmp_path / "nllb"))
+    name = "nllb-clip-base"
+    identity = config_from_open_clip(
+        zoo_cfg(name, {"hf_model_name": folder, "hf_proj_type": None}, embed_dim=32)
+    )
+    tower = build_text_tower(identity.text, identity.embed_dim)
+    assert isinstance(tower.proj, torch.nn.Identity) and not any(
+        k.startswith("proj.") for k in tower.state_dict()
+    )
+    with pytest.raises(
+        ConfigError, match=r"hf_proj_type='none' needs the encoder width \(32\) == embed_dim \(48\)"
+    ):
+        build_text_tower(identity.text, 48)
+    mlp = config_from_open_clip(zoo_cfg("xlm-roberta-base-ViT-B-32", {"hf_model_name": folder}, embed_dim=48))
+    assert mlp.text.hf_proj_type == "mlp"  # open_clip's default when a config names none
+    mlp.text.proj_bias = True
+    keys = set(build_text_tower(mlp.text, 48).state_dict())
+    assert {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"} <= keys
