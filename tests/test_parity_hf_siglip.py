@@ -434,3 +434,23 @@ def test_siglip2_survives_a_clipforge_folder_and_the_cli(siglip2_tiny, tmp_path)
     assert again.config.architectures == [type(hf_model).__name__]
     ref, got = hf_model.state_dict(), again.state_dict()
     assert sorted(ref) == sorted(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize(
+    "kind, vision, name, kwargs",
+    [  # the shapes of Google's Hub releases (google/siglip-so400m-patch14-384, siglip-large-patch16-256,
+        # siglip2-so400m-patch16-naflex), which use tanh GELU where timm's name may not
+        ("siglip", dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304,
+                        patch_size=14, image_size=384), "vit_so400m_patch14_siglip_384", {"act_layer": "gelu_tanh"}),
+        ("siglip", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                        patch_size=16, image_size=256), "vit_large_patch16_siglip_256", {"act_layer": "gelu_tanh"}),
+        ("siglip2", dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304,
+                         patch_size=16, num_patches=256), "vit_so400m_patch16_siglip_256", {}),
+    ],
+)  # fmt: skip
+def test_released_shapes_map_to_open_clips_timm_names(kind, vision, name, kwargs):
+    width = vision["hidden_size"]
+    doc = {"model_type": kind, "vision_config": vision,
+           "text_config": {"hidden_size": width, "num_attention_heads": 16, "projection_size": width}}  # fmt: skip
+    v = hf_siglip.config_from_hf_siglip(doc).vision
+    assert (v.timm_model_name, v.timm_kwargs, v.image_size) == (name, kwargs, 256 if kind == "siglip2" else vision["image_size"])

@@ -24,6 +24,7 @@ hyper-parameters are read from a meta-device instance, never guessed from names)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -263,6 +264,19 @@ def meta_trunk(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(f"timm cannot build {name!r} with {dict(kwargs)}: {e}") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _facts(name: str, kwargs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """:func:`trunk_facts` of a meta trunk, memoised (a load builds up to three per config)."""
+    trunk = meta_trunk(name, dict(kwargs))
+    facts = trunk_facts(trunk)
+    facts["default_img_size"] = tuple(trunk.patch_embed.img_size)
+    return tuple(facts.items())
+
+
+def _facts_of(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(_facts(name, tuple(sorted(kwargs.items()))))
+
+
 def _trunk_choice(want: dict[str, Any], image_size: int) -> tuple[str, dict[str, Any]]:
     """timm model name + the fewest ``timm_kwargs`` that give a trunk with ``want``'s facts."""
     import timm
@@ -270,16 +284,15 @@ def _trunk_choice(want: dict[str, Any], image_size: int) -> tuple[str, dict[str,
     family = _FAMILIES.get((want["embed_dim"], want["depth"], want["num_heads"], want["mlp_hidden"]), "base")
     name = f"vit_{family}_patch{want['patch_size']}_siglip_{image_size}"
     name = name if timm.is_model(name) else _BASE_TRUNK
-    default = meta_trunk(name, {})
-    have = trunk_facts(default)
+    have = _facts_of(name, {})
     kwargs: dict[str, Any] = {k: want[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if want[k] != have[k]}
-    if tuple(default.patch_embed.img_size) != (image_size, image_size):
+    if have["default_img_size"] != (image_size, image_size):
         kwargs["img_size"] = image_size
     if want["act"] != have["act"]:
         kwargs["act_layer"] = _HF_ACTS[want["act"]]
-    if trunk_facts(meta_trunk(name, kwargs))["mlp_hidden"] != want["mlp_hidden"]:
+    if _facts_of(name, kwargs)["mlp_hidden"] != want["mlp_hidden"]:
         kwargs["mlp_ratio"] = hf._ratio(want["embed_dim"], want["mlp_hidden"])
-    got = trunk_facts(meta_trunk(name, kwargs))
+    got = _facts_of(name, kwargs)
     want = {**want, "img_size": image_size}
     if {k: got[k] for k in want} != want:
         raise CheckpointError(f"no timm siglip trunk matches the Hugging Face vision config {want} (got {got})")
@@ -310,8 +323,6 @@ def _vision_from_hf_config(v: Mapping[str, Any], kind: str, source: str) -> Visi
         image_size = side * patch  # the table's own grid: HF's per-image resize is then the identity
     else:
         image_size = int(v.get("image_size", 224))
-    if image_size % patch:
-        raise CheckpointError(f"{where}: image_size {image_size} is not a multiple of patch_size {patch}")
     want = {
         "patch_size": patch, "embed_dim": int(v.get("hidden_size", 768)), "depth": int(v.get("num_hidden_layers", 12)),
         "num_heads": int(v.get("num_attention_heads", 12)), "mlp_hidden": int(v.get("intermediate_size", 3072)),
