@@ -201,12 +201,13 @@ class OnnxTower:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.tower = tower
+        self.text_tower = getattr(model, "text", None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.tower == "text":
             from clipforge.inference import trim_tokens
 
-            x = trim_tokens(x)
+            x = trim_tokens(x, self.text_tower)
         return torch.from_numpy(self.session.run(None, {self.input: x.cpu().numpy()})[0])
 
 

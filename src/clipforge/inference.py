@@ -136,11 +136,17 @@ def compile_towers(model: nn.Module, backend: str = "inductor") -> nn.Module:
     return model
 
 
-def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop the columns after the batch's last EOT (they cannot change CLIP's pooled feature)."""
+def trim_tokens(tokens: torch.Tensor, tower: nn.Module | None = None) -> torch.Tensor:
+    """Drop the columns that cannot change the pooled feature: those after the batch's last EOT
+    under CLIP's causal mask. With ``tower`` given, its own ``trim_length`` decides (a
+    bidirectional SigLIP-style tower reads every column, so nothing is dropped)."""
     if tokens.numel() == 0:
         return tokens
-    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+    trim_length = getattr(tower, "trim_length", None)
+    if tower is not None and trim_length is None:
+        return tokens  # e.g. a Hugging Face tower: its attention mask, not a cut, handles padding
+    keep = trim_length(tokens) if trim_length else int(tokens.argmax(dim=-1).max()) + 1
+    return tokens[:, :keep]
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
