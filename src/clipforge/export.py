@@ -69,7 +69,8 @@ def example_inputs(
         return torch.randn(batch, 3, size, size, generator=g)
     ctx = model.config.text.context_length
     length = length or ctx
-    vocab = model.config.text.vocab_size
+    # A Hugging Face text tower's vocabulary is its own config's (text.vocab_size keeps CLIP's default)
+    vocab = getattr(model.text, "vocab_size", None) or model.config.text.vocab_size
     tokens = torch.zeros(batch, length, dtype=torch.long)
     for row in range(batch):
         eot = int(torch.randint(1, length, (1,), generator=g)) if row else length - 1

@@ -53,7 +53,7 @@ def tiny_configs() -> dict[str, CLIPConfig]:
         "tiny-convnext": CLIPConfig(
             embed_dim=64,
             vision=_timm(
-                "convnext_base", 64, "", "linear", {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)},
+                "convnext_base", 32, "", "linear", {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)},
                 timm_drop_path=0.1,
             ),
             text=_text(),
@@ -67,7 +67,7 @@ def tiny_configs() -> dict[str, CLIPConfig]:
         "tiny-mobileclip": CLIPConfig(
             embed_dim=64,
             vision=_timm(
-                "fastvit_mci0", 64, "avg", "head", {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128)},
+                "fastvit_mci0", 32, "avg", "head", {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128)},
                 timm_drop_path=0.0,
             ),
             text=_text(no_causal_mask=True),
