@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from realdata import photos
 
 from clipforge.checkpoints import hf_siglip
 from clipforge.checkpoints.convert import convert_checkpoint
 from clipforge.checkpoints.load import load_any
 from clipforge.errors import CheckpointError, ConfigError
-from realdata import photos
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 _TINY_TEXT = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                   vocab_size=100, max_position_embeddings=16)  # fmt: skip
-_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+_TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8
+)
 CASES = {
     # exact GELU in the image tower (timm's default), tanh GELU in the text tower
     "siglip-tiny": ("siglip", {**_TINY_VISION, "image_size": 32, "hidden_act": "gelu"}, _TINY_TEXT),
@@ -163,13 +165,18 @@ def _hf_image_features(model, kind: str, images: torch.Tensor, patch: int) -> to
 _HF_FEATURES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _hf_features(case: tuple, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _hf_features(
+    case: tuple, images: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' image and text features of a case's inputs, computed once per case."""
     name, kind, hf_model, _ = case
     if name not in _HF_FEATURES:
         with torch.no_grad():
             text = hf_model.get_text_features(input_ids=tokens).pooler_output
-        _HF_FEATURES[name] = (_hf_image_features(hf_model, kind, images, hf_model.config.vision_config.patch_size), text)
+        _HF_FEATURES[name] = (
+            _hf_image_features(hf_model, kind, images, hf_model.config.vision_config.patch_size),
+            text,
+        )
     return _HF_FEATURES[name]
 
 
@@ -188,7 +195,9 @@ def open_clip_model(cfg, sd: dict) -> torch.nn.Module:
     vision_cfg = dict(timm_model_name=v.timm_model_name, timm_pool=v.timm_pool, timm_proj=v.timm_proj,
                       image_size=v.image_size)  # fmt: skip
     with torch.device("meta"):  # every weight comes from ``sd``: skip both libraries' random init
-        model = open_clip.model.CustomTextCLIP(cfg.embed_dim, vision_cfg, text_cfg, init_logit_bias=cfg.init_logit_bias)
+        model = open_clip.model.CustomTextCLIP(
+            cfg.embed_dim, vision_cfg, text_cfg, init_logit_bias=cfg.init_logit_bias
+        )
         model.visual.trunk = timm.create_model(v.timm_model_name, num_classes=0, global_pool=v.timm_pool,
                                                **v.timm_kwargs)  # fmt: skip
     oc_sd = {re.sub(r"\.attn\.in_proj\.(weight|bias)$", r".attn.in_proj_\1", k): x for k, x in sd.items()}
@@ -213,20 +222,40 @@ def test_folder_loads_with_siglip_config_preprocessing_and_tokenizer(case):
     cfg, hv = loaded.config, hf_model.config.vision_config
     assert loaded.format == "hf" and cfg.custom_text and cfg.init_logit_bias == -10.0
     v, t = cfg.vision, cfg.text
-    assert (v.timm_pool, v.timm_proj, t.pool_type, t.no_causal_mask, t.proj_bias) == ("map", "none", "last", True, True)
+    assert (v.timm_pool, v.timm_proj, t.pool_type, t.no_causal_mask, t.proj_bias) == (
+        "map",
+        "none",
+        "last",
+        True,
+        True,
+    )
     assert t.norm_eps == 1e-6 and t.context_length == hf_model.config.text_config.max_position_embeddings
-    assert t.act_approximate == ("tanh" if hf_model.config.text_config.hidden_act == "gelu_pytorch_tanh" else "none")
+    assert t.act_approximate == (
+        "tanh" if hf_model.config.text_config.hidden_act == "gelu_pytorch_tanh" else "none"
+    )
     if name == "siglip-base":  # the open_clip ViT-B-16-SigLIP trunk, with HF's tanh GELU as the only kwarg
-        assert (v.timm_model_name, v.timm_kwargs) == ("vit_base_patch16_siglip_224", {"act_layer": "gelu_tanh"})
+        assert (v.timm_model_name, v.timm_kwargs) == (
+            "vit_base_patch16_siglip_224",
+            {"act_layer": "gelu_tanh"},
+        )
     facts = hf_siglip.trunk_facts(hf_siglip.meta_trunk(v.timm_model_name, v.timm_kwargs))
-    assert (facts["embed_dim"], facts["depth"], facts["num_heads"], facts["mlp_hidden"], facts["patch_size"]) == (
-        hv.hidden_size, hv.num_hidden_layers, hv.num_attention_heads, hv.intermediate_size, hv.patch_size)
+    assert (
+        facts["embed_dim"],
+        facts["depth"],
+        facts["num_heads"],
+        facts["mlp_hidden"],
+        facts["patch_size"],
+    ) == (hv.hidden_size, hv.num_hidden_layers, hv.num_attention_heads, hv.intermediate_size, hv.patch_size)
     assert facts["act"] == hv.hidden_act
     expected_size = 4 * 8 if kind == "siglip2" else hv.image_size  # Siglip2: sqrt(num_patches) * patch
     assert v.image_size == expected_size and loaded.preprocess_cfg["image_size"] == expected_size
     pre = loaded.preprocess_cfg
     assert (pre["mean"], pre["std"], pre["do_center_crop"], pre["resize_size"]) == (
-        (0.5,) * 3, (0.5,) * 3, False, [expected_size] * 2)
+        (0.5,) * 3,
+        (0.5,) * 3,
+        False,
+        [expected_size] * 2,
+    )
     assert pre["interpolation"] == ("bilinear" if kind == "siglip2" else "bicubic")
     assert loaded.tokenizer_cfg == {"type": "hf", "name": str(folder), "context_length": t.context_length,
                                     "clean": "canonicalize"}  # fmt: skip
@@ -248,7 +277,11 @@ def test_preprocessing_equals_the_folders_image_processor_on_photos(case):
         want, patch = out["pixel_values"], hf_model.config.vision_config.patch_size
         got = _images(pre, square=True)
         b, c, h, w = got.shape
-        got = got.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, 16, -1)
+        got = (
+            got.reshape(b, c, h // patch, patch, w // patch, patch)
+            .permute(0, 2, 4, 3, 5, 1)
+            .reshape(b, 16, -1)
+        )
     diff = (want - got).abs().max().item()
     print(f"{name} preprocessing vs {type(processor).__name__}: max abs diff {diff:.3g}")
     assert diff < 1e-5
@@ -299,8 +332,9 @@ def test_mapping_round_trip_is_bit_exact(case):
     v = loaded.config.vision
     trunk = hf_siglip.meta_trunk(v.timm_model_name, v.timm_kwargs)
     document = hf_siglip.config_to_hf_siglip(loaded.config, trunk, kind)
-    assert _config_fields(_hf_config(kind, document["vision_config"], document["text_config"])) == _config_fields(
-        hf_model.config)
+    assert _config_fields(
+        _hf_config(kind, document["vision_config"], document["text_config"])
+    ) == _config_fields(hf_model.config)
 
 
 def _config_fields(config) -> dict:
@@ -401,7 +435,10 @@ def test_clipforge_siglip_written_as_hf_computes_the_same(kind, tmp_path):
     out = hf_siglip.save_hf_siglip(model, tmp_path / kind, kind=kind)
     cls = transformers.Siglip2Model if kind == "siglip2" else transformers.SiglipModel
     again = cls.from_pretrained(out).eval()
-    assert again.config.vision_config.hidden_act == "gelu" and again.config.text_config.hidden_act == "gelu_pytorch_tanh"
+    assert (
+        again.config.vision_config.hidden_act == "gelu"
+        and again.config.text_config.hidden_act == "gelu_pytorch_tanh"
+    )
     images = _images(_loaded(out).preprocess_cfg)
     tokens = _tokens(100, 16)
     with torch.no_grad():
@@ -412,7 +449,9 @@ def test_clipforge_siglip_written_as_hf_computes_the_same(kind, tmp_path):
     print(f"clipforge SigLIP written as {cls.__name__}: image {d_img:.3g}, text {d_txt:.3g}")
     assert d_img < TOL and d_txt < TOL
     loaded, own = _loaded(out), model.state_dict()
-    assert sorted(loaded.state_dict) == sorted(own) and all(torch.equal(loaded.state_dict[k], own[k]) for k in own)
+    assert sorted(loaded.state_dict) == sorted(own) and all(
+        torch.equal(loaded.state_dict[k], own[k]) for k in own
+    )
     assert _timm_fields(loaded.config.vision) == _timm_fields(model.config.vision)
     assert loaded.config.text == model.config.text
 
@@ -453,4 +492,8 @@ def test_released_shapes_map_to_open_clips_timm_names(kind, vision, name, kwargs
     doc = {"model_type": kind, "vision_config": vision,
            "text_config": {"hidden_size": width, "num_attention_heads": 16, "projection_size": width}}  # fmt: skip
     v = hf_siglip.config_from_hf_siglip(doc).vision
-    assert (v.timm_model_name, v.timm_kwargs, v.image_size) == (name, kwargs, 256 if kind == "siglip2" else vision["image_size"])
+    assert (v.timm_model_name, v.timm_kwargs, v.image_size) == (
+        name,
+        kwargs,
+        256 if kind == "siglip2" else vision["image_size"],
+    )

@@ -48,39 +48,63 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = {"siglip": "SiglipModel", "siglip2": "Siglip2Model"}
 #: Files of a Hugging Face tokenizer, copied along when a model is written back.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "spiece.model", "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "spiece.model",
+    "tokenizer.model",
 )
 #: The label a Siglip2 load gives the model (``model.architecture``); writing back reads it.
 SIGLIP2_LABEL = "custom (from Siglip2Model)"
 _HF_ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF hidden_act -> timm act_layer
 _TEXT_APPROX = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # HF hidden_act -> TextConfig field
 # timm's siglip families by (width, depth, heads, MLP width); others use the base name + kwargs.
-_FAMILIES = {(768, 12, 12, 3072): "base", (1024, 24, 16, 4096): "large",
-             (1152, 27, 16, 4304): "so400m", (1536, 40, 16, 6144): "giantopt"}
+_FAMILIES = {
+    (768, 12, 12, 3072): "base",
+    (1024, 24, 16, 4096): "large",
+    (1152, 27, 16, 4304): "so400m",
+    (1536, 40, 16, 6144): "giantopt",
+}
 _BASE_TRUNK = "vit_base_patch16_siglip_224"
 
 # HF suffix (under vision_model. / text_model.) -> clipforge suffix (under visual.trunk. / text.)
 _VISION = {
     "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
-    "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias",
+    "post_layernorm.weight": "norm.weight",
+    "post_layernorm.bias": "norm.bias",
     "head.probe": "attn_pool.latent",
     "head.attention.out_proj.weight": "attn_pool.proj.weight",
     "head.attention.out_proj.bias": "attn_pool.proj.bias",
-    "head.layernorm.weight": "attn_pool.norm.weight", "head.layernorm.bias": "attn_pool.norm.bias",
-    "head.mlp.fc1.weight": "attn_pool.mlp.fc1.weight", "head.mlp.fc1.bias": "attn_pool.mlp.fc1.bias",
-    "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight", "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias",
+    "head.layernorm.weight": "attn_pool.norm.weight",
+    "head.layernorm.bias": "attn_pool.norm.bias",
+    "head.mlp.fc1.weight": "attn_pool.mlp.fc1.weight",
+    "head.mlp.fc1.bias": "attn_pool.mlp.fc1.bias",
+    "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight",
+    "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias",
 }
 _TEXT = {
     "embeddings.token_embedding.weight": "token_embedding.weight",
     "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias",
-    "head.weight": "text_projection.weight", "head.bias": "text_projection.bias",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+    "head.weight": "text_projection.weight",
+    "head.bias": "text_projection.bias",
 }
-_VISION_BLOCK = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
-                 "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-_TEXT_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-               "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_VISION_BLOCK = {
+    "layer_norm1": "norm1",
+    "layer_norm2": "norm2",
+    "self_attn.out_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_TEXT_BLOCK = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 _HF_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _CF_LAYER = re.compile(r"^(?:blocks|transformer\.resblocks)\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -114,7 +138,9 @@ def is_siglip_dir(path: str | Path) -> bool:
 
 
 # --- state dicts ----------------------------------------------------------------------------------
-def hf_siglip_to_clipforge(sd: Mapping[str, torch.Tensor], kind: str, patch_size: int) -> dict[str, torch.Tensor]:
+def hf_siglip_to_clipforge(
+    sd: Mapping[str, torch.Tensor], kind: str, patch_size: int
+) -> dict[str, torch.Tensor]:
     """Map a Siglip(2)Model state dict to clipforge names (timm trunk, clipforge text tower)."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -124,11 +150,13 @@ def hf_siglip_to_clipforge(sd: Mapping[str, torch.Tensor], kind: str, patch_size
         if key in ("logit_scale", "logit_bias"):
             out[key] = value.reshape(())
         elif key.startswith("vision_model."):
-            _vision_from_hf(key[len("vision_model."):], value, kind, patch_size, out, qkv)
+            _vision_from_hf(key[len("vision_model.") :], value, kind, patch_size, out, qkv)
         elif key.startswith("text_model."):
-            _text_from_hf(key[len("text_model."):], value, out, qkv)
+            _text_from_hf(key[len("text_model.") :], value, out, qkv)
         else:
-            raise CheckpointError(f"unexpected key {key!r} in a Hugging Face {ARCHITECTURES[kind]} state dict")
+            raise CheckpointError(
+                f"unexpected key {key!r} in a Hugging Face {ARCHITECTURES[kind]} state dict"
+            )
     for (prefix, param), parts in qkv.items():
         missing = [p for p in "qkv" if p not in parts]
         if missing:
@@ -137,14 +165,17 @@ def hf_siglip_to_clipforge(sd: Mapping[str, torch.Tensor], kind: str, patch_size
     return out
 
 
-def _vision_from_hf(key: str, value: torch.Tensor, kind: str, patch: int,
-                    out: dict[str, torch.Tensor], qkv: dict) -> None:
+def _vision_from_hf(
+    key: str, value: torch.Tensor, kind: str, patch: int, out: dict[str, torch.Tensor], qkv: dict
+) -> None:
     t = "visual.trunk."
     if key in _VISION:
         out[t + _VISION[key]] = value
     elif key == "embeddings.patch_embedding.weight":
         # Siglip2's Linear reads patches flattened as (row, column, channel).
-        conv = value if kind == "siglip" else value.reshape(value.shape[0], patch, patch, -1).permute(0, 3, 1, 2)
+        conv = (
+            value if kind == "siglip" else value.reshape(value.shape[0], patch, patch, -1).permute(0, 3, 1, 2)
+        )
         out[t + "patch_embed.proj.weight"] = conv.contiguous()
     elif key == "embeddings.position_embedding.weight":
         out[t + "pos_embed"] = value.unsqueeze(0)
@@ -160,14 +191,26 @@ def _text_from_hf(key: str, value: torch.Tensor, out: dict[str, torch.Tensor], q
     if key in _TEXT:
         out["text." + _TEXT[key]] = value
     else:
-        _layer_from_hf(key, value, "text.transformer.resblocks", _TEXT_BLOCK, "attn.in_proj", out, qkv, "text_model.")
+        _layer_from_hf(
+            key, value, "text.transformer.resblocks", _TEXT_BLOCK, "attn.in_proj", out, qkv, "text_model."
+        )
 
 
-def _layer_from_hf(key: str, value: torch.Tensor, blocks: str, names: Mapping[str, str], fused: str,
-                   out: dict[str, torch.Tensor], qkv: dict, tower: str) -> None:
+def _layer_from_hf(
+    key: str,
+    value: torch.Tensor,
+    blocks: str,
+    names: Mapping[str, str],
+    fused: str,
+    out: dict[str, torch.Tensor],
+    qkv: dict,
+    tower: str,
+) -> None:
     m = _HF_LAYER.match(key)
     name = m.group(2) if m else None
-    if m is None or (name not in names and name not in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+    if m is None or (
+        name not in names and name not in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    ):
         raise CheckpointError(f"unexpected key {tower + key!r} in a Hugging Face Siglip state dict")
     idx, _, param = m.groups()
     if name in names:
@@ -185,7 +228,7 @@ def clipforge_to_hf_siglip(sd: Mapping[str, torch.Tensor], kind: str) -> dict[st
         if key in ("logit_scale", "logit_bias"):
             out[key] = value.reshape(1)
         elif key.startswith("visual.trunk."):
-            sub = key[len("visual.trunk."):]
+            sub = key[len("visual.trunk.") :]
             if sub in vision:
                 out["vision_model." + vision[sub]] = value
             elif sub == "patch_embed.proj.weight":
@@ -209,14 +252,17 @@ def clipforge_to_hf_siglip(sd: Mapping[str, torch.Tensor], kind: str) -> dict[st
     return out
 
 
-def _layer_to_hf(sub: str, value: torch.Tensor, tower: str, names: Mapping[str, str], fused: str,
-                 key: str) -> dict[str, torch.Tensor]:
+def _layer_to_hf(
+    sub: str, value: torch.Tensor, tower: str, names: Mapping[str, str], fused: str, key: str
+) -> dict[str, torch.Tensor]:
     inverse = {v: k for k, v in names.items()}
     m = _CF_LAYER.match(sub)
     name = m.group(2) if m else None
     if m is None or (name not in inverse and name != fused):
-        raise ConfigError(f"{key!r} has no equivalent in a Hugging Face Siglip model (it needs LayerScale-free "
-                          "timm siglip ViT blocks and open_clip's text blocks)")
+        raise ConfigError(
+            f"{key!r} has no equivalent in a Hugging Face Siglip model (it needs LayerScale-free "
+            "timm siglip ViT blocks and open_clip's text blocks)"
+        )
     idx, _, param = m.groups()
     prefix = f"{tower}.encoder.layers.{idx}."
     if name in inverse:
@@ -258,8 +304,9 @@ def meta_trunk(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     try:
         with torch.device("meta"):
             # weight_init="skip": timm's init on meta tensors is all the cost and changes no shape
-            return timm.create_model(name, pretrained=False, num_classes=0, global_pool="map",
-                                     weight_init="skip", **kwargs)
+            return timm.create_model(
+                name, pretrained=False, num_classes=0, global_pool="map", weight_init="skip", **kwargs
+            )
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise ConfigError(f"timm cannot build {name!r} with {dict(kwargs)}: {e}") from None
 
@@ -285,7 +332,9 @@ def _trunk_choice(want: dict[str, Any], image_size: int) -> tuple[str, dict[str,
     name = f"vit_{family}_patch{want['patch_size']}_siglip_{image_size}"
     name = name if timm.is_model(name) else _BASE_TRUNK
     have = _facts_of(name, {})
-    kwargs: dict[str, Any] = {k: want[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if want[k] != have[k]}
+    kwargs: dict[str, Any] = {
+        k: want[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if want[k] != have[k]
+    }
     if have["default_img_size"] != (image_size, image_size):
         kwargs["img_size"] = image_size
     if want["act"] != have["act"]:
@@ -295,7 +344,9 @@ def _trunk_choice(want: dict[str, Any], image_size: int) -> tuple[str, dict[str,
     got = _facts_of(name, kwargs)
     want = {**want, "img_size": image_size}
     if {k: got[k] for k in want} != want:
-        raise CheckpointError(f"no timm siglip trunk matches the Hugging Face vision config {want} (got {got})")
+        raise CheckpointError(
+            f"no timm siglip trunk matches the Hugging Face vision config {want} (got {got})"
+        )
     return name, kwargs
 
 
@@ -310,7 +361,9 @@ def _act(sub: Mapping[str, Any], where: str) -> str:
 def _vision_from_hf_config(v: Mapping[str, Any], kind: str, source: str) -> VisionConfig:
     where = f"{source}: vision_config"
     if v.get("vision_use_head", True) is False:
-        raise CheckpointError(f"{where}.vision_use_head=false: a model without the MAP head has no image embedding")
+        raise CheckpointError(
+            f"{where}.vision_use_head=false: a model without the MAP head has no image embedding"
+        )
     if v.get("num_channels", 3) != 3:
         raise CheckpointError(f"{where}.num_channels={v['num_channels']}: only RGB (3) is supported")
     patch = int(v.get("patch_size", 16))
@@ -318,35 +371,56 @@ def _vision_from_hf_config(v: Mapping[str, Any], kind: str, source: str) -> Visi
         num_patches = int(v.get("num_patches", 256))
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise CheckpointError(f"{where}.num_patches={num_patches} is not a square grid; a fixed-resolution "
-                                  "model needs one")
+            raise CheckpointError(
+                f"{where}.num_patches={num_patches} is not a square grid; a fixed-resolution model needs one"
+            )
         image_size = side * patch  # the table's own grid: HF's per-image resize is then the identity
     else:
         image_size = int(v.get("image_size", 224))
     want = {
-        "patch_size": patch, "embed_dim": int(v.get("hidden_size", 768)), "depth": int(v.get("num_hidden_layers", 12)),
-        "num_heads": int(v.get("num_attention_heads", 12)), "mlp_hidden": int(v.get("intermediate_size", 3072)),
-        "act": _act(v, where), "eps": float(v.get("layer_norm_eps", 1e-6)),
+        "patch_size": patch,
+        "embed_dim": int(v.get("hidden_size", 768)),
+        "depth": int(v.get("num_hidden_layers", 12)),
+        "num_heads": int(v.get("num_attention_heads", 12)),
+        "mlp_hidden": int(v.get("intermediate_size", 3072)),
+        "act": _act(v, where),
+        "eps": float(v.get("layer_norm_eps", 1e-6)),
     }
     if want["eps"] != 1e-6:
         raise CheckpointError(f"{where}.layer_norm_eps={want['eps']}: timm's siglip trunks use 1e-6")
     if want["embed_dim"] % want["num_heads"]:
-        raise CheckpointError(f"{where}: hidden_size {want['embed_dim']} is not a multiple of "
-                              f"num_attention_heads {want['num_heads']}")
+        raise CheckpointError(
+            f"{where}: hidden_size {want['embed_dim']} is not a multiple of "
+            f"num_attention_heads {want['num_heads']}"
+        )
     name, kwargs = _trunk_choice(want, image_size)
-    return VisionConfig(image_size=image_size, patch_size=patch, width=want["embed_dim"], layers=want["depth"],
-                        head_width=want["embed_dim"] // want["num_heads"], timm_model_name=name,
-                        timm_pool="map", timm_proj="none", timm_kwargs=kwargs)
+    return VisionConfig(
+        image_size=image_size,
+        patch_size=patch,
+        width=want["embed_dim"],
+        layers=want["depth"],
+        head_width=want["embed_dim"] // want["num_heads"],
+        timm_model_name=name,
+        timm_pool="map",
+        timm_proj="none",
+        timm_kwargs=kwargs,
+    )
 
 
 def _text_from_hf_config(t: Mapping[str, Any], source: str) -> tuple[TextConfig, int]:
     where = f"{source}: text_config"
     width = int(t.get("hidden_size", 768))
     text = TextConfig(
-        context_length=int(t.get("max_position_embeddings", 64)), vocab_size=int(t.get("vocab_size", 32000)),
-        width=width, heads=int(t.get("num_attention_heads", 12)), layers=int(t.get("num_hidden_layers", 12)),
-        mlp_ratio=hf._ratio(width, int(t.get("intermediate_size", 3072))), pool_type="last", proj_bias=True,
-        no_causal_mask=True, norm_eps=float(t.get("layer_norm_eps", 1e-6)),
+        context_length=int(t.get("max_position_embeddings", 64)),
+        vocab_size=int(t.get("vocab_size", 32000)),
+        width=width,
+        heads=int(t.get("num_attention_heads", 12)),
+        layers=int(t.get("num_hidden_layers", 12)),
+        mlp_ratio=hf._ratio(width, int(t.get("intermediate_size", 3072))),
+        pool_type="last",
+        proj_bias=True,
+        no_causal_mask=True,
+        norm_eps=float(t.get("layer_norm_eps", 1e-6)),
         act_approximate=_TEXT_APPROX[_act(t, where)],
     )
     return text, int(t.get("projection_size") or width)
@@ -360,10 +434,18 @@ def config_from_hf_siglip(data: Mapping[str, Any], source: str = "config.json") 
     vision = _vision_from_hf_config(dict(data.get("vision_config") or {}), kind, source)
     text, embed_dim = _text_from_hf_config(dict(data.get("text_config") or {}), source)
     if embed_dim != vision.width:
-        raise CheckpointError(f"{source}: text_config.projection_size {embed_dim} differs from the image width "
-                              f"{vision.width}; SigLIP compares the two embeddings directly")
-    cfg = CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, init_logit_scale=math.log(10),
-                     init_logit_bias=-10.0, custom_text=True)
+        raise CheckpointError(
+            f"{source}: text_config.projection_size {embed_dim} differs from the image width "
+            f"{vision.width}; SigLIP compares the two embeddings directly"
+        )
+    cfg = CLIPConfig(
+        embed_dim=embed_dim,
+        vision=vision,
+        text=text,
+        init_logit_scale=math.log(10),
+        init_logit_bias=-10.0,
+        custom_text=True,
+    )
     try:
         return cfg.validate()
     except ConfigError as e:
@@ -386,7 +468,14 @@ def check_siglip_compatible(cfg: CLIPConfig, trunk: nn.Module) -> dict[str, Any]
         problems.append("the image trunk is not a timm ViT without class/register tokens and with a MAP head")
     else:
         block = trunk.blocks[0]
-        identity = (trunk.norm_pre, trunk.fc_norm, trunk.patch_embed.norm, block.ls1, block.ls2, block.attn.q_norm)
+        identity = (
+            trunk.norm_pre,
+            trunk.fc_norm,
+            trunk.patch_embed.norm,
+            block.ls1,
+            block.ls2,
+            block.attn.q_norm,
+        )
         if not all(isinstance(m, nn.Identity) for m in identity) or block.attn.qkv.bias is None:
             problems.append("the image trunk has pre-norm, fc-norm, LayerScale, qk-norm or bias-free qkv")
         elif trunk.attn_pool.pos_embed is not None or trunk.attn_pool.latent_len != 1:
@@ -398,7 +487,9 @@ def check_siglip_compatible(cfg: CLIPConfig, trunk: nn.Module) -> dict[str, Any]
     if t.hf_model_name or t.ls_init_value is not None or t.embed_cls or t.proj_type != "linear":
         problems.append("the text tower is not open_clip's plain transformer")
     if not (t.no_causal_mask and t.pool_type == "last" and t.proj_bias) or cfg.quick_gelu:
-        problems.append("the text tower is not SigLIP's (bidirectional, last-token pooling, biased projection, GELU)")
+        problems.append(
+            "the text tower is not SigLIP's (bidirectional, last-token pooling, biased projection, GELU)"
+        )
     if cfg.init_logit_bias is None:
         problems.append("no logit bias")
     if problems:
@@ -412,22 +503,42 @@ def config_to_hf_siglip(cfg: CLIPConfig, trunk: nn.Module, kind: str = "siglip")
     t = cfg.text
     grid = f["img_size"] // f["patch_size"]  # the trunk's input size is what the model computes at
     vision: dict[str, Any] = {
-        "model_type": f"{kind}_vision_model", "hidden_size": f["embed_dim"], "intermediate_size": f["mlp_hidden"],
-        "num_hidden_layers": f["depth"], "num_attention_heads": f["num_heads"], "num_channels": 3,
-        "patch_size": f["patch_size"], "hidden_act": f["act"], "layer_norm_eps": f["eps"],
-        "attention_dropout": 0.0, "vision_use_head": True,
+        "model_type": f"{kind}_vision_model",
+        "hidden_size": f["embed_dim"],
+        "intermediate_size": f["mlp_hidden"],
+        "num_hidden_layers": f["depth"],
+        "num_attention_heads": f["num_heads"],
+        "num_channels": 3,
+        "patch_size": f["patch_size"],
+        "hidden_act": f["act"],
+        "layer_norm_eps": f["eps"],
+        "attention_dropout": 0.0,
+        "vision_use_head": True,
     }
     vision.update({"num_patches": grid * grid} if kind == "siglip2" else {"image_size": f["img_size"]})
     text = {
-        "model_type": f"{kind}_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
-        "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
-        "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
-        "hidden_act": "gelu_pytorch_tanh" if t.act_approximate == "tanh" else "gelu", "layer_norm_eps": t.norm_eps,
-        "attention_dropout": 0.0, "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 49407,
+        "model_type": f"{kind}_text_model",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.width,
+        "intermediate_size": int(t.width * t.mlp_ratio),
+        "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads,
+        "max_position_embeddings": t.context_length,
+        "hidden_act": "gelu_pytorch_tanh" if t.act_approximate == "tanh" else "gelu",
+        "layer_norm_eps": t.norm_eps,
+        "attention_dropout": 0.0,
+        "pad_token_id": 1,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
         "projection_size": cfg.embed_dim,
     }
-    return {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "initializer_factor": 1.0,
-            "text_config": text, "vision_config": vision}
+    return {
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": kind,
+        "initializer_factor": 1.0,
+        "text_config": text,
+        "vision_config": vision,
+    }
 
 
 # --- preprocessing and tokenizer ------------------------------------------------------------------
@@ -449,9 +560,12 @@ def preprocess_from_processor(data: Mapping[str, Any], image_size: int, source: 
     clip_like = {
         **{k: v for k, v in data.items() if k not in ("patch_size", "max_num_patches")},
         "image_processor_type": "CLIPImageProcessorPil" if kind.endswith("Pil") else "CLIPImageProcessor",
-        "size": size, "crop_size": size, "do_center_crop": False,
+        "size": size,
+        "crop_size": size,
+        "do_center_crop": False,
         "resample": data.get("resample", 2 if "Siglip2" in kind else 3),
-        "image_mean": data.get("image_mean", (0.5, 0.5, 0.5)), "image_std": data.get("image_std", (0.5, 0.5, 0.5)),
+        "image_mean": data.get("image_mean", (0.5, 0.5, 0.5)),
+        "image_std": data.get("image_std", (0.5, 0.5, 0.5)),
     }
     try:
         return fields_from_hf_processor(clip_like, image_size, source)
@@ -461,7 +575,9 @@ def preprocess_from_processor(data: Mapping[str, Any], image_size: int, source: 
 
 def read_preprocessor(path: Path, image_size: int, kind: str) -> dict[str, Any]:
     file = path / hf.PREPROCESSOR_CONFIG
-    data: Any = {"image_processor_type": "Siglip2ImageProcessor" if kind == "siglip2" else "SiglipImageProcessor"}
+    data: Any = {
+        "image_processor_type": "Siglip2ImageProcessor" if kind == "siglip2" else "SiglipImageProcessor"
+    }
     if file.is_file():
         try:
             data = json.loads(file.read_text())
@@ -481,9 +597,13 @@ def processor_document(pre: Any, kind: str, patch_size: int) -> dict[str, Any]:
     h, w = pre.size
     doc: dict[str, Any] = {
         "image_processor_type": "Siglip2ImageProcessor" if kind == "siglip2" else "SiglipImageProcessor",
-        "do_resize": clip["do_resize"], "resample": clip["resample"], "do_rescale": True,
-        "rescale_factor": clip["rescale_factor"], "do_normalize": True,
-        "image_mean": clip["image_mean"], "image_std": clip["image_std"],
+        "do_resize": clip["do_resize"],
+        "resample": clip["resample"],
+        "do_rescale": True,
+        "rescale_factor": clip["rescale_factor"],
+        "do_normalize": True,
+        "image_mean": clip["image_mean"],
+        "image_std": clip["image_std"],
     }
     if kind == "siglip2":
         doc.update(patch_size=patch_size, max_num_patches=(h // patch_size) * (w // patch_size))
@@ -506,8 +626,12 @@ def with_folder_tokenizer(cfg: CLIPConfig, path: str | Path) -> CLIPConfig:
     (``get_tokenizer(folder)``) find it; a folder without tokenizer files is left on CLIP's BPE,
     with a warning, since its ids would not be the model's."""
     if tokenizer_settings(path, cfg.text.context_length) is None:
-        log.warning("%s: no tokenizer files (%s); SigLIP text towers need the tokenizer they were trained "
-                    "with, copy its files into the folder", path, ", ".join(TOKENIZER_FILES))
+        log.warning(
+            "%s: no tokenizer files (%s); SigLIP text towers need the tokenizer they were trained "
+            "with, copy its files into the folder",
+            path,
+            ", ".join(TOKENIZER_FILES),
+        )
         return cfg
     return cfg.replace(text={"hf_tokenizer_name": str(path), "tokenizer_kwargs": {"clean": "canonicalize"}})
 
@@ -516,7 +640,9 @@ def load_siglip_config(path: str | Path) -> CLIPConfig:
     """The clipforge config of a Siglip(2)Model folder (its ``config.json`` and tokenizer files)."""
     data = read_hf_config(path)
     if data is None or siglip_kind(data) is None:
-        raise CheckpointError(f"{Path(path) / 'config.json'}: not a Hugging Face SiglipModel / Siglip2Model config")
+        raise CheckpointError(
+            f"{Path(path) / 'config.json'}: not a Hugging Face SiglipModel / Siglip2Model config"
+        )
     return with_folder_tokenizer(config_from_hf_siglip(data, str(Path(path) / "config.json")), path)
 
 
@@ -525,8 +651,12 @@ def _copy_tokenizer(model: nn.Module, directory: Path) -> None:
     tok = getattr(model, "tokenizer_cfg", None) or {}
     source = Path(str(tok.get("name", ""))) if tok.get("type") == "hf" else None
     if source is None or not source.is_dir():
-        log.warning("%s: no local Hugging Face tokenizer folder to copy (tokenizer_cfg=%s); add the tokenizer "
-                    "files yourself", directory, tok)
+        log.warning(
+            "%s: no local Hugging Face tokenizer folder to copy (tokenizer_cfg=%s); add the tokenizer "
+            "files yourself",
+            directory,
+            tok,
+        )
         return
     if source.resolve() == directory.resolve():
         return
@@ -536,15 +666,18 @@ def _copy_tokenizer(model: nn.Module, directory: Path) -> None:
 
 
 # --- folders --------------------------------------------------------------------------------------
-def load_siglip_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig, dict[str, Any],
-                                                dict[str, Any] | None, dict[str, Any]]:
+def load_siglip_dir(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], CLIPConfig, dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
     """``(state dict, config, preprocess fields, tokenizer_cfg, extra)`` of a Siglip(2)Model folder."""
     path = Path(path)
     cfg = load_siglip_config(path)
     kind = siglip_kind(read_hf_config(path) or {})
     weights = next((path / n for n in hf.HF_WEIGHT_FILES + hf.HF_INDEX_FILES if (path / n).is_file()), None)
     if weights is None:
-        raise CheckpointError(f"{path}: no {' or '.join(hf.HF_WEIGHT_FILES + hf.HF_INDEX_FILES)} next to config.json")
+        raise CheckpointError(
+            f"{path}: no {' or '.join(hf.HF_WEIGHT_FILES + hf.HF_INDEX_FILES)} next to config.json"
+        )
     raw = hf.load_sharded(weights) if weights.name in hf.HF_INDEX_FILES else hf._load_weight_file(weights)
     try:
         sd = hf_siglip_to_clipforge(raw, kind, cfg.vision.patch_size)
