@@ -471,6 +471,8 @@ def test_siglip2_survives_a_clipforge_folder_and_the_cli(siglip2_tiny, tmp_path)
     assert main(["convert", str(middle), str(tmp_path / "hf"), "--to", "hf"]) == 0
     again = type(hf_model).from_pretrained(tmp_path / "hf")
     assert again.config.architectures == [type(hf_model).__name__]
+    for file in ("tokenizer.json", "tokenizer_config.json"):  # found through the clipforge folder's record
+        assert (tmp_path / "hf" / file).read_bytes() == (folder / file).read_bytes()
     ref, got = hf_model.state_dict(), again.state_dict()
     assert sorted(ref) == sorted(got) and all(torch.equal(ref[k], got[k]) for k in ref)
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from clipforge.checkpoints import hf
 from clipforge.checkpoints.io import atomic_write_text, save_safetensors
-from clipforge.errors import CheckpointError, ConfigError
+from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "spiece.model",
     "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
 )
 #: The label a Siglip2 load gives the model (``model.architecture``); writing back reads it.
 SIGLIP2_LABEL = "custom (from Siglip2Model)"
@@ -646,11 +650,28 @@ def load_siglip_config(path: str | Path) -> CLIPConfig:
     return with_folder_tokenizer(config_from_hf_siglip(data, str(Path(path) / "config.json")), path)
 
 
+def _tokenizer_folder(tok: Mapping[str, Any]) -> Path | None:
+    """The local folder holding a ``type: hf`` tokenizer: the model folder it was found in
+    (``local_dir``), ``name`` as a folder, else ``name`` resolved from the local hub cache."""
+    if tok.get("type") != "hf":
+        return None
+    for candidate in (tok.get("local_dir"), tok.get("name")):
+        folder = Path(str(candidate)).expanduser() if candidate else None
+        if folder is not None and folder.is_dir() and any((folder / n).is_file() for n in TOKENIZER_FILES):
+            return folder
+    try:
+        from clipforge.hf_tokenizer import resolve_tokenizer_dir
+
+        return resolve_tokenizer_dir(str(tok.get("name", "")), cache_dir=tok.get("cache_dir"))
+    except (ImportError, ClipforgeError, OSError):
+        return None
+
+
 def _copy_tokenizer(model: nn.Module, directory: Path) -> None:
     """Copy the model's HF tokenizer files along (a folder is only usable with its tokenizer)."""
     tok = getattr(model, "tokenizer_cfg", None) or {}
-    source = Path(str(tok.get("name", ""))) if tok.get("type") == "hf" else None
-    if source is None or not source.is_dir():
+    source = _tokenizer_folder(tok)
+    if source is None:
         log.warning(
             "%s: no local Hugging Face tokenizer folder to copy (tokenizer_cfg=%s); add the tokenizer "
             "files yourself",
