@@ -124,15 +124,26 @@ def _register_model() -> None:
 
 
 def train_demo_model(
-    out: Path, settings: DemoSettings, seed: int, progress: bool, threads: int | None
+    out: Path,
+    settings: DemoSettings,
+    seed: int,
+    progress: bool,
+    threads: int | None,
+    *,
+    model: str = DEMO_MODEL,
+    loss: str = "clip",
+    max_steps: int | None = None,
 ) -> Any:
+    """Train ``model`` on the demo's training split with the real trainer (``--caption``: tiny-coca, coca)."""
     from clipforge.train.config import TrainConfig
     from clipforge.train.trainer import train
 
     _register_model()
     cfg = TrainConfig(
         data=f"synthetic:shapes?n={settings.train_samples}&split=train&image_size={IMAGE_SIZE}",
-        model=DEMO_MODEL,
+        model=model,
+        loss=loss,
+        max_steps=max_steps,
         output_dir=str(out / "train"),
         epochs=settings.epochs,
         batch_size=settings.batch_size,
@@ -212,7 +223,7 @@ def require_plotting() -> None:
         )
 
 
-def plot_loss(losses: list[float], path: Path) -> Path:
+def plot_loss(losses: list[float], path: Path, ylabel: str = "contrastive loss") -> Path:
     """Training loss per step with a moving average (written atomically, fixed pixel size)."""
     import io
 
@@ -230,7 +241,7 @@ def plot_loss(losses: list[float], path: Path) -> Path:
         smooth = [sum(losses[i - window : i]) / window for i in range(window, len(losses) + 1)]
         ax.plot(range(window, len(losses) + 1), smooth, color="#1f5f8b", lw=2, label=f"mean of {window}")
     ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss")
+    ax.set_ylabel(ylabel)
     ax.set_title("clipforge demo: training loss")
     ax.legend()
     buf = io.BytesIO()
@@ -283,6 +294,7 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     threads: int | None = None,
+    max_steps: int | None = None,
 ) -> DemoResult:
     """Generate data, train, evaluate, write the report; returns the headline numbers."""
     start = time.perf_counter()
@@ -290,7 +302,7 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = QUICK if quick else FULL
-    trained = train_demo_model(out, settings, seed, progress, threads)
+    trained = train_demo_model(out, settings, seed, progress, threads, max_steps=max_steps)
     zero_shot, retrieval, examples = evaluate_demo(trained.final_model_dir, out, settings, progress)
     losses = trained.loss_history
     plot_loss(losses, out / "loss.png")

@@ -1,4 +1,4 @@
-"""Export the image and text towers to ONNX (or a ``torch.export`` program), verified on the way out.
+"""Export the image and text towers (and a CoCa's captioning decoder) to ONNX or ``torch.export``, verified.
 
 Each tower becomes its own graph, ``image.onnx`` (input ``images [batch, 3, H, W]``) and
 ``text.onnx`` (input ``tokens [batch, length]``, int64), both returning un-normalised features
@@ -7,6 +7,12 @@ trim token rows to their longest caption (:func:`clipforge.inference.trim_tokens
 speed-up the PyTorch text tower gets. After writing, every graph is run with onnxruntime on
 fresh inputs of other sizes and compared with PyTorch; a mismatch raises instead of leaving a
 silently wrong file behind.
+
+A CoCa has a third graph, ``decoder.onnx``: ``(image_tokens [batch, Q-1, E], tokens [batch,
+length]) -> logits [batch, length, vocab]``, the next-token logits at every position of a caption
+prefix (the full-prefix forward; no KV cache, so a caption of T tokens costs T runs). Its image
+graph returns ``image_tokens`` as a second output, so greedy or beam search can run on ONNX
+Runtime alone: encode the image once, then feed the growing prefix and read the last position.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,20 +33,41 @@ from clipforge.errors import ClipforgeError, ConfigError
 logger = logging.getLogger(__name__)
 
 TOWERS = ("image", "text")
+#: CoCa's captioning decoder: ``(image_tokens [batch, Q-1, E], tokens [batch, length]) -> logits [batch, length, vocab]``.
+DECODER = "decoder"
+GRAPHS = (*TOWERS, DECODER)
 
 
 class ExportError(ClipforgeError):
     """An exported graph could not be written or does not reproduce the PyTorch outputs."""
 
 
+def is_coca(model: nn.Module) -> bool:
+    """Whether ``model`` has a captioning decoder whose graph can be exported next to the towers."""
+    return callable(getattr(model, "caption_logits", None)) and callable(getattr(model, "encode_image_tokens", None))
+
+
+def towers_for(model: nn.Module) -> tuple[str, ...]:
+    """Every graph ``model`` has: the two towers, plus the decoder for a CoCa."""
+    return GRAPHS if is_coca(model) else TOWERS
+
+
 class ImageEncoder(nn.Module):
-    """``images -> encode_image(images)`` as a stand-alone module (what gets exported)."""
+    """``images -> encode_image(images)`` as a stand-alone module (what gets exported).
+
+    A CoCa's image graph also returns the image tokens (its attentional pooler's other queries),
+    the decoder graph's first input, so captioning needs no PyTorch.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.visual = model.visual
+        self.with_tokens = is_coca(model)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.with_tokens:
+            out = self.visual.forward_tokens(images)
+            return out.pooled, out.tokens
         return self.visual(images)
 
 
@@ -50,6 +78,36 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text(tokens)
+
+
+class CaptionDecoder(nn.Module):
+    """CoCa's full-prefix decoder: (image tokens, caption prefix) -> next-token logits at every position."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.caption_logits(image_tokens, tokens)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names and dynamic axes of one exported graph."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    axes: dict[str, dict[int, str]]
+
+
+def graph_spec(model: nn.Module, tower: str) -> GraphSpec:
+    if tower == "image":
+        outputs = ("features", "image_tokens") if is_coca(model) else ("features",)
+        return GraphSpec(("images",), outputs, {"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
+    if tower == "text":
+        return GraphSpec(("tokens",), ("features",), {"tokens": {0: "batch", 1: "length"}, "features": {0: "batch"}})
+    axes = {"image_tokens": {0: "batch"}, "tokens": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"}}
+    return GraphSpec(("image_tokens", "tokens"), ("logits",), axes)
 
 
 @dataclass
@@ -79,6 +137,23 @@ def example_inputs(
     return tokens
 
 
+def decoder_length(model: nn.Module) -> int:
+    """The longest caption prefix the decoder graph takes (text tower and decoder context, the smaller)."""
+    return min(model.config.text.context_length, model.config.multimodal.context_length)
+
+
+def graph_inputs(
+    model: nn.Module, tower: str, batch: int = 2, length: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Every input of ``tower``'s graph; the decoder's image tokens come from random images."""
+    if tower != DECODER:
+        return (example_inputs(model, tower, batch, length, seed),)
+    with torch.inference_mode():
+        _, image_tokens = model.encode_image_tokens(example_inputs(model, "image", batch, seed=seed))
+    tokens = example_inputs(model, "text", batch, length or decoder_length(model), seed)
+    return image_tokens.clone(), tokens
+
+
 def _float32_eval(model: nn.Module) -> nn.Module:
     """The model in eval mode with float32 weights; a copy when it has others (the caller's stays bf16)."""
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
@@ -87,55 +162,90 @@ def _float32_eval(model: nn.Module) -> nn.Module:
 
 
 def _wrapper(model: nn.Module, tower: str) -> nn.Module:
-    if tower not in TOWERS:
-        raise ConfigError(f"unknown tower {tower!r}; choose from {', '.join(TOWERS)}")
-    module = ImageEncoder(model) if tower == "image" else TextEncoder(model)
+    if tower not in towers_for(model):
+        if tower == DECODER:
+            raise ConfigError(
+                f"{getattr(model, 'architecture', 'this model')} has no captioning decoder to export "
+                "(only a CoCa has one); export the towers: image, text"
+            )
+        raise ConfigError(f"unknown tower {tower!r}; choose from {', '.join(towers_for(model))}")
+    module = {"image": ImageEncoder, "text": TextEncoder, DECODER: CaptionDecoder}[tower](model)
     return module.eval()
 
 
-def _export_onnx_file(
-    module: nn.Module, tower: str, example: torch.Tensor, path: Path, opset: int, dynamo: bool
-) -> None:
-    name = "images" if tower == "image" else "tokens"
-    axes = {0: "batch"} if tower == "image" else {0: "batch", 1: "length"}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant here
-        if dynamo:
-            dims = {i: torch.export.Dim(label, min=1) for i, label in axes.items()}
-            torch.onnx.export(
-                module, (example,), tmp, dynamo=True, dynamic_shapes=(dims,),
-                input_names=[name], output_names=["features"], opset_version=max(opset, 18),
-            )  # fmt: skip
-        else:
-            torch.onnx.export(
-                module, (example,), tmp, dynamo=False, dynamic_axes={name: axes, "features": {0: "batch"}},
-                input_names=[name], output_names=["features"], opset_version=opset,
-            )  # fmt: skip
-    os.replace(tmp, path)
-    data = tmp.with_name(tmp.name + ".data")  # large models keep weights in a side file
-    if data.exists():
-        os.replace(data, path.with_name(path.name + ".data"))
+def _dynamic_shapes(model: nn.Module, tower: str) -> tuple[dict[int, Any], ...]:
+    """torch.export dimensions for each input: batch >= 1, lengths bounded by the positions the model has."""
+    longest = decoder_length(model) if tower == DECODER else model.config.text.context_length
+    dims = {"batch": torch.export.Dim("batch", min=1), "length": torch.export.Dim("length", min=2, max=longest)}
+    spec = graph_spec(model, tower)
+    return tuple({i: dims[label] for i, label in spec.axes[name].items()} for name in spec.inputs)
+
+
+def _export_onnx_file(model: nn.Module, tower: str, path: Path, opset: int, dynamo: bool) -> None:
+    """Write ``path`` (and its ``.data`` weights side file, when the exporter makes one) atomically.
+
+    The graph is written under its final name in a private folder, then moved: a side file's
+    location is recorded inside the graph by name, so it must never be exported under another one.
+    """
+    import shutil
+    import tempfile
+
+    module, spec = _wrapper(model, tower), graph_spec(model, tower)
+    example = graph_inputs(model, tower)
+    names = {"input_names": list(spec.inputs), "output_names": list(spec.outputs)}
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant here
+            if dynamo:
+                torch.onnx.export(
+                    module, example, staging / path.name, dynamo=True, dynamic_shapes=_dynamic_shapes(model, tower),
+                    opset_version=max(opset, 18), **names,
+                )  # fmt: skip
+            else:
+                torch.onnx.export(
+                    module, example, staging / path.name, dynamo=False, dynamic_axes=spec.axes,
+                    opset_version=opset, **names,
+                )  # fmt: skip
+        data = staging / f"{path.name}.data"
+        if data.exists():
+            os.replace(data, path.with_name(data.name))
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _checks(model: nn.Module, tower: str) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs of other sizes than traced: batch 3 (and for token inputs a shorter length too)."""
+    checks = [graph_inputs(model, tower, batch=3, seed=1)]
+    if tower == "text":
+        checks.append(graph_inputs(model, tower, batch=1, length=min(9, model.config.text.context_length), seed=2))
+    if tower == DECODER:
+        checks.append(graph_inputs(model, tower, batch=1, length=min(9, decoder_length(model)), seed=2))
+    return checks
+
+
+def _run_both(model: nn.Module, session: Any, tower: str, inputs: tuple[torch.Tensor, ...]) -> list[tuple]:
+    """(onnxruntime, PyTorch) pairs of numpy arrays, one per graph output."""
+    with torch.inference_mode():
+        expected = _wrapper(model, tower)(*inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    feed = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs)}
+    got = session.run(None, feed)
+    return [(g, e.float().numpy()) for g, e in zip(got, expected, strict=True)]
 
 
 def verify_onnx(model: nn.Module, path: str | Path, tower: str, *, atol: float = 1e-4) -> float:
-    """Max |onnxruntime - PyTorch| on inputs of a different batch (and text length) than traced."""
+    """Max |onnxruntime - PyTorch| over every output, on inputs of other sizes than traced."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    module = _wrapper(model, tower)
-    checks = [example_inputs(model, tower, batch=3, seed=1)]
-    if tower == "text":
-        checks.append(
-            example_inputs(model, tower, batch=1, length=min(9, model.config.text.context_length), seed=2)
-        )
     worst = 0.0
-    input_name = session.get_inputs()[0].name
-    for inputs in checks:
-        with torch.inference_mode():
-            expected = module(inputs).float().numpy()
-        got = session.run(None, {input_name: inputs.numpy()})[0]
-        worst = max(worst, float(abs(got - expected).max()))
+    for inputs in _checks(model, tower):
+        for got, expected in _run_both(model, session, tower, inputs):
+            if got.shape != expected.shape:
+                raise ExportError(f"{path}: onnxruntime output shape {got.shape} != PyTorch {expected.shape}")
+            worst = max(worst, float(abs(got - expected).max()))
     if worst > atol:
         raise ExportError(f"{path}: onnxruntime output differs from PyTorch by {worst:.2e} (> {atol:.0e})")
     return worst
@@ -168,17 +278,16 @@ def quantize_onnx_int8(path: str | Path) -> Path:
 
 
 def verify_onnx_int8(model: nn.Module, path: str | Path, tower: str, *, min_cos: float = 0.99) -> float:
-    """Min cosine similarity between a quantised graph's features and PyTorch float32 features."""
+    """Min cosine similarity between a quantised graph's first output and PyTorch float32's (per row)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = example_inputs(model, tower, batch=3, seed=1)
-    with torch.inference_mode():
-        expected = _wrapper(model, tower)(inputs).float()
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
-    cos = float(torch.nn.functional.cosine_similarity(got, expected, dim=-1).min())
+    got, expected = _run_both(model, session, tower, graph_inputs(model, tower, batch=3, seed=1))[0]
+    width = expected.shape[-1]
+    got_rows, want_rows = torch.from_numpy(got).reshape(-1, width), torch.from_numpy(expected).reshape(-1, width)
+    cos = float(torch.nn.functional.cosine_similarity(got_rows, want_rows, dim=-1).min())
     if cos < min_cos:
-        raise ExportError(f"{path}: int8 features have cosine similarity {cos:.4f} to float32 (< {min_cos})")
+        raise ExportError(f"{path}: int8 outputs have cosine similarity {cos:.4f} to float32 (< {min_cos})")
     return cos
 
 
@@ -193,7 +302,8 @@ def export_onnx(
     atol: float = 1e-4,
     int8: bool = False,
 ) -> ExportResult:
-    """Write ``image.onnx`` / ``text.onnx`` into ``out_dir`` and (by default) verify them.
+    """Write ``image.onnx`` / ``text.onnx`` (and ``decoder.onnx`` when ``towers`` names it) into ``out_dir``
+    and (by default) verify them against PyTorch.
 
     ``dynamo=False`` uses the TorchScript-based exporter (seconds); ``dynamo=True`` the
     ``torch.export``-based one (slower to export, the long-term path in PyTorch). ``int8`` also
@@ -206,10 +316,10 @@ def export_onnx(
     result = ExportResult()
     for tower in towers:
         path = out / f"{tower}.onnx"
-        module = _wrapper(model, tower)
-        logger.debug("exporting the %s tower to %s", tower, path)
+        _wrapper(model, tower)  # a clear ConfigError for a graph the model lacks, before exporting
+        logger.debug("exporting the %s graph to %s", tower, path)
         try:
-            _export_onnx_file(module, tower, example_inputs(model, tower), path, opset, dynamo)
+            _export_onnx_file(model, tower, path, opset, dynamo)
         except Exception as e:  # exporter errors are long; keep the first line, chain the rest
             raise ExportError(f"ONNX export of the {tower} tower failed: {str(e).splitlines()[0]}") from e
         result.paths[tower] = path
@@ -227,19 +337,16 @@ def export_onnx(
 def export_program(
     model: nn.Module, out_dir: str | Path, *, towers: tuple[str, ...] = TOWERS
 ) -> ExportResult:
-    """Save ``torch.export`` programs (``image.pt2`` / ``text.pt2``) with dynamic batch/length."""
+    """Save ``torch.export`` programs (``image.pt2`` / ``text.pt2`` / ``decoder.pt2``) with dynamic batch/length."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = _float32_eval(model)
     result = ExportResult()
     for tower in towers:
         module = _wrapper(model, tower)
-        example = example_inputs(model, tower)
-        dims = {0: torch.export.Dim("batch", min=1)}
-        if tower == "text":
-            dims[1] = torch.export.Dim("length", min=2, max=model.config.text.context_length)
+        dims = _dynamic_shapes(model, tower)
         with torch.no_grad():
-            program = torch.export.export(module, (example,), dynamic_shapes=(dims,))
+            program = torch.export.export(module, graph_inputs(model, tower), dynamic_shapes=dims)
         path = out / f"{tower}.pt2"
         tmp = path.with_name(f".tmp.{path.name}")  # torch.export wants the .pt2 suffix
         torch.export.save(program, tmp)

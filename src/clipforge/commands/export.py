@@ -1,4 +1,4 @@
-"""``clipforge export``: image and text towers to ONNX (verified with onnxruntime) or torch.export."""
+"""``clipforge export``: image and text towers (and a CoCa's decoder) to ONNX (verified with onnxruntime) or torch.export."""
 
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ from clipforge.commands._model_options import add_model_argument, model_argument
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="export the image/text towers to ONNX or a torch.export program",
+        help="export the image/text towers (and a CoCa's captioning decoder) to ONNX or a torch.export program",
         description="Write image.onnx and text.onnx (dynamic batch; text also dynamic length) and check "
-        "them against PyTorch with onnxruntime (max abs diff must stay below --atol).",
+        "them against PyTorch with onnxruntime (max abs diff must stay below --atol). For a CoCa model also "
+        "decoder.onnx (image tokens + caption prefix -> next-token logits), and image.onnx returns the image "
+        "tokens as a second output.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_argument(p)
     p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--towers", default="image,text", help="comma-separated: image, text")
+    p.add_argument(
+        "--towers", default=None,
+        help="comma-separated: image, text, decoder (CoCa only); default: every graph the model has",
+    )  # fmt: skip
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     p.add_argument(
@@ -30,16 +35,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _towers(arg: str | None, model) -> tuple[str, ...]:
     from clipforge.errors import ConfigError
-    from clipforge.export import TOWERS, export_onnx, export_program
+    from clipforge.export import GRAPHS, towers_for
+
+    if arg is None:
+        return towers_for(model)
+    towers = tuple(t.strip() for t in arg.split(",") if t.strip())
+    unknown = sorted(set(towers) - set(GRAPHS))
+    if unknown or not towers:
+        raise ConfigError(f"--towers: unknown {unknown or 'empty'}; choose from {', '.join(GRAPHS)}")
+    missing = sorted(set(towers) - set(towers_for(model)))
+    if missing:
+        raise ConfigError(
+            f"--towers {','.join(missing)}: {model.architecture} has no captioning decoder (only a CoCa has one); "
+            f"choose from {', '.join(towers_for(model))}"
+        )
+    return towers
+
+
+def _describe(model, fmt: str) -> dict[str, str]:
+    """Each graph's inputs and outputs, as printed next to its file."""
+    from clipforge.export import decoder_length, is_coca
+
+    cfg = model.config
+    size, ctx, dim = cfg.vision.image_size, cfg.text.context_length, cfg.embed_dim
+    image_out = f"features [batch, {dim}]"
+    if is_coca(model) and fmt == "onnx":
+        image_out += f", image_tokens [batch, {cfg.vision.attn_pooler_queries - 1}, {dim}]"
+    described = {
+        "image": f"images float32 [batch, 3, {size}, {size}] -> {image_out}",
+        "text": f"tokens int64 [batch, <={ctx}] -> features [batch, {dim}]",
+    }
+    if is_coca(model):
+        vocab, longest = cfg.multimodal.vocab_size, decoder_length(model)
+        described["decoder"] = (f"image_tokens float32 [batch, {cfg.vision.attn_pooler_queries - 1}, {dim}], "
+                                f"tokens int64 [batch, <={longest}] -> logits [batch, length, {vocab}]")  # fmt: skip
+    return described
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipforge.export import export_onnx, export_program
     from clipforge.model.factory import create_model
 
-    towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
-    unknown = sorted(set(towers) - set(TOWERS))
-    if unknown or not towers:
-        raise ConfigError(f"--towers: unknown {unknown or 'empty'}; choose from {', '.join(TOWERS)}")
     model = create_model(model_argument(args), args.pretrained).eval()
+    towers = _towers(args.towers, model)
     if args.format == "torch-export":
         result = export_program(model, args.out, towers=towers)
     else:
@@ -47,18 +87,20 @@ def run(args: argparse.Namespace) -> int:
             model, args.out, towers=towers, opset=args.opset, dynamo=args.dynamo,
             verify=not args.no_verify, atol=args.atol, int8=args.int8,
         )  # fmt: skip
-    cfg = model.config
-    size, ctx = cfg.vision.image_size, cfg.text.context_length
-    inputs = {"image": f"images float32 [batch, 3, {size}, {size}]", "text": f"tokens int64 [batch, <={ctx}]"}
+    described = _describe(model, args.format)
     what = "torch.export programs" if args.format == "torch-export" else f"ONNX (opset {args.opset})"
     print(f"{model.architecture} ({args.pretrained or 'random weights'}) -> {what} in {args.out}; "
-          f"outputs: features float32 [batch, {cfg.embed_dim}], not L2-normalised")  # fmt: skip
+          f"{len(result.paths)} files written; features are not L2-normalised")  # fmt: skip
     for tower, path in result.paths.items():
         diff, cos = result.max_abs_diff.get(tower), result.min_cos.get(tower)
         check = f"max abs diff vs PyTorch {diff:.2e}" if diff is not None else ""
         check += f"min cosine vs float32 {cos:.5f}" if cos is not None else ""
-        print(f"  {tower:10s} {str(path):40s} {inputs[tower.split('-')[0]]:36s} {check}".rstrip())
+        print(f"  {tower:12s} {str(path):40s} {check}".rstrip())
+        print(f"  {'':12s} {described[tower.split('-')[0]]}")
     if "text" in towers:
         print("  text: trim token rows to the batch's last EOT before running (clipforge.inference.trim_tokens);"
               " the output is the same and shorter rows are faster")  # fmt: skip
+    if "decoder" in towers:
+        print("  decoder: run it on the caption so far (SOT first) and read the last position's logits; image "
+              "tokens come from the image graph's second output")  # fmt: skip
     return 0

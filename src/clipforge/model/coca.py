@@ -50,7 +50,10 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class CoCaOutput(CLIPOutput):
-    """CLIP's output plus the teacher-forced caption ``logits`` ``[B, L-1, V]`` and their ``labels``."""
+    """CLIP's output plus the teacher-forced caption ``logits`` ``[B, L', V]`` and their ``labels``.
+
+    ``L'`` is ``L - 1`` cut after the batch's last non-pad label (see ``CoCa._caption_columns``).
+    """
 
     logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
@@ -202,7 +205,9 @@ class CoCa(CLIP):
             pooled, states = self.text.forward_tokens(tokens)
             text_features = F.normalize(pooled, dim=-1)
             if image_tokens is not None:
-                logits, labels = self.text_decoder(image_tokens, states[:, :-1]), tokens[:, 1:]
+                labels = tokens[:, 1:]
+                keep = self._caption_columns(labels)
+                logits, labels = self.text_decoder(image_tokens, states[:, :keep]), labels[:, :keep]
         return CoCaOutput(
             image_features=image_features,
             text_features=text_features,
@@ -211,6 +216,20 @@ class CoCa(CLIP):
             logits=logits,
             labels=labels,
         )
+
+    def _caption_columns(self, labels: torch.Tensor) -> int:
+        """Label columns up to the batch's last non-pad one (all of them when tracing or ``text.trim`` is off).
+
+        Later columns are padding, which the caption loss ignores; the decoder is causal, so the
+        kept logits equal an untrimmed run's. Short captions in a long context would otherwise
+        spend most of the decoder's time on the ``[width, vocab]`` LM head over padding.
+        """
+        from clipforge.model.text import _tracing
+
+        if not self.text.trim or _tracing() or labels.numel() == 0:
+            return labels.shape[1]
+        used = (labels != self.pad_id).any(dim=0).nonzero()
+        return int(used.max()) + 1 if used.numel() else 1
 
     # --- incremental decoding ---------------------------------------------------------------------
     def start_decoding(self, image_tokens: torch.Tensor) -> DecodeState:
