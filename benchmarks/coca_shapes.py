@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 from pathlib import Path
 
 import clipforge
-from clipforge.data.synthetic import SyntheticShapes
+from clipforge.demo_caption import attribute_accuracy, most_frequent_caption
 from clipforge.eval.captioning import HEADLINE, caption_scores
 from clipforge.eval.runner import evaluate, format_caption_examples
 
@@ -51,36 +50,6 @@ def train_model(args: argparse.Namespace) -> tuple[str, float]:
     t0 = time.perf_counter()
     train(cfg)
     return str(Path(cfg.output_dir) / "final"), time.perf_counter() - t0
-
-
-def most_frequent_caption(n: int) -> str:
-    """The commonest caption of the training split (ties: the first seen)."""
-    return Counter(c for caps in SyntheticShapes(n, split="train").all_captions for c in caps).most_common(1)[
-        0
-    ][0]
-
-
-def attributes(caption: str) -> dict[str, str]:
-    """The attributes a full-style shapes caption names ("" where it names none)."""
-    from clipforge.data import synthetic
-
-    words = caption.split()
-    found = {
-        "size": next((w for w in words if w in synthetic.SIZES), ""),
-        "colour": next((w for w in words[:3] if w in synthetic.COLOURS), ""),
-        "shape": next((w for w in words if w in synthetic.SHAPES), ""),
-        "position": next((k for k, v in synthetic.POSITION_PHRASES.items() if v in caption), ""),
-    }
-    tail = caption.rsplit(" on a ", 1)
-    found["background"] = tail[1].removesuffix(" background") if len(tail) == 2 else ""
-    found["colour+shape"] = f"{found['colour']} {found['shape']}"
-    return found
-
-
-def attribute_accuracy(candidates: list[str], truths: list[str]) -> dict[str, float]:
-    """Per attribute, the fraction of images whose caption names the true value."""
-    pairs = [(attributes(c), attributes(t)) for c, t in zip(candidates, truths)]
-    return {k: sum(c[k] == t[k] for c, t in pairs) / len(pairs) for k in pairs[0][1]}
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ def test_caption_demo_quick_beats_the_untrained_model(tmp_path, capsys):
     print({k: (round(v["CIDEr"], 3), round(v["Bleu_1"], 3)) for k, v in scores.items()})
     assert trained["CIDEr"] > untrained["CIDEr"] + 0.05, (trained["CIDEr"], untrained["CIDEr"])
     assert trained["Bleu_1"] > untrained["Bleu_1"] + 0.2, (trained["Bleu_1"], untrained["Bleu_1"])
-    assert 0.0 < fixed["CIDEr"] < 10.0 and summary["baseline_caption"] == most_frequent_caption(1600)
+    assert 0.0 < fixed["CIDEr"] < 10.0 and summary["baseline_caption"] == most_frequent_caption(3200)
     # the printed table carries the JSON's numbers, one row per captioner
     for key, name in CAPTIONERS.items():
         row = next(line for line in printed.splitlines() if line.strip().startswith(name))

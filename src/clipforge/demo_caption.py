@@ -37,7 +37,7 @@ CAPTION_FULL = DemoSettings(
     train_samples=6_400, epochs=1, batch_size=32, lr=2e-3, warmup_steps=10, eval_images=200, retrieval_images=0
 )
 CAPTION_QUICK = DemoSettings(
-    train_samples=1_600, epochs=1, batch_size=32, lr=2e-3, warmup_steps=5, eval_images=60, retrieval_images=0
+    train_samples=3_200, epochs=1, batch_size=32, lr=2e-3, warmup_steps=5, eval_images=60, retrieval_images=0
 )
 CAPTIONERS = {
     "trained": f"{CAPTION_MODEL} (trained)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from clipforge.commands._model_options import add_model_argument, model_argument
 
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _towers(arg: str | None, model) -> tuple[str, ...]:
+def _towers(arg: str | None, model: Any) -> tuple[str, ...]:
+    """The graphs to write: ``--towers`` checked against what the model has (default: all of them)."""
     from clipforge.errors import ConfigError
     from clipforge.export import GRAPHS, towers_for
 
@@ -54,14 +56,14 @@ def _towers(arg: str | None, model) -> tuple[str, ...]:
     return towers
 
 
-def _describe(model, fmt: str) -> dict[str, str]:
+def _describe(model: Any) -> dict[str, str]:
     """Each graph's inputs and outputs, as printed next to its file."""
     from clipforge.export import decoder_length, is_coca
 
     cfg = model.config
     size, ctx, dim = cfg.vision.image_size, cfg.text.context_length, cfg.embed_dim
     image_out = f"features [batch, {dim}]"
-    if is_coca(model) and fmt == "onnx":
+    if is_coca(model):
         image_out += f", image_tokens [batch, {cfg.vision.attn_pooler_queries - 1}, {dim}]"
     described = {
         "image": f"images float32 [batch, 3, {size}, {size}] -> {image_out}",
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             model, args.out, towers=towers, opset=args.opset, dynamo=args.dynamo,
             verify=not args.no_verify, atol=args.atol, int8=args.int8,
         )  # fmt: skip
-    described = _describe(model, args.format)
+    described = _describe(model)
     what = "torch.export programs" if args.format == "torch-export" else f"ONNX (opset {args.opset})"
     print(f"{model.architecture} ({args.pretrained or 'random weights'}) -> {what} in {args.out}; "
           f"{len(result.paths)} files written; features are not L2-normalised")  # fmt: skip
