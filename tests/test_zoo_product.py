@@ -181,3 +181,40 @@ def test_patch_dropout_refused_by_a_convolutional_trunk(icon_data, tmp_path, cap
                 "--max-steps", "1", "--threads", "1", "--no-progress", "--output-dir", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "'convnext_base'" in err and "patch_drop_rate" in err and "vision.patch_dropout" in err, err
+
+
+def test_lora_on_a_timm_trunk_takes_timms_layer_names(icon_data, tmp_path) -> None:
+    """LoRA's default targets are CLIP's layer names (in_proj, c_fc ...); a timm ViT's are qkv,
+    fc1, fc2. Named so, the trunk's adapted weights change (merged into the checkpoint) and
+    everything else in it stays exactly as initialised."""
+    from clipforge.model.factory import create_model
+    from clipforge.train.trainer import seed_everything
+
+    out = tmp_path / "run"
+    assert _main(["train", "--data", str(icon_data["csv"]), "--model", "tiny-siglip", "--batch-size", "8",
+                  "--max-steps", "2", "--lora-rank", "4", "--lora-targets", "qkv,fc1,fc2,in_proj,out_proj",
+                  "--threads", "1", "--workers", "0", "--no-progress", "--output-dir", str(out)]) == 0  # fmt: skip
+    seed_everything(0)  # train's default --seed: the run's initial weights
+    init = create_model("tiny-siglip").state_dict()
+    final = create_model(pretrained=str(out / "final")).state_dict()
+    assert set(init) == set(final)
+    changed = {k for k in init if not torch.equal(init[k], final[k])}
+    adapted = {k for k in init if k.endswith(("attn.qkv.weight", "mlp.fc1.weight", "mlp.fc2.weight"))}
+    assert {k for k in changed if k.startswith("visual.")} == {k for k in adapted if k.startswith("visual.")}
+    assert len(adapted) == 8 and "visual.trunk.patch_embed.proj.weight" not in changed  # 2 blocks + MAP pool
+
+
+def test_int8_fast_path_keeps_a_biased_text_projection() -> None:
+    """SigLIP's text projection is an ``nn.Linear`` (with bias); dynamic int8 replaces it by a
+    quantised Linear, which the tower must still call (it used to be matrix-multiplied: TypeError)."""
+    from clipforge.inference import optimize_for_inference
+    from clipforge.model.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny-siglip").eval()
+    int8 = optimize_for_inference(model, quantize=True)
+    tokens = torch.randint(1, 49000, (3, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model.encode_text(tokens), int8.encode_text(tokens)
+    assert type(int8.text.text_projection) is not torch.nn.Linear  # quantised
+    assert torch.nn.functional.cosine_similarity(want, got).min() > 0.99

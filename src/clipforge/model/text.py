@@ -178,7 +178,7 @@ class TextTransformer(nn.Module):
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.text_projection is None:
             return pooled
-        if isinstance(self.text_projection, nn.Linear):
+        if isinstance(self.text_projection, nn.Module):  # nn.Linear, or its int8 twin (quantize_dynamic)
             return self.text_projection(pooled)
         return pooled @ self.text_projection
 
