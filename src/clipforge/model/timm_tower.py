@@ -143,11 +143,17 @@ def build_head(cfg: VisionConfig, width: int, embed_dim: int, feat_size: Any) ->
     from timm.layers import AttentionPool2d, Mlp, RotAttentionPool2d
 
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if cfg.timm_pool == "abs_attn":
-        layers["pool"] = AttentionPool2d(width, feat_size=feat_size, out_features=embed_dim)
-        width = embed_dim
-    elif cfg.timm_pool == "rot_attn":
-        layers["pool"] = RotAttentionPool2d(width, out_features=embed_dim)
+    if cfg.timm_pool in CUSTOM_POOLS:
+        try:
+            if cfg.timm_pool == "abs_attn":
+                layers["pool"] = AttentionPool2d(width, feat_size=feat_size, out_features=embed_dim)
+            else:
+                layers["pool"] = RotAttentionPool2d(width, out_features=embed_dim)
+        except AssertionError:  # timm's attention pools use 64-wide heads
+            raise ConfigError(
+                f"vision.timm_pool={cfg.timm_pool!r}: {cfg.timm_model_name!r} puts out {width} channels, "
+                "not a multiple of the attention pool's 64-wide heads"
+            ) from None
         width = embed_dim
     if cfg.timm_proj == "linear":
         layers["drop"] = nn.Dropout(cfg.timm_drop)
