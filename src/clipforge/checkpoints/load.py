@@ -167,12 +167,15 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
         vision["timm_proj"] = "head"  # open_clip: null / "" = timm's own classifier head projects
     text = {k: t_in[k] for k in _TEXT_MAP if k in t_in}
     text.update(_text_kwargs(t_in, source))
+    if text.get("hf_model_name"):
+        text.setdefault("hf_proj_type", "mlp")  # open_clip's CLIPTextCfg default, unlike clipforge's
     try:
         return CLIPConfig.from_dict(
             {
                 "embed_dim": model_cfg.get("embed_dim", 512),
                 "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
-                "custom_text": bool(model_cfg.get("custom_text", False)),
+                # open_clip builds every Hugging Face text tower as CustomTextCLIP
+                "custom_text": bool(model_cfg.get("custom_text", False) or t_in.get("hf_model_name")),
                 **{k: model_cfg[k] for k in ("init_logit_scale", "init_logit_bias") if k in model_cfg},
                 "vision": vision,
                 "text": text,

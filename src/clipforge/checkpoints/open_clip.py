@@ -36,6 +36,10 @@ _CROSS_MHA = re.compile(
     r"^(visual\.attn_pool\.attn|text_decoder\.cross_attn\.\d+\.attn)\."
     r"(in_proj_weight|in_proj_bias|q_proj_weight|k_proj_weight|v_proj_weight)$"
 )
+#: The fused attention input projection of CLIP's own transformer blocks (text, ViT, CoCa decoder);
+#: anchored on ``resblocks.N`` so a timm trunk's or Hugging Face encoder's own modules keep their names.
+_RESBLOCK_IN_PROJ = re.compile(r"(resblocks\.\d+\.attn)\.in_proj_(weight|bias)$")
+_RESBLOCK_IN_PROJ_LINEAR = re.compile(r"(resblocks\.\d+\.attn)\.in_proj\.(weight|bias)$")
 _CROSS_LINEARS = re.compile(r"^(visual\.attn_pool\.attn|text_decoder\.cross_attn\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$")
 
 
@@ -82,28 +86,37 @@ def open_clip_to_clipforge(sd: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key.startswith(_TEXT_ROOT):
             key = "text." + key
-        key = re.sub(r"\.attn\.in_proj_(weight|bias)$", r".attn.in_proj.\1", key)
+        key = _RESBLOCK_IN_PROJ.sub(r"\1.in_proj.\2", key)
         if key in ("logit_scale", "logit_bias") and isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.reshape(())
         out[key] = value
     return out
 
 
-def clipforge_to_open_clip(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`open_clip_to_clipforge` (for open_clip's standard ``CLIP`` layout).
+def clipforge_to_open_clip(sd: Mapping[str, Any], custom_text: bool | None = None) -> dict[str, Any]:
+    """Inverse of :func:`open_clip_to_clipforge`, in the layout of the open_clip model class.
 
-    A Hugging Face text tower stays under ``text.``, as in open_clip's ``CustomTextCLIP``.
+    open_clip's standard ``CLIP`` keeps the text tower's modules at the root; its
+    ``CustomTextCLIP`` (``custom_text`` configs, every Hugging Face text tower) and CoCa keep them
+    under ``text.``, as clipforge does. ``custom_text=None`` decides from the keys alone (root for
+    CLIP's own text tower, except CoCa's); pass the config's layout (``config.custom_text``) for
+    models such as SigLIP or MobileCLIP whose built-in text tower sits under ``text.`` in open_clip.
     """
     sd = _merge_mha(strip_prefixes(sd))
-    # open_clip's CoCa (like its CustomTextCLIP) keeps the text tower under ``text.``.
-    root_text = "text.token_embedding.weight" in sd and "text.cls_emb" not in sd
+    if custom_text is None:
+        custom_text = "text.token_embedding.weight" not in sd or "text.cls_emb" in sd
     out: dict[str, Any] = {}
     for key, value in sd.items():
-        if root_text and key.startswith("text."):
+        if not custom_text and key.startswith("text."):
             key = key[len("text.") :]
-        key = re.sub(r"\.attn\.in_proj\.(weight|bias)$", r".attn.in_proj_\1", key)
+        key = _RESBLOCK_IN_PROJ_LINEAR.sub(r"\1.in_proj_\2", key)
         out[key] = value
     return out
+
+
+def open_clip_layout_is_custom_text(cfg: CLIPConfig) -> bool:
+    """True when open_clip builds ``cfg`` as ``CustomTextCLIP``/CoCa (text tower under ``text.``)."""
+    return bool(cfg.custom_text or cfg.text.hf_model_name or cfg.is_coca)
 
 
 def multimodal_from_open_clip(
@@ -242,9 +255,7 @@ def _infer_decoder(sd: Mapping[str, Any], keys: list[str], text: TextConfig) -> 
 
 def _adopt_coca_conventions(cfg: CLIPConfig) -> None:
     """Pooler and decoder heads are invisible in shapes too: take them from a registered CoCa twin."""
-    from clipforge.model.registry import _REGISTRY
-
-    for known in _REGISTRY.values():
+    for known in _builtin_registered():
         if known.multimodal is None:
             continue
         kv, v = known.vision, cfg.vision
@@ -257,10 +268,9 @@ def _adopt_coca_conventions(cfg: CLIPConfig) -> None:
 
 def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
     """Heads are invisible in weight shapes: take them (and exact mlp ratios) from a registered twin."""
-    from clipforge.model.registry import _REGISTRY
-
     v, t = cfg.vision, cfg.text
-    for known in _REGISTRY.values():
+    seen_vision = seen_text = False
+    for known in _builtin_registered():
         kv, kt = known.vision, known.text
         if (kv.is_resnet, kv.width, kv.layers, kv.patch_size) == (
             v.is_resnet,
@@ -268,12 +278,23 @@ def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
             v.layers,
             v.patch_size,
         ):
-            if not v.is_resnet and int(kv.width * kv.mlp_ratio) == int(round(v.width * v.mlp_ratio)):
-                v.head_width, v.mlp_ratio = kv.head_width, kv.mlp_ratio
+            hidden_agrees = int(kv.width * kv.mlp_ratio) == int(round(v.width * v.mlp_ratio))
+            if not v.is_resnet and hidden_agrees and not seen_vision:
+                v.head_width, v.mlp_ratio, seen_vision = kv.head_width, kv.mlp_ratio, True
         if (kt.width, kt.layers) == (t.width, t.layers) and int(kt.width * kt.mlp_ratio) == int(
             round(t.width * t.mlp_ratio)
-        ):
-            t.heads, t.mlp_ratio = kt.heads, kt.mlp_ratio
+        ) and not seen_text:
+            t.heads, t.mlp_ratio, seen_text = kt.heads, kt.mlp_ratio, True
+
+
+def _builtin_registered() -> list[CLIPConfig]:
+    """Registered configs with CLIP's own towers, in natural name order (the first twin wins)."""
+    from clipforge.model.registry import _REGISTRY, list_models
+
+    return [
+        c for n in list_models()
+        if (c := _REGISTRY[n]).vision.timm_model_name is None and c.text.hf_model_name is None
+    ]  # fmt: skip
 
 
 def _exact_ratio(width: int, ratio: float) -> float:
@@ -285,17 +306,55 @@ def _exact_ratio(width: int, ratio: float) -> float:
 def infer_config(sd: Mapping[str, Any], *, quick_gelu: bool | None = None) -> CLIPConfig:
     """Rebuild a :class:`CLIPConfig` from weight shapes (OpenAI, open_clip or clipforge layout).
 
-    Inferred: tower type (ViT / modified ResNet), widths, depths, patch and image size, context
-    length, vocabulary, embed dim, MLP ratio, LayerScale, logit bias. Heads are not visible in
-    shapes: they come from a registered architecture with the same shapes, else ``width // 64``.
-    QuickGELU is not visible either: OpenAI's TorchScript files are recognised by their scalar
-    entries and get ``quick_gelu=True``; otherwise pass ``quick_gelu`` explicitly (default False).
+    First, the registered architectures whose keys and shapes are exactly the state dict's
+    (:mod:`clipforge.checkpoints.signatures`: built on the meta device, cached; the rule for
+    several matches is documented there: identical ones are one, ones differing only in input size
+    give the smallest, others raise a ``CheckpointError`` asking for the model name). That covers
+    every family (timm trunks, custom and Hugging Face text towers, SigLIP, CoCa) and settles what
+    shapes cannot show (heads, pooling, masks, activations).
+
+    Otherwise, CLIP's own ViT / modified ResNet layout is read from its shapes: widths, depths,
+    patch and image size, context length, vocabulary, embed dim, MLP ratio, LayerScale, logit
+    bias; heads from a registered twin, else ``width // 64``. Anything else raises a
+    ``CheckpointError`` asking for the model name (and naming registered candidates that could
+    not be built here, e.g. a Hugging Face text tower whose config is not available offline).
+
+    QuickGELU is not visible in shapes: OpenAI's TorchScript files are recognised by their scalar
+    entries and get ``quick_gelu=True``; otherwise pass ``quick_gelu`` explicitly (default: the
+    registered architecture's, else False).
     """
+    from clipforge.checkpoints.signatures import choose, registered_matches
+
     raw = strip_prefixes(_unwrap(sd))
     openai_file = any(k in raw for k in _OPENAI_SCALARS)
     sd = open_clip_to_clipforge(raw) if is_open_clip_state_dict(raw) else raw
+    matches = registered_matches(sd)
+    if matches.names:
+        from clipforge.model.registry import get_model_config
+
+        cfg = get_model_config(choose(matches.names))
+    else:
+        cfg = _config_from_shapes(sd, matches.unbuildable)
+    if quick_gelu is not None:
+        cfg.quick_gelu = quick_gelu
+    elif openai_file:
+        cfg.quick_gelu = True
+    bias = sd.get("logit_bias")
+    if isinstance(bias, torch.Tensor) and bias.device.type != "meta":
+        cfg.init_logit_bias = float(bias)
+    return cfg.validate()
+
+
+def _config_from_shapes(sd: Mapping[str, Any], unbuildable: Mapping[str, str]) -> CLIPConfig:
+    """CLIP's own ViT/ResNet + text layout read from shapes (see :func:`infer_config`)."""
     keys = list(sd)
-    vision, embed_dim = _infer_vision(sd, keys)
+    try:
+        vision, embed_dim = _infer_vision(sd, keys)
+    except CheckpointError as e:
+        if not unbuildable:
+            raise
+        tried = "; ".join(f"{n} ({why})" for n, why in list(unbuildable.items())[:6])
+        raise CheckpointError(f"{e}. Registered candidates that could not be built here: {tried}") from None
     text, text_dim = _infer_text(sd, keys)
     if text_dim != embed_dim:
         raise CheckpointError(
@@ -307,17 +366,12 @@ def infer_config(sd: Mapping[str, Any], *, quick_gelu: bool | None = None) -> CL
         vision=vision,
         text=text,
         multimodal=_infer_decoder(sd, keys, text),
-        quick_gelu=openai_file if quick_gelu is None else quick_gelu,
-        init_logit_bias=float(bias)
-        if isinstance(bias, torch.Tensor) and bias.device.type != "meta"
-        else None,
+        init_logit_bias=-10.0 if isinstance(bias, torch.Tensor) else None,
     )
-    if isinstance(bias, torch.Tensor) and cfg.init_logit_bias is None:
-        cfg.init_logit_bias = -10.0
     _adopt_registry_conventions(cfg)
     if cfg.vision.attentional_pool or cfg.multimodal is not None:
         _adopt_coca_conventions(cfg)
     if not cfg.vision.is_resnet:
         cfg.vision.mlp_ratio = _exact_ratio(cfg.vision.width, cfg.vision.mlp_ratio)
     cfg.text.mlp_ratio = _exact_ratio(cfg.text.width, cfg.text.mlp_ratio)
-    return cfg.validate()
+    return cfg

@@ -1,18 +1,33 @@
 """Named architectures.
 
-Hyper-parameters follow the published models (OpenAI CLIP and open_clip's configs), so weights
-released for a name load into the model built from that name. Tiny entries keep the structure of
-the real towers at a size the test suite and the CPU demo can afford.
+The published architectures are open_clip's, under open_clip's names, with their
+hyper-parameters (facts about the released models) in ``architectures.json`` in clipforge's own
+config form; ``tools/gen_architectures.py`` wrote it from open_clip's model configs, so weights
+released for a name load into the model built from that name. ``<name>-quickgelu`` is ``<name>``
+with QuickGELU, as in open_clip. Tiny entries (registered below) keep the structure of the real
+towers at a size the test suite and the CPU demo can afford.
+
+Some architectures need files from elsewhere to be *built* (not to be listed): a Hugging Face
+text tower (``text.hf_model_name``, e.g. ``"xlm-roberta-base"``) needs that model's config, from
+a local folder or the Hugging Face cache; a timm image tower needs ``timm`` installed.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import re
+from pathlib import Path
 
 from clipforge.errors import ConfigError
 from clipforge.model.config import CLIPConfig, MultimodalConfig, TextConfig, VisionConfig
 
 _REGISTRY: dict[str, CLIPConfig] = {}
+_DATA = Path(__file__).with_name("architectures.json")
+#: name -> hash of the image tower's keys and shapes in the published weights (see
+#: ``clipforge.checkpoints.signatures.image_tower_hash``): lets shape inference skip building
+#: timm trunks that cannot match.
+IMAGE_TOWER_HASHES: dict[str, str] = {}
 
 
 def register_model(name: str, config: CLIPConfig) -> None:
@@ -21,6 +36,7 @@ def register_model(name: str, config: CLIPConfig) -> None:
 
 
 def list_models() -> list[str]:
+    """Every registered name in natural order (``-quickgelu`` aliases are not listed separately)."""
     return sorted(_REGISTRY, key=_natural_key)
 
 
@@ -34,56 +50,51 @@ def get_model_config(name: str) -> CLIPConfig:
 
     if is_config_file(name):
         return read_config_file(name)
-    key = name.removesuffix("-quickgelu")
+    key = name if name in _REGISTRY else name.removesuffix("-quickgelu")
     if key not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"Unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
+        raise ConfigError(
+            f"Unknown model {name!r}.{hint} {len(_REGISTRY)} architectures are registered; "
+            "list them with `clipforge models` (or clipforge.list_models())"
+        )
     cfg = CLIPConfig.from_dict(_REGISTRY[key].to_dict())
     if name.endswith("-quickgelu"):
         cfg.quick_gelu = True
     return cfg
 
 
+def tower_kinds(cfg: CLIPConfig) -> tuple[str, str]:
+    """``(image tower, text tower)`` in words: ``"vit"``/``"resnet"``/``"timm:<name>"`` and
+    ``"text"``/``"hf:<hub id>"``; what ``clipforge models`` shows for towers it cannot size cheaply."""
+    v, t = cfg.vision, cfg.text
+    image = f"timm:{v.timm_model_name}" if v.timm_model_name else ("resnet" if v.is_resnet else "vit")
+    return image, f"hf:{t.hf_model_name}" if t.hf_model_name else "text"
+
+
+def has_builtin_towers(name: str) -> bool:
+    """True when both towers are clipforge's own (no timm trunk, no Hugging Face encoder)."""
+    cfg = _REGISTRY[name.removesuffix("-quickgelu") if name not in _REGISTRY else name]
+    return cfg.vision.timm_model_name is None and cfg.text.hf_model_name is None
+
+
 def _natural_key(name: str) -> tuple:
-    import re
-
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
 
 
-def _text(width: int, heads: int, layers: int = 12) -> TextConfig:
-    return TextConfig(width=width, heads=heads, layers=layers)
+def _load_published() -> None:
+    """Register every architecture of ``architectures.json`` (validated like any config)."""
+    try:
+        document = json.loads(_DATA.read_text(encoding="utf-8"))
+        table = document["architectures"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{_DATA}: cannot read the architecture table ({e}); reinstall clipforge") from None
+    IMAGE_TOWER_HASHES.update(document.get("image_tower_hashes") or {})
+    for name, data in table.items():
+        register_model(name, CLIPConfig.from_dict(data, source=f"{_DATA.name}: {name}"))
 
 
-def _vit(
-    embed: int, width: int, layers: int, patch: int, text: TextConfig, image: int = 224, **kw
-) -> CLIPConfig:
-    vision = VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers, **kw)
-    return CLIPConfig(embed_dim=embed, vision=vision, text=text)
-
-
-def _rn(
-    embed: int, layers: tuple[int, int, int, int], width: int, image: int, text: TextConfig
-) -> CLIPConfig:
-    vision = VisionConfig(image_size=image, patch_size=None, width=width, layers=layers)
-    return CLIPConfig(embed_dim=embed, vision=vision, text=text)
-
-
-# --- modified ResNets (OpenAI) ------------------------------------------------------------------
-register_model("RN50", _rn(1024, (3, 4, 6, 3), 64, 224, _text(512, 8)))
-register_model("RN101", _rn(512, (3, 4, 23, 3), 64, 224, _text(512, 8)))
-register_model("RN50x4", _rn(640, (4, 6, 10, 6), 80, 288, _text(640, 10)))
-register_model("RN50x16", _rn(768, (6, 8, 18, 8), 96, 384, _text(768, 12)))
-register_model("RN50x64", _rn(1024, (3, 15, 36, 10), 128, 448, _text(1024, 16)))
-
-# --- vision transformers ------------------------------------------------------------------------
-register_model("ViT-B-32", _vit(512, 768, 12, 32, _text(512, 8)))
-register_model("ViT-B-16", _vit(512, 768, 12, 16, _text(512, 8)))
-register_model("ViT-L-14", _vit(768, 1024, 24, 14, _text(768, 12)))
-register_model("ViT-L-14-336", _vit(768, 1024, 24, 14, _text(768, 12), image=336))
-register_model("ViT-H-14", _vit(1024, 1280, 32, 14, _text(1024, 16, 24), head_width=80))
-register_model("ViT-g-14", _vit(1024, 1408, 40, 14, _text(1024, 16, 24), head_width=88, mlp_ratio=4.3637))
-register_model("ViT-bigG-14", _vit(1280, 1664, 48, 14, _text(1280, 20, 32), head_width=104, mlp_ratio=4.9231))
+_load_published()
 
 # --- tiny sizes for tests and the CPU demo (same structure, small widths) ----------------------
 register_model(
@@ -112,23 +123,6 @@ register_model(
         init_logit_bias=-10.0,
     ),
 )
-
-
-# --- CoCa (open_clip's coca_* configs): attention-pooled image tower, class-token text tower, decoder --
-def _coca(
-    embed: int, width: int, layers: int, patch: int, text_width: int, text_heads: int, pool_heads: int = 8
-) -> CLIPConfig:
-    vision = VisionConfig(
-        image_size=224, patch_size=patch, width=width, layers=layers, attentional_pool=True,
-        attn_pooler_heads=pool_heads,
-    )
-    text = TextConfig(context_length=76, width=text_width, heads=text_heads, layers=12, embed_cls=True)
-    decoder = MultimodalConfig(width=text_width, heads=text_heads, layers=12, context_length=76)
-    return CLIPConfig(embed_dim=embed, vision=vision, text=text, multimodal=decoder)
-
-
-register_model("coca_ViT-B-32", _coca(512, 768, 12, 32, 512, 8))
-register_model("coca_ViT-L-14", _coca(768, 1024, 24, 14, 768, 12))
 register_model(
     "tiny-coca",
     CLIPConfig(
