@@ -3,6 +3,7 @@
     python benchmarks/inference.py                  # --quick (default): ViT-B-32 + RN50, batch 1 and 32
     python benchmarks/inference.py --full           # + ViT-B-16, batch 256, more captions and rounds
     python benchmarks/inference.py --threads 2 --models ViT-B-32 --batches 32 --no-memory
+    python benchmarks/inference.py --zoo --no-onnx  # + ViT-B-16-SigLIP and convnext_base_w (timm towers)
 
 Every figure is a ratio against open_clip measured in the same process: the variants are timed
 round-robin (``clipforge.bench.compare_variants``) so machine load hits all of them alike.
@@ -21,6 +22,12 @@ int8 quantisation of linear layers; ``onnx`` is ONNX Runtime (float32) with the 
 Peak memory: extra resident memory (VmHWM after minus VmRSS before, Linux) of one forward pass,
 each library (open_clip, clipforge with ``optimize_for_inference``, ONNX Runtime) in its own
 subprocess, weights already loaded.
+
+Model-zoo families (issue 11): ``--zoo`` adds ViT-B-16-SigLIP (timm MAP-pooled ViT, bidirectional
+text tower) and convnext_base_w (timm ConvNeXt) at real size. Their open_clip twin is
+``open_clip.create_model(name)`` given clipforge's weights (open_clip's own layout for the
+config). SigLIP's T5 tokenizer lives on the hub, so its captions are token rows of the same
+lengths as the CLIP-tokenized captions: random ids, EOS and padding as its tokenizer writes them.
 
 Targets (issue 6, CPU, 2 threads, float32): texts >= 3x open_clip; images >= 1x in float32 and
 >= 1.5x with a fast path at cosine >= 0.99.
@@ -48,9 +55,62 @@ from clipforge.tokenizer import Tokenizer
 warnings.filterwarnings("ignore")
 
 
+ZOO = ("ViT-B-16-SigLIP", "convnext_base_w")
+
+
+def model_config(name: str):
+    """The registered architecture, else open_clip's config of that name (open_clip is installed
+    for the comparison anyway), so zoo names work with a registry that lacks them."""
+    from clipforge.errors import ConfigError
+
+    try:
+        return get_model_config(name)
+    except ConfigError:
+        import open_clip
+
+        from clipforge.checkpoints.load import config_from_open_clip
+
+        return config_from_open_clip(open_clip.get_model_config(name), source=name)
+
+
 def build(name: str, seed: int = 0) -> CLIP:
     torch.manual_seed(seed)
-    return CLIP(get_model_config(name)).eval()
+    return CLIP(model_config(name)).eval()
+
+
+def is_zoo(model: CLIP) -> bool:
+    """Built by open_clip as something else than its plain CLIP class (timm or HF towers, text under ``text.``)."""
+    cfg = model.config
+    return bool(cfg.vision.timm_model_name or cfg.custom_text or cfg.text.hf_model_name)
+
+
+def twin_for(model: CLIP, name: str):
+    """open_clip's model of ``name`` holding ``model``'s weights (its plain CLIP for the classic layout)."""
+    if not is_zoo(model):
+        return open_clip_twin(model)
+    import open_clip
+
+    from clipforge.checkpoints.open_clip import clipforge_to_open_clip, open_clip_layout_is_custom_text
+
+    twin = open_clip.create_model(name)
+    layout = open_clip_layout_is_custom_text(model.config)
+    twin.load_state_dict(clipforge_to_open_clip(model.state_dict(), custom_text=layout), strict=True)
+    return twin.eval()
+
+
+def caption_tokens(model: CLIP, n: int, seed: int) -> torch.Tensor:
+    """CLIP-tokenized realistic captions; for a Hugging Face tokenizer (SigLIP's T5, offline here)
+    rows of the same lengths: random ids, then EOS (1), padded with 1 to the context, as T5 writes them."""
+    captions = realistic_captions(n, seed=seed)
+    text = model.config.text
+    if not text.hf_tokenizer_name:
+        return Tokenizer(context_length=text.context_length)(captions)
+    lengths = (Tokenizer()(captions) != 0).sum(dim=1) - 1  # without SOT: words + EOS
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.ones(n, text.context_length, dtype=torch.long)
+    for row, length in enumerate(lengths.clamp(max=text.context_length).tolist()):
+        tokens[row, : length - 1] = torch.randint(2, text.vocab_size, (length - 1,), generator=g)
+    return tokens
 
 
 def _chunks(tokens: torch.Tensor, batch: int) -> list[torch.Tensor]:
@@ -91,7 +151,7 @@ def text_variants(model: CLIP, twin, tokens: torch.Tensor, batch: int, want_onnx
         ),
         "int8": lambda: encode_texts(int8, tokens, batch_size=batch, normalize=False),
     }
-    if want_onnx:
+    if want_onnx and not model.config.text.no_causal_mask:  # OnnxTower trims at the EOT: causal towers only
         from clipforge.bench import OnnxTower
 
         tower = OnnxTower(model, "text", threads)
@@ -131,7 +191,7 @@ def child_memory(library: str, name: str, kind: str, batch: int, threads: int) -
     torch.set_num_threads(threads)
     model = build(name)
     if library == "open_clip":
-        model = open_clip_twin(model)
+        model = twin_for(model, name)
     elif library == "clipforge":
         model = optimize_for_inference(model, inplace=True)
     elif library == "onnx":
@@ -139,11 +199,11 @@ def child_memory(library: str, name: str, kind: str, batch: int, threads: int) -
 
         tower = OnnxTower(model, kind, threads)
         del model
-    size = get_model_config(name).vision.image_size
+    size = model_config(name).vision.image_size
     if kind == "image":
         inputs = torch.randn(batch, 3, size, size)
     else:
-        inputs = Tokenizer()(realistic_captions(batch, seed=3))
+        inputs = caption_tokens(build(name), batch, seed=3)
     gc.collect()
     before = _status("VmRSS")
     try:
@@ -188,6 +248,7 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="more models/batches/rounds (default is --quick)")
     p.add_argument("--quick", action="store_true", help="the default: ViT-B-32, RN50; batch 1, 32")
     p.add_argument("--models", default=None, help="comma-separated architectures")
+    p.add_argument("--zoo", action="store_true", help=f"also {', '.join(ZOO)} (timm towers; in --full too)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None)
@@ -209,6 +270,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     models = (args.models or ("ViT-B-32,ViT-B-16,RN50" if args.full else "ViT-B-32,RN50")).split(",")
+    models += [m for m in ZOO if (args.zoo or args.full and not args.models) and m not in models]
     batches = [int(b) for b in (args.batches or ("1,32,256" if args.full else "1,32")).split(",")]
     rounds = args.rounds or (7 if args.full else 3)
     kinds = args.kinds.split(",")
@@ -220,7 +282,7 @@ def main() -> None:
     results = []
     for name in [] if args.memory_only else models:
         model = build(name)
-        twin = open_clip_twin(model)
+        twin = twin_for(model, name)
         for batch in batches:
             if "image" in kinds:
                 rows = compare(
@@ -230,7 +292,7 @@ def main() -> None:
                 results.append({"model": name, "kind": "image", "batch": batch, "rows": rows})
             if "text" in kinds:
                 n = args.texts or max(batch * (8 if args.full else 4), 32)
-                tokens = Tokenizer()(realistic_captions(n, seed=batch))
+                tokens = caption_tokens(model, n, seed=batch)
                 rows = compare(text_variants(model, twin, tokens, batch, want_onnx, args.threads), n, rounds)
                 print_rows(f"{name} encode_text, {n} captions of 5-30 words, batch {batch}", rows)
                 results.append({"model": name, "kind": "text", "batch": batch, "rows": rows})
