@@ -1,8 +1,10 @@
 """``clipforge demo --caption --quick --steps N``: trains tiny-coca, captions held-out shapes, beats the untrained model.
 
-A short run (20 steps of batch 32) is enough for the caption decoder to learn the captions'
-language ("a large ... on the left on a ... background"), which the same model's untrained
-weights cannot produce: its CIDEr and BLEU-1 must be clearly above the untrained model's, and the
+A short run (40 steps of batch 32) is enough for the caption decoder to learn the captions'
+language and start naming attributes ("a large ... on the left on a ... background"), which the
+same model's untrained weights cannot produce: its CIDEr and BLEU-1 must be clearly above the
+untrained model's (after 20 steps BLEU-1 already is, but CIDEr, which gives the words every
+caption shares no weight, is still 0), and the
 printed table, the JSON summary and the report must agree with each other.
 """
 
@@ -24,19 +26,19 @@ def test_caption_demo_quick_beats_the_untrained_model(tmp_path, capsys):
 
     threads = torch.get_num_threads()
     try:
-        code = main(["demo", "--caption", "--quick", "--steps", "20", "--out", str(tmp_path), "--no-progress"])
+        code = main(["demo", "--caption", "--quick", "--steps", "40", "--out", str(tmp_path), "--no-progress"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
-    assert summary["train_steps"] == 20 and summary["split"] == "heldout" and summary["images"] == 60
+    assert summary["train_steps"] == 40 and summary["split"] == "heldout" and summary["images"] == 60
     assert summary["final_loss"] < summary["first_loss"] - 5.0, (summary["first_loss"], summary["final_loss"])
     scores = summary["scores"]
     assert set(scores) == set(CAPTIONERS)
     trained, untrained, fixed = scores["trained"], scores["untrained"], scores["most_frequent_caption"]
     print({k: (round(v["CIDEr"], 3), round(v["Bleu_1"], 3)) for k, v in scores.items()})
-    assert trained["CIDEr"] > untrained["CIDEr"] + 0.05, (trained["CIDEr"], untrained["CIDEr"])
+    assert trained["CIDEr"] > untrained["CIDEr"] + 0.1, (trained["CIDEr"], untrained["CIDEr"])
     assert trained["Bleu_1"] > untrained["Bleu_1"] + 0.2, (trained["Bleu_1"], untrained["Bleu_1"])
     assert 0.0 < fixed["CIDEr"] < 10.0 and summary["baseline_caption"] == most_frequent_caption(3200)
     # the printed table carries the JSON's numbers, one row per captioner
