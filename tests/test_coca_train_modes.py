@@ -125,18 +125,23 @@ def first_step_grads(cfg: TrainConfig, info) -> tuple[dict[str, torch.Tensor], t
     images, tokens = next(iter(run.loader))
     run.task.model.train()
     compute_gradients(run, images, tokens)
-    grads = {n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None}
+    grads = {n: _full(p.grad).detach().clone() for n, p in run.model.named_parameters() if p.grad is not None}
     return grads, images, tokens
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """FSDP2 keeps each rank's shard of a gradient as a DTensor; compare whole tensors."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     from clipforge.train.distributed import setup_distributed
 
     info = setup_distributed("cpu")
-    cfg = TrainConfig(output_dir=os.path.join(out_dir, "run"), distributed="ddp", epochs=1, **BASE)
+    cfg = TrainConfig(output_dir=os.path.join(out_dir, "run"), distributed=strategy, epochs=1, **BASE)
     grads, images, tokens = first_step_grads(cfg, info)
     result = train(cfg.replace(max_steps=2))  # the whole loop, with the caption terms logged
     torch.save({"grads": grads, "images": images, "tokens": tokens, "steps": result.steps},
@@ -144,10 +149,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path, strategy):
     assert not torch.distributed.is_initialized(), "a forked rank must not inherit a process group"
     context()  # the clean forkserver, its preloads set
-    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method=START_METHOD)
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True, start_method=START_METHOD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     from clipforge.train.distributed import DistInfo
 
