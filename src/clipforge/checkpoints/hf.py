@@ -349,6 +349,17 @@ def load_sharded(index_path: str | Path) -> dict[str, torch.Tensor]:
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
+def read_processor_json(file: Path) -> dict[str, Any]:
+    """A ``preprocessor_config.json`` as a dict; unreadable or not an object is a CheckpointError."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read the image processor config: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_preprocessor_config(path: str | Path, image_size: int) -> dict[str, Any]:
     """``PreprocessConfig`` fields reproducing the folder's ``CLIPImageProcessor``.
 
@@ -360,12 +371,7 @@ def read_preprocessor_config(path: str | Path, image_size: int) -> dict[str, Any
     file = Path(path) / PREPROCESSOR_CONFIG
     if not file.is_file():
         return PreprocessConfig.defaults_for("hf", image_size)
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot read the image processor config: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    data = read_processor_json(file)
     try:
         return PreprocessConfig.from_hf_processor(data, image_size, str(file)).to_dict()
     except ConfigError as e:

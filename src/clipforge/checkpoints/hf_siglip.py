@@ -583,12 +583,7 @@ def read_preprocessor(path: Path, image_size: int, kind: str) -> dict[str, Any]:
         "image_processor_type": "Siglip2ImageProcessor" if kind == "siglip2" else "SiglipImageProcessor"
     }
     if file.is_file():
-        try:
-            data = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read the image processor config: {e}") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        data = hf.read_processor_json(file)
     return preprocess_from_processor(data, image_size, str(file))
 
 
