@@ -20,7 +20,11 @@ from pathlib import Path
 import pytest
 
 PACKAGES = "gnome-backgrounds ukui-wallpapers adwaita-icon-theme"
-PHOTO_GLOBS = ("/usr/share/backgrounds/*.jpg", "/usr/share/backgrounds/*.png", "/usr/share/backgrounds/gnome/*.webp")
+PHOTO_GLOBS = (
+    "/usr/share/backgrounds/*.jpg",
+    "/usr/share/backgrounds/*.png",
+    "/usr/share/backgrounds/gnome/*.webp",
+)
 ICON_ROOT = "/usr/share/icons/Adwaita"
 
 

@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipforge.atomic import atomic_write, atomic_write_text
 from clipforge.checkpoints.io import (
-    atomic_write,
-    atomic_write_text,
     load_safetensors,
     load_torchscript_state_dict,
     safe_torch_load,

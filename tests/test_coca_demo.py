@@ -26,7 +26,9 @@ def test_caption_demo_quick_beats_the_untrained_model(tmp_path, capsys):
 
     threads = torch.get_num_threads()
     try:
-        code = main(["demo", "--caption", "--quick", "--steps", "40", "--out", str(tmp_path), "--no-progress"])
+        code = main(
+            ["demo", "--caption", "--quick", "--steps", "40", "--out", str(tmp_path), "--no-progress"]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0

@@ -80,7 +80,11 @@ def test_coca_loss_on_a_clip_model_is_refused():
     from clipforge.train.trainer import train
 
     with pytest.raises(ConfigError, match="needs a CoCa model"):
-        train(TrainConfig(data="synthetic:shapes?n=8&image_size=32", model="tiny-vit", loss="coca", progress=False))
+        train(
+            TrainConfig(
+                data="synthetic:shapes?n=8&image_size=32", model="tiny-vit", loss="coca", progress=False
+            )
+        )
 
 
 def held_caption_loss(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> float:

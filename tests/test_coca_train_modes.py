@@ -153,7 +153,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
 def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path, strategy):
     assert not torch.distributed.is_initialized(), "a forked rank must not inherit a process group"
     context()  # the clean forkserver, its preloads set
-    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True, start_method=START_METHOD)
+    mp.start_processes(
+        _worker,
+        args=(2, free_port(), str(tmp_path), strategy),
+        nprocs=2,
+        join=True,
+        start_method=START_METHOD,
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     from clipforge.train.distributed import DistInfo
 

@@ -82,7 +82,11 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path, strategy):
     assert not torch.distributed.is_initialized(), "a forked rank must not inherit a process group"
     context()  # the clean forkserver, its preloads set
     mp.start_processes(
-        _worker, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True, start_method=START_METHOD
+        _worker,
+        args=(2, free_port(), str(tmp_path), strategy),
+        nprocs=2,
+        join=True,
+        start_method=START_METHOD,
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 

@@ -92,7 +92,9 @@ def test_collapsed_model_gets_no_credit_for_ties_in_pessimistic_keys():
     texts = torch.ones(12, 4) / 2
     t2i = torch.arange(12) // 2
     m = retrieval_metrics(images, texts, t2i, ks=(1, 5))
-    assert m["image_retrieval_pessimistic_recall@1"] == 0.0 and m["text_retrieval_pessimistic_recall@1"] == 0.0
+    assert (
+        m["image_retrieval_pessimistic_recall@1"] == 0.0 and m["text_retrieval_pessimistic_recall@1"] == 0.0
+    )
     assert m["image_retrieval_pessimistic_recall@5"] == 0.0  # every text: 5 tied negatives -> rank 6
     assert m["image_retrieval_mean_rank"] == 6
 

@@ -129,7 +129,9 @@ def _siglip2(src: Path, lines: list[str]):
         unk_piece="<unk>", add_dummy_prefix=False, remove_extra_whitespaces=False,
         normalization_rule_name="identity", split_digits=True,
     )  # fmt: skip
-    tok = GemmaTokenizerFast.from_pretrained(folder, padding_side="right", add_bos_token=False, add_eos_token=True)
+    tok = GemmaTokenizerFast.from_pretrained(
+        folder, padding_side="right", add_bos_token=False, add_eos_token=True
+    )
     tok.pad_token_id, tok.eos_token_id = 0, 1
     return tok
 
@@ -146,7 +148,9 @@ def _xlmr(src: Path, lines: list[str]):
     """xlm-roberta-base: fairseq ids (<s>=0 <pad>=1 </s>=2) over a unigram SentencePiece."""
     from transformers import XLMRobertaTokenizerFast
 
-    return XLMRobertaTokenizerFast.from_pretrained(_spm(src / "sentencepiece.bpe.model", lines, model_type="unigram"))
+    return XLMRobertaTokenizerFast.from_pretrained(
+        _spm(src / "sentencepiece.bpe.model", lines, model_type="unigram")
+    )
 
 
 def _nllb(src: Path, lines: list[str]):
@@ -240,7 +244,9 @@ def offline(hub_cache, monkeypatch) -> Path:
 def assert_same_ids(ours: torch.Tensor, theirs: torch.Tensor, texts: list[str]) -> None:
     assert ours.dtype == torch.long and ours.shape == theirs.shape, (ours.shape, theirs.shape)
     bad = (ours != theirs).any(dim=1).nonzero().flatten().tolist()
-    assert not bad, f"{len(bad)}/{len(texts)} rows differ; first: {texts[bad[0]]!r}\n{ours[bad[0]]}\n{theirs[bad[0]]}"
+    assert not bad, (
+        f"{len(bad)}/{len(texts)} rows differ; first: {texts[bad[0]]!r}\n{ours[bad[0]]}\n{theirs[bad[0]]}"
+    )
 
 
 # --- parity with open_clip's HFTokenizer ----------------------------------------------------------
@@ -306,7 +312,10 @@ def test_pad_and_eos_ids_per_kind(kinds) -> None:
         assert tok.pad_token_id == pad and set(row[n + 1 :]) == {pad}, (kind, row)
         assert tok.eot_token_id == eos_id, kind
         if first is not None:
-            assert row[0] == (hf.convert_tokens_to_ids(first) if isinstance(first, str) else first), (kind, row)
+            assert row[0] == (hf.convert_tokens_to_ids(first) if isinstance(first, str) else first), (
+                kind,
+                row,
+            )
         assert tok.decode(row) == "a dog", (kind, tok.decode(row))
 
 
@@ -349,7 +358,9 @@ def test_dict_and_pickle_round_trip(kinds) -> None:
         assert torch.equal(other(texts), tok(texts))
     # open_clip passes unknown tokenizer_kwargs to from_pretrained; so does from_dict
     lower = HFTokenizer.from_dict({**d, "do_lower_case": False})
-    assert lower.hf_kwargs == {"do_lower_case": False} and lower.to_dict()["hf_kwargs"] == {"do_lower_case": False}
+    assert lower.hf_kwargs == {"do_lower_case": False} and lower.to_dict()["hf_kwargs"] == {
+        "do_lower_case": False
+    }
     assert not torch.equal(lower(["DOG Cat"]), tok(["DOG Cat"]))
 
 
@@ -371,7 +382,10 @@ def test_dataloader_workers(kinds) -> None:
     texts = varied_texts(64, seed=4)
     tok = HFTokenizer(str(kinds["siglip2"]), 64, clean="canonicalize")
     loader = torch.utils.data.DataLoader(
-        _Captions(texts, tok), batch_size=16, num_workers=2, multiprocessing_context=multiprocessing.get_context("fork")
+        _Captions(texts, tok),
+        batch_size=16,
+        num_workers=2,
+        multiprocessing_context=multiprocessing.get_context("fork"),
     )
     assert_same_ids(torch.cat(list(loader)), tok(texts), texts)
 
@@ -414,7 +428,9 @@ def test_hub_ids_resolve_from_the_cache(offline, kinds) -> None:
         assert tok.folder == snapshot
         assert_same_ids(tok(texts), expected, texts)
     oracle = OpenClipHFTokenizer("timm/ViT-B-16-SigLIP", 64, clean="canonicalize", cache_dir=str(offline))
-    assert_same_ids(HFTokenizer("timm/ViT-B-16-SigLIP", 64, clean="canonicalize")(texts), oracle(texts), texts)
+    assert_same_ids(
+        HFTokenizer("timm/ViT-B-16-SigLIP", 64, clean="canonicalize")(texts), oracle(texts), texts
+    )
     # a cache copied without refs/ still resolves (newest snapshot with the files)
     snapshot = populate(offline, "test-org/no-refs", kinds["bert"])
     (offline / "models--test-org--no-refs" / "refs" / "main").unlink()
@@ -503,7 +519,9 @@ def test_model_folder_and_hub_repo_carry_the_tokenizer(offline, kinds, tmp_path)
 
     texts = varied_texts(150, seed=13)
     # hf_tokenizer_name names a repo that is not cached: only the files beside the weights exist
-    folder = _open_clip_repo(tmp_path / "tiny-siglip", _tiny_siglip_cfg("test-org/not-cached"), kinds["siglip2"])
+    folder = _open_clip_repo(
+        tmp_path / "tiny-siglip", _tiny_siglip_cfg("test-org/not-cached"), kinds["siglip2"]
+    )
     theirs = open_clip.get_tokenizer(f"local-dir:{folder}")
     model = create_model(pretrained=str(folder))
     assert model.tokenizer_cfg["type"] == "hf" and model.tokenizer_cfg["local_dir"] == str(folder.resolve())
@@ -513,9 +531,15 @@ def test_model_folder_and_hub_repo_carry_the_tokenizer(offline, kinds, tmp_path)
     # saved as a clipforge checkpoint, the settings come back
     save_pretrained(model, tmp_path / "saved")
     stored = json.loads((tmp_path / "saved" / "config.json").read_text())["tokenizer_cfg"]
-    assert stored["type"] == "hf" and stored["name"] == "test-org/not-cached" and stored["clean"] == "canonicalize"
+    assert (
+        stored["type"] == "hf"
+        and stored["name"] == "test-org/not-cached"
+        and stored["clean"] == "canonicalize"
+    )
     assert_same_ids(get_tokenizer(str(tmp_path / "saved"))(texts), theirs(texts), texts)
-    assert_same_ids(get_tokenizer(create_model(pretrained=str(tmp_path / "saved")))(texts), theirs(texts), texts)
+    assert_same_ids(
+        get_tokenizer(create_model(pretrained=str(tmp_path / "saved")))(texts), theirs(texts), texts
+    )
     # tokenizer files saved into the checkpoint make it self-contained (the first folder is gone)
     get_tokenizer(model).save_pretrained(tmp_path / "saved")
     folder.rename(tmp_path / "moved")
@@ -524,8 +548,12 @@ def test_model_folder_and_hub_repo_carry_the_tokenizer(offline, kinds, tmp_path)
     assert_same_ids(ours(texts), theirs(texts), texts)
     # a Hub repo naming itself as hf_tokenizer_name, as timm's SigLIP repos do (open_clip: hf-hub:)
     repo = _open_clip_repo(tmp_path / "hub-repo", _tiny_siglip_cfg("test-org/tiny-siglip"), kinds["siglip2"])
-    snapshot = populate(offline, "test-org/tiny-siglip", repo, {"config.json": json.dumps(TIMM_CONFIG).encode()})
-    theirs = open_clip.get_tokenizer("hf-hub:test-org/tiny-siglip", cache_dir=str(offline), local_files_only=True)
+    snapshot = populate(
+        offline, "test-org/tiny-siglip", repo, {"config.json": json.dumps(TIMM_CONFIG).encode()}
+    )
+    theirs = open_clip.get_tokenizer(
+        "hf-hub:test-org/tiny-siglip", cache_dir=str(offline), local_files_only=True
+    )
     hub_model = create_model("hf-hub:test-org/tiny-siglip")
     for ours in (get_tokenizer("hf-hub:test-org/tiny-siglip"), get_tokenizer(hub_model)):
         assert ours.folder == snapshot.resolve() or ours.folder == snapshot

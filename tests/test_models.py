@@ -368,4 +368,10 @@ def test_models_command_prints_table(capsys) -> None:
     fields = out[1].split()
     assert fields[0] == "ViT-B-32"
     assert float(fields[1]) + float(fields[2]) == pytest.approx(151.28, abs=0.02)
-    assert float(fields[3]) == pytest.approx(4.41, abs=0.01) and fields[5:] == ["512", "224", "vit", "+", "text"]
+    assert float(fields[3]) == pytest.approx(4.41, abs=0.01) and fields[5:] == [
+        "512",
+        "224",
+        "vit",
+        "+",
+        "text",
+    ]

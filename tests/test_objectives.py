@@ -156,9 +156,21 @@ def test_registry_rejects_options_the_loss_does_not_take() -> None:
         registry.build("nope")
     assert registry.resolve_options("chunked", {"chunk_size": None})["chunk_size"] == 1024  # None = not given
     assert isinstance(registry.build("siglip"), SigLip)
-    assert set(registry.LOSS_NAMES) == {"clip", "chunked", "multipos", "siglip", "triplet", "ntxent", "bce", "coca"}
+    assert set(registry.LOSS_NAMES) == {
+        "clip",
+        "chunked",
+        "multipos",
+        "siglip",
+        "triplet",
+        "ntxent",
+        "bce",
+        "coca",
+    }
     # coca reads the per-caption token losses of a CoCa forward (tests/test_coca_train.py)
-    captions = {"caption_nll": torch.full((6,), 3.0, dtype=F64), "caption_tokens": torch.full((6,), 5.0, dtype=F64)}
+    captions = {
+        "caption_nll": torch.full((6,), 3.0, dtype=F64),
+        "caption_tokens": torch.full((6,), 5.0, dtype=F64),
+    }
     for name in registry.LOSS_NAMES:  # every loss builds with its defaults and runs
         image, text = features(6, 4, seed=1)
         extra = captions if name == "coca" else {}

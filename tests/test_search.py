@@ -54,7 +54,7 @@ def _assert_same_ranking(got, want, atol=1e-5):
 # ----------------------------------------------------------------------------- embed
 def test_embed_outputs(setup):
     from clipforge.search.embed import load_manifest
-    from clipforge.search.tables import find_table, read_table
+    from clipforge.search.tables import read_table
 
     m = load_manifest(setup.emb_dir)
     assert m["count"] == 62 and m["skipped"] == 1 and m["dim"] == 64  # 60 + 2 copies; broken.jpg skipped
@@ -218,7 +218,12 @@ def test_index_manifest_and_files(setup):
     from clipforge.model.factory import create_model
 
     pre = create_model(pretrained=setup.model_dir).preprocess_cfg.to_dict()  # image queries get these pixels
-    assert m["model"] == {"name": "tiny-vit", "pretrained": str(setup.model_dir), "config": tiny, "preprocess": pre}
+    assert m["model"] == {
+        "name": "tiny-vit",
+        "pretrained": str(setup.model_dir),
+        "config": tiny,
+        "preprocess": pre,
+    }
     names = sorted(p.name for p in setup.index_dir.iterdir())
     assert names == ["embeddings-1.npy", "index-1.faiss", "manifest.json", "metadata-1.cftable"]
 

@@ -66,10 +66,12 @@ def specs(icons, tmp_path_factory) -> dict[str, str]:
             root / "abs.csv", "image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(icons, caps))
         ),
         "open_clip_tab_csv": _write(
-            root / "oc" / "train.csv", "filepath\ttitle\n" + "".join(f"{p}\t{c}\n" for p, c in zip(icons, caps))
+            root / "oc" / "train.csv",
+            "filepath\ttitle\n" + "".join(f"{p}\t{c}\n" for p, c in zip(icons, caps)),
         ),
         "jsonl": _write(
-            root / "p.json", "".join(json.dumps({"file": str(p), "text": c}) + "\n" for p, c in zip(icons, caps))
+            root / "p.json",
+            "".join(json.dumps({"file": str(p), "text": c}) + "\n" for p, c in zip(icons, caps)),
         ),
         "parquet_paths": _parquet(root / "paths.parquet", icons, embed=False),
         "parquet_bytes": _parquet(root / "bytes.parquet", icons, embed=True),
@@ -113,7 +115,9 @@ def test_every_layout_reads_the_same_rows(specs, icons, layout):
             assert got.size == want.size
 
 
-@pytest.mark.parametrize("layout", ["open_clip_tab_csv", "parquet_bytes", "parquet_folder", "folder", "shards"])
+@pytest.mark.parametrize(
+    "layout", ["open_clip_tab_csv", "parquet_bytes", "parquet_folder", "folder", "shards"]
+)
 def test_every_command_accepts_the_spec(specs, layout, tmp_path, capsys):
     spec = specs[layout]
     rep = scan_dataset(spec)
@@ -148,13 +152,17 @@ def test_open_clip_csv_matches_open_clip_train(specs, icons):
     import open_clip
 
     tok = open_clip.get_tokenizer("ViT-B-32")
-    theirs = data.CsvDataset(specs["open_clip_tab_csv"], lambda im: 0, "filepath", "title", sep="\t", tokenizer=tok)
+    theirs = data.CsvDataset(
+        specs["open_clip_tab_csv"], lambda im: 0, "filepath", "title", sep="\t", tokenizer=tok
+    )
     ours = PairsDataset(specs["open_clip_tab_csv"], tokenizer=tok)
     assert ours.image_paths == [str(p) for p in theirs.images]
     assert [c[0] for c in ours.all_captions] == list(theirs.captions)
     for i in range(N):
         assert torch.equal(ours[i][1], theirs[i][1])
-    explicit = PairsDataset(specs["open_clip_tab_csv"], separator="\t", image_key="filepath", caption_key="title")
+    explicit = PairsDataset(
+        specs["open_clip_tab_csv"], separator="\t", image_key="filepath", caption_key="title"
+    )
     assert explicit.image_paths == ours.image_paths
 
 

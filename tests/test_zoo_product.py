@@ -30,7 +30,15 @@ from clipforge.cli import main
 pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 
-FAMILIES = ["tiny-siglip", "tiny-siglip2", "tiny-convnext", "tiny-eva02", "tiny-mobileclip", "tiny-pe", "tiny-xlmr"]
+FAMILIES = [
+    "tiny-siglip",
+    "tiny-siglip2",
+    "tiny-convnext",
+    "tiny-eva02",
+    "tiny-mobileclip",
+    "tiny-pe",
+    "tiny-xlmr",
+]
 # Text graphs too for SigLIP 2 (bidirectional attention, last-token pool, GELU-tanh: tiny-siglip's and
 # tiny-mobileclip's options and one more) and XLM-R (Hugging Face); the rest is clipforge's causal
 # text tower, which the export tests cover.
@@ -47,7 +55,9 @@ def icon_data(tmp_path_factory) -> dict[str, Path]:
     found = realdata.icons("48x48")
     train = found[:: max(1, len(found) // 8)][:8]
     csv = root / "train.csv"
-    csv.write_text("image,caption\n" + "".join(f"{p},{realdata.concept(p)}\n" for p in train), encoding="utf-8")
+    csv.write_text(
+        "image,caption\n" + "".join(f"{p},{realdata.concept(p)}\n" for p in train), encoding="utf-8"
+    )
     folder = root / "classes"
     for cls in ("devices", "places"):
         (folder / cls).mkdir(parents=True)
@@ -63,7 +73,9 @@ def _xlmr_config(root: Path, captions: list[str]) -> Path:
 
     hf = root / "xlmr"
     hf.mkdir(parents=True)
-    lines = captions * 4 + [f"{w} {v}" for w in ("a photo of", "an icon of", "devices", "places") for v in captions]
+    lines = captions * 4 + [
+        f"{w} {v}" for w in ("a photo of", "an icon of", "devices", "places") for v in captions
+    ]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(hf / "sentencepiece.bpe"), vocab_size=200,
         model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
@@ -151,7 +163,9 @@ def test_train_eval_embed_export(name, trained, icon_data, tmp_path) -> None:
                   "--templates", "simple", "--output", str(zs), "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
     res = json.loads(zs.read_text())
     assert res["details"]["classnames"] == ["devices", "places"]
-    assert 0.0 <= res["metrics"]["acc1"] <= 1.0 and res["metrics"]["acc5"] == 1.0  # 2 classes: top-5 holds both
+    assert (
+        0.0 <= res["metrics"]["acc1"] <= 1.0 and res["metrics"]["acc5"] == 1.0
+    )  # 2 classes: top-5 holds both
 
     images, want, paths = _reference(final, icon_data["folder"])
     emb = tmp_path / "emb"
@@ -180,7 +194,9 @@ def test_patch_dropout_refused_by_a_convolutional_trunk(icon_data, tmp_path, cap
     rc = _main(["train", "--data", str(icon_data["csv"]), "--model", "tiny-convnext", "--patch-dropout", "0.5",
                 "--max-steps", "1", "--threads", "1", "--no-progress", "--output-dir", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and "'convnext_base'" in err and "patch_drop_rate" in err and "vision.patch_dropout" in err, err
+    assert (
+        rc == 2 and "'convnext_base'" in err and "patch_drop_rate" in err and "vision.patch_dropout" in err
+    ), err
 
 
 def test_lora_on_a_timm_trunk_takes_timms_layer_names(icon_data, tmp_path) -> None:

@@ -253,7 +253,9 @@ OPTIONS = [
 ]
 
 
-def small_pair(model: str, pool: str, proj: str, bias: bool, embed_dim: int) -> tuple[nn.Module, TimmImageTower]:
+def small_pair(
+    model: str, pool: str, proj: str, bias: bool, embed_dim: int
+) -> tuple[nn.Module, TimmImageTower]:
     from open_clip.timm_model import TimmModel
 
     from clipforge.model.config import VisionConfig

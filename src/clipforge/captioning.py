@@ -102,7 +102,7 @@ def caption_images(
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Caption every image of a data spec; with ``out``, also write the records as JSONL (atomically)."""
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
     from clipforge.data.items import list_items
 
     records = list(iter_captions(model, preprocess, tokenizer, list_items(source, table), **options))

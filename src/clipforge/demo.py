@@ -81,7 +81,9 @@ class DemoResult:
     first_loss: float
     final_loss: float
     zero_shot: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {split, acc1, chance}
-    retrieval: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> CLIP_benchmark recall@1/5, chance
+    retrieval: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # split -> CLIP_benchmark recall@1/5, chance
     report_html: str = ""
     examples: str = ""
 
@@ -230,7 +232,7 @@ def plot_loss(losses: list[float], path: Path, ylabel: str = "contrastive loss")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from clipforge.checkpoints.io import atomic_write
+    from clipforge.atomic import atomic_write
 
     fig = Figure(figsize=(8, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -255,7 +257,7 @@ def write_demo_page(out: Path, result: DemoResult) -> Path:
     """A top-level index.html: headline numbers, the loss curve, and a link to the full report."""
     import html
 
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
 
     rows = "".join(
         f"<tr><th>zero-shot {html.escape(k)} on {html.escape(v['split'])} images ({v['classes']} classes)</th>"
@@ -321,7 +323,7 @@ def run_demo(
         examples=examples,
     )
     write_demo_page(out, result)
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
 
     atomic_write_text(out / "demo_summary.json", json.dumps(result.to_dict(), indent=2) + "\n")
     return result

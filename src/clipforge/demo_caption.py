@@ -34,7 +34,13 @@ LOSS_LABEL = "loss (contrastive + 2 x caption cross-entropy)"
 
 # ``eval_images`` are the held-out images captioned; ``retrieval_images`` is unused here.
 CAPTION_FULL = DemoSettings(
-    train_samples=6_400, epochs=1, batch_size=32, lr=2e-3, warmup_steps=10, eval_images=200, retrieval_images=0
+    train_samples=6_400,
+    epochs=1,
+    batch_size=32,
+    lr=2e-3,
+    warmup_steps=10,
+    eval_images=200,
+    retrieval_images=0,
 )
 CAPTION_QUICK = DemoSettings(
     train_samples=3_200, epochs=1, batch_size=32, lr=2e-3, warmup_steps=5, eval_images=60, retrieval_images=0
@@ -61,7 +67,9 @@ class CaptionDemoResult:
     generation: dict[str, Any]
     baseline_caption: str
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # captioner -> metric -> value
-    attributes: dict[str, dict[str, float]] = field(default_factory=dict)  # captioner -> attribute -> accuracy
+    attributes: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # captioner -> attribute -> accuracy
     report_html: str = ""
     examples: str = ""
 
@@ -123,7 +131,9 @@ class CaptionScores:
     examples: str
 
 
-def evaluate_captions(model_dir: str, out: Path, settings: DemoSettings, seed: int, progress: bool) -> CaptionScores:
+def evaluate_captions(
+    model_dir: str, out: Path, settings: DemoSettings, seed: int, progress: bool
+) -> CaptionScores:
     """Caption the held-out images with the trained and the untrained model; score them and the fixed baseline."""
     from clipforge.eval.captioning import caption_scores
     from clipforge.eval.datasets import load_eval_dataset
@@ -149,7 +159,11 @@ def evaluate_captions(model_dir: str, out: Path, settings: DemoSettings, seed: i
         "most_frequent_caption": [baseline] * len(references),
         "untrained": [c["caption"] for c in untrained["details"]["captions"]],
     }
-    scores = {"trained": trained["metrics"], "most_frequent_caption": fixed, "untrained": untrained["metrics"]}
+    scores = {
+        "trained": trained["metrics"],
+        "most_frequent_caption": fixed,
+        "untrained": untrained["metrics"],
+    }
     scores = {k: {m: float(v) for m, v in s.items() if m in fixed} for k, s in scores.items()}
     accuracy = {k: attribute_accuracy(c, truths) for k, c in candidates.items()}
     return CaptionScores(len(references), baseline, scores, accuracy, format_caption_examples(trained))
@@ -159,7 +173,7 @@ def write_caption_page(out: Path, result: CaptionDemoResult) -> Path:
     """A top-level index.html: the score table, the loss curve, and a link to the captioning report."""
     import html
 
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
     from clipforge.eval.captioning import HEADLINE
 
     head = "".join(f"<th>{html.escape(v)}</th>" for v in HEADLINE.values())
@@ -171,7 +185,9 @@ def write_caption_page(out: Path, result: CaptionDemoResult) -> Path:
     )
     attrs = list(next(iter(result.attributes.values())))
     arows = "".join(
-        f"<tr><th>{html.escape(CAPTIONERS[k])}</th>" + "".join(f"<td>{100 * a[x]:.1f}%</td>" for x in attrs) + "</tr>"
+        f"<tr><th>{html.escape(CAPTIONERS[k])}</th>"
+        + "".join(f"<td>{100 * a[x]:.1f}%</td>" for x in attrs)
+        + "</tr>"
         for k, a in result.attributes.items()
     )
     page = f"""<!doctype html>
@@ -205,7 +221,7 @@ def run_caption_demo(
     max_steps: int | None = None,
 ) -> CaptionDemoResult:
     """Train tiny-coca, caption held-out combinations, score against the baselines, write the report."""
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
     from clipforge.eval.captioning import require_toolkit
 
     start = time.perf_counter()

@@ -44,7 +44,9 @@ class ExportError(ClipforgeError):
 
 def is_coca(model: nn.Module) -> bool:
     """Whether ``model`` has a captioning decoder whose graph can be exported next to the towers."""
-    return callable(getattr(model, "caption_logits", None)) and callable(getattr(model, "encode_image_tokens", None))
+    return callable(getattr(model, "caption_logits", None)) and callable(
+        getattr(model, "encode_image_tokens", None)
+    )
 
 
 def towers_for(model: nn.Module) -> tuple[str, ...]:
@@ -105,8 +107,14 @@ def graph_spec(model: nn.Module, tower: str) -> GraphSpec:
         outputs = ("features", "image_tokens") if is_coca(model) else ("features",)
         return GraphSpec(("images",), outputs, {"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
     if tower == "text":
-        return GraphSpec(("tokens",), ("features",), {"tokens": {0: "batch", 1: "length"}, "features": {0: "batch"}})
-    axes = {"image_tokens": {0: "batch"}, "tokens": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"}}
+        return GraphSpec(
+            ("tokens",), ("features",), {"tokens": {0: "batch", 1: "length"}, "features": {0: "batch"}}
+        )
+    axes = {
+        "image_tokens": {0: "batch"},
+        "tokens": {0: "batch", 1: "length"},
+        "logits": {0: "batch", 1: "length"},
+    }
     return GraphSpec(("image_tokens", "tokens"), ("logits",), axes)
 
 
@@ -176,7 +184,10 @@ def _wrapper(model: nn.Module, tower: str) -> nn.Module:
 def _dynamic_shapes(model: nn.Module, tower: str) -> tuple[dict[int, Any], ...]:
     """torch.export dimensions for each input: batch >= 1, lengths bounded by the positions the model has."""
     longest = decoder_length(model) if tower == DECODER else model.config.text.context_length
-    dims = {"batch": torch.export.Dim("batch", min=1), "length": torch.export.Dim("length", min=2, max=longest)}
+    dims = {
+        "batch": torch.export.Dim("batch", min=1),
+        "length": torch.export.Dim("length", min=2, max=longest),
+    }
     spec = graph_spec(model, tower)
     return tuple({i: dims[label] for i, label in spec.axes[name].items()} for name in spec.inputs)
 
@@ -219,7 +230,9 @@ def _checks(model: nn.Module, tower: str) -> list[tuple[torch.Tensor, ...]]:
     """Inputs of other sizes than traced: batch 3 (and for token inputs a shorter length too)."""
     checks = [graph_inputs(model, tower, batch=3, seed=1)]
     if tower == "text":
-        checks.append(graph_inputs(model, tower, batch=1, length=min(9, model.config.text.context_length), seed=2))
+        checks.append(
+            graph_inputs(model, tower, batch=1, length=min(9, model.config.text.context_length), seed=2)
+        )
     if tower == DECODER:
         checks.append(graph_inputs(model, tower, batch=1, length=min(9, decoder_length(model)), seed=2))
     return checks
@@ -284,7 +297,10 @@ def verify_onnx_int8(model: nn.Module, path: str | Path, tower: str, *, min_cos:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got, expected = _run_both(model, session, tower, graph_inputs(model, tower, batch=3, seed=1))[0]
     width = expected.shape[-1]
-    got_rows, want_rows = torch.from_numpy(got).reshape(-1, width), torch.from_numpy(expected).reshape(-1, width)
+    got_rows, want_rows = (
+        torch.from_numpy(got).reshape(-1, width),
+        torch.from_numpy(expected).reshape(-1, width),
+    )
     cos = float(torch.nn.functional.cosine_similarity(got_rows, want_rows, dim=-1).min())
     if cos < min_cos:
         raise ExportError(f"{path}: int8 outputs have cosine similarity {cos:.4f} to float32 (< {min_cos})")

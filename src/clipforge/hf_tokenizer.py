@@ -102,9 +102,13 @@ def _cached_snapshot(repo: str, revision: str | None, cache_dir: str | os.PathLi
     return next((c for c in candidates if has_tokenizer_files(c)), None)
 
 
-def _not_cached_error(name: str, repo: str, revision: str | None, cache_dir: Any, searched: list[Path]) -> Exception:
+def _not_cached_error(
+    name: str, repo: str, revision: str | None, cache_dir: Any, searched: list[Path]
+) -> Exception:
     root = _cache_root(repo, cache_dir)
-    snapshots = [p for p in (root / "snapshots").iterdir() if p.is_dir()] if (root / "snapshots").is_dir() else []
+    snapshots = (
+        [p for p in (root / "snapshots").iterdir() if p.is_dir()] if (root / "snapshots").is_dir() else []
+    )
     where = "; ".join(f"{s}: {_missing(s)}" for s in snapshots) or f"{root} does not exist"
     looked = "".join(f" Looked first next to the weights in {p} ({_missing(p)})." for p in searched)
     patterns = " ".join(f'"{p}"' for p in DOWNLOAD_PATTERNS)
@@ -258,7 +262,11 @@ class HFTokenizer:
             "clean": self.clean,
             "strip_sep_token": self.strip_sep_token,
         }
-        optional = {"language": self.language, "tokenizer_mode": self.tokenizer_mode, "local_dir": self.local_dir}
+        optional = {
+            "language": self.language,
+            "tokenizer_mode": self.tokenizer_mode,
+            "local_dir": self.local_dir,
+        }
         d.update({k: v for k, v in optional.items() if v is not None})
         if self.hf_kwargs:
             d["hf_kwargs"] = dict(self.hf_kwargs)

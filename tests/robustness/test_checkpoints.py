@@ -16,8 +16,9 @@ import zipfile
 import pytest
 import torch
 
+from clipforge.atomic import atomic_save
 from clipforge.checkpoints.clipforge_format import save_pretrained
-from clipforge.checkpoints.io import atomic_save, safe_torch_load, save_safetensors
+from clipforge.checkpoints.io import safe_torch_load, save_safetensors
 from clipforge.checkpoints.load import load_checkpoint
 from clipforge.errors import CheckpointError, UnsafeCheckpointError
 from clipforge.model.factory import create_model

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoints.io import atomic_write_text, load_safetensors, save_safetensors
+from clipforge.atomic import atomic_write_text
+from clipforge.checkpoints.io import load_safetensors, save_safetensors
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.model.config import CLIPConfig
 

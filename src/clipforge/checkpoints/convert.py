@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from clipforge.atomic import atomic_save, atomic_write_text
 from clipforge.checkpoints import clipforge_format, hf, hf_siglip, openai
-from clipforge.checkpoints.io import atomic_save, atomic_write_text, save_safetensors
+from clipforge.checkpoints.io import save_safetensors
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip, open_clip_layout_is_custom_text
 from clipforge.errors import ConfigError
 from clipforge.model.config import CLIPConfig

@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.atomic import atomic_write_text
 from clipforge.checkpoints import hf
-from clipforge.checkpoints.io import atomic_write_text, save_safetensors
+from clipforge.checkpoints.io import save_safetensors
 from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 

@@ -16,15 +16,15 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from clipforge.atomic import atomic_path
 from clipforge.errors import CheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
@@ -32,75 +32,12 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 __all__ = [
-    "atomic_path",
-    "atomic_save",
-    "atomic_write",
-    "atomic_write_text",
     "is_torchscript_archive",
     "load_safetensors",
     "load_torchscript_state_dict",
     "safe_torch_load",
     "save_safetensors",
 ]
-
-
-# --- atomic writes --------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself; best effort because not every platform can open a directory."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
-
-    For libraries that insist on writing to a path themselves (safetensors, torch.save). The
-    temporary lives in the same directory so ``os.replace`` is a same-filesystem atomic rename.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file for writing; it replaces ``path`` only if the block completes."""
-    if "r" in mode or "a" in mode:
-        raise ValueError(f"atomic_write only supports write modes, got {mode!r}")
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` that cannot leave a truncated file behind (crash, SIGKILL, disk full)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 # --- safetensors ----------------------------------------------------------------------------------

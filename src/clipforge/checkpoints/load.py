@@ -329,7 +329,14 @@ def detect_format(path: str | Path) -> str:
 def _cfg_signature(cfg: CLIPConfig) -> tuple:
     v, t = cfg.vision, cfg.text
     return (
-        v.is_resnet, v.width, v.layers, v.patch_size, v.image_size, t.width, t.layers, cfg.embed_dim,
+        v.is_resnet,
+        v.width,
+        v.layers,
+        v.patch_size,
+        v.image_size,
+        t.width,
+        t.layers,
+        cfg.embed_dim,
         cfg.multimodal is not None,  # a CoCa is never the closest twin of a CLIP, nor the reverse
     )
 

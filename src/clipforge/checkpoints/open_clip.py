@@ -40,7 +40,9 @@ _CROSS_MHA = re.compile(
 #: anchored on ``resblocks.N`` so a timm trunk's or Hugging Face encoder's own modules keep their names.
 _RESBLOCK_IN_PROJ = re.compile(r"(resblocks\.\d+\.attn)\.in_proj_(weight|bias)$")
 _RESBLOCK_IN_PROJ_LINEAR = re.compile(r"(resblocks\.\d+\.attn)\.in_proj\.(weight|bias)$")
-_CROSS_LINEARS = re.compile(r"^(visual\.attn_pool\.attn|text_decoder\.cross_attn\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$")
+_CROSS_LINEARS = re.compile(
+    r"^(visual\.attn_pool\.attn|text_decoder\.cross_attn\.\d+\.attn)\.([qkv])_proj\.(weight|bias)$"
+)
 
 
 def strip_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,7 +261,12 @@ def _adopt_coca_conventions(cfg: CLIPConfig) -> None:
         if known.multimodal is None:
             continue
         kv, v = known.vision, cfg.vision
-        if (kv.width, kv.layers, kv.patch_size, cfg.embed_dim) == (v.width, v.layers, v.patch_size, known.embed_dim):
+        if (kv.width, kv.layers, kv.patch_size, cfg.embed_dim) == (
+            v.width,
+            v.layers,
+            v.patch_size,
+            known.embed_dim,
+        ):
             v.attn_pooler_heads = kv.attn_pooler_heads
         km, m = known.multimodal, cfg.multimodal
         if m is not None and (km.width, km.layers) == (m.width, m.layers):
@@ -281,9 +288,11 @@ def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
             hidden_agrees = int(kv.width * kv.mlp_ratio) == int(round(v.width * v.mlp_ratio))
             if not v.is_resnet and hidden_agrees and not seen_vision:
                 v.head_width, v.mlp_ratio, seen_vision = kv.head_width, kv.mlp_ratio, True
-        if (kt.width, kt.layers) == (t.width, t.layers) and int(kt.width * kt.mlp_ratio) == int(
-            round(t.width * t.mlp_ratio)
-        ) and not seen_text:
+        if (
+            (kt.width, kt.layers) == (t.width, t.layers)
+            and int(kt.width * kt.mlp_ratio) == int(round(t.width * t.mlp_ratio))
+            and not seen_text
+        ):
             t.heads, t.mlp_ratio, seen_text = kt.heads, kt.mlp_ratio, True
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoints.io import atomic_save, is_torchscript_archive, safe_torch_load
+from clipforge.atomic import atomic_save
+from clipforge.checkpoints.io import is_torchscript_archive, safe_torch_load
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip, infer_config, open_clip_to_clipforge
 from clipforge.errors import CheckpointError
 from clipforge.model.config import CLIPConfig

@@ -124,7 +124,7 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tower_signature(tower: str, cfg_json: str, embed_dim: int) -> Signature | str:
     """One tower's signature under its model prefix, or why it could not be built (a string)."""
     from clipforge.model.clip import build_image_tower, build_text_tower
@@ -144,7 +144,7 @@ def _tower_signature(tower: str, cfg_json: str, embed_dim: int) -> Signature | s
     return frozenset((f"{tower}.{k}", tuple(v.shape)) for k, v in module.state_dict().items())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _whole_model_signature(cfg_json: str) -> Signature | str:
     """CoCa's decoder is only built with the whole model, so it is signed whole."""
     from clipforge.model.clip import build_model
@@ -227,11 +227,18 @@ def choose(names: list[str]) -> str:
         return distinct[0]
     sizes = {n: configs[n].vision.image_size for n in distinct}
     first = min(distinct, key=lambda n: (sizes[n], len(n)))
-    if all(same_architecture(configs[n].replace(vision={"image_size": sizes[first]}), configs[first]) for n in distinct):
+    if all(
+        same_architecture(configs[n].replace(vision={"image_size": sizes[first]}), configs[first])
+        for n in distinct
+    ):
         others = ", ".join(f"{n} ({sizes[n]} px)" for n in distinct if n != first)
         log.warning(
             "the weights fit %s (%d px) and also %s, which differ only in input size; using %s "
-            "(pass the model name to choose another)", first, sizes[first], others, first,
+            "(pass the model name to choose another)",
+            first,
+            sizes[first],
+            others,
+            first,
         )
         return first
     raise CheckpointError(
@@ -251,5 +258,7 @@ def image_tower_hash(sd: Mapping[str, Any]) -> str:
     """
     import hashlib
 
-    lines = sorted(f"{k}:{list(v.shape)}" for k, v in sd.items() if k.startswith("visual.") and hasattr(v, "shape"))
+    lines = sorted(
+        f"{k}:{list(v.shape)}" for k, v in sd.items() if k.startswith("visual.") and hasattr(v, "shape")
+    )
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:16]

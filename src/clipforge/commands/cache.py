@@ -26,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--side", type=int, default=None, help="cached short side in pixels (default: from the crop scale)"
     )
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core, at most 8)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: one per core, at most 8)"
+    )
     add_table_arguments(p)
     p.set_defaults(func=run)
 

@@ -15,11 +15,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "CIDEr against the most frequent training caption and the untrained model; needs pycocoevalcap and Java).",
     )
     p.add_argument(
-        "--out", default=None, help="output folder (default: ./clipforge-demo, ./clipforge-demo-caption with --caption)"
+        "--out",
+        default=None,
+        help="output folder (default: ./clipforge-demo, ./clipforge-demo-caption with --caption)",
     )
-    p.add_argument("--caption", action="store_true", help="the captioning demo: train and evaluate a tiny CoCa")
+    p.add_argument(
+        "--caption", action="store_true", help="the captioning demo: train and evaluate a tiny CoCa"
+    )
     p.add_argument("--quick", action="store_true", help="a smaller run that finishes in under a minute")
-    p.add_argument("--steps", type=int, default=None, help="stop training after this many steps (a smoke run)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="stop training after this many steps (a smoke run)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")

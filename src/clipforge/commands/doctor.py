@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from clipforge.commands._options import add_table_arguments, table_kwargs
-import json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Decode every image and check every row of DATA (a table, image folder, shards or "
         "synthetic:shapes) the way training would; list what would be skipped and why. Nothing is changed.",
     )
-    p.add_argument("data", help="table (.csv/.tsv/.json/.jsonl/.parquet), image folder, shards or synthetic:shapes")
+    p.add_argument(
+        "data", help="table (.csv/.tsv/.json/.jsonl/.parquet), image folder, shards or synthetic:shapes"
+    )
     add_table_arguments(p)
     p.add_argument("--max-examples", type=int, default=10, help="offending rows listed per reason")
     p.add_argument("--no-images", action="store_true", help="check tables only, do not decode images")

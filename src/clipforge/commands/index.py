@@ -27,7 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--add", action="store_true", help="append EMB to the existing index in --out")
     p.add_argument(
-        "--part-size", type=int, default=None, help="vectors per part of an IVF build (default: from --max-memory)"
+        "--part-size",
+        type=int,
+        default=None,
+        help="vectors per part of an IVF build (default: from --max-memory)",
     )
     p.add_argument("--seed", type=int, default=0, help="training sample and calibration queries")
     p.set_defaults(func=run)

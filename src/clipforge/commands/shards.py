@@ -17,7 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write shards from a table, image folder or synthetic:shapes",
         description="Write <prefix>-000000.tar ... plus manifest.json. Bad images are skipped and counted.",
     )
-    m.add_argument("data", help="table (.csv/.tsv/.json/.jsonl/.parquet), image folder or synthetic:shapes?n=...")
+    m.add_argument(
+        "data", help="table (.csv/.tsv/.json/.jsonl/.parquet), image folder or synthetic:shapes?n=..."
+    )
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default 10000)")
     m.add_argument(

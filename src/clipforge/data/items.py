@@ -82,7 +82,9 @@ def list_items(source: str | os.PathLike | Sequence[str], options: TableOptions 
             raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
         return [Item(str(p.resolve()), _sibling_caption(p), source=spec) for p in images]
     if kind == "image":
-        return [Item(str(Path(p).resolve()), _sibling_caption(Path(p)), source=spec) for p in expand_paths(spec)]
+        return [
+            Item(str(Path(p).resolve()), _sibling_caption(Path(p)), source=spec) for p in expand_paths(spec)
+        ]
     if kind == "shards":
         from clipforge.data.shards import expand_urls
 

@@ -145,7 +145,9 @@ def read_parquet_table(path: Path, options: Any, base: str, issue: Any, captions
     )
     kind, sub = _image_column_kind(pf, image_key, str(path))
     table = Table(str(path), image_key=image_key, caption_keys=caption_keys, require_captions=captions)
-    wanted = list(dict.fromkeys(caption_keys + ([image_key] if kind == "path" else []) + list(options.extra_keys)))
+    wanted = list(
+        dict.fromkeys(caption_keys + ([image_key] if kind == "path" else []) + list(options.extra_keys))
+    )
     if kind == "bytes":
         table.embedded = EmbeddedImages()
         table.embedded.files.append(ParquetFileImages(str(path), sub or image_key))

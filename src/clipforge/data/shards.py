@@ -506,7 +506,10 @@ class ShardDataset(IterableDataset):
             )
         try:
             image = load_image(
-                self._read(s, *members[ext]), max_pixels=self.max_pixels, min_side=self.min_side, keep_mode=True
+                self._read(s, *members[ext]),
+                max_pixels=self.max_pixels,
+                min_side=self.min_side,
+                keep_mode=True,
             )
         except BadImageError as e:
             raise BadImageError(e.reason, f"{where}.{ext}", e.detail) from None

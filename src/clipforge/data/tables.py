@@ -351,5 +351,7 @@ def add_row(
     table.captions.append(captions)
     for key in options.extra_keys:
         cell = (extra or {}).get(key)
-        table.extras.setdefault(key, []).append([v for v in (clean_caption(x) for x in as_captions(cell)) if v])
+        table.extras.setdefault(key, []).append(
+            [v for v in (clean_caption(x) for x in as_captions(cell)) if v]
+        )
     return True

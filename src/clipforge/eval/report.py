@@ -39,7 +39,7 @@ def _figure(width_px: int, height_px: int):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from clipforge.checkpoints.io import atomic_write
+    from clipforge.atomic import atomic_write
     from clipforge.eval.results import publish
 
     buf = io.BytesIO()
@@ -359,7 +359,7 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
 
 def write_index(out_dir: str | os.PathLike, title: str = "clipforge evaluation report") -> Path:
     """An HTML page with one section per result: headline metrics, plots, timings, versions."""
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
     from clipforge.eval.results import publish
 
     out = Path(out_dir)

@@ -41,7 +41,9 @@ def benchmark_task(task: str) -> str:
     try:
         return TASK_NAMES[task]
     except KeyError:
-        raise ClipforgeError(f"unknown task {task!r}; use zeroshot, retrieval, linear-probe or captioning") from None
+        raise ClipforgeError(
+            f"unknown task {task!r}; use zeroshot, retrieval, linear-probe or captioning"
+        ) from None
 
 
 def versions() -> dict[str, str]:
@@ -118,7 +120,7 @@ def publish(path: Path) -> Path:
 
 def write_result(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write atomically (temp file in the same folder, then rename)."""
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
@@ -168,7 +170,7 @@ def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Union of all columns; missing values are empty cells. Written atomically."""
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=table_columns(rows), restval="", lineterminator="\n")

@@ -353,7 +353,9 @@ def format_caption_examples(result: dict[str, Any]) -> str:
     for ex in result.get("details", {}).get("examples", []):
         refs = ex.get("references") or [""]
         more = f" (+{len(refs) - 1} more)" if len(refs) > 1 else ""
-        lines.append(f'  image {ex["index"]}: "{ex["caption"]}"   BLEU-4 {ex["Bleu_4"]:.3f}  CIDEr {ex["CIDEr"]:.3f}')
+        lines.append(
+            f'  image {ex["index"]}: "{ex["caption"]}"   BLEU-4 {ex["Bleu_4"]:.3f}  CIDEr {ex["CIDEr"]:.3f}'
+        )
         lines.append(f'     truth: "{refs[0]}"{more}')
     return "\n".join(lines)
 

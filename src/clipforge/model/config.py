@@ -222,9 +222,13 @@ class CLIPConfig:
         """A captioner needs CoCa's two towers: the attention pooler and the class-token text encoder."""
         self.multimodal.validate(self.embed_dim)
         if not self.vision.attentional_pool or self.vision.is_resnet or self.vision.timm_model_name:
-            raise ConfigError("a CoCa model (multimodal set) needs a ViT image tower with attentional_pool=True")
+            raise ConfigError(
+                "a CoCa model (multimodal set) needs a ViT image tower with attentional_pool=True"
+            )
         if not self.text.embed_cls or self.text.hf_model_name:
-            raise ConfigError("a CoCa model (multimodal set) needs the built-in text tower with embed_cls=True")
+            raise ConfigError(
+                "a CoCa model (multimodal set) needs the built-in text tower with embed_cls=True"
+            )
         if self.multimodal.vocab_size != self.text.vocab_size:
             raise ConfigError(
                 f"multimodal.vocab_size {self.multimodal.vocab_size} differs from text.vocab_size "
@@ -281,7 +285,9 @@ class CLIPConfig:
             text = dataclasses.replace(text, **overrides.pop("text"))
         if isinstance(overrides.get("multimodal"), dict):
             changes = overrides.pop("multimodal")
-            multimodal = dataclasses.replace(multimodal, **changes) if multimodal else MultimodalConfig(**changes)
+            multimodal = (
+                dataclasses.replace(multimodal, **changes) if multimodal else MultimodalConfig(**changes)
+            )
         multimodal = overrides.pop("multimodal", multimodal)
         return dataclasses.replace(
             self, vision=vision, text=text, multimodal=multimodal, **overrides

@@ -195,7 +195,9 @@ def _attach_settings(
     model.tokenizer_cfg = _tokenizer_cfg(cfg, tok, weights.loaded.path if weights is not None else None)
 
 
-def _tokenizer_cfg(cfg: CLIPConfig, stored: dict[str, Any] | None, weights_path: Path | None) -> dict[str, Any]:
+def _tokenizer_cfg(
+    cfg: CLIPConfig, stored: dict[str, Any] | None, weights_path: Path | None
+) -> dict[str, Any]:
     """The checkpoint's stored tokenizer settings, else those its config implies (CLIP BPE, or a
     Hugging Face tokenizer when ``text.hf_tokenizer_name`` is set). A Hugging Face tokenizer is
     looked for first in the folder of the weights (open_clip Hub repos ship it there)."""
@@ -338,7 +340,9 @@ def _build_tokenizer(settings: dict[str, Any]) -> Any:
         from clipforge.tokenizer import Tokenizer
 
         return Tokenizer.from_dict(settings)
-    raise ConfigError(f"tokenizer_cfg type {kind!r} is not one of 'clip_bpe' (CLIP BPE) or 'hf' (Hugging Face)")
+    raise ConfigError(
+        f"tokenizer_cfg type {kind!r} is not one of 'clip_bpe' (CLIP BPE) or 'hf' (Hugging Face)"
+    )
 
 
 def get_tokenizer(name_or_model: Any = None, context_length: int | None = None, **kwargs: Any) -> Any:

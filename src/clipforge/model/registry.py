@@ -128,8 +128,14 @@ register_model(
     CLIPConfig(
         embed_dim=64,
         vision=VisionConfig(
-            image_size=32, patch_size=8, width=64, layers=2, head_width=32, attentional_pool=True,
-            attn_pooler_queries=8, attn_pooler_heads=2,
+            image_size=32,
+            patch_size=8,
+            width=64,
+            layers=2,
+            head_width=32,
+            attentional_pool=True,
+            attn_pooler_queries=8,
+            attn_pooler_heads=2,
         ),
         text=TextConfig(context_length=32, width=64, heads=2, layers=2, embed_cls=True),
         multimodal=MultimodalConfig(width=64, heads=2, layers=2, context_length=32),

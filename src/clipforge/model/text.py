@@ -142,7 +142,11 @@ class TextTransformer(nn.Module):
         """Freeze the tower except the last ``unlocked_groups`` groups (as open_clip's lock_text_tower)."""
         blocks = self.transformer.resblocks
         groups = [
-            [self.token_embedding, self.positional_embedding, *([self.cls_emb] if self.cls_emb is not None else [])],
+            [
+                self.token_embedding,
+                self.positional_embedding,
+                *([self.cls_emb] if self.cls_emb is not None else []),
+            ],
             *blocks[:-1],
             [blocks[-1], self.ln_final],
             *([self.text_projection] if self.text_projection is not None else []),

@@ -59,7 +59,9 @@ class VisionTransformer(nn.Module):
         self.attn_pool: AttentionalPooler | None = None
         pool_width = width
         if cfg.attentional_pool:
-            self.attn_pool = AttentionalPooler(embed_dim, width, cfg.attn_pooler_heads, cfg.attn_pooler_queries)
+            self.attn_pool = AttentionalPooler(
+                embed_dim, width, cfg.attn_pooler_heads, cfg.attn_pooler_queries
+            )
             pool_width = embed_dim
         self.ln_post = LayerNorm(pool_width)
         self.proj = nn.Parameter(scale * torch.randn(pool_width, embed_dim))

@@ -46,28 +46,41 @@ def tiny_configs() -> dict[str, CLIPConfig]:
         ),
         # ViT-B-16-SigLIP2: the same image tower, GELU-tanh in the text tower.
         "tiny-siglip2": CLIPConfig(
-            embed_dim=64, vision=_timm("vit_base_patch16_siglip_224", 32, "map", "none", _TINY_VIT),
-            text=_siglip_text(act_approximate="tanh"), custom_text=True, **_SIGLIP_LOGITS,
+            embed_dim=64,
+            vision=_timm("vit_base_patch16_siglip_224", 32, "map", "none", _TINY_VIT),
+            text=_siglip_text(act_approximate="tanh"),
+            custom_text=True,
+            **_SIGLIP_LOGITS,
         ),  # fmt: skip
         # convnext_base_w: timm ConvNeXt, its own pooling ('' keeps it), open_clip's linear head.
         "tiny-convnext": CLIPConfig(
             embed_dim=64,
             vision=_timm(
-                "convnext_base", 32, "", "linear", {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)},
+                "convnext_base",
+                32,
+                "",
+                "linear",
+                {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)},
                 timm_drop_path=0.1,
             ),
             text=_text(),
         ),
         # EVA02-B-16: RoPE ViT, class-token pool, timm's classifier head as the projection.
         "tiny-eva02": CLIPConfig(
-            embed_dim=64, vision=_timm("eva02_base_patch16_clip_224", 32, "token", "head", _TINY_VIT),
-            text=_text(), custom_text=True,
+            embed_dim=64,
+            vision=_timm("eva02_base_patch16_clip_224", 32, "token", "head", _TINY_VIT),
+            text=_text(),
+            custom_text=True,
         ),  # fmt: skip
         # MobileCLIP2-S0: FastViT MCi0 (RepMixer stages, attention last), timm's head, bidirectional text.
         "tiny-mobileclip": CLIPConfig(
             embed_dim=64,
             vision=_timm(
-                "fastvit_mci0", 32, "avg", "head", {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128)},
+                "fastvit_mci0",
+                32,
+                "avg",
+                "head",
+                {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128)},
                 timm_drop_path=0.0,
             ),
             text=_text(no_causal_mask=True),
@@ -75,8 +88,10 @@ def tiny_configs() -> dict[str, CLIPConfig]:
         ),
         # PE-Core-B-16: timm's Perception Encoder ViT (RoPE, MAP pool), timm's head projects.
         "tiny-pe": CLIPConfig(
-            embed_dim=64, vision=_timm("vit_pe_core_base_patch16_224", 32, "map", "head", _TINY_VIT),
-            text=_text(context_length=32), custom_text=True,
+            embed_dim=64,
+            vision=_timm("vit_pe_core_base_patch16_224", 32, "map", "head", _TINY_VIT),
+            text=_text(context_length=32),
+            custom_text=True,
         ),  # fmt: skip
     }
 

@@ -96,7 +96,7 @@ class RowReader:
 def write_npy(path: Path, chunks: Iterable[np.ndarray], n: int, dim: int, dtype: str = "float16") -> None:
     """Stream chunks into one ``.npy`` (temp file, then rename) with plain writes: neither all
     rows in RAM nor a mapping of the whole file in the address space."""
-    from clipforge.checkpoints.io import atomic_path
+    from clipforge.atomic import atomic_path
 
     dt = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": (n, dim)}
@@ -135,7 +135,7 @@ def training_rows(n: int, want: int, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the three steps
 def train_to(path: Path, index: Any, sample: np.ndarray) -> None:
     """Train the empty ``index`` on ``sample`` and save it (step 1, rank 0)."""
-    from clipforge.checkpoints.io import atomic_path
+    from clipforge.atomic import atomic_path
 
     faiss = _faiss()
     index.train(sample)
@@ -158,7 +158,7 @@ def build_parts(
     each rank writes only its own (step 2)."""
     from tqdm import tqdm
 
-    from clipforge.checkpoints.io import atomic_path
+    from clipforge.atomic import atomic_path
 
     faiss = _faiss()
     base = faiss.read_index(str(trained))

@@ -152,12 +152,16 @@ def embed_images(
     mine = [s for s, r in zip(pending, assign_shards(plan, pending, world)) if r == rank]
     if mine:
         writer = _ShardWriter(out, plan, items, model, tokenizer, with_text, dtype, device, rank, world)
-        _embed_shards(model, preprocess, items, plan, mine, writer, batch_size, num_workers, max_pixels, progress)
+        _embed_shards(
+            model, preprocess, items, plan, mine, writer, batch_size, num_workers, max_pixels, progress
+        )
     sharding.wait_all()  # every rank's shards are on disk
     pre = getattr(model, "preprocess_cfg", None)
     pre_dict = pre.to_dict() if hasattr(pre, "to_dict") else None
     if rank == 0:
-        manifest = _finalize(out, plan, model_name, pretrained, dtype, with_text, config_record(model), pre_dict)
+        manifest = _finalize(
+            out, plan, model_name, pretrained, dtype, with_text, config_record(model), pre_dict
+        )
     sharding.wait_all()  # the manifest is written
     return manifest if rank == 0 else load_manifest(out)
 

@@ -466,13 +466,15 @@ def _save(out: Path, index: Any, meta: Iterable[dict[str, list[Any]]], manifest:
     """Write index + metadata (row chunks) of the new generation, then the manifest, then drop
     old files (an on-disk index's ``.ivfdata`` was written by the merge and is live already)."""
     faiss = _faiss()
-    from clipforge.checkpoints.io import atomic_path
+    from clipforge.atomic import atomic_path
 
     with atomic_path(out / manifest["index_file"]) as tmp:
         faiss.write_index(index, str(tmp))
     chunks = iter(meta)
     first = next(chunks)
-    write_mapped_table_chunks(out / manifest["metadata_file"], list(first), manifest["count"], itertools.chain([first], chunks))
+    write_mapped_table_chunks(
+        out / manifest["metadata_file"], list(first), manifest["count"], itertools.chain([first], chunks)
+    )
     atomic_write_json(out / MANIFEST, manifest)
     live = {manifest[k] for k in ("index_file", "embeddings_file", "metadata_file", "ivfdata_file",
                                   "trained_file") if manifest.get(k)} | {MANIFEST}  # fmt: skip
@@ -712,7 +714,10 @@ def add_to_index(
         )
     old_model = manifest.get("model") or {}
     same_name = not (new.get("model") and old_model.get("name")) or new["model"] == old_model["name"]
-    same_config = not (new.get("model_config") and old_model.get("config")) or new["model_config"] == old_model["config"]
+    same_config = (
+        not (new.get("model_config") and old_model.get("config"))
+        or new["model_config"] == old_model["config"]
+    )
     if not (same_name and same_config):
         raise SearchIndexError(
             f"{new_emb_dir}: embedded with model {new['model']!r}, the index uses "
@@ -788,7 +793,11 @@ def _add_streamed(
     n_old, dim, gen = manifest["count"], manifest["dim"], int(manifest["generation"]) + 1
     old_rows = streamed.RowReader(out / manifest["embeddings_file"])
     emb_path = out / f"embeddings-{gen}.npy"
-    chunks = [*streamed.float_chunks(old_rows), *iter_embedding_chunks(new_dir)] if n_new else streamed.float_chunks(old_rows)
+    chunks = (
+        [*streamed.float_chunks(old_rows), *iter_embedding_chunks(new_dir)]
+        if n_new
+        else streamed.float_chunks(old_rows)
+    )
     _write_embeddings(emb_path, chunks, n_old + n_new, dim, manifest.get("dtype", "float16"))
     rows = streamed.RowReader(emb_path)
     trained = out / f"index-{gen}.trained"
@@ -796,7 +805,9 @@ def _add_streamed(
     work = streamed.fresh_dir(out / f"build-{gen}")
     with omp_threads(n_old + n_new):
         build = manifest.get("build", {})
-        parts = streamed.build_parts(trained, rows, n_old, work, build.get("max_memory"), progress, build.get("part_rows"))
+        parts = streamed.build_parts(
+            trained, rows, n_old, work, build.get("max_memory"), progress, build.get("part_rows")
+        )
         merged = streamed.merge_parts(trained, parts, out / f"index-{gen}.ivfdata", before=index)
         shutil.rmtree(work, ignore_errors=True)
         params, recall = calibrate(merged, manifest["kind"], rows, manifest["metric"],
@@ -811,7 +822,9 @@ def _add_streamed(
     return manifest
 
 
-def _grown_metadata(old: Any, n_old: int, new_dir: Path, rows: int = 65_536) -> Iterable[dict[str, list[Any]]]:
+def _grown_metadata(
+    old: Any, n_old: int, new_dir: Path, rows: int = 65_536
+) -> Iterable[dict[str, list[Any]]]:
     """The old (memory-mapped) metadata then the new embeddings' rows, ids continuing, in chunks."""
     names = list(old)
     for b in range(0, n_old, rows):

@@ -260,11 +260,15 @@ class RequestParser:
             raise ApiError(422, "give text, an image (upload or image_base64) or image_id")
         return Query(text=text, image=image, image_id=image_id, weights=weights, k=k, dedup=dedup)
 
-    async def parse_caption(self, fields: dict[str, Any], image_bytes: bytes | None = None) -> tuple[str, Any]:
+    async def parse_caption(
+        self, fields: dict[str, Any], image_bytes: bytes | None = None
+    ) -> tuple[str, Any]:
         """``("id", image_id)`` or ``("image", PIL image)``: exactly one image to caption."""
         unknown = sorted(set(fields) - set(CAPTION_FIELDS))
         if unknown:
-            raise ApiError(422, f"unknown field(s) {unknown}; accepted: {', '.join(CAPTION_FIELDS)} or an upload")
+            raise ApiError(
+                422, f"unknown field(s) {unknown}; accepted: {', '.join(CAPTION_FIELDS)} or an upload"
+            )
         if fields.get("image_base64") is not None:
             if image_bytes is not None:
                 raise ApiError(422, "give either an uploaded image or image_base64, not both")
@@ -369,7 +373,9 @@ def create_app(
 ) -> Any:
     """Build the FastAPI app around a loaded :class:`Searcher` (the model is loaded once, here)."""
     recorded = searcher.manifest.get("model") or {}
-    if warmup and (searcher.model is not None or any(recorded.get(k) for k in ("name", "config", "pretrained"))):
+    if warmup and (
+        searcher.model is not None or any(recorded.get(k) for k in ("name", "config", "pretrained"))
+    ):
         searcher.ensure_model()
     parser = RequestParser(
         searcher,
@@ -441,7 +447,9 @@ def create_app(
         if searcher.model is None:
             await run_in_threadpool(searcher.ensure_model)
         if not searcher.can_caption:
-            raise ApiError(404, f"this index's model ({searcher.architecture}) cannot caption: it is not a CoCa")
+            raise ApiError(
+                404, f"this index's model ({searcher.architecture}) cannot caption: it is not a CoCa"
+            )
         t0 = time.perf_counter()
         kind, value = item
         text = captions.get(value) if kind == "id" else None
@@ -449,7 +457,11 @@ def create_app(
             text = await captioner.submit(item)
             if kind == "id" and len(captions) < CAPTION_CACHE_SIZE:
                 captions[value] = text
-        body = {"caption": text, "model": searcher.architecture, "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        body = {
+            "caption": text,
+            "model": searcher.architecture,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 2),
+        }
         return JSONResponse({**({"id": value} if kind == "id" else {}), **body})
 
     @app.get("/caption")

@@ -26,7 +26,7 @@ INT_COLUMNS = frozenset({"id", "width", "height", "tar_offset", "tar_size", "row
 
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Any:
     """The shared atomic writer (temp file beside ``path``, fsync, ``os.replace``)."""
-    from clipforge.checkpoints.io import atomic_write
+    from clipforge.atomic import atomic_write
 
     return atomic_write(path, mode)
 

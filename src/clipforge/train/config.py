@@ -91,23 +91,35 @@ class TrainConfig:
     # --- objective --------------------------------------------------------------------------------
     loss: str = _f("clip", f"contrastive loss: {', '.join(LOSSES)} (options: see each below)", choices=LOSSES)
     # Loss options: None = not given (the loss's own default); one the chosen loss lacks is an error.
-    chunk_size: int | None = _f(None, "[chunked 1024, multipos: off] tile size: the B x B logits are never built")
-    local_loss: bool | None = _f(None, "[clip, chunked, multipos] each rank computes its own rows only (saves memory)")
+    chunk_size: int | None = _f(
+        None, "[chunked 1024, multipos: off] tile size: the B x B logits are never built"
+    )
+    local_loss: bool | None = _f(
+        None, "[clip, chunked, multipos] each rank computes its own rows only (saves memory)"
+    )
     gather_with_grad: bool | None = _f(
         None, "[all but siglip-neighbour] all-gather features with gradients (exact full-batch gradients)"
     )
-    positives: str | None = _f(None, "[multipos] normalise each row over its positives: mean (default) or lse")
+    positives: str | None = _f(
+        None, "[multipos] normalise each row over its positives: mean (default) or lse"
+    )
     margin: float | None = _f(None, "[triplet] margin on cosine similarity (default 0.2)")
     mining: str | None = _f(None, "[triplet] in-batch negative: hardest (default) or semihard")
     siglip_exchange: str | None = _f(
         None, "[siglip] across ranks: neighbour (pass text chunks around, default) or gather"
     )
     pos_weight: float | None = _f(None, "[bce] weight of the positive pairs (default 1)")
-    coca_caption_loss_weight: float | None = _f(None, "[coca] weight of the caption cross-entropy (default 2)")
+    coca_caption_loss_weight: float | None = _f(
+        None, "[coca] weight of the caption cross-entropy (default 2)"
+    )
     coca_contrastive_loss_weight: float | None = _f(None, "[coca] weight of the contrastive loss (default 1)")
     # --- batch composition and extra terms --------------------------------------------------------
-    captions_per_image: int = _f(1, "put k captions of each image in the batch (k positives; batch size % k == 0)")
-    group_key: str | None = _f(None, "table column whose equal values are positives of each other (e.g. product id)")
+    captions_per_image: int = _f(
+        1, "put k captions of each image in the batch (k positives; batch size % k == 0)"
+    )
+    group_key: str | None = _f(
+        None, "table column whose equal values are positives of each other (e.g. product id)"
+    )
     hard_negative_key: str | None = _f(
         None, "table column(s) of hard-negative captions, comma-separated (needs --loss multipos)"
     )
@@ -115,11 +127,17 @@ class TrainConfig:
     image_ssl: str | None = _f(None, "add SLIP's image-image term over two augmented views: ntxent")
     image_ssl_weight: float | None = _f(None, "weight of the --image-ssl term (default 1)")
     image_ssl_temperature: float | None = _f(None, "temperature of the --image-ssl term (default 0.1)")
-    distill_model: str | None = _f(None, "teacher for distillation, run on the fly: any --model clipforge loads")
+    distill_model: str | None = _f(
+        None, "teacher for distillation, run on the fly: any --model clipforge loads"
+    )
     distill_pretrained: str | None = _f(None, "the teacher's weights (with --distill-model)")
-    distill_features: str | None = _f(None, "teacher features precomputed by `clipforge embed` (an embedding folder)")
+    distill_features: str | None = _f(
+        None, "teacher features precomputed by `clipforge embed` (an embedding folder)"
+    )
     distill_weight: float | None = _f(None, "weight of the distillation KL term (default 1)")
-    distill_scale: float | None = _f(None, "teacher temperature (default: the teacher model's; 100 for features)")
+    distill_scale: float | None = _f(
+        None, "teacher temperature (default: the teacher model's; 100 for features)"
+    )
     max_logit_scale: float = _f(100.0, "temperature clamp: logit_scale.exp() never exceeds this")
     ema_decay: float | None = _f(None, "keep an exponential moving average of the weights (e.g. 0.999)")
     # --- model surgery ----------------------------------------------------------------------------
@@ -164,7 +182,9 @@ class TrainConfig:
         None, "caption column(s) of a table, comma-separated (auto-detected)", aliases=("--csv-caption-key",)
     )
     image_key: str | None = _f(None, "image column of a table (auto-detected)", aliases=("--csv-img-key",))
-    csv_separator: str | None = _f(None, "table field separator, e.g. '\\t' (default: sniffed from the header)")
+    csv_separator: str | None = _f(
+        None, "table field separator, e.g. '\\t' (default: sniffed from the header)"
+    )
     data_root: str | None = _f(None, "folder relative image paths start from (default: the table's folder)")
     confine_paths: bool = _f(False, "skip table rows whose image path resolves outside the data root")
 
@@ -199,7 +219,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: key {name!r} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "steps_per_epoch", "save_every_steps", "threads", "chunk_size", "hard_negatives"):
+        for name in (
+            "max_steps",
+            "steps_per_epoch",
+            "save_every_steps",
+            "threads",
+            "chunk_size",
+            "hard_negatives",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{source}: key {name!r} must be >= 1 or null, got {value!r}")
@@ -262,7 +289,9 @@ class TrainConfig:
             raise ConfigError(f"{source}: give --distill-model or --distill-features, not both")
         for option in ("distill_weight", "distill_scale"):
             if getattr(self, option) is not None and not (self.distill_model or self.distill_features):
-                raise ConfigError(f"{source}: {flag(option)} is given without --distill-model or --distill-features")
+                raise ConfigError(
+                    f"{source}: {flag(option)} is given without --distill-model or --distill-features"
+                )
         if self.batch_size % self.captions_per_image:
             raise ConfigError(
                 f"{source}: --batch-size {self.batch_size} is not a multiple of --captions-per-image "

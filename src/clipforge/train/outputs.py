@@ -29,7 +29,7 @@ def save_model_config(run: Run) -> Path:
     file keeps what that resolved to, so the run stays reproducible when the JSON is edited or
     moved. It is in the clipforge ``config.json`` form: ``--model RUN/model_config.json`` reads it.
     """
-    from clipforge.checkpoints.io import atomic_write_text
+    from clipforge.atomic import atomic_write_text
     from clipforge.model.architecture import model_label
 
     document = {"architecture": model_label(run.model), "model_config": run.model.config.to_dict()}

@@ -101,7 +101,11 @@ class ContrastiveTask:
 
     # --- the paper, in code --------------------------------------------------------------------
     def encode(
-        self, images: Tensor, tokens: Tensor, model: nn.Module | None = None, extras: dict[str, Tensor] | None = None
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        model: nn.Module | None = None,
+        extras: dict[str, Tensor] | None = None,
     ) -> Features:
         """Both towers in one forward (through the DDP wrapper), extra inputs encoded with the batch.
 
@@ -129,12 +133,22 @@ class ContrastiveTask:
         if negatives is not None:
             inputs["hard_negatives"] = out.text_features[n:]
             inputs["hard_negatives_valid"] = (
-                valid.flatten() if valid is not None else torch.ones(negatives.shape[0] * negatives.shape[1], dtype=torch.bool)
+                valid.flatten()
+                if valid is not None
+                else torch.ones(negatives.shape[0] * negatives.shape[1], dtype=torch.bool)
             ).to(out.text_features.device)
-        return Features(out.image_features[:n], out.text_features[:n], out.logit_scale, out.logit_bias, inputs)
+        return Features(
+            out.image_features[:n], out.text_features[:n], out.logit_scale, out.logit_bias, inputs
+        )
 
-    def _encode(self, images: Tensor, tokens: Tensor, extras: dict[str, Tensor], model: nn.Module | None = None) -> Features:
-        return self.encode(images, tokens, model=model, extras=extras) if extras else self.encode(images, tokens, model=model)
+    def _encode(
+        self, images: Tensor, tokens: Tensor, extras: dict[str, Tensor], model: nn.Module | None = None
+    ) -> Features:
+        return (
+            self.encode(images, tokens, model=model, extras=extras)
+            if extras
+            else self.encode(images, tokens, model=model)
+        )
 
     def loss(self, f: Features) -> Tensor:
         return self.loss_fn(f.image, f.text, f.logit_scale, f.logit_bias, **f.inputs)

@@ -190,7 +190,9 @@ def build_data(
     from clipforge.data.workers import auto_workers
 
     dataset = maybe_cache_images(cfg, info, dataset)
-    workers = cfg.workers if cfg.workers is not None else auto_workers(dataset, info.device.type, info.world_size)
+    workers = (
+        cfg.workers if cfg.workers is not None else auto_workers(dataset, info.device.type, info.world_size)
+    )
     dataset = wrap_objective_items(cfg, dataset)
     loader = ResumableLoader(
         dataset,
@@ -365,7 +367,11 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
 
 
 def compute_gradients(
-    run: Run, images: Tensor, tokens: Tensor, autocast=contextlib.nullcontext, extras: dict[str, Tensor] | None = None
+    run: Run,
+    images: Tensor,
+    tokens: Tensor,
+    autocast=contextlib.nullcontext,
+    extras: dict[str, Tensor] | None = None,
 ) -> TaskOutput:
     """Fill ``.grad`` with one step's (scaled) gradients: every micro-batch, in sync on every rank."""
     device = run.info.device
