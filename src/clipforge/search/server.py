@@ -5,8 +5,11 @@ globals. Only ``clipforge serve`` and tests import it, so ``import clipforge`` s
 
 Endpoints: ``GET|POST /search``, ``GET|POST /caption`` (when the index's model is a CoCa: a
 caption for an indexed ``image_id`` or an uploaded image), ``GET /image/{id}`` (thumbnail),
-``GET /health``, ``GET /`` (the web page). Every bad input is answered with a 4xx and a JSON body ``{"error": "..."}``; a 5xx
-means a bug. Three things keep a hostile or careless client from hurting other users:
+``GET /health``, ``GET /`` and ``GET /static/*`` (the web page: package data under
+``search/static``, served by Starlette's StaticFiles). The routes are module-level functions
+over one :class:`ServerState` (on ``app.state.server``, reached through the :func:`get_state`
+dependency); request fields are validated by the pydantic models in :mod:`.http_fields`. Every
+bad input is answered with a 4xx and a JSON body ``{"error": "..."}``; a 5xx means a bug. Three things keep a hostile or careless client from hurting other users:
 
 - a body limit enforced while the body streams in (``Content-Length`` is not trusted), plus a
   per-read timeout so a client that trickles bytes gets 408 instead of holding a worker;
@@ -20,8 +23,6 @@ means a bug. Three things keep a hostile or careless client from hurting other u
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
 import io
 import json
@@ -32,30 +33,30 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
+from clipforge.search.http_fields import (
+    ApiError,
+    CaptionFields,
+    RequestParser,
+    SearchFields,
+    first_line,
+    parse_int,
+)
 from clipforge.search.searcher import Query, QueryError, Searcher, open_image
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).with_name("static")
-QUERY_FIELDS = ("text", "q", "image_base64", "image_id", "k", "weights", "dedup")
-CAPTION_FIELDS = ("image_id", "image_base64")
+QUERY_FIELDS = tuple(SearchFields.model_fields)
+CAPTION_FIELDS = tuple(CaptionFields.model_fields)
 CAPTION_CACHE_SIZE = 4096  # captions of indexed images: they never change for a loaded index
-
-
-class ApiError(Exception):
-    """An input problem: becomes ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 # --------------------------------------------------------------------------- micro-batching
@@ -187,175 +188,175 @@ async def _send_json(send: Callable, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-# --------------------------------------------------------------------------- input parsing
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise ApiError(422, f"{name} must be an integer, got a boolean")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,12}\s*", value):
-        return int(value)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e12:
-        return int(value)
-    raise ApiError(422, f"{name} must be an integer, got {_short(value)}")
+# --------------------------------------------------------------------------- app state
+@dataclass
+class ServerState:
+    """Everything the routes share, built once by :func:`create_app` and kept on ``app.state``."""
+
+    searcher: Searcher
+    parser: RequestParser
+    batcher: MicroBatcher
+    captioner: MicroBatcher
+    static: StaticFiles
+    max_k: int
+    max_upload_bytes: int
+    thumbnail: Callable[[int, int], bytes]
+    captions: dict[int, str] = field(default_factory=dict)  # indexed images' captions never change
 
 
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-        "0",
-        "false",
-        "no",
-        "off",
-        "",
-    ):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    raise ApiError(422, f"{name} must be true or false, got {_short(value)}")
+def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the state of the app that received ``request``."""
+    return request.app.state.server
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-class RequestParser:
-    """Turns JSON / form / query-string fields into a validated :class:`Query` (or an ApiError)."""
-
-    def __init__(
-        self, searcher: Searcher, *, max_k: int, max_text_chars: int, max_upload_bytes: int, max_pixels: int
-    ):
-        self.searcher, self.max_k, self.max_text_chars = searcher, max_k, max_text_chars
-        self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
-
-    async def parse(self, fields: dict[str, Any], image_bytes: bytes | None = None) -> Query:
-        unknown = sorted(set(fields) - set(QUERY_FIELDS))
-        if unknown:
-            raise ApiError(422, f"unknown field(s) {unknown}; accepted: {', '.join(QUERY_FIELDS)}")
-        text = fields.get("text", fields.get("q"))
-        if "text" in fields and "q" in fields:
-            raise ApiError(422, "give either text or q, not both")
-        if text is not None:
-            text = self._text(text)
-        if fields.get("image_base64") is not None:
-            if image_bytes is not None:
-                raise ApiError(422, "give either an uploaded image or image_base64, not both")
-            image_bytes = self._b64(fields["image_base64"])
-        image = await self._image(image_bytes) if image_bytes is not None else None
-        image_id = fields.get("image_id")
-        if image_id is not None:
-            image_id = _as_int(image_id, "image_id")
-            if not 0 <= image_id < self.searcher.count:
-                raise ApiError(404, f"image_id {image_id} out of range [0, {self.searcher.count})")
-        k = _as_int(fields.get("k", 10), "k")
-        if not 1 <= k <= self.max_k:
-            raise ApiError(422, f"k must be between 1 and {self.max_k}, got {k}")
-        weights = self._weights(fields.get("weights"))
-        dedup = _as_bool(fields.get("dedup", False), "dedup")
-        if text is None and image is None and image_id is None:
-            raise ApiError(422, "give text, an image (upload or image_base64) or image_id")
-        return Query(text=text, image=image, image_id=image_id, weights=weights, k=k, dedup=dedup)
-
-    async def parse_caption(
-        self, fields: dict[str, Any], image_bytes: bytes | None = None
-    ) -> tuple[str, Any]:
-        """``("id", image_id)`` or ``("image", PIL image)``: exactly one image to caption."""
-        unknown = sorted(set(fields) - set(CAPTION_FIELDS))
-        if unknown:
-            raise ApiError(
-                422, f"unknown field(s) {unknown}; accepted: {', '.join(CAPTION_FIELDS)} or an upload"
-            )
-        if fields.get("image_base64") is not None:
-            if image_bytes is not None:
-                raise ApiError(422, "give either an uploaded image or image_base64, not both")
-            image_bytes = self._b64(fields["image_base64"])
-        image_id = fields.get("image_id")
-        if (image_id is None) == (image_bytes is None):
-            raise ApiError(422, "give exactly one of image_id, image_base64 or an uploaded image")
-        if image_bytes is not None:
-            return "image", await self._image(image_bytes)
-        image_id = _as_int(image_id, "image_id")
-        if not 0 <= image_id < self.searcher.count:
-            raise ApiError(404, f"image_id {image_id} out of range [0, {self.searcher.count})")
-        return "id", image_id
-
-    def _text(self, text: Any) -> str:
-        if not isinstance(text, str):
-            raise ApiError(422, f"text must be a string, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(422, "text is not valid Unicode (lone surrogate)") from None
-        text = text.replace("\x00", " ").strip()
-        if not text:
-            raise ApiError(422, "text is empty")
-        if len(text) > self.max_text_chars:
-            raise ApiError(422, f"text is {len(text)} characters; the limit is {self.max_text_chars}")
-        return text
-
-    def _b64(self, data: Any) -> bytes:
-        if not isinstance(data, str):
-            raise ApiError(422, f"image_base64 must be a string, got {type(data).__name__}")
-        if data.startswith("data:"):
-            data = data.partition(",")[2]
-        data = re.sub(r"\s+", "", data)
-        if len(data) * 3 // 4 > self.max_upload_bytes:
-            raise ApiError(413, f"image over the {self.max_upload_bytes}-byte limit")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "image_base64 is not valid base64") from None
-        if not raw:
-            raise ApiError(400, "image_base64 is empty")
-        return raw
-
-    async def _image(self, data: bytes) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
-        from clipforge.data.images import BadImageError
-
-        if len(data) > self.max_upload_bytes:
-            raise ApiError(413, f"image over the {self.max_upload_bytes}-byte limit")
-        if not data:
-            raise ApiError(400, "the uploaded image is empty")
-        try:
-            return await run_in_threadpool(open_image, data, max_pixels=self.max_pixels)
-        except BadImageError as e:
-            reason = getattr(e, "reason", "")
-            status = 413 if reason == "too_large" else 400
-            raise ApiError(
-                status, f"not a usable image ({reason or 'undecodable'}): {_first_line(e)}"
-            ) from None
-
-    def _weights(self, weights: Any) -> Any:
-        if weights is None:
-            return None
-        if isinstance(weights, str):
-            try:
-                weights = json.loads(weights)
-            except (ValueError, RecursionError):
-                raise ApiError(
-                    422, "weights must be JSON: a list of numbers or a {part: number} object"
-                ) from None
-        if isinstance(weights, dict):
-            return {str(k): self._weight(v, str(k)) for k, v in weights.items()}
-        if isinstance(weights, list) and len(weights) <= 3:
-            return [self._weight(v, str(i)) for i, v in enumerate(weights)]
-        raise ApiError(422, "weights must be a list of up to 3 numbers or a {part: number} object")
-
-    @staticmethod
-    def _weight(v: Any, name: str) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(float(v)) < 1e6:
-            raise ApiError(422, f"weight {name} must be a finite number below 1e6, got {_short(v)}")
-        return float(v)
+async def _request_fields(request: Request) -> tuple[dict[str, Any], bytes | None]:
+    """A POST's fields and uploaded image: multipart form, or a JSON object (no image)."""
+    ctype = _content_type(request)
+    if ctype == "multipart/form-data":
+        return await _read_form(request)
+    return await _json_fields(request, ctype), None
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [""])[0][:200]
+# --------------------------------------------------------------------------- routes
+router = APIRouter()
+
+
+async def _answer(state: ServerState, query: Query) -> JSONResponse:
+    t0 = time.perf_counter()
+    results = await state.batcher.submit(query)
+    took = (time.perf_counter() - t0) * 1000
+    return JSONResponse(
+        {
+            "results": [_public(r) for r in results],
+            "k": query.k,
+            "model": state.searcher.architecture,
+            "took_ms": round(took, 2),
+        }
+    )
+
+
+@router.get("/search")
+async def search_get(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
+    return await _answer(state, await state.parser.parse(dict(request.query_params)))
+
+
+@router.post("/search")
+async def search_post(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
+    fields, image = await _request_fields(request)
+    return await _answer(state, await state.parser.parse(fields, image))
+
+
+async def _caption_answer(state: ServerState, item: tuple[str, Any]) -> JSONResponse:
+    from starlette.concurrency import run_in_threadpool
+
+    searcher = state.searcher
+    if searcher.model is None:
+        await run_in_threadpool(searcher.ensure_model)
+    if not searcher.can_caption:
+        raise ApiError(404, f"this index's model ({searcher.architecture}) cannot caption: it is not a CoCa")
+    t0 = time.perf_counter()
+    kind, value = item
+    text = state.captions.get(value) if kind == "id" else None
+    if text is None:
+        text = await state.captioner.submit(item)
+        if kind == "id" and len(state.captions) < CAPTION_CACHE_SIZE:
+            state.captions[value] = text
+    body = {
+        "caption": text,
+        "model": searcher.architecture,
+        "took_ms": round((time.perf_counter() - t0) * 1000, 2),
+    }
+    return JSONResponse({**({"id": value} if kind == "id" else {}), **body})
+
+
+@router.get("/caption")
+async def caption_get(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
+    return await _caption_answer(state, await state.parser.parse_caption(dict(request.query_params)))
+
+
+@router.post("/caption")
+async def caption_post(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
+    fields, image = await _request_fields(request)
+    return await _caption_answer(state, await state.parser.parse_caption(fields, image))
+
+
+@router.get("/image/{image_id}")
+def image(image_id: str, size: str = "256", state: ServerState = Depends(get_state)) -> Response:
+    # The id is only ever an index into the metadata table, never part of a filesystem path.
+    if not re.fullmatch(r"[0-9]{1,12}", image_id):
+        raise ApiError(400, "image id must be a non-negative integer")
+    i = int(image_id)
+    if i >= state.searcher.count:
+        raise ApiError(404, f"no image with id {i} (index holds {state.searcher.count})")
+    try:
+        px = parse_int(size, "size")
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
+    if not 16 <= px <= 1024:
+        raise ApiError(422, "size must be between 16 and 1024")
+    data = state.thumbnail(i, px)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.get("/health")
+def health(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    searcher, m = state.searcher, state.searcher.manifest
+    return {
+        "status": "ok",
+        "count": searcher.count,
+        "kind": m["kind"],
+        "dim": m["dim"],
+        "model": searcher.architecture,  # the real architecture, e.g. "custom (from my-arch.json)"
+        "model_config": searcher.model_config,
+        "expected_recall_at_10": m.get("expected_recall_at_10"),
+        "max_k": state.max_k,
+        "max_upload_bytes": state.max_upload_bytes,
+        "batches": state.batcher.batches,
+        "batched_queries": state.batcher.items,
+        "can_caption": searcher.can_caption,
+    }
+
+
+@router.get("/")
+async def page(request: Request, state: ServerState = Depends(get_state)) -> Response:
+    """The web page (``static/index.html``), from the same StaticFiles that serves ``/static/*``."""
+    return await state.static.get_response("index.html", request.scope)
+
+
+# --------------------------------------------------------------------------- errors
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse({"error": e.message}, status_code=e.status)
+
+
+async def _query_error(_: Request, e: QueryError) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=422)
+
+
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": f"invalid request: {e.errors()[:3]}"}, status_code=422)
+
+
+async def _internal(_: Request, e: Exception) -> JSONResponse:
+    log.exception("internal error while serving a request")
+    return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
+
+
+#: Every error, ours or the framework's, reaches the client as ``{"error": "..."}``.
+EXCEPTION_HANDLERS: dict[Any, Callable] = {
+    ApiError: _api_error,
+    QueryError: _query_error,
+    StarletteHTTPException: _http_error,
+    RequestValidationError: _validation_error,
+    Exception: _internal,
+}
 
 
 # --------------------------------------------------------------------------- the app
@@ -377,166 +378,53 @@ def create_app(
         searcher.model is not None or any(recorded.get(k) for k in ("name", "config", "pretrained"))
     ):
         searcher.ensure_model()
-    parser = RequestParser(
-        searcher,
+    wait_s = batch_wait_ms / 1000
+    state = ServerState(
+        searcher=searcher,
+        parser=RequestParser(
+            searcher,
+            max_k=max_k,
+            max_text_chars=max_text_chars,
+            max_upload_bytes=max_upload_bytes,
+            max_pixels=max_pixels,
+        ),
+        batcher=MicroBatcher(_run_batch(searcher), max_batch=max_batch, wait_s=wait_s),
+        captioner=MicroBatcher(_run_captions(searcher, max_pixels), max_batch=8, wait_s=wait_s),
+        static=StaticFiles(packages=[("clipforge.search", "static")]),
         max_k=max_k,
-        max_text_chars=max_text_chars,
         max_upload_bytes=max_upload_bytes,
-        max_pixels=max_pixels,
+        thumbnail=functools.lru_cache(maxsize=2048)(functools.partial(_thumbnail, searcher, max_pixels)),
     )
-    batcher = MicroBatcher(_run_batch(searcher), max_batch=max_batch, wait_s=batch_wait_ms / 1000)
-    captioner = MicroBatcher(_run_captions(searcher, max_pixels), max_batch=8, wait_s=batch_wait_ms / 1000)
-    captions: dict[int, str] = {}
-    app = FastAPI(title="clipforge search", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.searcher, app.state.batcher = searcher, batcher
+    app = FastAPI(
+        title="clipforge search",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    app.state.server = state
+    app.state.searcher, app.state.batcher = searcher, state.batcher
+    app.include_router(router)
+    app.mount("/static", state.static, name="static")
     # Multipart adds headers and boundaries; base64 adds a third: allow both on top of the image.
     app.add_middleware(
         BodyLimitMiddleware, limit=max_upload_bytes * 4 // 3 + 64 * 1024, timeout_s=body_timeout_s
     )
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse({"error": e.message}, status_code=e.status)
-
-    @app.exception_handler(QueryError)
-    async def _query_error(_: Request, e: QueryError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": f"invalid request: {e.errors()[:3]}"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error while serving a request")
-        return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
-
-    async def answer(query: Query) -> JSONResponse:
-        t0 = time.perf_counter()
-        results = await batcher.submit(query)
-        took = (time.perf_counter() - t0) * 1000
-        return JSONResponse(
-            {
-                "results": [_public(r) for r in results],
-                "k": query.k,
-                "model": searcher.architecture,
-                "took_ms": round(took, 2),
-            }
-        )
-
-    @app.get("/search")
-    async def search_get(request: Request) -> JSONResponse:
-        fields = dict(request.query_params)
-        return await answer(await parser.parse(fields))
-
-    @app.post("/search")
-    async def search_post(request: Request) -> JSONResponse:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            fields, image = await _read_form(request)
-            return await answer(await parser.parse(fields, image))
-        return await answer(await parser.parse(await _json_fields(request, ctype)))
-
-    async def caption_answer(item: tuple[str, Any]) -> JSONResponse:
-        from starlette.concurrency import run_in_threadpool
-
-        if searcher.model is None:
-            await run_in_threadpool(searcher.ensure_model)
-        if not searcher.can_caption:
-            raise ApiError(
-                404, f"this index's model ({searcher.architecture}) cannot caption: it is not a CoCa"
-            )
-        t0 = time.perf_counter()
-        kind, value = item
-        text = captions.get(value) if kind == "id" else None
-        if text is None:
-            text = await captioner.submit(item)
-            if kind == "id" and len(captions) < CAPTION_CACHE_SIZE:
-                captions[value] = text
-        body = {
-            "caption": text,
-            "model": searcher.architecture,
-            "took_ms": round((time.perf_counter() - t0) * 1000, 2),
-        }
-        return JSONResponse({**({"id": value} if kind == "id" else {}), **body})
-
-    @app.get("/caption")
-    async def caption_get(request: Request) -> JSONResponse:
-        return await caption_answer(await parser.parse_caption(dict(request.query_params)))
-
-    @app.post("/caption")
-    async def caption_post(request: Request) -> JSONResponse:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            fields, image = await _read_form(request)
-            return await caption_answer(await parser.parse_caption(fields, image))
-        return await caption_answer(await parser.parse_caption(await _json_fields(request, ctype)))
-
-    @app.get("/image/{image_id}")
-    def image(image_id: str, size: str = "256") -> Response:
-        # The id is only ever an index into the metadata table, never part of a filesystem path.
-        if not re.fullmatch(r"[0-9]{1,12}", image_id):
-            raise ApiError(400, "image id must be a non-negative integer")
-        i = int(image_id)
-        if i >= searcher.count:
-            raise ApiError(404, f"no image with id {i} (index holds {searcher.count})")
-        px = _as_int(size, "size")
-        if not 16 <= px <= 1024:
-            raise ApiError(422, "size must be between 16 and 1024")
-        data = _thumbnail(i, px)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
-
-    @functools.lru_cache(maxsize=2048)
-    def _thumbnail(i: int, px: int) -> bytes:
-        from clipforge.data.images import BadImageError, load_image
-
-        try:
-            img = load_image(searcher.image_bytes(i), max_pixels=max_pixels)
-        except (OSError, BadImageError) as e:
-            raise ApiError(404, f"image {i} is no longer readable: {_first_line(e)}") from None
-        img.thumbnail((px, px))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
-        return buf.getvalue()
-
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        m = searcher.manifest
-        return {
-            "status": "ok",
-            "count": searcher.count,
-            "kind": m["kind"],
-            "dim": m["dim"],
-            "model": searcher.architecture,  # the real architecture, e.g. "custom (from my-arch.json)"
-            "model_config": searcher.model_config,
-            "expected_recall_at_10": m.get("expected_recall_at_10"),
-            "max_k": max_k,
-            "max_upload_bytes": max_upload_bytes,
-            "batches": batcher.batches,
-            "batched_queries": batcher.items,
-            "can_caption": searcher.can_caption,
-        }
-
-    @app.get("/")
-    def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
-    @app.get("/static/{name}")
-    def static(name: str) -> FileResponse:
-        if name not in _static_files():
-            raise ApiError(404, f"no static file {name!r}")
-        return FileResponse(STATIC_DIR / name)
-
     return app
 
 
-@functools.lru_cache(maxsize=1)
-def _static_files() -> frozenset[str]:
-    return frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
+def _thumbnail(searcher: Searcher, max_pixels: int, i: int, px: int) -> bytes:
+    """Indexed image ``i`` as a JPEG at most ``px`` on a side (cached per app by create_app)."""
+    from clipforge.data.images import BadImageError, load_image
+
+    try:
+        img = load_image(searcher.image_bytes(i), max_pixels=max_pixels)
+    except (OSError, BadImageError) as e:
+        raise ApiError(404, f"image {i} is no longer readable: {first_line(e)}") from None
+    img.thumbnail((px, px))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
 
 
 async def _json_fields(request: Any, ctype: str) -> dict[str, Any]:
@@ -603,7 +491,7 @@ def _run_captions(searcher: Searcher, max_pixels: int) -> Callable[[Sequence[tup
             try:
                 images.append(open_image(searcher.image_bytes(value), max_pixels=max_pixels))
             except (OSError, BadImageError) as e:
-                raise ApiError(404, f"image {value} is no longer readable: {_first_line(e)}") from None
+                raise ApiError(404, f"image {value} is no longer readable: {first_line(e)}") from None
         return searcher.caption_images(images)
 
     return run
