@@ -81,7 +81,7 @@ def test_coca_loss_on_a_clip_model_is_refused():
 
     with pytest.raises(ConfigError, match="needs a CoCa model"):
         train(
-            TrainConfig(
+            TrainConfig.from_flat(
                 data="synthetic:shapes?n=8&image_size=32", model="tiny-vit", loss="coca", progress=False
             )
         )
@@ -105,12 +105,12 @@ def test_a_few_coca_training_steps_on_shapes_reduce_the_caption_loss(tmp_path):
     from clipforge.train.trainer import train
     from clipforge.transforms import image_transform
 
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         data="synthetic:shapes?n=48&split=train&image_size=32", model="tiny-coca", loss="coca",
         output_dir=str(tmp_path / "run"), max_steps=6, batch_size=8, lr=2e-3, warmup_steps=0,
         schedule="const", seed=0, workers=0, progress=False, save_every_epochs=0, log_every=1,
     )  # fmt: skip
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.runtime.seed)
     initial = clipforge.create_model("tiny-coca")  # untrained, as training starts
     train(cfg)
     final = clipforge.create_model(pretrained=str(tmp_path / "run" / "final"))

@@ -67,7 +67,7 @@ def _train_records(folder) -> list[dict]:
 def test_lit_locks_the_whole_image_tower_while_the_decoder_learns(tmp_path):
     torch.manual_seed(BASE["seed"])
     initial = clipforge.create_model("tiny-coca").state_dict()
-    result = _threads_kept(train, TrainConfig(output_dir=str(tmp_path), max_steps=6, lock_image=True, **BASE))
+    result = _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path), max_steps=6, lock_image=True, **BASE))
     assert result.steps == 6
     final = _weights(tmp_path)
     visual = [k for k in initial if k.startswith("visual.")]
@@ -89,7 +89,7 @@ def test_resume_after_a_crash_repeats_the_loss_curve_exactly(tmp_path, monkeypat
     import clipforge.train.trainer as trainer
 
     cfg = dict(BASE, epochs=2, save_every_steps=2, patch_dropout=0.25)  # 8 steps
-    ref = _threads_kept(train, TrainConfig(output_dir=str(tmp_path / "ref"), **cfg))
+    ref = _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path / "ref"), **cfg))
     assert ref.steps == 8
 
     real_step = trainer.train_step
@@ -102,9 +102,9 @@ def test_resume_after_a_crash_repeats_the_loss_curve_exactly(tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(trainer, "train_step", crash_at_5)
         with pytest.raises(_Crash):
-            _threads_kept(train, TrainConfig(output_dir=str(tmp_path / "run"), **cfg))
+            _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg))
     assert not (tmp_path / "run" / "final").exists()
-    resumed = _threads_kept(train, TrainConfig(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
+    resumed = _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
     assert resumed.steps == 8
     want = {r["step"]: r for r in _train_records(tmp_path / "ref")}
     got = {r["step"]: r for r in _train_records(tmp_path / "run")}  # steps 5.. come from the resumed run
@@ -141,7 +141,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
     from clipforge.train.distributed import setup_distributed
 
     info = setup_distributed("cpu")
-    cfg = TrainConfig(output_dir=os.path.join(out_dir, "run"), distributed=strategy, epochs=1, **BASE)
+    cfg = TrainConfig.from_flat(output_dir=os.path.join(out_dir, "run"), distributed=strategy, epochs=1, **BASE)
     grads, images, tokens = first_step_grads(cfg, info)
     result = train(cfg.replace(max_steps=2))  # the whole loop, with the caption terms logged
     torch.save({"grads": grads, "images": images, "tokens": tokens, "steps": result.steps},
@@ -164,7 +164,7 @@ def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path, strat
     from clipforge.train.distributed import DistInfo
 
     single, images, tokens = _threads_kept(
-        first_step_grads, TrainConfig(output_dir=str(tmp_path / "single"), epochs=1, **{**BASE, "batch_size": 16}),
+        first_step_grads, TrainConfig.from_flat(output_dir=str(tmp_path / "single"), epochs=1, **{**BASE, "batch_size": 16}),
         DistInfo(),
     )  # fmt: skip
     a, b = ranks[0]["images"], ranks[1]["images"]

@@ -120,7 +120,7 @@ def test_trainer_step_with_every_extra(tmp_path) -> None:
     from clipforge.train.distributed import DistInfo
     from clipforge.train.trainer import build_run, compute_gradients, unpack_batch
 
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         data=write_table(tmp_path),
         caption_key="c1,c2,c3",
         model="tiny-vit",
@@ -215,7 +215,7 @@ def test_distillation_from_embed_folder_or_live_teacher(tmp_path, source: str) -
         cfg.update(distill_features=str(out), distill_scale=50.0)
     else:
         cfg.update(distill_model="tiny-vit")
-    run = build_run(TrainConfig(**cfg).validate(), DistInfo())
+    run = build_run(TrainConfig.from_flat(**cfg).validate(), DistInfo())
     images, tokens, extras = unpack_batch(next(iter(run.loader)))
     if source == "features":
         assert set(extras) == {"ids", "teacher_image", "teacher_text"}
@@ -227,4 +227,4 @@ def test_distillation_from_embed_folder_or_live_teacher(tmp_path, source: str) -
         metrics["loss"], metrics["loss_main"] + 0.5 * metrics["loss_distill"], rel_tol=1e-5
     )
     with pytest.raises(ConfigError, match="--distill-weight is given without"):
-        TrainConfig(distill_weight=1.0).validate()
+        TrainConfig.from_flat(distill_weight=1.0).validate()

@@ -115,7 +115,7 @@ def test_old_run_config_reads_for_each_old_loss(tmp_path, caplog, loss, options)
     """The old defaults of options the loss lacks are 'not given' (debug log); the rest are kept."""
     with caplog.at_level(logging.DEBUG, logger="clipforge.train.config"):
         cfg = TrainConfig.load(old_run_config(tmp_path / "run_config.yaml", loss))
-    assert cfg.loss == loss and cfg.loss_options() == options
+    assert cfg.objective.loss == loss and cfg.loss_options() == options
     dropped = sorted(
         r.getMessage().split("=")[0] for r in caplog.records if "read as not given" in r.getMessage()
     )
@@ -144,8 +144,8 @@ def test_old_defaults_as_flags_and_python_are_not_given() -> None:
     from test_objectives_train import parse
 
     assert parse(["--loss", "siglip", "--chunk-size", "1024", "--no-local-loss"]).loss_options() == {}
-    assert TrainConfig(loss="clip", chunk_size=1024).chunk_size is None
-    assert TrainConfig(loss="chunked", chunk_size=1024).loss_options() == {"chunk_size": 1024}
+    assert TrainConfig.from_flat(loss="clip", chunk_size=1024).objective.chunk_size is None
+    assert TrainConfig.from_flat(loss="chunked", chunk_size=1024).loss_options() == {"chunk_size": 1024}
     with pytest.raises(ConfigError, match="--chunk-size is not an option of --loss clip"):
         parse(["--loss", "clip", "--chunk-size", "512"])
 
@@ -161,12 +161,12 @@ def test_old_defaults_as_flags_and_python_are_not_given() -> None:
 def test_new_run_config_saves_only_the_chosen_loss_options(tmp_path, loss, kept) -> None:
     from clipforge.objectives.registry import LOSS_OPTIONS
 
-    cfg = TrainConfig(data=DATA, loss=loss).validate()
+    cfg = TrainConfig.from_flat(data=DATA, loss=loss).validate()
     saved = yaml.safe_load(cfg.save(tmp_path / "run_config.yaml").read_text())
     assert {k for k in saved if k in LOSS_OPTIONS} == kept and all(saved[k] is None for k in kept)
     assert TrainConfig.load(tmp_path / "run_config.yaml") == cfg
     switched = TrainConfig.load(tmp_path / "run_config.yaml", loss="triplet")  # no stale options left
-    assert switched.loss == "triplet"
+    assert switched.objective.loss == "triplet"
 
 
 @pytest.mark.slow

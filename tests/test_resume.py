@@ -120,7 +120,7 @@ def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     threads = torch.get_num_threads()
     try:
-        result = train(TrainConfig(output_dir=str(out), **BASE))
+        result = train(TrainConfig.from_flat(output_dir=str(out), **BASE))
     finally:
         torch.set_num_threads(threads)
     assert result.steps == 16 and not result.interrupted
@@ -152,7 +152,7 @@ def test_sigterm_then_sigkill_then_resume_latest_is_exact(reference, tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        result = train(TrainConfig(output_dir=str(out), resume="latest", **BASE))
+        result = train(TrainConfig.from_flat(output_dir=str(out), resume="latest", **BASE))
     finally:
         torch.set_num_threads(threads)
     assert result.steps == 16
@@ -193,12 +193,12 @@ def test_resume_mid_epoch_on_shards_is_exact(tmp_path, monkeypatch):
     cfg = dict(BASE, data=str(tmp_path / "shards"), epochs=2, save_every_steps=2, patch_dropout=0.0)
     threads = torch.get_num_threads()
     try:
-        ref = train(TrainConfig(output_dir=str(tmp_path / "ref"), **cfg))
+        ref = train(TrainConfig.from_flat(output_dir=str(tmp_path / "ref"), **cfg))
         assert ref.steps == 12
         _train_until_crash(
-            TrainConfig(output_dir=str(tmp_path / "run"), **cfg), crash_at=5, monkeypatch=monkeypatch
+            TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg), crash_at=5, monkeypatch=monkeypatch
         )
-        resumed = train(TrainConfig(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
+        resumed = train(TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
     finally:
         torch.set_num_threads(threads)
     assert resumed.steps == 12

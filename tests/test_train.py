@@ -43,12 +43,12 @@ def fake_batch(n: int, model: CLIP, seed: int = 1) -> tuple[torch.Tensor, torch.
 
 # --- config ---------------------------------------------------------------------------------------
 def test_config_roundtrip_and_yaml(tmp_path):
-    cfg = TrainConfig(data="x.csv", batch_size=8, lr=1e-3, lora_targets=["in_proj"])
+    cfg = TrainConfig.from_flat(data="x.csv", batch_size=8, lr=1e-3, lora_targets=["in_proj"])
     path = cfg.save(tmp_path / "run.yaml")
     loaded = TrainConfig.load(path)
     assert loaded == cfg
     (tmp_path / "run.json").write_text(json.dumps({"batch-size": 4, "precision": "bf16"}))
-    assert TrainConfig.load(tmp_path / "run.json").batch_size == 4
+    assert TrainConfig.load(tmp_path / "run.json").data.batch_size == 4
 
 
 @pytest.mark.parametrize(
@@ -83,8 +83,8 @@ def test_run_config_falls_back_to_json_without_pyyaml(tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "yaml" else real(name, *a)
     )
     assert run_config_name() == "run_config.json"
-    cfg = TrainConfig(data="synthetic:shapes", batch_size=12, output_dir=str(tmp_path))
-    assert TrainConfig.load(cfg.save(tmp_path / run_config_name())).batch_size == 12
+    cfg = TrainConfig.from_flat(data="synthetic:shapes", batch_size=12, output_dir=str(tmp_path))
+    assert TrainConfig.load(cfg.save(tmp_path / run_config_name())).data.batch_size == 12
 
 
 def test_cli_flags_override_config_file(tmp_path):
@@ -96,7 +96,7 @@ def test_cli_flags_override_config_file(tmp_path):
     add_arguments(parser)
     args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--lr", "0.5", "--no-lock-image"])
     cfg = config_from_args(args)
-    assert (cfg.batch_size, cfg.lr, cfg.lock_image) == (32, 0.5, False)
+    assert (cfg.data.batch_size, cfg.optim.lr, cfg.surgery.lock_image) == (32, 0.5, False)
 
 
 # --- optimiser ------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys):
     assert "model saved to" in capsys.readouterr().out
     out = tmp_path / "out"
     saved = TrainConfig.load(out / "run_config.yaml")  # the effective config, next to the checkpoints
-    assert (saved.batch_size, saved.accum_steps, saved.schedule, saved.ema_decay) == (
+    assert (saved.data.batch_size, saved.optim.accum_steps, saved.optim.schedule, saved.optim.ema_decay) == (
         8,
         2,
         "const-cooldown",
@@ -363,7 +363,7 @@ def test_lora_and_lit_runs_save_a_plain_merged_model(tmp_path):
     threads = torch.get_num_threads()
     try:
         result = train(
-            TrainConfig(
+            TrainConfig.from_flat(
                 data="synthetic:shapes?n=16&image_size=32",
                 model="tiny-vit",
                 batch_size=8,

@@ -29,7 +29,7 @@ def one_thread():
 
 def config(tmp_path, **overrides) -> TrainConfig:
     base = dict(data=DATA, model="tiny-vit", batch_size=8, progress=False, output_dir=str(tmp_path))
-    return TrainConfig(**{**base, **overrides})
+    return TrainConfig.from_flat(**{**base, **overrides})
 
 
 def make_run(tmp_path, **overrides):

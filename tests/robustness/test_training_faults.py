@@ -78,7 +78,7 @@ def all_finite(path: Path) -> bool:
 @pytest.mark.parametrize("kind", ["nan", "inf_grad"])
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, kind):
     poison_loss(monkeypatch, bad_calls={2, 4}, kind=kind)
-    result = train(TrainConfig(output_dir=str(tmp_path), max_bad_steps=2, **TINY))
+    result = train(TrainConfig.from_flat(output_dir=str(tmp_path), max_bad_steps=2, **TINY))
     assert result.steps == 6 and result.skipped_steps == 2
     assert len(result.loss_history) == 4  # only good steps recorded
     assert all_finite(Path(result.last_checkpoint))
@@ -92,7 +92,7 @@ def test_consecutive_non_finite_steps_abort_and_keep_last_good_checkpoint(tmp_pa
     from clipforge.cli import main
 
     poison_loss(monkeypatch, from_call=4)
-    cfg = TrainConfig(output_dir=str(tmp_path), max_bad_steps=2, save_every_steps=2, **TINY)
+    cfg = TrainConfig.from_flat(output_dir=str(tmp_path), max_bad_steps=2, save_every_steps=2, **TINY)
     with pytest.raises(TrainingDivergedError) as err:
         train(cfg)
     message = str(err.value)
@@ -145,7 +145,7 @@ def test_training_survives_disk_full_and_keeps_last_checkpoint(tmp_path, monkeyp
         real(payload, fh)
 
     monkeypatch.setattr(state, "_dump", dump)
-    result = train(TrainConfig(output_dir=str(tmp_path), save_every_steps=2, **TINY))
+    result = train(TrainConfig.from_flat(output_dir=str(tmp_path), save_every_steps=2, **TINY))
     assert result.steps == 6 and result.last_checkpoint is None
     assert [p.name for p in state.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt"]
     assert state.resolve_resume("latest", tmp_path / "checkpoints").name == "step_00000002.pt"

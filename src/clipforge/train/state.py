@@ -5,16 +5,16 @@ and scheduler state, every RNG (Python, NumPy, torch CPU and each CUDA device), 
 and the step/epoch counters. Restoring all of it makes the continued run bit-identical to one that
 was never interrupted (on CPU, or on GPU with deterministic kernels).
 
-Files are written to a temporary name in the same folder, fsync'ed, then ``os.replace``d into
-place: a SIGKILL or a full disk mid-write leaves at worst a stray ``.tmp`` file, never a truncated
-checkpoint, and older checkpoints are pruned only after the new one is safely on disk.
+Files are written through :mod:`clipforge.atomic` (a temporary name in the same folder, fsync'ed,
+then renamed into place): a SIGKILL or a full disk mid-write leaves at worst a stray ``.tmp`` file,
+never a truncated checkpoint, and older checkpoints are pruned only after the new one is safely on
+disk.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipforge.atomic import atomic_write
 from clipforge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,25 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    # The checkpoint protocol (``state_dict``/``load_state_dict``), restoring in place so every
+    # holder of this object sees the resumed counters.
+    def state_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restored = TrainState(**state)  # unknown keys fail here, naming them
+        self.__dict__.update(restored.__dict__)
+
+
+class RngState:
+    """Every RNG of this process behind the checkpoint protocol (see :func:`capture_rng`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
 
 
 # --- RNG ------------------------------------------------------------------------------------------
@@ -112,17 +132,11 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     payload = {"format_version": STATE_FORMAT_VERSION, **state}
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_write(path) as fh:  # the partial temp file is removed on failure
             _dump(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         previous = list_checkpoints(directory)
         kept = f"; previous checkpoint {previous[-1]} is intact" if previous else ""
@@ -138,25 +152,11 @@ def _dump(payload: dict[str, Any], fh: Any) -> None:
     torch.save(payload, fh)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _clean_stale_tmp(directory: Path) -> None:
-    """Remove temp files left by killed writers (ours are gone by now; any other is stale)."""
+    """Remove temp files left by killed writers: ours are renamed or removed by now, so any
+    ``.step_*.tmp`` left is another process's torn write (one writer per run: rank 0)."""
     for p in directory.glob(".step_*.tmp"):
-        pid = p.name.rsplit(".", 2)[-2]
-        if pid != str(os.getpid()):
-            p.unlink(missing_ok=True)
+        p.unlink(missing_ok=True)
 
 
 def resolve_resume(resume: str | None, directory: str | Path) -> Path | None:

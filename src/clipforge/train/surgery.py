@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from clipforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clipforge.train.config import SurgeryConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,20 @@ def apply_lora(
         n_train,
     )
     return model
+
+
+def apply_run_lora(model: nn.Module, surgery: SurgeryConfig) -> nn.Module:
+    """LoRA as a run config asks for it, on the towers it leaves unlocked.
+
+    The one place the run's adapter layout is derived: training and the unsharded twin that
+    exports an FSDP run must get the very same adapters, or the gathered weights would not load.
+    """
+    towers = [
+        name for name, locked in (("visual", surgery.lock_image), ("text", surgery.lock_text)) if not locked
+    ]
+    return apply_lora(
+        model, surgery.lora_rank, surgery.lora_alpha, surgery.lora_dropout, surgery.lora_targets, towers
+    )
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -1,9 +1,11 @@
 """``train(cfg)``: build the pieces with small named functions, then a short ``fit()`` loop.
 
 Reading order: :func:`train` -> :func:`build_run` (``setup_distributed``, ``build_model``,
-``build_data``, ``build_optimizer``, ``maybe_resume``) -> :func:`fit` -> :func:`train_step`.
-Checkpointing lives in :mod:`clipforge.train.state`, the objective in
-:mod:`clipforge.train.task`, the batch position in :mod:`clipforge.data.loader`.
+``build_data``, ``build_optimizer``, ``resume_training``) -> :func:`fit` -> :func:`train_step`.
+Checkpoint layout and restore live in :mod:`clipforge.train.checkpointing` (over a mapping of
+stateful objects), the objective in :mod:`clipforge.train.task`, the batch position in
+:mod:`clipforge.data.loader`, what a run leaves behind in :mod:`clipforge.train.outputs` and
+throughput metering in :mod:`clipforge.train.logger`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import os
 import random
 import signal
 import threading
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,11 +30,12 @@ from torch import Tensor, nn
 from clipforge.data.loader import ResumableLoader
 from clipforge.errors import ClipforgeError, ConfigError, DataError
 from clipforge.train import state as ckpt
-from clipforge.train.checkpointing import maybe_resume, save_training_checkpoint
+from clipforge.train.checkpointing import resume_training, save_training_checkpoint, training_states
 from clipforge.train.config import TrainConfig
 from clipforge.train.distributed import (
     DistInfo,
     any_rank,
+    barrier,
     cleanup_distributed,
     setup_distributed,
     sync_replicated_grads,
@@ -41,8 +44,15 @@ from clipforge.train.distributed import (
 from clipforge.train.logger import RunLogger
 from clipforge.train.optim import build_optimizer as make_optimizer
 from clipforge.train.optim import build_scheduler
-from clipforge.train.outputs import evaluate, save_final_model, save_model_config, write_summary
-from clipforge.train.surgery import apply_lora, lock_towers
+from clipforge.train.outputs import (
+    EvalSetup,
+    evaluate,
+    save_final_model,
+    save_model_config,
+    unsharded_twin,
+    write_summary,
+)
+from clipforge.train.surgery import apply_run_lora, lock_towers
 from clipforge.train.task import ContrastiveTask, TaskOutput, split_micro_batches
 
 log = logging.getLogger(__name__)
@@ -74,7 +84,11 @@ class TrainResult:
 
 @dataclass
 class Run:
-    """Everything ``fit`` touches, built once by :func:`build_run`."""
+    """What the loop steps, built once by :func:`build_run`.
+
+    Only this module sees it: checkpointing gets :meth:`states` (a mapping of stateful objects),
+    evaluation gets a model and :attr:`eval_setup`, the final export a model and a folder.
+    """
 
     cfg: TrainConfig
     info: DistInfo
@@ -84,17 +98,33 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loader: ResumableLoader
-    tokenizer: Any
-    preprocess_val: Any
-    skips: Any
     total_steps: int
+    eval_setup: EvalSetup | None = None
+    skips: Any = None
     state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
-    stop: threading.Event = field(default_factory=threading.Event)
-    losses: list[float] = field(default_factory=list)
 
     @property
     def ckpt_dir(self) -> Path:
         return Path(self.cfg.output_dir) / "checkpoints"
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: parameters (and their optimiser state) are split across ranks."""
+        return self.info.distributed and self.cfg.runtime.distributed == "fsdp"
+
+    def states(self) -> dict[str, Any]:
+        """The checkpoint's stateful objects, by name (see :func:`~clipforge.train.checkpointing.training_states`)."""
+        return training_states(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            ema=self.task.ema,
+            loader=self.loader,
+            skips=self.skips,
+            train_state=self.state,
+            sharded=self.sharded,
+        )
 
 
 # =================================================================================================
@@ -107,9 +137,10 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_runtime(cfg: TrainConfig) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
+    rt = cfg.runtime
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    if rt.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -123,40 +154,45 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
     """The CLIP to train, its train/val preprocessing and tokenizer, with locks/LoRA applied."""
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
-    overrides = {"vision": {"patch_dropout": cfg.patch_dropout}} if cfg.patch_dropout is not None else {}
+    surgery = cfg.surgery
+    overrides = (
+        {"vision": {"patch_dropout": surgery.patch_dropout}} if surgery.patch_dropout is not None else {}
+    )
     # No --model: fine-tune the --pretrained checkpoint as it describes itself, else the tiny default.
     name = cfg.model or (None if cfg.pretrained else DEFAULT_MODEL)
     model, preprocess_train, preprocess_val = create_model_and_transforms(
-        name, cfg.pretrained, image_alpha=cfg.image_alpha, **overrides
+        name, cfg.pretrained, image_alpha=surgery.image_alpha, **overrides
     )
     tokenizer = get_tokenizer(model)
+    _check_model_fits_loss(model, cfg.objective.loss)
+    lock_towers(
+        model,
+        lock_image=surgery.lock_image,
+        image_unlocked_groups=surgery.lock_image_unlocked_groups,
+        freeze_bn_stats=surgery.lock_image_freeze_bn_stats,
+        lock_text=surgery.lock_text,
+        text_unlocked_layers=surgery.lock_text_unlocked_layers,
+    )
+    if surgery.lora_rank:
+        apply_run_lora(model, surgery)
+    if cfg.runtime.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model.to(device), preprocess_train, preprocess_val, tokenizer
+
+
+def _check_model_fits_loss(model: nn.Module, loss: str) -> None:
+    """SigLIP-style losses need a logit bias, coca a captioning decoder: say so before training."""
     from clipforge.objectives.registry import get_spec
 
-    if get_spec(cfg.loss).needs_bias and getattr(model, "logit_bias", None) is None:
+    if get_spec(loss).needs_bias and getattr(model, "logit_bias", None) is None:
         raise ConfigError(
-            f"loss {cfg.loss!r} needs a model with a logit_bias (e.g. tiny-vit-siglip); {model.architecture} has none"
+            f"loss {loss!r} needs a model with a logit_bias (e.g. tiny-vit-siglip); {model.architecture} has none"
         )
-    if cfg.loss == "coca" and getattr(model, "text_decoder", None) is None:
+    if loss == "coca" and getattr(model, "text_decoder", None) is None:
         raise ConfigError(
             f"loss 'coca' needs a CoCa model with a captioning decoder (e.g. tiny-coca, coca_ViT-B-32); "
             f"{model.architecture} has none"
         )
-    lock_towers(
-        model,
-        lock_image=cfg.lock_image,
-        image_unlocked_groups=cfg.lock_image_unlocked_groups,
-        freeze_bn_stats=cfg.lock_image_freeze_bn_stats,
-        lock_text=cfg.lock_text,
-        text_unlocked_layers=cfg.lock_text_unlocked_layers,
-    )
-    if cfg.lora_rank:
-        towers = [
-            name for name, locked in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if not locked
-        ]
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, towers)
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model.to(device), preprocess_train, preprocess_val, tokenizer
 
 
 def build_dataset(
@@ -165,21 +201,22 @@ def build_dataset(
     """Resolve a data spec with ``clipforge.data.build_dataset`` (tables, folders, shards, synthetic)."""
     from clipforge.data.build import build_dataset as build
 
-    options = {**cfg.table_kwargs(), **{k: v for k, v in extra.items() if v is not None}}
+    options = {**cfg.data.table_kwargs(), **{k: v for k, v in extra.items() if v is not None}}
     return build(spec, transform=transform, tokenizer=tokenizer, seed=seed, skip_counter=skips, **options)
 
 
 def build_data(
     cfg: TrainConfig, info: DistInfo, transform: Any, tokenizer: Any, skips: Any
 ) -> ResumableLoader:
-    if not cfg.data:
+    data = cfg.data
+    if not data.train:
         raise ConfigError("no training data: pass --data (a table, folder, shards or synthetic:shapes)")
-    extra_keys = [k for k in [cfg.group_key, *_hard_negative_keys(cfg)] if k]
+    extra_keys = [k for k in [data.group_key, *data.hard_negative_keys()] if k]
     dataset = build_dataset(
-        cfg.data,
+        data.train,
         transform=transform,
         tokenizer=tokenizer,
-        seed=cfg.seed,
+        seed=cfg.runtime.seed,
         skips=skips,
         cfg=cfg,
         rank=info.rank,
@@ -189,33 +226,33 @@ def build_data(
     from clipforge.data.cache import maybe_cache_images
     from clipforge.data.workers import auto_workers
 
-    dataset = maybe_cache_images(cfg, info, dataset)
+    cache = SimpleNamespace(
+        cache_images=data.cache_images, cache_dir=data.cache_dir, output_dir=cfg.output_dir
+    )
+    dataset = maybe_cache_images(cache, info, dataset)
     workers = (
-        cfg.workers if cfg.workers is not None else auto_workers(dataset, info.device.type, info.world_size)
+        data.workers if data.workers is not None else auto_workers(dataset, info.device.type, info.world_size)
     )
     dataset = wrap_objective_items(cfg, dataset)
+    per_step = data.batch_size * cfg.optim.accum_steps
     loader = ResumableLoader(
         dataset,
-        batch_size=cfg.batch_size * cfg.accum_steps,
+        batch_size=per_step,
         num_workers=workers,
-        seed=cfg.seed,
+        seed=cfg.runtime.seed,
         rank=info.rank,
         world_size=info.world_size,
-        steps_per_epoch=cfg.steps_per_epoch,
+        steps_per_epoch=data.steps_per_epoch,
         pin_memory=info.device.type == "cuda",
         drop_last=True,
     )
     if len(loader) < 1:
         size = f"has {len(dataset)} samples" if hasattr(dataset, "__len__") else "is an endless stream"
         raise DataError(
-            f"the training data {size}: no full batch of {cfg.batch_size * cfg.accum_steps} per epoch on "
+            f"the training data {size}: no full batch of {per_step} per epoch on "
             f"{info.world_size} process(es); lower --batch-size (or set --steps-per-epoch for endless streams)"
         )
     return loader
-
-
-def _hard_negative_keys(cfg: TrainConfig) -> list[str]:
-    return [k.strip() for k in (cfg.hard_negative_key or "").split(",") if k.strip()]
 
 
 def wrap_objective_items(cfg: TrainConfig, dataset: Any) -> Any:
@@ -223,13 +260,14 @@ def wrap_objective_items(cfg: TrainConfig, dataset: Any) -> Any:
 
     Only then: plain runs keep ``(image, tokens)`` items, with their exact data order.
     """
+    data, objective = cfg.data, cfg.objective
     wanted = (
-        cfg.loss == "multipos"
-        or cfg.captions_per_image > 1
-        or cfg.group_key
-        or cfg.hard_negative_key
-        or cfg.image_ssl
-        or cfg.distill_features
+        objective.loss == "multipos"
+        or data.captions_per_image > 1
+        or data.group_key
+        or data.hard_negative_key
+        or objective.image_ssl
+        or objective.distill_features
     )
     if not wanted:
         return dataset
@@ -237,12 +275,12 @@ def wrap_objective_items(cfg: TrainConfig, dataset: Any) -> Any:
 
     return ObjectiveItems(
         dataset,
-        captions_per_image=cfg.captions_per_image,
-        group_key=cfg.group_key,
-        hard_negative_keys=_hard_negative_keys(cfg),
-        hard_negatives=cfg.hard_negatives or 1,
-        image_views=cfg.image_ssl is not None,
-        teacher=TeacherFeatures(cfg.distill_features) if cfg.distill_features else None,
+        captions_per_image=data.captions_per_image,
+        group_key=data.group_key,
+        hard_negative_keys=data.hard_negative_keys(),
+        hard_negatives=data.hard_negatives or 1,
+        image_views=objective.image_ssl is not None,
+        teacher=TeacherFeatures(objective.distill_features) if objective.distill_features else None,
     )
 
 
@@ -250,20 +288,20 @@ def build_objective(cfg: TrainConfig, info: DistInfo, student: nn.Module) -> tup
     """The loss callable from the registry (+ SSL and distillation terms) and the on-the-fly teacher."""
     from clipforge.objectives.combined import build_objective as make
 
-    teacher, scale = None, cfg.distill_scale
-    if cfg.distill_model:
+    o = cfg.objective
+    teacher, scale = None, o.distill_scale
+    if o.distill_model:
         teacher = build_teacher(cfg, info.device, student)
         scale = scale if scale is not None else teacher.logit_scale
-    distilling = bool(cfg.distill_model or cfg.distill_features)
     objective = make(
-        cfg.loss,
-        cfg.loss_options(),
+        o.loss,
+        o.loss_options(),
         rank=info.rank,
         world_size=info.world_size,
-        image_ssl=cfg.image_ssl,
-        image_ssl_weight=1.0 if cfg.image_ssl_weight is None else cfg.image_ssl_weight,
-        image_ssl_temperature=cfg.image_ssl_temperature or 0.1,
-        distill_weight=(1.0 if cfg.distill_weight is None else cfg.distill_weight) if distilling else None,
+        image_ssl=o.image_ssl,
+        image_ssl_weight=1.0 if o.image_ssl_weight is None else o.image_ssl_weight,
+        image_ssl_temperature=o.image_ssl_temperature or 0.1,
+        distill_weight=(1.0 if o.distill_weight is None else o.distill_weight) if o.distilling else None,
         distill_scale=scale if scale is not None else 100.0,
     )
     return objective, teacher
@@ -274,12 +312,13 @@ def build_teacher(cfg: TrainConfig, device: torch.device, student: nn.Module) ->
     from clipforge.model.factory import create_model, get_tokenizer
     from clipforge.objectives.distill import OnTheFlyTeacher
 
-    model = create_model(cfg.distill_model, cfg.distill_pretrained).to(device)
+    o = cfg.objective
+    model = create_model(o.distill_model, o.distill_pretrained).to(device)
     ours, theirs = get_tokenizer(student), get_tokenizer(model)
     probe = ["a photo of a cat", "zebra crossing at night"]
     if not torch.equal(torch.as_tensor(ours(probe)), torch.as_tensor(theirs(probe))):
         raise ConfigError(
-            f"--distill-model {cfg.distill_model}: its tokenizer differs from the student's; on-the-fly "
+            f"--distill-model {o.distill_model}: its tokenizer differs from the student's; on-the-fly "
             "distillation reuses the batch's tokens (precompute teacher features with `clipforge embed` instead)"
         )
     s_pre, t_pre = student.preprocess_cfg, model.preprocess_cfg
@@ -290,19 +329,30 @@ def build_teacher(cfg: TrainConfig, device: torch.device, student: nn.Module) ->
 def build_optimizer(
     cfg: TrainConfig, model: nn.Module, total_steps: int
 ) -> tuple[Any, Any, torch.amp.GradScaler]:
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    o = cfg.optim
+    optimizer = make_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     scheduler = build_scheduler(
-        optimizer,
-        cfg.schedule,
-        total_steps,
-        cfg.warmup_steps,
-        cfg.cooldown_steps,
-        cfg.cooldown_power,
-        cfg.min_lr,
+        optimizer, o.schedule, total_steps, o.warmup_steps, o.cooldown_steps, o.cooldown_power, o.min_lr
     )
-    use_scaler = cfg.precision == "fp16"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.runtime.precision == "fp16")
     return optimizer, scheduler, scaler
+
+
+def build_eval_setup(cfg: TrainConfig, info: DistInfo, tokenizer: Any, preprocess: Any) -> EvalSetup | None:
+    """How ``--val-data`` is evaluated during and after training (None without validation data)."""
+    if not cfg.data.val:
+        return None
+    return EvalSetup(
+        val_data=cfg.data.val,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        device=info.device,
+        batch_size=max(64, cfg.data.batch_size),
+        model_name=cfg.model,
+        report_dir=Path(cfg.output_dir) / "eval",
+        table=cfg.data.table_kwargs(),
+        templates=cfg.logging.zeroshot_templates,
+    )
 
 
 def _new_skip_counter() -> Any:
@@ -314,47 +364,53 @@ def _new_skip_counter() -> Any:
 
 
 def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
-    if cfg.precision == "fp16" and info.device.type != "cuda":
+    rt = cfg.runtime
+    if rt.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("precision 'fp16' needs a CUDA device; use fp32 or bf16 on CPU")
-    seed_everything(cfg.seed)  # identical initial weights on every rank
+    seed_everything(rt.seed)  # identical initial weights on every rank
     model, preprocess_train, preprocess_val, tokenizer = build_model(cfg, info.device)
     skips = _new_skip_counter()
     loader = build_data(cfg, info, preprocess_train, tokenizer, skips)
-    total = cfg.max_steps or cfg.epochs * len(loader)
-    strategy = {"auto": "ddp"}.get(cfg.distributed, cfg.distributed)
+    total = cfg.optim.max_steps or cfg.optim.epochs * len(loader)
+    strategy = {"auto": "ddp"}.get(rt.distributed, rt.distributed)
     wrapped = wrap_model(model, info, strategy)  # first: FSDP2 swaps in sharded parameters
     optimizer, scheduler, scaler = build_optimizer(cfg, model, total)
-    if cfg.compile:
+    if rt.compile:
         wrapped = torch.compile(wrapped)
     loss_fn, teacher = build_objective(cfg, info, model)
     task = ContrastiveTask(
-        wrapped, loss_fn, max_logit_scale=cfg.max_logit_scale, ema_decay=cfg.ema_decay, teacher=teacher
+        wrapped,
+        loss_fn,
+        max_logit_scale=cfg.objective.max_logit_scale,
+        ema_decay=cfg.optim.ema_decay,
+        teacher=teacher,
     )
-    run = Run(
-        cfg, info, model, task, optimizer, scheduler, scaler, loader, tokenizer, preprocess_val, skips, total
+    eval_setup = build_eval_setup(cfg, info, tokenizer, preprocess_val)
+    run = Run(cfg, info, model, task, optimizer, scheduler, scaler, loader, total, eval_setup, skips)
+    seed_everything(rt.seed + info.rank)  # per-rank randomness (patch dropout) from here on
+    resume_training(
+        run.states(), resume=cfg.checkpoints.resume, directory=run.ckpt_dir, info=info, config=cfg.flat()
     )
-    seed_everything(cfg.seed + info.rank)  # per-rank randomness (patch dropout) from here on
-    maybe_resume(run)
     return run
 
 
 # =================================================================================================
-# =================================================================================================
-# the loop
+# one step
 # =================================================================================================
 def autocast_factory(cfg: TrainConfig, device: torch.device):
-    if cfg.precision == "fp32":
+    precision = cfg.runtime.precision
+    if precision == "fp32":
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def _grads_finite_norm(run: Run) -> Tensor:
     params = [p for p in run.model.parameters() if p.grad is not None]
-    max_norm = run.cfg.grad_clip_norm if run.cfg.grad_clip_norm else float("inf")
+    clip = run.cfg.optim.grad_clip_norm
     if not params:
         return torch.zeros(())
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -380,11 +436,11 @@ def compute_gradients(
     extras = {k: v.to(device, non_blocking=True) for k, v in (extras or {}).items()}
     run.optimizer.zero_grad(set_to_none=True)
     out = run.task.forward_backward(
-        split_micro_batches(images, tokens, run.cfg.accum_steps, extras),
+        split_micro_batches(images, tokens, run.cfg.optim.accum_steps, extras),
         backward=lambda loss: run.scaler.scale(loss).backward(),
         autocast=autocast,
     )
-    if run.info.distributed and run.cfg.distributed == "fsdp":
+    if run.sharded:
         sync_replicated_grads(run.model)
     return out
 
@@ -421,30 +477,72 @@ def train_step(
     return {**out.metrics, "lr": lr, "grad_norm": float(grad_norm)}
 
 
-def _handle_bad_step(run: Run, rlog: RunLogger) -> None:
-    run.state.bad_steps += 1
-    run.state.bad_in_a_row += 1
-    rlog.write(
-        f"step {run.state.step}: non-finite loss or gradients; step skipped "
-        f"({run.state.bad_in_a_row} in a row, {run.state.bad_steps} total)"
+# =================================================================================================
+# the loop
+# =================================================================================================
+def save_checkpoint(run: Run) -> Path | None:
+    """A training checkpoint of ``run`` now (all ranks call it; rank 0 writes)."""
+    return save_training_checkpoint(
+        run.states(),
+        info=run.info,
+        directory=run.ckpt_dir,
+        step=run.state.step,
+        keep_last=run.cfg.checkpoints.keep_last,
+        config=run.cfg.to_dict(),
     )
-    rlog.log(run.state.step, {"skipped": True, "bad_steps": run.state.bad_steps})
-    if run.state.bad_in_a_row >= run.cfg.max_bad_steps:
+
+
+def run_evaluation(run: Run, rlog: RunLogger) -> dict[str, Any]:
+    """Evaluate the EMA weights (if kept, else the model) on rank 0; the others wait."""
+    metrics: dict[str, Any] = {}
+    if run.info.is_main and run.eval_setup is not None:
+        model = run.task.ema.module if run.task.ema is not None else run.model
+        metrics = evaluate(model, run.eval_setup)
+        rlog.evaluation(run.state.step, run.state.epoch, metrics)
+        run.model.train()
+    barrier()
+    return metrics
+
+
+def export_final_model(run: Run) -> Path | None:
+    """``output_dir/final`` (and ``final-ema``) from rank 0; an FSDP run gathers the weights first."""
+    model = run.model
+    if run.sharded:
+        full = run.states()["model"].state_dict()  # collective: every rank takes part
+        if not run.info.is_main:
+            return None
+        model = unsharded_twin(run.model, full, run.cfg.surgery)
+    if not run.info.is_main:
+        return None
+    ema = run.task.ema.module if run.task.ema is not None else None
+    return save_final_model(model, run.cfg.output_dir, ema)
+
+
+def _handle_bad_step(run: Run, rlog: RunLogger) -> None:
+    state = run.state
+    state.bad_steps += 1
+    state.bad_in_a_row += 1
+    rlog.write(
+        f"step {state.step}: non-finite loss or gradients; step skipped "
+        f"({state.bad_in_a_row} in a row, {state.bad_steps} total)"
+    )
+    rlog.log(state.step, {"skipped": True, "bad_steps": state.bad_steps})
+    if state.bad_in_a_row >= run.cfg.runtime.max_bad_steps:
         last = ckpt.list_checkpoints(run.ckpt_dir)
         where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
         raise TrainingDivergedError(
-            f"aborting at step {run.state.step}: {run.state.bad_in_a_row} consecutive steps had NaN/Inf loss or "
+            f"aborting at step {state.step}: {state.bad_in_a_row} consecutive steps had NaN/Inf loss or "
             f"gradients; {where}. Try a lower --lr, --grad-clip-norm 1.0, or --precision fp32"
         )
 
 
-def _install_sigterm(run: Run) -> Any:
+def _install_sigterm(stop: threading.Event) -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum: int, frame: Any) -> None:
         log.warning("SIGTERM: finishing this step, writing a checkpoint, then exiting")
-        run.stop.set()
+        stop.set()
 
     return signal.signal(signal.SIGTERM, handler)
 
@@ -452,102 +550,104 @@ def _install_sigterm(run: Run) -> Any:
 def _end_of_epoch(run: Run, rlog: RunLogger, eval_metrics: dict[str, Any]) -> bool:
     """Periodic evaluation (into ``eval_metrics``) and epoch checkpoint; True if it evaluated."""
     cfg, state = run.cfg, run.state
-    evaluated = bool(cfg.val_data and cfg.eval_every_epochs and state.epoch % cfg.eval_every_epochs == 0)
+    every = cfg.logging.eval_every_epochs
+    evaluated = bool(cfg.data.val and every and state.epoch % every == 0)
     if evaluated:
         eval_metrics.clear()
-        eval_metrics.update(evaluate(run, rlog))
-    if cfg.save_every_epochs and state.epoch % cfg.save_every_epochs == 0 and state.step < run.total_steps:
-        save_training_checkpoint(run)
+        eval_metrics.update(run_evaluation(run, rlog))
+    save_every = cfg.checkpoints.save_every_epochs
+    if save_every and state.epoch % save_every == 0 and state.step < run.total_steps:
+        save_checkpoint(run)
     return evaluated
+
+
+def _finished(run: Run) -> bool:
+    """All steps taken, or all epochs (``max_steps``, when given, overrides epochs)."""
+    optim, state = run.cfg.optim, run.state
+    return state.step >= run.total_steps or (not optim.max_steps and state.epoch >= optim.epochs)
+
+
+def _train_epoch(
+    run: Run, rlog: RunLogger, autocast: Any, stop: threading.Event, losses: list[float]
+) -> None:
+    """Steps until the loader's epoch ends, the run is done or a SIGTERM arrived (on any rank)."""
+    state, every = run.state, run.cfg.checkpoints.save_every_steps
+    for batch in run.loader:
+        images, tokens, extras = unpack_batch(batch)
+        metrics = train_step(run, images, tokens, autocast, extras)
+        if metrics is None:
+            _handle_bad_step(run, rlog)
+        else:
+            state.bad_in_a_row = 0
+            losses.append(metrics["loss"])
+        rlog.step(state.step, state.samples_seen, metrics, state.epoch)
+        if any_rank(stop.is_set(), run.info.device) if run.info.distributed else stop.is_set():
+            stop.set()
+            return
+        if state.step >= run.total_steps:
+            return
+        # No periodic checkpoint in the middle of a NaN streak: the last one stays the last good one.
+        if every and state.step % every == 0 and not state.bad_in_a_row:
+            save_checkpoint(run)
 
 
 def fit(run: Run) -> TrainResult:
     """Epochs of steps; checkpoints on schedule; stops cleanly on SIGTERM."""
     cfg, state = run.cfg, run.state
-    autocast = autocast_factory(cfg, run.info.device)
     rlog = RunLogger(
         cfg.output_dir,
         enabled=run.info.is_main,
-        tensorboard=cfg.tensorboard,
-        progress=cfg.progress,
+        tensorboard=cfg.logging.tensorboard,
+        progress=cfg.logging.progress,
         total_steps=run.total_steps,
         initial_step=state.step,
+        log_every=cfg.logging.log_every,
+        initial_samples=state.samples_seen,
     )
-    previous_handler = _install_sigterm(run)
+    stop, losses = threading.Event(), []
+    previous_handler = _install_sigterm(stop)
+    autocast = autocast_factory(cfg, run.info.device)
     eval_metrics: dict[str, Any] = {}  # the latest evaluation's
     eval_step = -1
-    start, start_samples = time.perf_counter(), state.samples_seen
-    window_t, window_samples = time.perf_counter(), state.samples_seen
     run.model.train()
     run.task.model.train()
     try:
-        while not run.stop.is_set():
+        while not stop.is_set():
             if run.loader.epoch > state.epoch:  # an epoch ended (possibly just before a resume)
                 state.epoch = run.loader.epoch
                 if _end_of_epoch(run, rlog, eval_metrics):
                     eval_step = state.step
-            if state.step >= run.total_steps or (not cfg.max_steps and state.epoch >= cfg.epochs):
-                break  # max_steps, when given, overrides epochs
-            for batch in run.loader:
-                images, tokens, extras = unpack_batch(batch)
-                metrics = train_step(run, images, tokens, autocast, extras)
-                if metrics is None:
-                    _handle_bad_step(run, rlog)
-                else:
-                    state.bad_in_a_row = 0
-                    run.losses.append(metrics["loss"])
-                now = time.perf_counter()
-                sps = (state.samples_seen - window_samples) / max(now - window_t, 1e-9)
-                if metrics is not None:
-                    rlog.progress(
-                        1, loss=f"{metrics['loss']:.4f}", sps=f"{sps:.1f}", lr=f"{metrics['lr']:.2e}"
-                    )
-                else:
-                    rlog.progress(1)
-                if metrics is not None and (state.step % cfg.log_every == 0 or state.step == run.total_steps):
-                    rlog.log(state.step, {**metrics, "epoch": state.epoch, "samples_per_s": sps})
-                    window_t, window_samples = now, state.samples_seen
-                stop = (
-                    any_rank(run.stop.is_set(), run.info.device)
-                    if run.info.distributed
-                    else run.stop.is_set()
-                )
-                if stop:
-                    run.stop.set()
-                    break
-                if state.step >= run.total_steps:
-                    break
-                # No periodic checkpoint in the middle of a NaN streak: the last one stays the last good one.
-                if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and not state.bad_in_a_row:
-                    save_training_checkpoint(run)
-        last = save_training_checkpoint(run)
-        if run.stop.is_set():
+            if _finished(run):
+                break
+            _train_epoch(run, rlog, autocast, stop, losses)
+        last = save_checkpoint(run)
+        if stop.is_set():
             rlog.write(f"stopped by SIGTERM at step {state.step}; continue with --resume latest")
-        elif cfg.val_data and eval_step != state.step:  # not evaluated at this very step yet
-            eval_metrics = evaluate(run, rlog)
-        final_dir = None if run.stop.is_set() else save_final_model(run)
+        elif cfg.data.val and eval_step != state.step:  # not evaluated at this very step yet
+            eval_metrics = run_evaluation(run, rlog)
+        final_dir = None if stop.is_set() else export_final_model(run)
     finally:
         rlog.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    wall = time.perf_counter() - start
+    sps, wall = rlog.samples_per_second(state.samples_seen)
     result = TrainResult(
         output_dir=str(cfg.output_dir),
         final_model_dir=str(final_dir) if final_dir else None,
         last_checkpoint=str(last) if last else None,
         steps=state.step,
         epochs=state.epoch,
-        final_loss=run.losses[-1] if run.losses else None,
+        final_loss=losses[-1] if losses else None,
         skipped_steps=state.bad_steps,
         skipped_samples=run.skips.counts() if run.skips is not None else {},
-        samples_per_second=(state.samples_seen - start_samples) / max(wall, 1e-9),
+        samples_per_second=sps,
         wall_time_s=wall,
-        interrupted=run.stop.is_set(),
+        interrupted=stop.is_set(),
         eval_metrics=eval_metrics,
-        loss_history=list(run.losses),
+        loss_history=losses,
     )
     if run.info.is_main:
-        write_summary(run, result)
+        write_summary(result, cfg.output_dir)
     return result
 
 
@@ -566,7 +666,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     configure_runtime(cfg)
     already = torch.distributed.is_available() and torch.distributed.is_initialized()
-    info = setup_distributed(cfg.device)
+    info = setup_distributed(cfg.runtime.device)
     owns_group = info.distributed and not already  # leave a caller's process group alone
     try:
         if info.is_main:
@@ -574,7 +674,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             cfg.save(Path(cfg.output_dir) / run_config_name())
         run = build_run(cfg, info)
         if info.is_main:
-            save_model_config(run)
+            save_model_config(run.model, cfg.output_dir)
         return fit(run)
     finally:
         if owns_group:
