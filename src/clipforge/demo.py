@@ -141,7 +141,7 @@ def train_demo_model(
     from clipforge.train.trainer import train
 
     _register_model()
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         data=f"synthetic:shapes?n={settings.train_samples}&split=train&image_size={IMAGE_SIZE}",
         model=model,
         loss=loss,
