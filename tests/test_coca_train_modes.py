@@ -67,7 +67,9 @@ def _train_records(folder) -> list[dict]:
 def test_lit_locks_the_whole_image_tower_while_the_decoder_learns(tmp_path):
     torch.manual_seed(BASE["seed"])
     initial = clipforge.create_model("tiny-coca").state_dict()
-    result = _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path), max_steps=6, lock_image=True, **BASE))
+    result = _threads_kept(
+        train, TrainConfig.from_flat(output_dir=str(tmp_path), max_steps=6, lock_image=True, **BASE)
+    )
     assert result.steps == 6
     final = _weights(tmp_path)
     visual = [k for k in initial if k.startswith("visual.")]
@@ -104,7 +106,9 @@ def test_resume_after_a_crash_repeats_the_loss_curve_exactly(tmp_path, monkeypat
         with pytest.raises(_Crash):
             _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg))
     assert not (tmp_path / "run" / "final").exists()
-    resumed = _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
+    resumed = _threads_kept(
+        train, TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg)
+    )
     assert resumed.steps == 8
     want = {r["step"]: r for r in _train_records(tmp_path / "ref")}
     got = {r["step"]: r for r in _train_records(tmp_path / "run")}  # steps 5.. come from the resumed run
@@ -141,7 +145,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
     from clipforge.train.distributed import setup_distributed
 
     info = setup_distributed("cpu")
-    cfg = TrainConfig.from_flat(output_dir=os.path.join(out_dir, "run"), distributed=strategy, epochs=1, **BASE)
+    cfg = TrainConfig.from_flat(
+        output_dir=os.path.join(out_dir, "run"), distributed=strategy, epochs=1, **BASE
+    )
     grads, images, tokens = first_step_grads(cfg, info)
     result = train(cfg.replace(max_steps=2))  # the whole loop, with the caption terms logged
     torch.save({"grads": grads, "images": images, "tokens": tokens, "steps": result.steps},

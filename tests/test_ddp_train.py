@@ -65,7 +65,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
     from clipforge.train.trainer import train
 
     info = setup_distributed("cpu")
-    cfg = TrainConfig.from_flat(output_dir=os.path.join(out_dir, "run"), batch_size=8, distributed=strategy, **BASE)
+    cfg = TrainConfig.from_flat(
+        output_dir=os.path.join(out_dir, "run"), batch_size=8, distributed=strategy, **BASE
+    )
     grads, images = first_step_grads(cfg, info)
     torch.save({"grads": grads, "images": images}, os.path.join(out_dir, f"rank{rank}.pt"))
     result = train(cfg.replace(max_steps=2, save_every_steps=1, grad_clip_norm=1.0))  # the whole loop

@@ -196,7 +196,9 @@ def test_resume_mid_epoch_on_shards_is_exact(tmp_path, monkeypatch):
         ref = train(TrainConfig.from_flat(output_dir=str(tmp_path / "ref"), **cfg))
         assert ref.steps == 12
         _train_until_crash(
-            TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg), crash_at=5, monkeypatch=monkeypatch
+            TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg),
+            crash_at=5,
+            monkeypatch=monkeypatch,
         )
         resumed = train(TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
     finally:
