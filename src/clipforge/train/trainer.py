@@ -591,6 +591,36 @@ def _train_epoch(
             save_checkpoint(run)
 
 
+def _result(
+    run: Run,
+    rlog: RunLogger,
+    losses: list[float],
+    eval_metrics: dict[str, Any],
+    *,
+    last: Path | None,
+    final_dir: Path | None,
+    interrupted: bool,
+) -> TrainResult:
+    """What ``fit`` returns (and ``summary.json`` holds)."""
+    state = run.state
+    sps, wall = rlog.samples_per_second(state.samples_seen)
+    return TrainResult(
+        output_dir=str(run.cfg.output_dir),
+        final_model_dir=str(final_dir) if final_dir else None,
+        last_checkpoint=str(last) if last else None,
+        steps=state.step,
+        epochs=state.epoch,
+        final_loss=losses[-1] if losses else None,
+        skipped_steps=state.bad_steps,
+        skipped_samples=run.skips.counts() if run.skips is not None else {},
+        samples_per_second=sps,
+        wall_time_s=wall,
+        interrupted=interrupted,
+        eval_metrics=eval_metrics,
+        loss_history=losses,
+    )
+
+
 def fit(run: Run) -> TrainResult:
     """Epochs of steps; checkpoints on schedule; stops cleanly on SIGTERM."""
     cfg, state = run.cfg, run.state
@@ -630,21 +660,8 @@ def fit(run: Run) -> TrainResult:
         rlog.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    sps, wall = rlog.samples_per_second(state.samples_seen)
-    result = TrainResult(
-        output_dir=str(cfg.output_dir),
-        final_model_dir=str(final_dir) if final_dir else None,
-        last_checkpoint=str(last) if last else None,
-        steps=state.step,
-        epochs=state.epoch,
-        final_loss=losses[-1] if losses else None,
-        skipped_steps=state.bad_steps,
-        skipped_samples=run.skips.counts() if run.skips is not None else {},
-        samples_per_second=sps,
-        wall_time_s=wall,
-        interrupted=stop.is_set(),
-        eval_metrics=eval_metrics,
-        loss_history=losses,
+    result = _result(
+        run, rlog, losses, eval_metrics, last=last, final_dir=final_dir, interrupted=stop.is_set()
     )
     if run.info.is_main:
         write_summary(result, cfg.output_dir)
