@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.device import resolve_device  # (also imported from here by callers and tests)
 from clipforge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -241,19 +242,6 @@ def _variants(model: nn.Module, names: list[str], device: torch.device) -> dict[
         else:
             built[variant] = variant  # onnxruntime sessions are created per tower below
     return {k: v for k, v in built.items() if v is not None}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None: the GPU when one is visible, else the CPU; a clear error for a missing one."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is visible to PyTorch")
-    return dev
 
 
 def run_bench(

@@ -7,7 +7,13 @@ import json
 import sys
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
-from clipforge.commands._model_options import add_model_argument, model_argument
+from clipforge.commands._model_options import (
+    add_device_argument,
+    add_model_argument,
+    add_pretrained_argument,
+    device_argument,
+    model_argument,
+)
 from clipforge.commands._options import add_table_arguments, table_options
 
 
@@ -22,11 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGES", help="folder, image file/pattern, table or shards")
     add_model_argument(p)
-    p.add_argument("--pretrained", default=None, help="weights: a tag, a path or hf-hub:org/name")
+    add_pretrained_argument(p)
     add_image_alpha_argument(p)
     p.add_argument("--out", default=None, help="JSONL file to write (default: print to stdout)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_generation_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed for top-k/top-p sampling")
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.captioning import caption_images
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = device_argument(args)
     model, _, preprocess = create_model_and_transforms(
         model_argument(args), pretrained=args.pretrained, device=device, image_alpha=image_alpha(args)
     )

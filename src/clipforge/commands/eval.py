@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
-from clipforge.commands._model_options import add_model_argument, model_argument
+from clipforge.commands._model_options import (
+    add_device_argument,
+    add_model_argument,
+    add_pretrained_argument,
+    device_argument,
+    model_argument,
+)
 from clipforge.commands._options import add_table_arguments, table_kwargs
 from clipforge.commands.caption import add_generation_arguments, generation_options
 
@@ -26,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_argument(p)
-    p.add_argument("--pretrained", help="weights: tag, hf-hub:org/name, checkpoint file or folder")
+    add_pretrained_argument(p)
     add_image_alpha_argument(p)
     p.add_argument("--task", choices=TASKS, default="zeroshot")
     p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
@@ -50,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output", metavar="FILE", help="result JSON (default results.json when --report is not given)"
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--split", default=None, help="dataset split for torchvision/synthetic data")
@@ -78,14 +84,6 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -99,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.eval.runner import evaluate, format_examples, format_summary
     from clipforge.model.factory import create_model_and_transforms, get_tokenizer
 
-    device = _device(args.device)
+    device = device_argument(args)
     model, _, preprocess = create_model_and_transforms(
         args.model, args.pretrained, device=device, image_alpha=image_alpha(args)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
+from clipforge.commands._model_options import add_device_argument, device_argument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--dedup", action="store_true", help="drop near-identical results")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     add_image_alpha_argument(p)  # for --image queries; the index's embed run should have used the same
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ClipforgeError("give a text query, --image or --image-id")
     if args.k <= 0:
         raise ClipforgeError(f"-k must be positive, got {args.k}")
-    searcher = Searcher(args.index, device=args.device, image_alpha=image_alpha(args))
+    searcher = Searcher(args.index, device=device_argument(args), image_alpha=image_alpha(args))
     results = searcher.search(
         text=args.text,
         image=args.image,

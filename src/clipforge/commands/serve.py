@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
+from clipforge.commands._model_options import add_device_argument, device_argument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("index", help="index folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     add_image_alpha_argument(p)  # for image queries
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted image upload")
     p.add_argument("--max-k", type=int, default=100, help="largest k a client may ask for")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         args.index,
         host=args.host,
         port=args.port,
-        device=args.device,
+        device=device_argument(args),
         image_alpha=image_alpha(args),
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_k=args.max_k,

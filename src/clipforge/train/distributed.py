@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clipforge.device import resolve_device
 from clipforge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
-    """``auto`` picks this process's GPU under torchrun, else CPU."""
-    if name in (None, "auto"):
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def setup_distributed(device: str | None = "auto", timeout_s: float = 1800.0) -> DistInfo:
