@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.errors import ClipforgeError
+from clipforge.text_table import format_columns
 
 # our task names on the CLI -> CLIP_benchmark's names in the JSON
 TASK_NAMES = {
@@ -197,19 +198,14 @@ def _headline_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A plain-text table for the terminal (headline metrics by default)."""
     columns = list(columns or _headline_columns(rows))
-    short = {
-        c: c.replace("_retrieval_recall@", " R@").replace("mean_per_class_recall", "mean_recall")
+    header = [
+        c.replace("_retrieval_recall@", " R@").replace("mean_per_class_recall", "mean_recall")
         for c in columns
-    }
+    ]
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4f}"
         return "" if v is None else str(v)
 
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(short[c]), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(short[c].ljust(w) for c, w in zip(columns, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+    return format_columns(header, [[fmt(r.get(c)) for c in columns] for r in rows], rule=True)
