@@ -65,7 +65,7 @@ def build_dataset(
             opts["split"] = "val"  # evaluation data must not be the training stream
         return SyntheticShapes(transform=transform, tokenizer=tokenizer, **opts)
     if kind == "shards":
-        from clipforge.data.shards import ShardDataset
+        from clipforge.data.shard_reader import ShardDataset
 
         shard_kw = {k: kw[k] for k in _SHARD_KW if k in kw}
         return ShardDataset(path, skip_counter=counter, **common, **shard_kw, **img_kw)

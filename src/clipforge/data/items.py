@@ -86,7 +86,7 @@ def list_items(source: str | os.PathLike | Sequence[str], options: TableOptions 
             Item(str(Path(p).resolve()), _sibling_caption(Path(p)), source=spec) for p in expand_paths(spec)
         ]
     if kind == "shards":
-        from clipforge.data.shards import expand_urls
+        from clipforge.data.shard_reader import expand_urls
 
         return [it for url in expand_urls(spec) for it in _tar_items(url)]
     if kind in ("table", "tables"):
@@ -103,7 +103,7 @@ def _sibling_caption(image: Path) -> str:
 
 def _tar_items(url: str) -> list[Item]:
     """A shard's samples via the one tar index (headers only); captions read from their offsets."""
-    from clipforge.data.shards import IMAGE_EXTS, ShardIndex
+    from clipforge.data.shard_reader import IMAGE_EXTS, ShardIndex
 
     index = ShardIndex.build(url)
     path = str(Path(url).resolve())

@@ -7,7 +7,7 @@ continue the interrupted epoch with exactly the batches the uninterrupted run wo
 * Map-style datasets (tables, folders, synthetic, mixes): a seeded per-epoch permutation split
   across ranks like ``DistributedSampler``; the state is (epoch, batches consumed) and resuming
   starts the sampler at that offset. Workers do not matter: the sampler runs in this process.
-* Shard streams (:class:`~clipforge.data.shards.ShardDataset`): every sample carries its
+* Shard streams (:class:`~clipforge.data.shard_reader.ShardDataset`): every sample carries its
   (worker slot, stream position); the loader keeps the next position of each slot plus the
   slot of the last batch, so a resumed DataLoader replays each worker's stream from where
   it stopped and starts its round-robin at the right worker. Needs the same ``num_workers``
@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from clipforge.data.rng import isolated_rng, mix_seed, seed_all
-from clipforge.data.shards import ShardDataset, batches_per_worker
+from clipforge.data.shard_reader import ShardDataset, batches_per_worker
 from clipforge.errors import DataError
 
 logger = logging.getLogger(__name__)

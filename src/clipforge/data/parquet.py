@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clipforge.data.table_rows import Table, TableOptions, add_row, pick_columns
 from clipforge.errors import DataError
 
 CACHED_ROW_GROUPS = 2
@@ -130,10 +131,10 @@ def image_bytes_column(path: str) -> str:
     raise DataError(f"{path}: no column holds image bytes (binary or {{bytes, path}})")
 
 
-def read_parquet_table(path: Path, options: Any, base: str, issue: Any, captions: bool = True) -> Any:
+def read_parquet_table(
+    path: Path, options: TableOptions, base: str, issue: Any, captions: bool = True
+) -> Table:
     """List a parquet table's rows (see :func:`clipforge.data.tables.read_table`)."""
-    from clipforge.data.tables import Table, add_row, pick_columns
-
     pq = _pyarrow()
     try:
         pf = pq.ParquetFile(str(path))
@@ -174,10 +175,8 @@ def read_parquet_table(path: Path, options: Any, base: str, issue: Any, captions
     return table
 
 
-def merge_tables(tables: Sequence[Any]) -> Any:
-    """One :class:`~clipforge.data.tables.Table` from several (a folder or pattern of shards)."""
-    from clipforge.data.tables import Table
-
+def merge_tables(tables: Sequence[Table]) -> Table:
+    """One :class:`~clipforge.data.table_rows.Table` from several (a folder or pattern of shards)."""
     if len(tables) == 1:
         return tables[0]
     out = Table(", ".join(t.source for t in tables[:3]) + (" ..." if len(tables) > 3 else ""))
