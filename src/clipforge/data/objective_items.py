@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clipforge.data.column_tables import read_table
+from clipforge.data.embeddings import iter_embedding_chunks, load_manifest
 from clipforge.data.pairs import transform_pair
 from clipforge.errors import DataError
 
@@ -130,9 +132,6 @@ class TeacherFeatures:
     """
 
     def __init__(self, emb_dir: str | Path) -> None:
-        from clipforge.search.embed import iter_embedding_chunks, load_manifest
-        from clipforge.search.tables import read_table
-
         emb_dir = Path(emb_dir)
         manifest = load_manifest(emb_dir)
         if not manifest.get("has_text"):

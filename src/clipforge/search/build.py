@@ -31,6 +31,7 @@ import numpy as np
 
 from clipforge.errors import DataError
 from clipforge.search import sharding
+from clipforge.search.faiss_lib import load_faiss
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def train_to(path: Path, index: Any, sample: np.ndarray) -> None:
     """Train the empty ``index`` on ``sample`` and save it (step 1, rank 0)."""
     from clipforge.atomic import atomic_path
 
-    faiss = _faiss()
+    faiss = load_faiss()
     index.train(sample)
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
@@ -160,7 +161,7 @@ def build_parts(
 
     from clipforge.atomic import atomic_path
 
-    faiss = _faiss()
+    faiss = load_faiss()
     base = faiss.read_index(str(trained))
     size = size or part_rows(faiss.extract_index_ivf(base).code_size, budget)
     bounds = [(b, min(b + size, len(rows))) for b in range(start, len(rows), size)]
@@ -186,7 +187,7 @@ def build_parts(
 def merge_parts(trained: Path, parts: Sequence[Path], ivfdata: Path, before: Any = None) -> Any:
     """One index whose inverted lists (in ``ivfdata``) concatenate ``before``'s lists (an existing
     index, for ``index --add``) and the parts', in that order (step 3, rank 0)."""
-    faiss = _faiss()
+    faiss = load_faiss()
     index = faiss.read_index(str(trained))
     ivf = faiss.extract_index_ivf(index)
     sources = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in parts]  # kept alive: lists are views
@@ -213,7 +214,7 @@ def merge_parts(trained: Path, parts: Sequence[Path], ivfdata: Path, before: Any
 def read_ondisk(path: Path, ivfdata: Path) -> Any:
     """Read an index whose lists live in ``ivfdata`` (memory-mapped read-only), wherever the folder
     was moved: the file name stored inside the index is replaced by the real one."""
-    faiss = _faiss()
+    faiss = load_faiss()
     index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA)
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     if type(lists).__name__ != "OnDiskInvertedLists":
@@ -248,9 +249,3 @@ def _quiet_stdout() -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def _faiss() -> Any:
-    from clipforge.search.index import _faiss as load
-
-    return load()

@@ -34,12 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from clipforge.data.items import Item, list_items
-from clipforge.data.tables import TableOptions
-from clipforge.errors import DataError
-from clipforge.model.architecture import config_record, model_label
-from clipforge.search import sharding
-from clipforge.search.tables import (
+from clipforge.data.column_tables import (
     atomic_save_npy,
     atomic_write_json,
     read_json,
@@ -47,12 +42,17 @@ from clipforge.search.tables import (
     table_suffix,
     write_table,
 )
+from clipforge.data.embeddings import MANIFEST_FILE, iter_embedding_chunks, load_manifest
+from clipforge.data.items import Item, list_items
+from clipforge.data.tables import TableOptions
+from clipforge.errors import DataError
+from clipforge.model.architecture import config_record, model_label
+from clipforge.search import sharding
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Item", "embed_images", "iter_embedding_chunks", "list_items", "load_manifest"]
 STATE_FILE = "embed_state.json"
-MANIFEST_FILE = "embed_manifest.json"
 LAYOUT = "per-input"  # output shards cut per input shard (one input: global ranges, as before)
 
 
@@ -456,23 +456,3 @@ def _shard_record(out: Path, s: int, span: Span) -> dict[str, Any]:
         "items": rec.get("items", [span.start, span.end]),
         "inputs": rec.get("inputs", []),
     }
-
-
-# --------------------------------------------------------------------------- reading back
-def load_manifest(emb_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(emb_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise DataError(f"{emb_dir}: no {MANIFEST_FILE}; run `clipforge embed` first (or it did not finish)")
-    return read_json(path)
-
-
-def iter_embedding_chunks(emb_dir: str | os.PathLike, kind: str = "image"):
-    """Yield the stored shards in order as memory-mapped arrays (float16 or float32)."""
-    emb_dir = Path(emb_dir)
-    for shard in load_manifest(emb_dir)["shards"]:
-        name = shard["image" if kind == "image" else "text"]
-        if name is None:
-            raise DataError(f"{emb_dir}: no {kind} embeddings stored")
-        arr = np.load(emb_dir / name, mmap_mode="r")
-        if arr.shape[0]:
-            yield arr

@@ -50,20 +50,19 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.errors import ClipforgeError, DataError
-from clipforge.search import build as streamed
-from clipforge.search import sharding
-from clipforge.search.embed import iter_embedding_chunks, load_manifest
-from clipforge.search.tables import (
-    MAPPED_SUFFIX,
+from clipforge.data.column_tables import (
     atomic_write_json,
     find_table,
     iter_table_chunks,
-    open_metadata,
     read_json,
     read_table,
-    write_mapped_table_chunks,
 )
+from clipforge.data.embeddings import iter_embedding_chunks, load_manifest
+from clipforge.errors import ClipforgeError, DataError
+from clipforge.search import build as streamed
+from clipforge.search import sharding
+from clipforge.search.faiss_lib import load_faiss
+from clipforge.search.tables import MAPPED_SUFFIX, open_metadata, write_mapped_table_chunks
 
 log = logging.getLogger(__name__)
 
@@ -209,25 +208,15 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: int | str | Non
 
 
 # --------------------------------------------------------------------------- building
-def _faiss():
-    # faiss's loader reports at INFO which CPU build it picked: noise on every CLI command
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
-        import faiss
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ClipforgeError("faiss is not installed: pip install 'clipforge[search]'") from e
-    return faiss
-
-
 def _metric(metric: str):
-    faiss = _faiss()
+    faiss = load_faiss()
     if metric not in ("ip", "l2"):
         raise SearchIndexError(f"metric must be 'ip' or 'l2', got {metric!r}")
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
 def _new_index(plan: IndexPlan, dim: int, metric: str):
-    faiss = _faiss()
+    faiss = load_faiss()
     mt = _metric(metric)
     p = plan.params
     if plan.kind == "flat":
@@ -266,7 +255,7 @@ def _new_index(plan: IndexPlan, dim: int, metric: str):
 def omp_threads(n_vectors: int):
     """One OpenMP thread for small collections: on a busy machine faiss's spinning threads cost
     far more than they save when each parallel region only holds microseconds of work."""
-    faiss = _faiss()
+    faiss = load_faiss()
     before = faiss.omp_get_max_threads()
     if n_vectors < SMALL_PARALLEL:
         faiss.omp_set_num_threads(1)
@@ -312,7 +301,7 @@ def build_index(
     the parts of an IVF build are split over the ranks and rank 0 merges them; every rank
     returns the manifest. ``part_rows`` sets the vectors per part (default: from the budget).
     """
-    _faiss()  # fail before any work if faiss is missing
+    load_faiss()  # fail before any work if faiss is missing
     emb_manifest = load_manifest(emb_dir)
     n, dim = int(emb_manifest["count"]), int(emb_manifest["dim"])
     if n == 0:
@@ -465,7 +454,7 @@ def _next_generation(out: Path) -> int:
 def _save(out: Path, index: Any, meta: Iterable[dict[str, list[Any]]], manifest: dict[str, Any]) -> None:
     """Write index + metadata (row chunks) of the new generation, then the manifest, then drop
     old files (an on-disk index's ``.ivfdata`` was written by the merge and is live already)."""
-    faiss = _faiss()
+    faiss = load_faiss()
     from clipforge.atomic import atomic_path
 
     with atomic_path(out / manifest["index_file"]) as tmp:
@@ -490,7 +479,7 @@ def _save(out: Path, index: Any, meta: Iterable[dict[str, list[Any]]], manifest:
 
 # --------------------------------------------------------------------------- search + calibration
 def set_search_params(index: Any, params: dict[str, Any]) -> None:
-    faiss = _faiss()
+    faiss = load_faiss()
     if "nprobe" in params:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     if "efSearch" in params:
@@ -582,7 +571,7 @@ def calibrate(
     if kind == "hnsw":
         knob, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
     else:
-        nlist = _faiss().extract_index_ivf(index).nlist
+        nlist = load_faiss().extract_index_ivf(index).nlist
         values = sorted(
             {
                 v
@@ -648,7 +637,7 @@ def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_index(index_dir: str | os.PathLike, *, mmap: bool = True) -> tuple[Any, dict[str, Any]]:
     """The faiss index (memory-mapped where faiss supports it) with search params applied."""
-    faiss = _faiss()
+    faiss = load_faiss()
     manifest = read_manifest(index_dir)
     path = str(Path(index_dir) / manifest["index_file"])
     if not os.path.isfile(path):
@@ -688,7 +677,7 @@ def _mmap_flags(faiss: Any, kind: str) -> int:
 
 def is_memory_mapped(index: Any, kind: str) -> bool:
     """Whether the bulk of ``index`` (vectors / inverted lists) is backed by the file, not the heap."""
-    faiss = _faiss()
+    faiss = load_faiss()
     if kind in ("ivf", "ivfpq"):
         invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
         return type(invlists).__name__ == "OnDiskInvertedLists"
