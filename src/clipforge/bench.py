@@ -263,7 +263,6 @@ def run_bench(
     :func:`clipforge.inference.encode_texts` (length bucketing), open_clip plain batches.
     ``device``: ``"cpu"``, ``"cuda"``, ``"auto"``; the onnx variants always run on the CPU.
     """
-    from clipforge.inference import encode_texts
     from clipforge.tokenizer import Tokenizer
 
     if threads:
@@ -274,44 +273,58 @@ def run_bench(
     model = model.eval().float().cpu()
     built = _variants(model, variants, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    rows: list[BenchRow] = []
     size = model.config.vision.image_size
     images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
     tokens = Tokenizer(model.config.text.context_length)(
         realistic_captions(num_texts or 4 * batch_size, seed=seed)
     )
-
-    def on(m: Any, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the variant's device (pixels also in its dtype), moved once, before timing."""
-        param = next(m.parameters(), None)
-        if param is None:
-            return x
-        return x.to(param.device, dtype=param.dtype if x.is_floating_point() else None)
-
-    def text_fn(m: Any) -> Callable[[], torch.Tensor]:
-        if m in ("onnx", "onnx-int8"):
-            tower = OnnxTower(model, "text", threads, int8=m == "onnx-int8")
-            return lambda: torch.cat(
-                [tower(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
-            )
-        if getattr(m, "text", None) is not None and hasattr(m.text, "trim"):  # clipforge
-            return lambda: encode_texts(m, tokens, batch_size=batch_size, normalize=False)
-        chunks = [on(m, tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
-        return lambda: torch.cat([m.encode_text(c) for c in chunks])
-
-    def image_fn(m: Any) -> Callable[[], torch.Tensor]:
-        if m in ("onnx", "onnx-int8"):
-            tower = OnnxTower(model, "image", threads, int8=m == "onnx-int8")
-            return lambda: tower(images)
-        inputs = on(m, images)
-        return lambda: m.encode_image(inputs)
-
+    rows: list[BenchRow] = []
     for kind in kinds:
-        make, count = (image_fn, batch_size) if kind == "image" else (text_fn, len(tokens))
-        fns = {variant: make(m) for variant, m in built.items()}
+        if kind == "image":
+            fns = {v: _image_call(m, model, images, threads) for v, m in built.items()}
+            count = batch_size
+        else:
+            fns = {v: _text_call(m, model, tokens, batch_size, threads) for v, m in built.items()}
+            count = len(tokens)
         for c in compare_variants(fns, count, rounds=rounds, sync=sync):
             rows.append(BenchRow(**asdict(c), kind=kind, batch_size=batch_size))
     return rows
+
+
+def _on(m: Any, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the variant's device (pixels also in its dtype), moved once, before timing."""
+    param = next(m.parameters(), None)
+    if param is None:
+        return x
+    return x.to(param.device, dtype=param.dtype if x.is_floating_point() else None)
+
+
+def _text_call(
+    m: Any, model: nn.Module, tokens: torch.Tensor, batch_size: int, threads: int | None
+) -> Callable[[], torch.Tensor]:
+    """One timed call encoding every token row with variant ``m`` (a module, or an onnx variant's name)."""
+    from clipforge.inference import encode_texts
+
+    if m in ("onnx", "onnx-int8"):
+        tower = OnnxTower(model, "text", threads, int8=m == "onnx-int8")
+        return lambda: torch.cat(
+            [tower(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+        )
+    if getattr(m, "text", None) is not None and hasattr(m.text, "trim"):  # clipforge: length bucketing
+        return lambda: encode_texts(m, tokens, batch_size=batch_size, normalize=False)
+    chunks = [_on(m, tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+    return lambda: torch.cat([m.encode_text(c) for c in chunks])
+
+
+def _image_call(
+    m: Any, model: nn.Module, images: torch.Tensor, threads: int | None
+) -> Callable[[], torch.Tensor]:
+    """One timed call encoding the image batch with variant ``m``."""
+    if m in ("onnx", "onnx-int8"):
+        tower = OnnxTower(model, "image", threads, int8=m == "onnx-int8")
+        return lambda: tower(images)
+    inputs = _on(m, images)
+    return lambda: m.encode_image(inputs)
 
 
 def describe_device(device: torch.device) -> str:

@@ -71,20 +71,16 @@ def evaluate(
     open_clip's beam-search defaults, as CLIP_benchmark) and scores against every reference.
     """
     bench_task = benchmark_task(task)
-    kind = "retrieval" if bench_task in ("zeroshot_retrieval", "captioning") else "classification"
     t0 = time.perf_counter()
-    ds = as_eval_dataset(dataset, task=kind, transform=preprocess)
-    loader_kw = {"batch_size": batch_size, "num_workers": num_workers}
-    run = _Run(model, tokenizer, ds, device, loader_kw, progress)
-    if bench_task == "zeroshot_classification":
-        metrics, details, config = run.zero_shot(templates, classnames)
-    elif bench_task == "zeroshot_retrieval":
-        metrics, details, config = run.retrieval(ks, num_examples)
-    elif bench_task == "captioning":
-        metrics, details, config = run.captioning(num_examples, dict(generate_options or {}), seed)
-    else:
-        train_ds = as_eval_dataset(train_dataset, transform=preprocess) if train_dataset is not None else None
-        metrics, details, config = run.linear_probe(train_ds, seed)
+    ds = _eval_set(dataset, bench_task, preprocess)
+    run = _Run(model, tokenizer, ds, device, {"batch_size": batch_size, "num_workers": num_workers}, progress)
+    tasks = {  # each task's method, called for the one asked for
+        "zeroshot_classification": lambda: run.zero_shot(templates, classnames),
+        "zeroshot_retrieval": lambda: run.retrieval(ks, num_examples),
+        "captioning": lambda: run.captioning(num_examples, dict(generate_options or {}), seed),
+        "linear_probe": lambda: run.linear_probe(_probe_train_set(train_dataset, preprocess), seed),
+    }
+    metrics, details, config = tasks[bench_task]()
     run.timings["total"] = time.perf_counter() - t0
     config.update({"batch_size": batch_size, "device": str(run.device), "num_images": len(ds)})
     result = make_result(
@@ -98,13 +94,36 @@ def evaluate(
         timings=run.timings,
         config=config,
     )
+    _publish(result, output, report_dir, ds, run)
+    return result
+
+
+def _eval_set(dataset: Any, bench_task: str, preprocess: Callable | None) -> EvalDataset:
+    """``dataset`` as the EvalDataset the task reads: captions per image for retrieval and
+    captioning, class labels for classification and the linear probe."""
+    kind = "retrieval" if bench_task in ("zeroshot_retrieval", "captioning") else "classification"
+    return as_eval_dataset(dataset, task=kind, transform=preprocess)
+
+
+def _probe_train_set(train_dataset: Any, preprocess: Callable | None) -> EvalDataset | None:
+    """The linear probe's training set as an EvalDataset (None: the probe splits the eval set)."""
+    return as_eval_dataset(train_dataset, transform=preprocess) if train_dataset is not None else None
+
+
+def _publish(
+    result: dict[str, Any],
+    output: str | os.PathLike | None,
+    report_dir: str | os.PathLike | None,
+    ds: EvalDataset,
+    run: _Run,
+) -> None:
+    """Write the JSON to ``output`` and/or the report (JSON, plots, index.html) to ``report_dir``."""
     if output is not None:
         write_result(result, output)
     if report_dir is not None:
         from clipforge.eval.report import write_report
 
         result["report"] = write_report(report_dir, result, dataset=ds, ranks=run.ranks)
-    return result
 
 
 class _Run:

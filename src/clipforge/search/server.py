@@ -214,7 +214,10 @@ def _content_type(request: Request) -> str:
 
 
 async def _request_fields(request: Request) -> tuple[dict[str, Any], bytes | None]:
-    """A POST's fields and uploaded image: multipart form, or a JSON object (no image)."""
+    """A request's fields and uploaded image: a GET's query string, a POST's multipart form (the
+    only way to upload) or JSON object."""
+    if request.method == "GET":
+        return dict(request.query_params), None
     ctype = _content_type(request)
     if ctype == "multipart/form-data":
         return await _read_form(request)
@@ -239,13 +242,8 @@ async def _answer(state: ServerState, query: Query) -> JSONResponse:
     )
 
 
-@router.get("/search")
-async def search_get(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
-    return await _answer(state, await state.parser.parse(dict(request.query_params)))
-
-
-@router.post("/search")
-async def search_post(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
+@router.api_route("/search", methods=["GET", "POST"])
+async def search(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
     fields, image = await _request_fields(request)
     return await _answer(state, await state.parser.parse(fields, image))
 
@@ -273,13 +271,8 @@ async def _caption_answer(state: ServerState, item: tuple[str, Any]) -> JSONResp
     return JSONResponse({**({"id": value} if kind == "id" else {}), **body})
 
 
-@router.get("/caption")
-async def caption_get(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
-    return await _caption_answer(state, await state.parser.parse_caption(dict(request.query_params)))
-
-
-@router.post("/caption")
-async def caption_post(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
+@router.api_route("/caption", methods=["GET", "POST"])
+async def caption(request: Request, state: ServerState = Depends(get_state)) -> JSONResponse:
     fields, image = await _request_fields(request)
     return await _caption_answer(state, await state.parser.parse_caption(fields, image))
 
