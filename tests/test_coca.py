@@ -250,17 +250,8 @@ SHRINK = {
 }
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def test_coca_tags_resolve_through_the_tag_table(offline_cache, tmp_path):
-    from test_hub import populate
+    from helpers import populate
 
     torch.manual_seed(0)
     model = clipforge.create_model("coca_ViT-B-32", **SHRINK)
@@ -276,7 +267,7 @@ def test_coca_tags_resolve_through_the_tag_table(offline_cache, tmp_path):
 
 
 def test_open_clip_hub_folder_with_coca_config_builds_a_coca(offline_cache, tiny):
-    from test_hub import populate
+    from helpers import populate
 
     oc, model = tiny
     weights = offline_cache.parent / "open_clip_pytorch_model.bin"

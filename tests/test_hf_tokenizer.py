@@ -17,8 +17,10 @@ import pickle
 import random
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
+from helpers import REVISION
 
 from clipforge.errors import ConfigError, DownloadError
 from clipforge.hf_tokenizer import HFTokenizer, resolve_tokenizer_dir
@@ -28,7 +30,6 @@ open_clip = pytest.importorskip("open_clip")
 from open_clip.tokenizer import HFTokenizer as OpenClipHFTokenizer  # noqa: E402
 from open_clip.tokenizer import get_clean_fn  # noqa: E402
 
-REVISION = "89abcdef0123456789abcdef0123456789abcdef"
 OPEN_CLIP_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
 
 # --- generated text -------------------------------------------------------------------------------
@@ -189,24 +190,10 @@ HUB_NAMES = {
 
 
 def populate(cache: Path, repo: str, folder: Path, extra: dict[str, bytes] | None = None) -> Path:
-    """Copy ``folder`` into huggingface_hub's cache layout: blobs, snapshots/<commit> symlinks, refs/main."""
-    import hashlib
-
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / REVISION
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(REVISION)
-    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} | (extra or {})
-    for name, data in files.items():
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snapshot / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(os.path.relpath(blob, snapshot))
-    return snapshot
+    """``folder``'s files (and ``extra``) as a Hub repo whose snapshot links into blobs/, as
+    huggingface_hub lays it out (the tokenizer must follow those links)."""
+    files = {p.name: p for p in folder.iterdir() if p.is_file()} | (extra or {})
+    return helpers.populate(cache, repo, files, blobs=True)
 
 
 @pytest.fixture(scope="session")
@@ -235,8 +222,7 @@ def offline(hub_cache, monkeypatch) -> Path:
     """``HF_HUB_OFFLINE`` for clipforge (read per call) and huggingface_hub (read at import)."""
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    helpers.go_offline(monkeypatch, hub_cache)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return hub_cache
 

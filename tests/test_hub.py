@@ -7,46 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import OC_TINY_CFG, REVISION, SHRINK, populate, seeded_model
 
 from clipforge.checkpoints import hub
 from clipforge.checkpoints.io import save_safetensors
 from clipforge.errors import DownloadError
 from clipforge.model.factory import create_model, create_model_and_transforms, get_tokenizer
-
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-TINY_MODEL_CFG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-#: create_model overrides that shrink a registered ViT-B-32 to the tiny shapes above.
-SHRINK = {
-    "embed_dim": 64,
-    "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
-
-
-def populate(cache: Path, repo: str, files: dict[str, bytes | Path]) -> Path:
-    """Write files into huggingface_hub's cache layout: refs/main + snapshots/<commit>/<file>."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / REVISION
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(REVISION)
-    for name, content in files.items():
-        data = content.read_bytes() if isinstance(content, Path) else content
-        (snapshot / name).write_bytes(data)
-    return snapshot
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +20,7 @@ def tiny_weights(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     """A random clipforge tiny ViT and its weights in open_clip naming (.safetensors and .bin)."""
     from clipforge.checkpoints.open_clip import clipforge_to_open_clip
 
-    torch.manual_seed(0)
-    model = create_model("tiny-vit").eval()
+    model = seeded_model("tiny-vit")
     sd = clipforge_to_open_clip(model.state_dict())
     folder = tmp_path_factory.mktemp("weights")
     save_safetensors(sd, folder / "open_clip_model.safetensors")
@@ -79,7 +44,7 @@ def test_parse_hub_spec():
 def test_open_clip_hub_repo_restores_config_and_preprocessing(offline_cache, tiny_weights):
     model, safetensors_file, _ = tiny_weights
     config = {
-        "model_cfg": TINY_MODEL_CFG,
+        "model_cfg": OC_TINY_CFG,
         "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"},
     }
     populate(
@@ -144,8 +109,7 @@ def test_tag_preprocessing_comes_from_the_table(offline_cache, tiny_weights):
 def test_hf_transformers_repo_on_the_hub(offline_cache, tmp_path):
     from clipforge.checkpoints.hf import save_hf
 
-    torch.manual_seed(0)
-    model = create_model("tiny-vit").eval()
+    model = seeded_model("tiny-vit")
     save_hf(model, tmp_path / "hf")
     populate(
         offline_cache,
@@ -164,8 +128,7 @@ def test_sharded_transformers_repo_on_the_hub(offline_cache, tmp_path):
     transformers = pytest.importorskip("transformers")
     from clipforge.checkpoints.hf import save_hf
 
-    torch.manual_seed(0)
-    model = create_model("tiny-vit").eval()
+    model = seeded_model("tiny-vit")
     save_hf(model, tmp_path / "hf")
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")

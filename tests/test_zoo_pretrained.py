@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import realdata
 import torch
+from helpers import populate
 from PIL import Image
 
 from clipforge.checkpoints import hub
@@ -31,7 +32,6 @@ from clipforge.model.config import CLIPConfig
 open_clip = pytest.importorskip("open_clip")
 from open_clip.pretrained import _get_safe_alternatives  # noqa: E402
 
-REVISION = "89abcdef0123456789abcdef0123456789abcdef"
 #: open_clip pairs the table leaves out, with the reason. Empty: all 196 of open_clip 3.3 are in.
 LEFT_OUT: dict[tuple[str, str], str] = {}
 #: One tag per preprocessing convention the table uses (SigLIP squash, classic shortest+crop,
@@ -45,27 +45,6 @@ CONVENTION_TAGS = (
     ("ViT-L-14", "laion2b_s32b_b82k"),
     ("ViT-H-14", "dfn5b"),
 )
-
-
-def populate(cache: Path, repo: str, files: dict[str, bytes | Path]) -> Path:
-    """Files in huggingface_hub's cache layout: refs/main + snapshots/<commit>/<file>."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / REVISION
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(REVISION)
-    for name, content in files.items():
-        (snapshot / name).write_bytes(content.read_bytes() if isinstance(content, Path) else content)
-    return snapshot
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
 
 
 @pytest.fixture(scope="module")
