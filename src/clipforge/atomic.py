@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,16 @@ from typing import IO, Any
 
 PathLike = str | os.PathLike
 
-__all__ = ["atomic_path", "atomic_save", "atomic_write", "atomic_write_text", "fsync_dir"]
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "atomic_save",
+    "atomic_write",
+    "atomic_write_text",
+    "fsync_dir",
+    "replace_file",
+    "staging_dir",
+]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -28,6 +38,19 @@ def fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_file(src: PathLike, dst: PathLike) -> None:
+    """Move a finished file over ``dst``: fsync its data, ``os.replace``, fsync the folder.
+
+    For writers that must produce a file under a name of their own first (an ONNX graph
+    records its weights file's name inside it); everything else uses :func:`atomic_path`.
+    """
+    with open(src, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
 
 
 @contextlib.contextmanager
@@ -44,24 +67,54 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file for writing; it replaces ``path`` only if the block completes."""
+def staging_dir(parent: PathLike, name: str) -> Iterator[Path]:
+    """A private, empty folder ``parent/.<name>.XXXX``, removed with whatever is left in it.
+
+    Same filesystem as ``parent``, so files made in it can be moved into place with
+    :func:`replace_file` (or the folder itself renamed, :func:`atomic_dir`)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; if the block completes it replaces the folder ``path``.
+
+    An old ``path`` is removed just before the rename (directories cannot be renamed over a
+    non-empty one), so readers see the old folder, briefly none, then the new one; never half.
+    """
+    path = Path(path)
+    with staging_dir(path.parent, path.name) as staging:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+        fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: PathLike, mode: str = "wb", encoding: str | None = None, newline: str | None = None
+) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; it replaces ``path`` only if the block completes.
+
+    ``newline`` is :func:`open`'s (``""`` for the csv module, which writes its own line ends)."""
     if "r" in mode or "a" in mode:
         raise ValueError(f"atomic_write only supports write modes, got {mode!r}")
     with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=encoding) as f:
+        with open(tmp, mode, encoding=encoding, newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.atomic import atomic_path, atomic_write, replace_file, staging_dir
 from clipforge.errors import ClipforgeError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -198,14 +198,10 @@ def _export_onnx_file(model: nn.Module, tower: str, path: Path, opset: int, dyna
     The graph is written under its final name in a private folder, then moved: a side file's
     location is recorded inside the graph by name, so it must never be exported under another one.
     """
-    import shutil
-    import tempfile
-
     module, spec = _wrapper(model, tower), graph_spec(model, tower)
     example = graph_inputs(model, tower)
     names = {"input_names": list(spec.inputs), "output_names": list(spec.outputs)}
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staging_dir(path.parent, path.name) as staging:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant here
             if dynamo:
@@ -220,10 +216,8 @@ def _export_onnx_file(model: nn.Module, tower: str, path: Path, opset: int, dyna
                 )  # fmt: skip
         data = staging / f"{path.name}.data"
         if data.exists():
-            os.replace(data, path.with_name(data.name))
-        os.replace(staging / path.name, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            replace_file(data, path.with_name(data.name))
+        replace_file(staging / path.name, path)
 
 
 def _checks(model: nn.Module, tower: str) -> list[tuple[torch.Tensor, ...]]:
@@ -276,17 +270,16 @@ def quantize_onnx_int8(path: str | Path) -> Path:
 
     path = Path(path)
     out = path.with_name(f"{path.stem}.int8.onnx")
-    tmp = path.with_name(f".{out.name}.tmp")
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # onnxruntime logs pre-processing advice on the root logger
     try:
-        quantize_dynamic(
-            str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
-        )
+        with atomic_path(out) as tmp:
+            quantize_dynamic(
+                str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            )
     finally:
         root.setLevel(level)
-    os.replace(tmp, out)
     return out
 
 
@@ -364,8 +357,7 @@ def export_program(
         with torch.no_grad():
             program = torch.export.export(module, graph_inputs(model, tower), dynamic_shapes=dims)
         path = out / f"{tower}.pt2"
-        tmp = path.with_name(f".tmp.{path.name}")  # torch.export wants the .pt2 suffix
-        torch.export.save(program, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:  # a seekable file object: torch.export needs no .pt2 name then
+            torch.export.save(program, f)
         result.paths[tower] = path
     return result

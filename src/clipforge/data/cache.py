@@ -46,14 +46,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipforge.atomic import atomic_dir
 from clipforge.data.images import BadImageError, load_image
 from clipforge.errors import DataError
 
@@ -211,9 +210,7 @@ def build_cache(dataset: Any, folder: str | os.PathLike, spec: CacheSpec, *, wor
     fingerprint = _fingerprint(dataset, spec)
     if _manifest(folder).get("fingerprint") == fingerprint:
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         index = np.zeros((len(dataset), 6), dtype=np.int64)
         bad: dict[str, str] = {}
         offset = 0
@@ -237,12 +234,6 @@ def build_cache(dataset: Any, folder: str | os.PathLike, spec: CacheSpec, *, wor
             **spec.key(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info(
         "image cache %s: %d images, %.1f MiB, %d bad",
         folder,

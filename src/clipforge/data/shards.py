@@ -16,10 +16,12 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipforge.atomic import atomic_path, atomic_write_text
 from clipforge.data.images import BadImageError, SkipCounter, load_image
 from clipforge.data.shard_reader import (
     IMAGE_EXTS,
@@ -108,8 +110,6 @@ def write_shards(
     re-encode. Bad images are skipped and counted, never written. Each shard is written to a
     temporary name and renamed when complete, so a crash never leaves a half shard behind.
     """
-    from webdataset import TarWriter
-
     if image_format not in ("keep", "jpg", "png", "webp"):
         raise DataError(f"image_format must be keep, jpg, png or webp; got {image_format!r}")
     if max_count < 1:
@@ -121,51 +121,10 @@ def write_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skipped = SkipCounter(f"shards {out}")
-    paths: list[str] = []
-    counts: list[int] = []
-    writer = tmp = None
-    size = 0
-
-    def close() -> None:
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            final = out / f"{prefix}-{len(paths):06d}.tar"
-            os.replace(tmp, final)
-            paths.append(str(final))
-            writer = None
-
-    indices: Any = range(len(source))
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="shards", unit="img")
-    try:
-        for i in indices:
-            try:
-                data, ext = _sample_image_bytes(source, i, image_format)
-            except BadImageError as e:
-                skipped.add(e.reason, f"{_where(source, i)}: {e}")
-                continue
-            captions = list(source.all_captions[i])
-            if writer is None or counts[-1] >= max_count or size >= max_size:
-                close()
-                tmp = out / f".{prefix}-{len(paths):06d}.tar.tmp"
-                writer = TarWriter(str(tmp))
-                counts.append(0)
-                size = 0
-            meta = {"captions": captions, "source": _where(source, i)}
-            sample = {"__key__": f"{i:09d}", ext: data, "txt": captions[0], "json": json.dumps(meta).encode()}
-            writer.write(sample)
-            counts[-1] += 1
-            size += len(data) + 1536
-        close()
-    finally:
-        if writer is not None:  # an exception mid-shard: drop the partial temp file
-            writer.close()
-            Path(tmp).unlink(missing_ok=True)
+    samples = _encoded_samples(source, image_format, skipped, progress)
+    paths, counts = _write_tars(samples, out, prefix, max_count, max_size)
     for reason, n in getattr(source, "stats", {}).items():
-        if reason in ("empty_caption", "path_escape", "missing_field", "missing_caption", "malformed_row"):
+        if reason in _ROW_REASONS:
             skipped.merge({reason: n})
     pattern = f"{prefix}-{{{0:06d}..{max(len(paths) - 1, 0):06d}}}.tar"
     manifest = {
@@ -177,13 +136,63 @@ def write_shards(
         "shards": [{"name": os.path.basename(p), "count": c} for p, c in zip(paths, counts)],
         "skipped": skipped.counts(),
     }
-    tmp_manifest = out / f".{MANIFEST}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp_manifest, out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     logger.info(
         "wrote %d sample(s) in %d shard(s) to %s; %s", sum(counts), len(paths), out, skipped.summary()
     )
     return ShardWriteResult(paths, counts, skipped.counts(), str(out / pattern))
+
+
+#: Row problems a table dataset counts itself (``stats``); the manifest reports them with ours.
+_ROW_REASONS = ("empty_caption", "path_escape", "missing_field", "missing_caption", "malformed_row")
+
+
+def _encoded_samples(
+    source: Any, image_format: str, skipped: SkipCounter, progress: bool
+) -> Iterator[tuple[dict[str, Any], int]]:
+    """(webdataset sample, approximate bytes in the tar) per usable item, bad images counted."""
+    indices: Any = range(len(source))
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="shards", unit="img")
+    for i in indices:
+        try:
+            data, ext = _sample_image_bytes(source, i, image_format)
+        except BadImageError as e:
+            skipped.add(e.reason, f"{_where(source, i)}: {e}")
+            continue
+        captions = list(source.all_captions[i])
+        meta = {"captions": captions, "source": _where(source, i)}
+        sample = {"__key__": f"{i:09d}", ext: data, "txt": captions[0], "json": json.dumps(meta).encode()}
+        yield sample, len(data) + 1536  # tar headers and the text members
+
+
+def _write_tars(
+    samples: Iterator[tuple[dict[str, Any], int]], out: Path, prefix: str, max_count: int, max_size: int
+) -> tuple[list[str], list[int]]:
+    """Fill ``<prefix>-NNNNNN.tar`` files in turn; each is atomic (:func:`clipforge.atomic.atomic_path`),
+    so an error mid-shard leaves only the shards already complete. Returns (paths, counts)."""
+    from webdataset import TarWriter
+
+    paths: list[str] = []
+    counts: list[int] = []
+    pending = next(samples, None)
+    while pending is not None:
+        final = out / f"{prefix}-{len(paths):06d}.tar"
+        count = size = 0
+        with atomic_path(final) as tmp:
+            writer = TarWriter(str(tmp))
+            try:
+                while pending is not None and count < max_count and size < max_size:
+                    writer.write(pending[0])
+                    count, size = count + 1, size + pending[1]
+                    pending = next(samples, None)
+            finally:
+                writer.close()
+        paths.append(str(final))
+        counts.append(count)
+    return paths, counts
 
 
 def _where(ds: Any, i: int) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipforge.atomic import atomic_write
 from clipforge.data.pairs import transform_pair
 from clipforge.errors import DataError
 
@@ -307,12 +308,10 @@ def write_synthetic(
         draw(spec, image_size, rng).save(out / rel)
         rows.append((rel, spec.caption(ds.caption_style)))
     table = out / "captions.csv"
-    tmp = table.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(table, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "caption"])
         w.writerows(rows)
-    os.replace(tmp, table)
     return table
 
 
