@@ -65,6 +65,20 @@ def add_device_argument(parser: argparse.ArgumentParser, note: str | None = None
     parser.add_argument("--device", default="auto", metavar="DEVICE", help=help_text)
 
 
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    device: bool = False,
+    pretrained_note: str | None = None,
+    device_note: str | None = None,
+) -> None:
+    """``--model`` and ``--pretrained`` (and ``--device`` for a command that runs the model)."""
+    add_model_argument(parser)
+    add_pretrained_argument(parser, pretrained_note)
+    if device:
+        add_device_argument(parser, device_note)
+
+
 def device_argument(args: argparse.Namespace) -> Any:
     """``--device`` as a ``torch.device`` (a missing GPU fails here, naming the flag)."""
     from clipforge.device import resolve_device

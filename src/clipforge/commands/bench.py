@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands._model_options import (
-    add_device_argument,
-    add_model_argument,
-    add_pretrained_argument,
-    model_argument,
-)
+from clipforge.commands._model_options import add_model_arguments, model_argument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,14 +15,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "ratios in the table hold even on a busy machine. Random weights unless --pretrained is given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_argument(p)  # neither --model nor --pretrained: ViT-B-32, random weights
-    add_pretrained_argument(p)
+    add_model_arguments(p, device=True)  # neither --model nor --pretrained: ViT-B-32, random weights
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 adds a bf16 variant (and open_clip's in bf16 with --open-clip); measure: on CPUs "
                         "without bf16 units it is slower")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    add_device_argument(p)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (median reported)")
     p.add_argument("--kinds", default="image,text", help="comma-separated: image, text")
     p.add_argument("--open-clip", action="store_true", help="also time open_clip with the same weights")

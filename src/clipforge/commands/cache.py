@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
-from clipforge.commands._model_options import add_model_argument, add_pretrained_argument, model_argument
+from clipforge.commands._model_options import add_model_arguments, model_argument
 from clipforge.commands._options import add_table_arguments, table_kwargs
 
 
@@ -20,8 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", help="table (.csv/.tsv/.json/.jsonl/.parquet) or image folder")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (written atomically)")
-    add_model_argument(p)
-    add_pretrained_argument(p, note="only its preprocessing convention is used here")
+    add_model_arguments(p, pretrained_note="only its preprocessing convention is used here")
     add_image_alpha_argument(p)
     p.add_argument(
         "--side", type=int, default=None, help="cached short side in pixels (default: from the crop scale)"

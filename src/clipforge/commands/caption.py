@@ -7,13 +7,7 @@ import json
 import sys
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
-from clipforge.commands._model_options import (
-    add_device_argument,
-    add_model_argument,
-    add_pretrained_argument,
-    device_argument,
-    model_argument,
-)
+from clipforge.commands._model_options import add_model_arguments, device_argument, model_argument
 from clipforge.commands._options import add_table_arguments, table_options
 
 
@@ -27,12 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGES", help="folder, image file/pattern, table or shards")
-    add_model_argument(p)
-    add_pretrained_argument(p)
+    add_model_arguments(p, device=True)
     add_image_alpha_argument(p)
     p.add_argument("--out", default=None, help="JSONL file to write (default: print to stdout)")
     p.add_argument("--batch-size", type=int, default=16)
-    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_generation_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed for top-k/top-p sampling")

@@ -6,12 +6,7 @@ import argparse
 from typing import Any
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
-from clipforge.commands._model_options import (
-    add_device_argument,
-    add_model_argument,
-    add_pretrained_argument,
-    model_argument,
-)
+from clipforge.commands._model_options import add_model_arguments, model_argument
 from clipforge.commands._options import add_table_arguments, table_options
 
 
@@ -26,8 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "of ranks finishes what is missing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_argument(p)
-    add_pretrained_argument(p)
+    add_model_arguments(p, device=True, device_note="under torchrun, cuda and auto are this rank's GPU")
     add_image_alpha_argument(p)
     p.add_argument(
         "--images",
@@ -41,7 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
-    add_device_argument(p, note="under torchrun, cuda and auto are this rank's GPU")
     p.add_argument("--no-captions", action="store_true", help="do not embed captions")
     add_table_arguments(p)
     p.set_defaults(func=run)

@@ -6,13 +6,7 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
-from clipforge.commands._model_options import (
-    add_device_argument,
-    add_model_argument,
-    add_pretrained_argument,
-    device_argument,
-    model_argument,
-)
+from clipforge.commands._model_options import add_model_arguments, device_argument, model_argument
 from clipforge.commands._options import add_table_arguments, table_kwargs
 from clipforge.commands.caption import add_generation_arguments, generation_options
 
@@ -31,8 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr; needs Java).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_argument(p)
-    add_pretrained_argument(p)
+    add_model_arguments(p, device=True)
     add_image_alpha_argument(p)
     p.add_argument("--task", choices=TASKS, default="zeroshot")
     p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
@@ -56,7 +49,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output", metavar="FILE", help="result JSON (default results.json when --report is not given)"
     )
-    add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--split", default=None, help="dataset split for torchvision/synthetic data")

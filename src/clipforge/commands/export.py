@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clipforge.commands._model_options import add_model_argument, add_pretrained_argument, model_argument
+from clipforge.commands._model_options import add_model_arguments, model_argument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "tokens as a second output.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_model_argument(p)
-    add_pretrained_argument(p)
+    add_model_arguments(p)
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
