@@ -180,9 +180,18 @@ def load_image(
 
     Raises :class:`BadImageError` with a reason code; never any other exception for bad data.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     data, name = _read_source(src)
+    img = _open_checked(data, name, max_pixels)
+    rgb = _decode(img, name, min_side, exact_pixels, keep_mode)
+    if rgb is img and hasattr(img, "fp") and img.fp is not None:
+        rgb = img.copy()  # detach from the file buffer
+    return rgb
+
+
+def _open_checked(data: bytes, name: str, max_pixels: int | None) -> Any:
+    """``Image.open`` (the header only) with the declared size checked before any pixel exists."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -194,13 +203,20 @@ def load_image(
         raise BadImageError(code, name, "cannot identify image data") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError("truncated" if data.startswith(_MAGIC) else "corrupt", name, str(e)) from None
-
     width, height = img.size
     if width <= 0 or height <= 0:
         raise BadImageError("corrupt", name, f"declared size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise BadImageError("too_large", name, f"{width}x{height} exceeds max_pixels={max_pixels}")
+    return img
 
+
+def _decode(img: Any, name: str, min_side: int | None, exact_pixels: int | None, keep_mode: bool) -> Any:
+    """Pixels of the first frame, reduced while decoding when huge, EXIF-oriented, RGB unless
+    ``keep_mode``; every decoder failure becomes a :class:`BadImageError` with its reason."""
+    from PIL import Image, ImageOps
+
+    width, height = img.size
     try:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
@@ -213,7 +229,7 @@ def load_image(
         if factor > 1:
             img = _reduce(img, factor)
         img = ImageOps.exif_transpose(img)
-        rgb = img if keep_mode else _to_rgb(img)
+        return img if keep_mode else _to_rgb(img)
     except Image.DecompressionBombError as e:
         raise BadImageError("too_large", name, str(e)) from None
     except (OSError, EOFError) as e:
@@ -222,9 +238,6 @@ def load_image(
         raise BadImageError(code, name, msg) from None
     except (SyntaxError, ValueError, TypeError, IndexError, KeyError, MemoryError, DataError) as e:
         raise BadImageError("corrupt", name, f"{type(e).__name__}: {e}") from None
-    if rgb is img and hasattr(img, "fp") and img.fp is not None:
-        rgb = img.copy()  # detach from the file buffer
-    return rgb
 
 
 def _to_rgb(img: Any) -> Any:

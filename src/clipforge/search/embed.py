@@ -125,19 +125,12 @@ def embed_images(
     Called on every rank of an initialised process group (``clipforge embed`` under torchrun),
     each rank embeds its share of the missing shards and every rank returns the manifest.
     """
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float16, np.float32):
-        raise DataError(f"dtype must be float16 or float32, got {dtype}")
-    if batch_size <= 0 or shard_size <= 0:
-        raise DataError("batch_size and shard_size must be positive")
-    if pretrained is not None and Path(str(pretrained)).expanduser().exists():
-        pretrained = str(Path(str(pretrained)).expanduser().resolve())  # usable from any folder later
+    dtype = _check_options(dtype, batch_size, shard_size)
+    pretrained = _portable_pretrained(pretrained)
     model_name = model_label(model, model_name)  # the real architecture, never a merely close name
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = list_items(source, table)
-    if not items:
-        raise DataError(f"{source}: no images found")
+    items = _items_of(source, table)
     plan = plan_shards(items, shard_size)
     rank, world = sharding.world()
 
@@ -156,14 +149,39 @@ def embed_images(
             model, preprocess, items, plan, mine, writer, batch_size, num_workers, max_pixels, progress
         )
     sharding.wait_all()  # every rank's shards are on disk
-    pre = getattr(model, "preprocess_cfg", None)
-    pre_dict = pre.to_dict() if hasattr(pre, "to_dict") else None
     if rank == 0:
-        manifest = _finalize(
-            out, plan, model_name, pretrained, dtype, with_text, config_record(model), pre_dict
-        )
+        manifest = _finalize(out, plan, model, model_name, pretrained, dtype, with_text)
     sharding.wait_all()  # the manifest is written
     return manifest if rank == 0 else load_manifest(out)
+
+
+def _items_of(source: str | os.PathLike | Sequence[str], table: TableOptions | None) -> list[Item]:
+    items = list_items(source, table)
+    if not items:
+        raise DataError(f"{source}: no images found")
+    return items
+
+
+def _preprocess_record(model: Any) -> dict[str, Any] | None:
+    """The image convention the model was embedded with, so image queries get the same one."""
+    pre = getattr(model, "preprocess_cfg", None)
+    return pre.to_dict() if hasattr(pre, "to_dict") else None
+
+
+def _check_options(dtype: Any, batch_size: int, shard_size: int) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float16, np.float32):
+        raise DataError(f"dtype must be float16 or float32, got {dtype}")
+    if batch_size <= 0 or shard_size <= 0:
+        raise DataError("batch_size and shard_size must be positive")
+    return dtype
+
+
+def _portable_pretrained(pretrained: str | None) -> str | None:
+    """A weights file given by a relative path is recorded absolute: usable from any folder later."""
+    if pretrained is not None and Path(str(pretrained)).expanduser().exists():
+        return str(Path(str(pretrained)).expanduser().resolve())
+    return pretrained
 
 
 class Span(NamedTuple):
@@ -382,21 +400,51 @@ def _embed_dim(model: Any) -> int:
 def _finalize(
     out: Path,
     plan: Sequence[Span],
+    model: Any,
     model_name: str | None,
     pretrained: str | None,
     dtype: np.dtype,
     with_text: bool,
-    model_config: dict[str, Any] | None = None,
-    preprocess_cfg: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge the per-shard parts into ``metadata`` + ``skipped.csv`` and write the manifest.
 
     Everything is read back from disk (whichever rank or run wrote a shard), so the manifest
     describes the files as they are."""
+    meta, skipped, shards, dim = _merge_parts(out, plan, with_text)
+    meta_path = write_table(out / f"metadata{table_suffix()}", meta)
+    write_table(out / "skipped.csv", skipped)
+    if skipped["path"]:
+        log.warning("%d unreadable images skipped; see %s", len(skipped["path"]), out / "skipped.csv")
+    manifest = {
+        "format": "clipforge-embeddings",
+        "version": 1,
+        "model": model_name,
+        "pretrained": str(pretrained) if pretrained is not None else None,
+        "model_config": config_record(model),  # what the Searcher rebuilds; "model" is only its name
+        "preprocess": _preprocess_record(model),  # the image convention used (--image-alpha included)
+        "dim": int(dim),
+        "count": len(meta["id"]),
+        "skipped": len(skipped["path"]),
+        "dtype": dtype.name,
+        "normalized": True,
+        "has_text": with_text,
+        "metadata": meta_path.name,
+        "layout": LAYOUT,
+        "shards": shards,
+    }
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _merge_parts(
+    out: Path, plan: Sequence[Span], with_text: bool
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]], list[dict[str, Any]], int]:
+    """(metadata of the embedded rows with ids, skipped rows, shard records, dim) from the shards
+    on disk; a shard whose metadata and embeddings disagree on the row count is an error."""
     keep = ("id", "path", "caption", "width", "height", "tar_offset", "tar_size", "row")
     meta: dict[str, list[Any]] = {k: [] for k in keep}
     skipped: dict[str, list[Any]] = {"source_index": [], "path": [], "reason": []}
-    shards, dim, n = [], 0, 0
+    shards, dim = [], 0
     for s in range(len(plan)):
         part = read_table(out / f"meta_{s:05d}.csv")
         emb = np.load(out / f"img_emb_{s:05d}.npy", mmap_mode="r")
@@ -404,8 +452,7 @@ def _finalize(
         if len(ok) != emb.shape[0]:
             raise DataError(f"{out}/meta_{s:05d}.csv: {len(ok)} rows but img_emb has {emb.shape[0]}")
         for j in ok:
-            meta["id"].append(n)
-            n += 1
+            meta["id"].append(len(meta["id"]))
             for k in keep[1:]:
                 meta[k].append(part[k][j])
         for j, r in enumerate(part["reason"]):
@@ -422,29 +469,7 @@ def _finalize(
                 **_shard_record(out, s, plan[s]),
             }
         )
-    meta_path = write_table(out / f"metadata{table_suffix()}", meta)
-    write_table(out / "skipped.csv", skipped)
-    if skipped["path"]:
-        log.warning("%d unreadable images skipped; see %s", len(skipped["path"]), out / "skipped.csv")
-    manifest = {
-        "format": "clipforge-embeddings",
-        "version": 1,
-        "model": model_name,
-        "pretrained": str(pretrained) if pretrained is not None else None,
-        "model_config": model_config,  # what the Searcher rebuilds; "model" is only its name
-        "preprocess": preprocess_cfg,  # the image convention used (--image-alpha included), for queries
-        "dim": int(dim),
-        "count": n,
-        "skipped": len(skipped["path"]),
-        "dtype": dtype.name,
-        "normalized": True,
-        "has_text": with_text,
-        "metadata": meta_path.name,
-        "layout": LAYOUT,
-        "shards": shards,
-    }
-    atomic_write_json(out / MANIFEST_FILE, manifest)
-    return manifest
+    return meta, skipped, shards, dim
 
 
 def _shard_record(out: Path, s: int, span: Span) -> dict[str, Any]:
