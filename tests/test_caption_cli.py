@@ -46,7 +46,8 @@ def read_jsonl(path) -> list[dict]:
 def test_caption_folder_table_and_shards(setup, tmp_path, capsys):
     root, model, files = setup
     want = expected_captions(model, files, seq_len=10)
-    common = ["--pretrained", str(root / "model"), "--seq-len", "10", "--no-progress", "--batch-size", "2"]
+    common = ["--pretrained", str(root / "model"), "--seq-len", "10", "--no-progress", "--batch-size", "2",
+              "--device", "cpu"]  # fmt: skip
 
     out = tmp_path / "folder.jsonl"
     assert main(["caption", str(root / "images"), "--out", str(out), *common]) == 0

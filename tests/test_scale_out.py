@@ -47,7 +47,7 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 def _embed_cmd(model: Path, images: str, out: Path, *extra: str) -> list[str]:
     return ["-m", "clipforge", "embed", "--pretrained", str(model), "--images", images, "--out", str(out),
-            "--batch-size", "4", "--workers", "0", *extra]  # fmt: skip
+            "--batch-size", "4", "--workers", "0", "--device", "cpu", *extra]  # fmt: skip
 
 
 def _assert_same_embeddings(a: Path, b: Path) -> None:

@@ -419,7 +419,7 @@ def test_cli_agrees_with_python(searcher, setup, capsys):
     from clipforge.cli import main
 
     want = searcher.search(text=QUERY, k=8)
-    assert main(["search", str(setup.index_dir), QUERY, "-k", "8", "--json"]) == 0
+    assert main(["search", str(setup.index_dir), QUERY, "-k", "8", "--json", "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert _ids(got) == _ids(want)
     np.testing.assert_allclose(_scores(got), _scores(want), atol=1e-5)
