@@ -36,6 +36,7 @@ OPTIONAL_MODULES = {
     "peft": "train",
     "faiss": "search",
     "fastapi": "search",
+    "pydantic": "search",  # FastAPI's, for the server's request models
     "uvicorn": "search",
     "multipart": "search",
     "transformers": "hf",
