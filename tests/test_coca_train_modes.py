@@ -45,14 +45,6 @@ BASE = dict(
 )
 
 
-def _threads_kept(fn, *args, **kwargs):
-    threads = torch.get_num_threads()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _weights(folder) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -64,12 +56,10 @@ def _train_records(folder) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-def test_lit_locks_the_whole_image_tower_while_the_decoder_learns(tmp_path):
+def test_lit_locks_the_whole_image_tower_while_the_decoder_learns(tmp_path, keep_threads):
     torch.manual_seed(BASE["seed"])
     initial = clipforge.create_model("tiny-coca").state_dict()
-    result = _threads_kept(
-        train, TrainConfig.from_flat(output_dir=str(tmp_path), max_steps=6, lock_image=True, **BASE)
-    )
+    result = train(TrainConfig.from_flat(output_dir=str(tmp_path), max_steps=6, lock_image=True, **BASE))
     assert result.steps == 6
     final = _weights(tmp_path)
     visual = [k for k in initial if k.startswith("visual.")]
@@ -87,11 +77,11 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_repeats_the_loss_curve_exactly(tmp_path, monkeypatch):
+def test_resume_after_a_crash_repeats_the_loss_curve_exactly(tmp_path, monkeypatch, keep_threads):
     import clipforge.train.trainer as trainer
 
     cfg = dict(BASE, epochs=2, save_every_steps=2, patch_dropout=0.25)  # 8 steps
-    ref = _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path / "ref"), **cfg))
+    ref = train(TrainConfig.from_flat(output_dir=str(tmp_path / "ref"), **cfg))
     assert ref.steps == 8
 
     real_step = trainer.train_step
@@ -104,11 +94,9 @@ def test_resume_after_a_crash_repeats_the_loss_curve_exactly(tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(trainer, "train_step", crash_at_5)
         with pytest.raises(_Crash):
-            _threads_kept(train, TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg))
+            train(TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg))
     assert not (tmp_path / "run" / "final").exists()
-    resumed = _threads_kept(
-        train, TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg)
-    )
+    resumed = train(TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
     assert resumed.steps == 8
     want = {r["step"]: r for r in _train_records(tmp_path / "ref")}
     got = {r["step"]: r for r in _train_records(tmp_path / "run")}  # steps 5.. come from the resumed run
@@ -156,7 +144,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path, strategy):
+def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path, strategy, keep_threads):
     assert not torch.distributed.is_initialized(), "a forked rank must not inherit a process group"
     context()  # the clean forkserver, its preloads set
     mp.start_processes(
@@ -169,10 +157,10 @@ def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path, strat
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     from clipforge.train.distributed import DistInfo
 
-    single, images, tokens = _threads_kept(
-        first_step_grads, TrainConfig.from_flat(output_dir=str(tmp_path / "single"), epochs=1, **{**BASE, "batch_size": 16}),
+    single, images, tokens = first_step_grads(
+        TrainConfig.from_flat(output_dir=str(tmp_path / "single"), epochs=1, **{**BASE, "batch_size": 16}),
         DistInfo(),
-    )  # fmt: skip
+    )
     a, b = ranks[0]["images"], ranks[1]["images"]
     assert a.shape[0] == b.shape[0] == 8 and not any(torch.equal(x, y) for x in a for y in b)
     assert all(any(torch.equal(x, y) for y in images) for x in torch.cat([a, b]))

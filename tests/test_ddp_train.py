@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from forking import START_METHOD, context
+from helpers import threads_kept
 from ports import free_port
 
 import clipforge.train.trainer  # noqa: F401 - imported once, before forking the ranks
@@ -94,14 +95,10 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path, strategy):
 
     from clipforge.train.distributed import DistInfo
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads_kept(1):
         single, images = first_step_grads(
             TrainConfig.from_flat(output_dir=str(tmp_path / "single"), batch_size=16, **BASE), DistInfo()
         )
-    finally:
-        torch.set_num_threads(threads)
 
     # every rank sees different samples, together exactly the single process's batch
     a, b = ranks[0]["images"], ranks[1]["images"]

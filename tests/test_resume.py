@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from forking import context
+from helpers import threads_kept
 from safetensors.torch import load_file
 
 import clipforge.transforms  # noqa: F401 - torchvision: imported once, before forking
@@ -118,16 +119,13 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    threads = torch.get_num_threads()
-    try:
+    with threads_kept():
         result = train(TrainConfig.from_flat(output_dir=str(out), **BASE))
-    finally:
-        torch.set_num_threads(threads)
     assert result.steps == 16 and not result.interrupted
     return out
 
 
-def test_sigterm_then_sigkill_then_resume_latest_is_exact(reference, tmp_path):
+def test_sigterm_then_sigkill_then_resume_latest_is_exact(reference, tmp_path, keep_threads):
     """SIGTERM: checkpoint + exit 0. Resume via the CLI, SIGKILL it mid-epoch, resume again: the
     final weights equal the uninterrupted run's, bit for bit."""
     from clipforge.train.state import list_checkpoints, load_checkpoint_state
@@ -150,11 +148,7 @@ def test_sigterm_then_sigkill_then_resume_latest_is_exact(reference, tmp_path):
     assert "resumed from" in run.output()
     assert not (out / "final").exists(), "the run finished before it could be killed"
 
-    threads = torch.get_num_threads()
-    try:
-        result = train(TrainConfig.from_flat(output_dir=str(out), resume="latest", **BASE))
-    finally:
-        torch.set_num_threads(threads)
+    result = train(TrainConfig.from_flat(output_dir=str(out), resume="latest", **BASE))
     assert result.steps == 16
     assert_identical(final_weights(out), final_weights(reference))
     # the metrics log reads as one run: every step once, in order
@@ -185,23 +179,19 @@ def _train_until_crash(cfg: TrainConfig, crash_at: int, monkeypatch) -> None:
             train(cfg)
 
 
-def test_resume_mid_epoch_on_shards_is_exact(tmp_path, monkeypatch):
+def test_resume_mid_epoch_on_shards_is_exact(tmp_path, monkeypatch, keep_threads):
     from clipforge.data.shards import write_shards
     from clipforge.data.synthetic import SyntheticShapes
 
     write_shards(SyntheticShapes(48, image_size=32, seed=4), tmp_path / "shards", max_count=10)
     cfg = dict(BASE, data=str(tmp_path / "shards"), epochs=2, save_every_steps=2, patch_dropout=0.0)
-    threads = torch.get_num_threads()
-    try:
-        ref = train(TrainConfig.from_flat(output_dir=str(tmp_path / "ref"), **cfg))
-        assert ref.steps == 12
-        _train_until_crash(
-            TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg),
-            crash_at=5,
-            monkeypatch=monkeypatch,
-        )
-        resumed = train(TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
-    finally:
-        torch.set_num_threads(threads)
+    ref = train(TrainConfig.from_flat(output_dir=str(tmp_path / "ref"), **cfg))
+    assert ref.steps == 12
+    _train_until_crash(
+        TrainConfig.from_flat(output_dir=str(tmp_path / "run"), **cfg),
+        crash_at=5,
+        monkeypatch=monkeypatch,
+    )
+    resumed = train(TrainConfig.from_flat(output_dir=str(tmp_path / "run"), resume="latest", **cfg))
     assert resumed.steps == 12
     assert_identical(final_weights(tmp_path / "run"), final_weights(tmp_path / "ref"))

@@ -305,7 +305,7 @@ def test_lora_unknown_target_is_a_clear_error():
 
 # --- end to end ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys):
+def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys, keep_threads):
     from clipforge.cli import main
     from clipforge.model.factory import create_model
     from clipforge.train.state import list_checkpoints, load_checkpoint_state
@@ -314,25 +314,21 @@ def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys):
         "data: synthetic:shapes?n=48&image_size=32\nmodel: tiny-vit\nbatch_size: 4\nepochs: 1\n"
         "lr: 0.001\nthreads: 1\nprogress: false\nschedule: const-cooldown\ncooldown_steps: 2\n"
     )
-    threads = torch.get_num_threads()
-    try:
-        code = main(
-            [
-                "train",
-                "--config",
-                str(tmp_path / "run.yaml"),
-                "--batch-size",
-                "8",
-                "--accum-steps",
-                "2",
-                "--output-dir",
-                str(tmp_path / "out"),
-                "--ema-decay",
-                "0.9",
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tmp_path / "run.yaml"),
+            "--batch-size",
+            "8",
+            "--accum-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--ema-decay",
+            "0.9",
+        ]
+    )
     assert code == 0
     assert "model saved to" in capsys.readouterr().out
     out = tmp_path / "out"
@@ -356,28 +352,24 @@ def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lora_and_lit_runs_save_a_plain_merged_model(tmp_path):
+def test_lora_and_lit_runs_save_a_plain_merged_model(tmp_path, keep_threads):
     from clipforge.model.factory import create_model
     from clipforge.train.trainer import train
 
-    threads = torch.get_num_threads()
-    try:
-        result = train(
-            TrainConfig.from_flat(
-                data="synthetic:shapes?n=16&image_size=32",
-                model="tiny-vit",
-                batch_size=8,
-                max_steps=2,
-                lora_rank=4,
-                lock_image=True,
-                lr=1e-2,
-                threads=1,
-                progress=False,
-                output_dir=str(tmp_path),
-            )
+    result = train(
+        TrainConfig.from_flat(
+            data="synthetic:shapes?n=16&image_size=32",
+            model="tiny-vit",
+            batch_size=8,
+            max_steps=2,
+            lora_rank=4,
+            lock_image=True,
+            lr=1e-2,
+            threads=1,
+            progress=False,
+            output_dir=str(tmp_path),
         )
-    finally:
-        torch.set_num_threads(threads)
+    )
     model = create_model(pretrained=result.final_model_dir)
     assert not any("lora" in k for k in model.state_dict())
     torch.manual_seed(0)  # the trainer seeds with cfg.seed before building: same initial weights

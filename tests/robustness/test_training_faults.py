@@ -35,11 +35,8 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+#: every test here trains with threads=1: the thread count is restored after each
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 def poison_loss(
