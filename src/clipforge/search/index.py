@@ -55,7 +55,6 @@ from clipforge.data.column_tables import (
     find_table,
     iter_table_chunks,
     read_json,
-    read_table,
 )
 from clipforge.data.embeddings import iter_embedding_chunks, load_manifest
 from clipforge.errors import ClipforgeError, DataError
@@ -302,13 +301,9 @@ def build_index(
     returns the manifest. ``part_rows`` sets the vectors per part (default: from the budget).
     """
     load_faiss()  # fail before any work if faiss is missing
-    emb_manifest = load_manifest(emb_dir)
+    emb_manifest, plan = _load_and_plan(emb_dir, kind, max_memory)
     n, dim = int(emb_manifest["count"]), int(emb_manifest["dim"])
-    if n == 0:
-        raise DataError(f"{emb_dir}: no embeddings to index (all images skipped?)")
-    plan = plan_index(n, dim, kind, max_memory)
     budget = parse_memory(max_memory)
-    log.info("index: %s, ~%s in memory (%s)", plan.kind, _fmt_bytes(plan.memory_bytes), plan.reason)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = emb_manifest.get("dtype", "float16")
@@ -334,14 +329,68 @@ def build_index(
     with omp_threads(n):
         params, recall = calibrate(index, plan.kind, rows, metric, target_recall=target_recall, seed=seed)
     log.info("calibrated %s in %.1fs", params, time.perf_counter() - t0 - build_s)
-    manifest = {
+    manifest = _index_manifest(
+        emb_manifest, plan, gen, metric, int(index.ntotal), dtype, (params, recall, target_recall), build_s
+    )
+    if plan.kind in STREAMED_KINDS:
+        manifest |= _streamed_fields(
+            gen, len(_training_rows_for(rows, plan, seed, budget)), budget, part_rows
+        )
+    _save(out, index, iter_table_chunks(find_table(Path(emb_dir), "metadata")), manifest)
+    summary = f"{plan.kind}, expected recall@10 {recall:.3f}, {_fmt_bytes(plan.memory_bytes)}"
+    log.info("index built in %.1fs: %s", build_s, summary)
+    sharding.wait_all()
+    return manifest
+
+
+def _load_and_plan(
+    emb_dir: str | os.PathLike, kind: str, max_memory: Any
+) -> tuple[dict[str, Any], IndexPlan]:
+    """The embed folder's manifest and the index planned for it; an empty collection is an error."""
+    emb_manifest = load_manifest(emb_dir)
+    n, dim = int(emb_manifest["count"]), int(emb_manifest["dim"])
+    if n == 0:
+        raise DataError(f"{emb_dir}: no embeddings to index (all images skipped?)")
+    plan = plan_index(n, dim, kind, max_memory)
+    log.info("index: %s, ~%s in memory (%s)", plan.kind, _fmt_bytes(plan.memory_bytes), plan.reason)
+    return emb_manifest, plan
+
+
+def _streamed_fields(gen: int, train_rows: int, budget: int | None, part_rows: int | None) -> dict[str, Any]:
+    """What an index built shard by shard adds to its manifest: its extra files and how it was built."""
+    return {
+        "ivfdata_file": f"index-{gen}.ivfdata",
+        "trained_file": f"index-{gen}.trained",
+        "build": {
+            "ranks": sharding.world()[1],
+            "max_memory": budget,
+            "part_rows": part_rows,
+            "train_rows": train_rows,
+        },
+    }
+
+
+def _index_manifest(
+    emb_manifest: dict[str, Any],
+    plan: IndexPlan,
+    gen: int,
+    metric: str,
+    count: int,
+    dtype: str,
+    calibration: tuple[dict[str, Any], float, float],
+    build_s: float,
+) -> dict[str, Any]:
+    """The manifest of generation ``gen``: what was built, how to search it (``calibration``:
+    params, expected recall, target), which model embedded it and the generation's file names."""
+    params, recall, target_recall = calibration
+    return {
         "format": "clipforge-index",
         "version": INDEX_FORMAT_VERSION,
         "generation": gen,
         "kind": plan.kind,
         "metric": metric,
-        "count": int(index.ntotal),
-        "dim": dim,
+        "count": count,
+        "dim": int(emb_manifest["dim"]),
         "dtype": dtype,
         "build_params": plan.params,
         "search_params": params,
@@ -357,23 +406,9 @@ def build_index(
             "preprocess": emb_manifest.get("preprocess"),  # image queries get the same convention
         },
         "index_file": f"index-{gen}.faiss",
-        "embeddings_file": emb_path.name,
+        "embeddings_file": f"embeddings-{gen}.npy",
         "metadata_file": f"metadata-{gen}{MAPPED_SUFFIX}",
     }
-    if plan.kind in STREAMED_KINDS:
-        manifest |= {"ivfdata_file": f"index-{gen}.ivfdata", "trained_file": f"index-{gen}.trained"}
-        manifest["build"] = {"ranks": sharding.world()[1], "max_memory": budget, "part_rows": part_rows,
-                             "train_rows": len(_training_rows_for(rows, plan, seed, budget))}  # fmt: skip
-    _save(out, index, iter_table_chunks(find_table(Path(emb_dir), "metadata")), manifest)
-    log.info(
-        "index built in %.1fs: %s, expected recall@10 %.3f, %s",
-        build_s,
-        plan.kind,
-        recall,
-        _fmt_bytes(plan.memory_bytes),
-    )
-    sharding.wait_all()
-    return manifest
 
 
 def _build_in_memory(emb_path: Path, plan: IndexPlan, metric: str, seed: int, progress: bool) -> Any:
@@ -568,38 +603,17 @@ def calibrate(
     qids = np.sort(rng.choice(n, size=min(CALIBRATION_QUERIES, n), replace=False))
     queries = np.asarray(embeddings[qids], dtype=np.float32)
     truth = _drop_self(exact_neighbours(embeddings, queries, k + 1), qids, k)
-    if kind == "hnsw":
-        knob, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-    else:
-        nlist = load_faiss().extract_index_ivf(index).nlist
-        values = sorted(
-            {
-                v
-                for v in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
-                if v < nlist
-            }
-            | {nlist}
-        )
-        knob = "nprobe"
+    knob, values = _knob_values(index, kind)
     # ivfpq: the compressed codes only rank candidates, which are then re-scored exactly; when more
     # probes stop helping, the true neighbours are being lost in the ranking, so fetch more of them
     bases = [{"rerank": r} for r in RERANKS] if kind == "ivfpq" else [{}]
+    sample, goal = (queries, qids, truth), target_recall + margin
     best: tuple[dict[str, Any], float] = ({}, 0.0)
     for base in bases:
-        prev = -1.0
-        for v in values:
-            params = {**base, knob: v}
-            set_search_params(index, params)
-            _, ids = search_index(index, kind, metric, embeddings, queries, k + 1, params)
-            r = recall_at_k(_drop_self(ids, qids, k), truth)
-            if r > best[1]:
-                best = (params, r)
-            if r >= target_recall + margin:
-                break
-            if kind == "ivfpq" and prev >= 0 and r - prev < 0.002 and v >= 32:
-                break  # plateau: more probes will not reach the target at this rerank depth
-            prev = r
-        if best[1] >= target_recall + margin:
+        found = _sweep(index, kind, metric, embeddings, sample, base, knob, values, goal)
+        if found[1] > best[1]:
+            best = found
+        if best[1] >= goal:
             break
     set_search_params(index, best[0])
     if best[1] < target_recall:
@@ -607,6 +621,47 @@ def calibrate(
             "calibrated recall@%d is %.3f, below the %.2f target (%s)", k, best[1], target_recall, kind
         )
     return best[0], round(float(best[1]), 4)
+
+
+def _knob_values(index: Any, kind: str) -> tuple[str, list[int]]:
+    """The search knob of ``kind`` and the values tried, smallest (fastest) first."""
+    if kind == "hnsw":
+        return "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    nlist = load_faiss().extract_index_ivf(index).nlist
+    steps = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
+    return "nprobe", sorted({v for v in steps if v < nlist} | {nlist})
+
+
+def _sweep(
+    index: Any,
+    kind: str,
+    metric: str,
+    embeddings: Any,
+    sample: tuple[np.ndarray, np.ndarray, np.ndarray],
+    base: dict[str, Any],
+    knob: str,
+    values: list[int],
+    goal: float,
+) -> tuple[dict[str, Any], float]:
+    """Raise ``knob`` (over ``base``) until the recall of the sample ``(queries, qids, truth)``
+    reaches ``goal`` or, for ivfpq, stops growing; returns the best (params, recall) seen."""
+    queries, qids, truth = sample
+    k = truth.shape[1]
+    best: tuple[dict[str, Any], float] = ({}, 0.0)
+    prev = -1.0
+    for v in values:
+        params = {**base, knob: v}
+        set_search_params(index, params)
+        _, ids = search_index(index, kind, metric, embeddings, queries, k + 1, params)
+        r = recall_at_k(_drop_self(ids, qids, k), truth)
+        if r > best[1]:
+            best = (params, r)
+        if r >= goal:
+            break
+        if kind == "ivfpq" and prev >= 0 and r - prev < 0.002 and v >= 32:
+            break  # plateau: more probes will not reach the target at this rerank depth
+        prev = r
+    return best
 
 
 def _drop_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
@@ -697,6 +752,14 @@ def add_to_index(
     out = Path(index_dir)
     index, manifest = load_index(out, mmap=False)
     new = load_manifest(new_emb_dir)
+    _check_same_model(manifest, new, new_emb_dir)
+    if manifest.get("ivfdata_file"):
+        return _add_streamed(out, index, manifest, Path(new_emb_dir), int(new["count"]), progress)
+    return _add_in_memory(out, index, manifest, Path(new_emb_dir), int(new["count"]), progress)
+
+
+def _check_same_model(manifest: dict[str, Any], new: dict[str, Any], new_emb_dir: Any) -> None:
+    """Embeddings of another model (name, config or width) cannot join the index."""
     if int(new["dim"]) != manifest["dim"] and new["count"]:
         raise SearchIndexError(
             f"{new_emb_dir}: embeddings have dim {new['dim']}, the index has {manifest['dim']}"
@@ -712,21 +775,24 @@ def add_to_index(
             f"{new_emb_dir}: embedded with model {new['model']!r}, the index uses "
             f"{old_model['name']!r}; embeddings of different models cannot be mixed"
         )
-    n_old, n_new, dim = manifest["count"], int(new["count"]), manifest["dim"]
-    gen = int(manifest["generation"]) + 1
-    if manifest.get("ivfdata_file"):
-        return _add_streamed(out, index, manifest, Path(new_emb_dir), n_new, progress)
+
+
+def _add_in_memory(
+    out: Path, index: Any, manifest: dict[str, Any], new_dir: Path, n_new: int, progress: bool
+) -> dict[str, Any]:
+    """``index --add`` for a flat / hnsw / in-memory IVF index: add, then save a new generation."""
+    n_old, dim, gen = manifest["count"], manifest["dim"], int(manifest["generation"]) + 1
     old_emb = np.load(out / manifest["embeddings_file"], mmap_mode="r")
     emb_path = out / f"embeddings-{gen}.npy"
     _write_embeddings(
         emb_path,
-        [*_chunks([old_emb]), *iter_embedding_chunks(new_emb_dir)] if n_new else _chunks([old_emb]),
+        [*_chunks([old_emb]), *iter_embedding_chunks(new_dir)] if n_new else _chunks([old_emb]),
         n_old + n_new,
         dim,
         manifest.get("dtype", "float16"),
     )
     if n_new:
-        _add_with_progress(index, _chunks(iter_embedding_chunks(new_emb_dir)), n_new, progress)
+        _add_with_progress(index, _chunks(iter_embedding_chunks(new_dir)), n_new, progress)
     # The saved knob was tuned for the old collection; lists grow and new regions appear, so the
     # setting (and the recall it promises) is re-derived on the grown index.
     target = float(manifest.get("target_recall", 0.95))
@@ -739,20 +805,14 @@ def add_to_index(
             target_recall=target,
         )
     old_meta = open_metadata(out / manifest["metadata_file"])
-    meta = {k: list(col) for k, col in old_meta.items()}
-    extra = read_table(find_table(Path(new_emb_dir), "metadata"))
-    for key in meta:
-        if key == "id":
-            meta[key].extend(i + n_old for i in extra["id"])
-        else:
-            meta[key].extend(extra.get(key, [""] * n_new))
+    meta = _grown_metadata(old_meta, n_old, new_dir)
     manifest = _grown_manifest(manifest, gen, int(index.ntotal), n_new, params, recall, emb_path)
     if manifest["kind"] == "flat" and manifest["count"] >= FLAT_MAX:
         log.warning(
             "flat index now holds %d vectors; rebuild with `clipforge index` for a faster kind",
             manifest["count"],
         )
-    _save(out, index, [meta], manifest)
+    _save(out, index, meta, manifest)
     return manifest
 
 
