@@ -17,37 +17,28 @@ Submodules are imported lazily: ``import clipforge.data`` does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipforge.lazy import lazy_attributes
 
 _API = {
-    "load_image": "images",
-    "BadImageError": "images",
-    "SkipCounter": "images",
-    "PairsDataset": "pairs",
-    "FolderPairsDataset": "pairs",
-    "collate_pairs": "pairs",
-    "SyntheticShapes": "synthetic",
-    "write_synthetic": "synthetic",
-    "ShardDataset": "shard_reader",
-    "write_shards": "shards",
-    "expand_urls": "shard_reader",
-    "MixDataset": "mix",
-    "ResumableLoader": "loader",
-    "scan_dataset": "doctor",
-    "build_dataset": "build",
-    "build_loader": "build",
-    "split_spec": "sources",
-    "source_kind": "sources",
+    "load_image": "clipforge.data.images",
+    "BadImageError": "clipforge.data.images",
+    "SkipCounter": "clipforge.data.images",
+    "PairsDataset": "clipforge.data.pairs",
+    "FolderPairsDataset": "clipforge.data.pairs",
+    "collate_pairs": "clipforge.data.pairs",
+    "SyntheticShapes": "clipforge.data.synthetic",
+    "write_synthetic": "clipforge.data.synthetic",
+    "ShardDataset": "clipforge.data.shard_reader",
+    "write_shards": "clipforge.data.shards",
+    "expand_urls": "clipforge.data.shard_reader",
+    "MixDataset": "clipforge.data.mix",
+    "ResumableLoader": "clipforge.data.loader",
+    "scan_dataset": "clipforge.data.doctor",
+    "build_dataset": "clipforge.data.build",
+    "build_loader": "clipforge.data.build",
+    "split_spec": "clipforge.data.sources",
+    "source_kind": "clipforge.data.sources",
 }
 
 __all__ = sorted(_API)
-
-
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'clipforge.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"clipforge.data.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _API)[0]  # dir() stays the default (loaded submodules too)

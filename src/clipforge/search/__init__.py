@@ -6,8 +6,7 @@ does not pull in faiss, torch or FastAPI until they are used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipforge.lazy import lazy_attributes
 
 _API = {
     "embed_images": "clipforge.search.embed",
@@ -21,14 +20,4 @@ _API = {
     "serve": "clipforge.search.server",
 }
 __all__ = sorted(_API)
-
-
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'clipforge.search' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _API, cache=False)
