@@ -56,7 +56,7 @@ def build_index(work: Path, n: int) -> Path:
 
     from clipforge.checkpoints.clipforge_format import save_pretrained
     from clipforge.data.synthetic import SyntheticShapes
-    from clipforge.model.factory import create_model, create_model_and_transforms, get_tokenizer
+    from clipforge.factory import create_model, create_model_and_transforms, get_tokenizer
     from clipforge.search.embed import embed_images
     from clipforge.search.index import build_index as build
 

@@ -33,7 +33,7 @@ import torch
 
 from clipforge.bench import compare_variants, open_clip_twin
 from clipforge.model.clip import CLIP
-from clipforge.model.factory import get_tokenizer
+from clipforge.factory import get_tokenizer
 from clipforge.model.registry import get_model_config
 
 

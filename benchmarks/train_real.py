@@ -106,7 +106,7 @@ def heldout_recall(arch: Path, checkpoint: Path, table: Path, convention: str) -
     from clipforge.checkpoints.load import load_checkpoint
     from clipforge.data.pairs import PairsDataset
     from clipforge.eval.retrieval import retrieval_metrics
-    from clipforge.model.factory import create_model, get_tokenizer
+    from clipforge.factory import create_model, get_tokenizer
     from clipforge.transforms import PreprocessConfig, image_transform
 
     model = create_model(str(arch))

@@ -93,7 +93,7 @@ def save_tiny_model(directory: Path) -> Path:
     import torch
 
     from clipforge.checkpoints.clipforge_format import save_pretrained
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     torch.manual_seed(0)
     model = create_model("tiny-vit")
@@ -102,7 +102,7 @@ def save_tiny_model(directory: Path) -> Path:
 
 
 def load_model(model_dir: Path):
-    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.factory import create_model_and_transforms, get_tokenizer
 
     model, _, preprocess = create_model_and_transforms("tiny-vit", pretrained=str(model_dir))
     model.eval()

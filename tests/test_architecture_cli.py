@@ -13,7 +13,7 @@ from search_fixtures import make_images
 
 from clipforge.cli import main
 from clipforge.model.architecture import read_config_file
-from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+from clipforge.factory import create_model_and_transforms, get_tokenizer
 
 LABEL = "custom (from my-arch.json)"
 #: open_clip's JSON form; no registered architecture has these shapes (or a 32-token context).

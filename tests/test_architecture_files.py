@@ -19,7 +19,7 @@ from clipforge.checkpoints.load import closest_architecture
 from clipforge.checkpoints.open_clip import open_clip_to_clipforge
 from clipforge.errors import ConfigError
 from clipforge.model.architecture import architecture_name, model_source, read_config_file, same_architecture
-from clipforge.model.factory import create_model, get_tokenizer
+from clipforge.factory import create_model, get_tokenizer
 from clipforge.model.registry import get_model_config
 
 open_clip = pytest.importorskip("open_clip")

@@ -26,7 +26,7 @@ from clipforge.checkpoints.io import (
 from clipforge.checkpoints.load import detect_format, load_checkpoint, load_state_dict_any
 from clipforge.checkpoints.pretrained import list_pretrained, resolve_pretrained
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge.model.factory import create_model, create_model_and_transforms, get_tokenizer
+from clipforge.factory import create_model, create_model_and_transforms, get_tokenizer
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -267,7 +267,7 @@ def test_clipforge_dir_restores_model_preprocessing_and_tokenizer(tmp_path):
 )
 def test_convert_round_trip_is_exact(tmp_path, target, name):
     from clipforge.checkpoints.clipforge_format import save_pretrained
-    from clipforge.checkpoints.convert import convert_checkpoint
+    from clipforge.factory import convert_checkpoint
 
     torch.manual_seed(0)
     model = create_model("tiny-vit").eval()

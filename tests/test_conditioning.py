@@ -7,7 +7,7 @@ import torch
 
 from clipforge.conditioning import CONVENTIONS, encode_text_for_conditioning
 from clipforge.errors import ConfigError
-from clipforge.model.factory import create_model, get_tokenizer
+from clipforge.factory import create_model, get_tokenizer
 
 TEXTS = ["a photo of a dog", "an oil painting of a lighthouse at dusk, highly detailed"]
 TOL = 1e-5

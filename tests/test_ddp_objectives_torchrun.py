@@ -82,7 +82,7 @@ def check_run(proc: subprocess.Popen, out: Path, steps: int) -> list[float]:
 
 
 def test_torchrun_multipos_and_siglip_neighbour(tmp_path):
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     data = two_caption_table(tmp_path)
     multipos = launch(tmp_path / "multipos", data, "--model", "tiny-vit", "--loss", "multipos",

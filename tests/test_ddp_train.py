@@ -116,7 +116,7 @@ def test_two_gloo_ranks_match_one_process_with_double_batch(tmp_path, strategy):
     assert done[0]["final"] and done[1]["final"] is None
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step_00000001.pt", "step_00000002.pt", "step_00000003.pt"]
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     create_model(pretrained=str(tmp_path / "run" / "final"))
 

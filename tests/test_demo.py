@@ -56,7 +56,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert_real_png(png)
         assert png.name in (report / "index.html").read_text()
     # the trained model is a normal clipforge checkpoint
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     model = create_model(pretrained=summary["model_dir"])
     assert model.config.vision.image_size == 32

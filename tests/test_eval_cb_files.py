@@ -133,7 +133,7 @@ def test_clipforge_eval_on_clip_benchmark_folder_uses_its_templates_and_names(cb
 
 def test_classifier_from_clip_benchmark_folder_equals_clip_benchmark_classifier(cb_root):
     from clipforge.eval.zero_shot import zero_shot_classifier
-    from clipforge.model.factory import create_model, get_tokenizer
+    from clipforge.factory import create_model, get_tokenizer
 
     root, names, _ = cb_root
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from clipforge.guidance import (
     resize_like_eval,
     spherical_distance,
 )
-from clipforge.model.factory import create_model, get_tokenizer
+from clipforge.factory import create_model, get_tokenizer
 from clipforge.transforms import PreprocessConfig
 
 TOL = 1e-5

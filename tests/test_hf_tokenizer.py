@@ -458,7 +458,7 @@ OPEN_CLIP_NAMES = {  # open_clip config -> kind of its hf_tokenizer_name
 def test_open_clip_configs_get_their_tokenizer(offline) -> None:
     """``get_tokenizer(<open_clip config>)`` == ``open_clip.get_tokenizer(<name>)``: the config's
     hf_tokenizer_name, context length and tokenizer_kwargs, resolved from the hub cache."""
-    from clipforge.model.factory import get_tokenizer
+    from clipforge.factory import get_tokenizer
 
     texts = varied_texts(200, seed=21)
     for name in OPEN_CLIP_NAMES:
@@ -501,7 +501,7 @@ def test_model_folder_and_hub_repo_carry_the_tokenizer(offline, kinds, tmp_path)
     """Tokenizer files next to the weights win (open_clip's local-dir:), for folders and Hub repos;
     ``model.tokenizer_cfg`` records them and survives a clipforge checkpoint round trip."""
     from clipforge.checkpoints.clipforge_format import save_pretrained
-    from clipforge.model.factory import create_model, get_tokenizer
+    from clipforge.factory import create_model, get_tokenizer
 
     texts = varied_texts(150, seed=13)
     # hf_tokenizer_name names a repo that is not cached: only the files beside the weights exist
@@ -551,7 +551,7 @@ def test_model_without_tokenizer_files_uses_the_cache(offline, kinds, tmp_path) 
     not there fails naming both places looked at."""
     from clipforge.checkpoints.load import config_from_open_clip
     from clipforge.model.clip import build_model
-    from clipforge.model.factory import create_model, get_tokenizer
+    from clipforge.factory import create_model, get_tokenizer
 
     texts = varied_texts(150, seed=17)
     folder = _open_clip_repo(tmp_path / "weights-only", _tiny_siglip_cfg("timm/ViT-B-16-SigLIP"), None)

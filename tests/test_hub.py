@@ -12,7 +12,7 @@ from helpers import OC_TINY_CFG, REVISION, SHRINK, populate, seeded_model
 from clipforge.checkpoints import hub
 from clipforge.checkpoints.io import save_safetensors
 from clipforge.errors import DownloadError
-from clipforge.model.factory import create_model, create_model_and_transforms, get_tokenizer
+from clipforge.factory import create_model, create_model_and_transforms, get_tokenizer
 
 
 @pytest.fixture(scope="module")

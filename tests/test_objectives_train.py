@@ -199,7 +199,7 @@ def _one_caption_table(tmp_path) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["features", "model"])
 def test_distillation_from_embed_folder_or_live_teacher(tmp_path, source: str) -> None:
-    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.factory import create_model_and_transforms, get_tokenizer
     from clipforge.search.embed import embed_images
     from clipforge.train.distributed import DistInfo
     from clipforge.train.trainer import build_run, compute_gradients, unpack_batch

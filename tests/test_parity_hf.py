@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.model.factory import create_model
+from clipforge.factory import create_model
 
 transformers = pytest.importorskip("transformers")
 

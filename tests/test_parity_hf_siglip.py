@@ -26,7 +26,7 @@ from PIL import Image
 from realdata import photos
 
 from clipforge.checkpoints import hf_siglip
-from clipforge.checkpoints.convert import convert_checkpoint
+from clipforge.factory import convert_checkpoint
 from clipforge.checkpoints.load import load_any
 from clipforge.errors import CheckpointError, ConfigError
 
@@ -208,7 +208,7 @@ def open_clip_model(cfg, sd: dict) -> torch.nn.Module:
 
 def model_under_test(which: str, folder: Path) -> torch.nn.Module:
     if which == "clipforge":
-        from clipforge.model.factory import create_model
+        from clipforge.factory import create_model
 
         return create_model(None, pretrained=folder).eval()
     loaded = _loaded(folder)
@@ -309,7 +309,7 @@ def test_features_equal_transformers(case, which):
 def test_tokenizer_is_the_folders_own(case):
     """The recorded ``type: hf`` tokenizer gives the ids transformers' tokenizer of the folder gives
     (padded to the context), through the model and through the folder alone."""
-    from clipforge.model.factory import get_tokenizer
+    from clipforge.factory import get_tokenizer
 
     name, kind, hf_model, folder = case
     context = hf_model.config.text_config.max_position_embeddings
@@ -402,7 +402,7 @@ def test_projection_size_must_equal_image_width():
 
 
 def test_a_clip_model_is_not_written_as_siglip(tmp_path):
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     model = create_model("tiny-vit")
     assert not hf_siglip.is_siglip_config(model.config)
@@ -415,7 +415,7 @@ def _clipforge_siglip():
     """A tiny SigLIP 2 as clipforge builds open_clip's ViT-B-16-SigLIP2 config (exact-GELU timm trunk,
     tanh-GELU text tower), random weights."""
     from clipforge.checkpoints.load import config_from_open_clip
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     cfg = config_from_open_clip(open_clip.get_model_config("ViT-B-16-SigLIP2"), "ViT-B-16-SigLIP2").replace(
         embed_dim=32,

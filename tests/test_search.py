@@ -215,7 +215,7 @@ def test_index_manifest_and_files(setup):
     from clipforge.model.registry import get_model_config
 
     tiny = get_model_config("tiny-vit").to_dict()  # the architecture itself is recorded, not only its name
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     pre = create_model(pretrained=setup.model_dir).preprocess_cfg.to_dict()  # image queries get these pixels
     assert m["model"] == {

@@ -307,7 +307,7 @@ def test_lora_unknown_target_is_a_clear_error():
 @pytest.mark.slow
 def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys, keep_threads):
     from clipforge.cli import main
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
     from clipforge.train.state import list_checkpoints, load_checkpoint_state
 
     (tmp_path / "run.yaml").write_text(
@@ -353,7 +353,7 @@ def test_cli_run_on_synthetic_data_produces_loadable_model(tmp_path, capsys, kee
 
 @pytest.mark.slow
 def test_lora_and_lit_runs_save_a_plain_merged_model(tmp_path, keep_threads):
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
     from clipforge.train.trainer import train
 
     result = train(

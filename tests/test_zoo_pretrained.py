@@ -256,7 +256,7 @@ def test_tag_through_create_model_gives_open_clips_preprocessing(
     open_clip's for that tag on real images. The architecture is a tiny stand-in registered
     under the tag's name for the test (the weights' shapes are not what is checked here)."""
     from clipforge.model import registry
-    from clipforge.model.factory import create_model_and_transforms
+    from clipforge.factory import create_model_and_transforms
 
     entry = resolve_pretrained(model_name, tag)
     tiny, weights = _tiny_open_clip_weights(tmp_path, entry.image_size or 224)

@@ -141,7 +141,7 @@ def trained(icon_data, model_arg, tmp_path_factory):
 
 def _reference(final: Path, folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
     """The checkpoint's preprocessed icons (sorted paths) and their ``encode_image`` features."""
-    from clipforge.model.factory import create_model_and_transforms
+    from clipforge.factory import create_model_and_transforms
 
     model, _, preprocess = create_model_and_transforms(pretrained=str(final))
     paths = sorted(folder.rglob("*.png"))
@@ -203,7 +203,7 @@ def test_lora_on_a_timm_trunk_takes_timms_layer_names(icon_data, tmp_path) -> No
     """LoRA's default targets are CLIP's layer names (in_proj, c_fc ...); a timm ViT's are qkv,
     fc1, fc2. Named so, the trunk's adapted weights change (merged into the checkpoint) and
     everything else in it stays exactly as initialised."""
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
     from clipforge.train.trainer import seed_everything
 
     out = tmp_path / "run"
@@ -224,7 +224,7 @@ def test_int8_fast_path_keeps_a_biased_text_projection() -> None:
     """SigLIP's text projection is an ``nn.Linear`` (with bias); dynamic int8 replaces it by a
     quantised Linear, which the tower must still call (it used to be matrix-multiplied: TypeError)."""
     from clipforge.inference import optimize_for_inference
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     torch.manual_seed(0)
     model = create_model("tiny-siglip").eval()

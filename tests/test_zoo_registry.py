@@ -24,7 +24,7 @@ from clipforge.checkpoints.load import config_from_open_clip
 from clipforge.checkpoints.open_clip import infer_config, open_clip_to_clipforge
 from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
 from clipforge.model.clip import build_model
-from clipforge.model.factory import create_model
+from clipforge.factory import create_model
 from clipforge.model.registry import get_model_config, list_models
 from tests.realdata import photos
 

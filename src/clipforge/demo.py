@@ -168,7 +168,7 @@ def evaluate_demo(
     """Zero-shot (see ``ZERO_SHOT_SPLITS``) and retrieval on held-out and on seen combinations."""
     from clipforge.eval.datasets import load_eval_dataset
     from clipforge.eval.runner import evaluate, format_examples
-    from clipforge.model.factory import create_model_from_pretrained, get_tokenizer
+    from clipforge.factory import create_model_from_pretrained, get_tokenizer
 
     model, preprocess = create_model_from_pretrained(pretrained=model_dir)
     model.eval()

@@ -110,7 +110,7 @@ def attribute_accuracy(candidates: list[str], truths: list[str]) -> dict[str, fl
 
 def _untrained_model(seed: int) -> torch.nn.Module:
     """``tiny-coca`` as training starts from it (the trainer seeds torch with the run's seed, then builds)."""
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     state = torch.random.get_rng_state()
     try:
@@ -138,7 +138,7 @@ def evaluate_captions(
     from clipforge.eval.captioning import caption_scores
     from clipforge.eval.datasets import load_eval_dataset
     from clipforge.eval.runner import evaluate, format_caption_examples
-    from clipforge.model.factory import create_model_from_pretrained, get_tokenizer
+    from clipforge.factory import create_model_from_pretrained, get_tokenizer
 
     model, preprocess = create_model_from_pretrained(pretrained=model_dir)
     tokenizer = get_tokenizer(model)

@@ -21,7 +21,7 @@ from clipforge.checkpoints.clipforge_format import save_pretrained
 from clipforge.checkpoints.io import safe_torch_load, save_safetensors
 from clipforge.checkpoints.load import load_checkpoint
 from clipforge.errors import CheckpointError, UnsafeCheckpointError
-from clipforge.model.factory import create_model
+from clipforge.factory import create_model
 
 
 class _Payload:

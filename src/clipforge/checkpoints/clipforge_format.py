@@ -169,12 +169,3 @@ def read_pretrained_dir(directory: str | Path) -> ClipforgeCheckpoint:
         tokenizer_cfg=data.get("tokenizer_cfg"),
         extra=data.get("extra") or {},
     )
-
-
-def load_pretrained_dir(
-    directory: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> torch.nn.Module:
-    """Rebuild the saved model, with ``preprocess_cfg`` and ``tokenizer_cfg`` restored on it."""
-    from clipforge.model.factory import create_model
-
-    return create_model(None, pretrained=str(directory), device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Write a model in any supported format; ``convert_checkpoint`` = load any + write one.
+"""Write a model in any supported format (``clipforge.factory.convert_checkpoint`` = load any + this).
 
 Targets: ``clipforge`` (folder), ``hf`` (transformers ``CLIPModel`` folder), ``open_clip`` (a
 state-dict file, or a Hub-style folder with ``open_clip_config.json``) and ``openai`` (a plain
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("clipforge", "open_clip", "hf", "openai")
 _FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``--dtype`` spellings of ``convert_checkpoint`` (:mod:`clipforge.factory`).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
@@ -156,31 +157,3 @@ def save_as(model: torch.nn.Module, dst: str | Path, to: str) -> Path:
     if to == "openai":
         return openai.save_openai(model, dst)
     raise ConfigError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
-
-
-def convert_checkpoint(
-    src: str | Path,
-    dst: str | Path,
-    to: str,
-    *,
-    model_name: str | None = None,
-    dtype: str | None = None,
-    cache_dir: str | Path | None = None,
-) -> Path:
-    """Load ``src`` (any format, or a tag with ``model_name``) and write it to ``dst`` as ``to``.
-
-    ``model_name`` names the architecture when the source has no config (otherwise inferred).
-    ``dtype`` ("fp32", "fp16", "bf16") casts the weights; default keeps them.
-    """
-    from clipforge.model.factory import create_model
-
-    if to not in TARGETS:
-        raise ConfigError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-    model = create_model(model_name, pretrained=str(src), cache_dir=cache_dir)
-    if dtype is not None:
-        model.to(_DTYPES[dtype])
-    out = save_as(model, dst, to)
-    log.info("converted %s -> %s (%s)", src, out, to)
-    return out

@@ -400,9 +400,19 @@ def mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], sour
 
 
 def apply_state_dict(
-    model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, strict: bool = True
+    model: torch.nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    source: str,
+    strict: bool = True,
+    *,
+    assign: bool = False,
 ) -> Any:
-    """``model.load_state_dict`` with a readable error; shape mismatches are always errors."""
+    """``model.load_state_dict`` with a readable error; shape mismatches are always errors.
+
+    ``assign=True`` (strict only) fills a model whose parameters are on the meta device: each
+    tensor is first copied into a fresh one of the model's dtype and layout, so the result is
+    bit-identical to an ordinary load and shares no storage with ``sd``.
+    """
     report = mismatch_report(model, sd, source)
     if report is not None:
         own = model.state_dict()
@@ -410,10 +420,25 @@ def apply_state_dict(
         if strict or bad_shapes:
             raise CheckpointError(report)
         log.warning("%s", report)
-    return model.load_state_dict(dict(sd), strict=strict)
+    if not assign:
+        return model.load_state_dict(dict(sd), strict=strict)
+    if not strict:
+        raise ValueError("apply_state_dict(assign=True) needs strict=True: every tensor must come from sd")
+    return model.load_state_dict(_fresh_copies(model, sd), strict=True, assign=True)
 
 
-def _warn_activation(model: torch.nn.Module, loaded: LoadedCheckpoint) -> None:
+def _fresh_copies(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd``'s tensors copied as ``load_state_dict`` would copy them into ``model``'s own
+    (same dtype, shape and strides; a meta tensor's copy is made on the CPU)."""
+    out = {}
+    with torch.no_grad():
+        for key, own in model.state_dict(keep_vars=True).items():
+            device = torch.device("cpu") if own.is_meta else own.device
+            out[key] = torch.empty_like(own, device=device).copy_(sd[key])
+    return out
+
+
+def warn_activation(model: torch.nn.Module, loaded: LoadedCheckpoint) -> None:
     config = getattr(model, "config", None)
     wanted = loaded.config.quick_gelu if loaded.config is not None else loaded.quick_gelu
     if config is not None and wanted is not None and bool(wanted) != bool(config.quick_gelu):
@@ -436,12 +461,12 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = Tru
     model (``model.preprocess_cfg``, ``model.tokenizer_cfg``).
     """
     loaded = load_any(path)
-    _warn_activation(model, loaded)
+    warn_activation(model, loaded)
     result = apply_state_dict(model, loaded.state_dict, f"{loaded.path} ({loaded.format})", strict=strict)
     if loaded.preprocess_cfg is not None:
-        from clipforge.model.factory import make_preprocess_cfg
+        from clipforge.transforms import PreprocessConfig
 
-        model.preprocess_cfg = make_preprocess_cfg(loaded.preprocess_cfg)
+        model.preprocess_cfg = PreprocessConfig.coerce(dict(loaded.preprocess_cfg))
     if loaded.tokenizer_cfg is not None:
         model.tokenizer_cfg = dict(loaded.tokenizer_cfg)
     return result

@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipforge.bench import describe_device, format_rows, resolve_device, run_bench
     from clipforge.errors import ConfigError
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if not kinds or set(kinds) - {"image", "text"}:

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.data.build import build_dataset
     from clipforge.data.cache import ImageCache, build_cache, spec_for_transform
     from clipforge.data.workers import available_cores
-    from clipforge.model.factory import create_model_and_transforms
+    from clipforge.factory import create_model_and_transforms
     from clipforge.train.trainer import DEFAULT_MODEL
 
     _, train_transform, _ = create_model_and_transforms(

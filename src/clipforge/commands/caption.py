@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from clipforge.captioning import caption_images
-    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.factory import create_model_and_transforms, get_tokenizer
 
     device = device_argument(args)
     model, _, preprocess = create_model_and_transforms(

@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipforge.checkpoints.convert import convert_checkpoint
+    from clipforge.factory import convert_checkpoint
     from clipforge.checkpoints.load import detect_format
 
     out = convert_checkpoint(

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _embed(args: argparse.Namespace, info: Any) -> int:
     from clipforge.inference import optimize_for_inference
-    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.factory import create_model_and_transforms, get_tokenizer
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from clipforge.eval.datasets import load_eval_dataset
     from clipforge.eval.runner import evaluate, format_examples, format_summary
-    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.factory import create_model_and_transforms, get_tokenizer
 
     device = device_argument(args)
     model, _, preprocess = create_model_and_transforms(

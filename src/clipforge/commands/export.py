@@ -77,7 +77,7 @@ def _describe(model: Any) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from clipforge.export import export_onnx, export_program
-    from clipforge.model.factory import create_model
+    from clipforge.factory import create_model
 
     model = create_model(model_argument(args), args.pretrained).eval()
     towers = _towers(args.towers, model)

@@ -118,7 +118,7 @@ class Searcher:
                     f"{self.index_dir}: the manifest names no model; pass model=, "
                     "tokenizer= and preprocess= to Searcher"
                 )
-            from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+            from clipforge.factory import create_model_and_transforms, get_tokenizer
 
             log.info("loading model %s (pretrained=%s)", self.architecture, info.get("pretrained"))
             model, _, preprocess = create_model_and_transforms(

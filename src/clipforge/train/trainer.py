@@ -152,7 +152,7 @@ DEFAULT_MODEL = "tiny-vit"
 
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any, Any]:
     """The CLIP to train, its train/val preprocessing and tokenizer, with locks/LoRA applied."""
-    from clipforge.model.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.factory import create_model_and_transforms, get_tokenizer
 
     surgery = cfg.surgery
     overrides = (
@@ -309,7 +309,7 @@ def build_objective(cfg: TrainConfig, info: DistInfo, student: nn.Module) -> tup
 
 def build_teacher(cfg: TrainConfig, device: torch.device, student: nn.Module) -> Any:
     """A frozen teacher (any model clipforge loads) that embeds the student's batches."""
-    from clipforge.model.factory import create_model, get_tokenizer
+    from clipforge.factory import create_model, get_tokenizer
     from clipforge.objectives.distill import OnTheFlyTeacher
 
     o = cfg.objective
