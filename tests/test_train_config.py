@@ -195,3 +195,35 @@ def test_logger_meters_samples_per_second_between_logged_lines(tmp_path, monkeyp
     rlog.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["samples_per_s"]) for r in lines] == [(2, 10.0), (3, 2.0)]
+
+
+# --- shape of the package -----------------------------------------------------------------------
+def test_no_function_in_train_is_over_60_lines() -> None:
+    import ast
+    from pathlib import Path
+
+    import clipforge.train
+
+    long = []
+    for path in sorted(Path(clipforge.train.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long.append(f"{path.name}:{node.lineno} {node.name}")
+    assert long == []
+
+
+def test_checkpointing_and_outputs_do_not_take_the_run() -> None:
+    """They take what they save or measure; only the trainer knows its ``Run``."""
+    import ast
+    import inspect
+
+    from clipforge.train import outputs
+
+    for module in (checkpointing, outputs):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        annotations = {
+            ast.unparse(a.annotation) for a in ast.walk(tree) if isinstance(a, ast.arg) and a.annotation
+        }
+        assert "Run" not in imported and "Run" not in annotations
