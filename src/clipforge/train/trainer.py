@@ -98,7 +98,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loader: ResumableLoader
-    total_steps: int
+    total_steps: int  # fixed at build: a stream's length is recomputed (and re-seeded) on each len()
     eval_setup: EvalSetup | None = None
     skips: Any = None
     state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
