@@ -7,10 +7,11 @@ Each test checks what is on disk after success and after a failure mid-write: th
 from __future__ import annotations
 
 import csv
+import stat
 
 import pytest
 
-from clipforge.atomic import atomic_dir, atomic_write, replace_file, staging_dir
+from clipforge.atomic import atomic_dir, atomic_write, atomic_write_text, replace_file, staging_dir
 from clipforge.data.column_tables import iter_table_chunks, read_table, write_table
 from clipforge.data.shards import write_shards
 from clipforge.data.synthetic import SyntheticShapes, write_synthetic
@@ -85,3 +86,16 @@ def test_metadata_csv_read_whole_and_in_chunks(tmp_path):
     empty = write_table(tmp_path / "e.csv", {"id": [], "path": []})
     assert read_table(empty) == {"id": [], "path": []}  # header only: empty columns
     assert list(iter_table_chunks(empty)) == []
+
+
+def test_atomic_writes_get_the_permissions_a_plain_open_gives(tmp_path):
+    # mkstemp/mkdtemp make 0600/0700 entries; a checkpoint or manifest must not end up private.
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    with atomic_dir(tmp_path / "folder") as d:
+        (d / "f").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "atomic.txt") == mode(plain)
+    assert mode(tmp_path / "folder") == mode(tmp_path / "plain_dir")

@@ -30,6 +30,18 @@ __all__ = [
 ]
 
 
+def _read_umask() -> int:
+    """The process umask, read once at import (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: mkstemp/mkdtemp create private (0600/0700) entries; a written file should get the permissions an
+#: ordinary ``open(path, "w")`` would have given it (0644/0755 under the usual umask).
+_UMASK = _read_umask()
+
+
 def fsync_dir(directory: Path) -> None:
     """Persist the rename itself; best effort because not every platform can open a directory."""
     with contextlib.suppress(OSError):
@@ -65,6 +77,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~_UMASK)
     try:
         yield tmp
         replace_file(tmp, path)
@@ -76,12 +89,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def staging_dir(parent: PathLike, name: str) -> Iterator[Path]:
-    """A private, empty folder ``parent/.<name>.XXXX``, removed with whatever is left in it.
+    """An empty folder ``parent/.<name>.XXXX``, removed with whatever is left in it.
 
     Same filesystem as ``parent``, so files made in it can be moved into place with
     :func:`replace_file` (or the folder itself renamed, :func:`atomic_dir`)."""
     Path(parent).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    staging.chmod(0o777 & ~_UMASK)
     try:
         yield staging
     finally:
