@@ -29,8 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipforge.factory import convert_checkpoint
     from clipforge.checkpoints.load import detect_format
+    from clipforge.factory import convert_checkpoint
 
     out = convert_checkpoint(
         args.src, args.dst, args.to, model_name=args.model, dtype=args.dtype, cache_dir=args.cache_dir

@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace, info: Any) -> int:
-    from clipforge.inference import optimize_for_inference
     from clipforge.factory import create_model_and_transforms, get_tokenizer
+    from clipforge.inference import optimize_for_inference
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(

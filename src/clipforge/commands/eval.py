@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
 from clipforge.commands._model_options import add_model_arguments, device_argument, model_argument
@@ -77,16 +78,13 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from clipforge.errors import ClipforgeError
 
     model_argument(args)  # --model, or --pretrained alone with a self-describing checkpoint
     if not args.data:
         raise ClipforgeError("--data is required (e.g. --data synthetic:shapes?split=heldout)")
 
-    from clipforge.eval.datasets import load_eval_dataset
-    from clipforge.eval.runner import evaluate, format_examples, format_summary
+    from clipforge.eval.runner import evaluate
     from clipforge.factory import create_model_and_transforms, get_tokenizer
 
     device = device_argument(args)
@@ -95,16 +93,7 @@ def run(args: argparse.Namespace) -> int:
     )
     model.eval()
     tokenizer = get_tokenizer(model)
-    kind = "retrieval" if args.task in ("retrieval", "captioning") else "classification"
-    table = table_kwargs(args)
-    dataset = load_eval_dataset(
-        args.data, task=kind, transform=preprocess, download=args.download, split=args.split, **table
-    )
-    train = None
-    if args.train_data:
-        train = load_eval_dataset(
-            args.train_data, transform=preprocess, download=args.download, split="train", **table
-        )
+    dataset, train = _datasets(args, preprocess)
     classnames = None
     if args.classnames:
         from clipforge.eval.templates import load_classnames_file, split_file_key
@@ -133,6 +122,34 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         generate_options=generation_options(args) if args.task == "captioning" else None,
     )
+    _print_result(args, result, dataset, output)
+    return 0
+
+
+def _datasets(args: argparse.Namespace, preprocess: Any) -> tuple[Any, Any]:
+    """The ``--data`` set (captions per image for retrieval and captioning, labels otherwise) and
+    the linear probe's ``--train-data`` set (None when not given)."""
+    from clipforge.eval.datasets import load_eval_dataset
+
+    kind = "retrieval" if args.task in ("retrieval", "captioning") else "classification"
+    table = table_kwargs(args)
+    dataset = load_eval_dataset(
+        args.data, task=kind, transform=preprocess, download=args.download, split=args.split, **table
+    )
+    train = None
+    if args.train_data:
+        train = load_eval_dataset(
+            args.train_data, transform=preprocess, download=args.download, split="train", **table
+        )
+    return dataset, train
+
+
+def _print_result(args: argparse.Namespace, result: dict, dataset: Any, output: str | None) -> None:
+    """The summary, a few examples for retrieval and captioning, and where the files went."""
+    from pathlib import Path
+
+    from clipforge.eval.runner import format_caption_examples, format_examples, format_summary
+
     print(format_summary(result))
     if args.task == "retrieval":
         examples = format_examples(result, dataset)
@@ -140,8 +157,6 @@ def run(args: argparse.Namespace) -> int:
             print("example text -> image searches:")
             print(examples)
     if args.task == "captioning":
-        from clipforge.eval.runner import format_caption_examples
-
         print("example captions:")
         print(format_caption_examples(result))
     print(f"time {result['timings']['total']:.1f}s")
@@ -149,4 +164,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"result: {output}")
     if args.report:
         print(f"report: {Path(args.report) / 'index.html'}")
-    return 0
