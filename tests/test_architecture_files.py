@@ -14,29 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import OC_TINY_TEXT as TINY_TEXT
+from helpers import OC_TINY_VIT_96
 
 from clipforge.checkpoints.load import closest_architecture
 from clipforge.checkpoints.open_clip import open_clip_to_clipforge
 from clipforge.errors import ConfigError
-from clipforge.model.architecture import architecture_name, model_source, read_config_file, same_architecture
+from clipforge.checkpoints.config_file import read_config_file
+from clipforge.model.architecture import architecture_name, model_source, same_architecture
 from clipforge.factory import create_model, get_tokenizer
 from clipforge.model.registry import get_model_config
 
 open_clip = pytest.importorskip("open_clip")
 
-TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 #: Shipped the way open_clip's model_configs/*.json are: only the fields that differ from defaults.
 OPEN_CLIP_JSONS = {
     "vit": {
         "embed_dim": 48,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 2,
-            "width": 96,
-            "patch_size": 8,
-            "head_width": 32,
-            "mlp_ratio": 3.0,
-        },
+        "vision_cfg": {**OC_TINY_VIT_96, "mlp_ratio": 3.0},
         "text_cfg": TINY_TEXT,
     },
     "vit-quickgelu-customtext": {

@@ -8,6 +8,7 @@ import tarfile
 
 import pytest
 import torch
+from helpers import seeded_model
 from PIL import Image
 from realdata import concept, icons
 
@@ -20,8 +21,7 @@ from clipforge.transforms import image_transform
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("caption")
-    torch.manual_seed(0)
-    model = clipforge.create_model("tiny-coca").eval()
+    model = seeded_model("tiny-coca")
     clipforge.save_pretrained(model, root / "model")
     files = icons("48x48")[:5]
     folder = root / "images"

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import seeded_model
 from PIL import Image
 
 import clipforge
@@ -51,8 +52,7 @@ def oracle_scores(candidates: list[str], references: list[list[str]], monkeypatc
 def captioned(tmp_path_factory):
     """A random tiny CoCa, six shape images, a table whose two caption columns partly match its captions."""
     root = tmp_path_factory.mktemp("caption_eval")
-    torch.manual_seed(0)
-    model = clipforge.create_model("tiny-coca").eval()
+    model = seeded_model("tiny-coca")
     clipforge.save_pretrained(model, root / "model")
     data = synthetic.SyntheticShapes(6, split="heldout", seed=3, image_size=32)
     paths = []
@@ -122,8 +122,7 @@ def test_references_are_grouped_per_image(tmp_path, monkeypatch):
         return {m: 0.5 for m in METRICS}, {m: [0.5] * len(candidates) for m in METRICS}
 
     monkeypatch.setattr(captioning, "caption_scores", fake_scores)
-    torch.manual_seed(0)
-    model = clipforge.create_model("tiny-coca").eval()
+    model = seeded_model("tiny-coca")
     preprocess = image_transform(model.preprocess_cfg, is_train=False)
     data = synthetic.SyntheticShapes(3, split="val", seed=0, image_size=32)
     folder = tmp_path / "folder"

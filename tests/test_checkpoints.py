@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import OC_TINY_TEXT as TINY_TEXT
+from helpers import OC_TINY_VIT as TINY_VIT
+from helpers import seeded_model
 
 from clipforge.atomic import atomic_write, atomic_write_text
 from clipforge.checkpoints.io import (
@@ -30,9 +33,7 @@ from clipforge.factory import create_model, create_model_and_transforms, get_tok
 
 open_clip = pytest.importorskip("open_clip")
 
-TINY_VIT = dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32)
 TINY_RN = dict(image_size=64, layers=[1, 1, 1, 1], width=16)
-TINY_TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
 
 
 def open_clip_tiny(vision: dict, quick_gelu: bool = False, seed: int = 0) -> torch.nn.Module:
@@ -227,8 +228,7 @@ def test_clipforge_dir_restores_model_preprocessing_and_tokenizer(tmp_path):
     from clipforge.checkpoints.clipforge_format import save_pretrained
     from clipforge.transforms import PreprocessConfig
 
-    torch.manual_seed(0)
-    model = create_model("tiny-vit", quick_gelu=True).eval()
+    model = seeded_model("tiny-vit", quick_gelu=True)
     custom = PreprocessConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_mode="squash")
     save_pretrained(
         model,
@@ -269,8 +269,7 @@ def test_convert_round_trip_is_exact(tmp_path, target, name):
     from clipforge.checkpoints.clipforge_format import save_pretrained
     from clipforge.factory import convert_checkpoint
 
-    torch.manual_seed(0)
-    model = create_model("tiny-vit").eval()
+    model = seeded_model("tiny-vit")
     save_pretrained(model, tmp_path / "src")
     out = convert_checkpoint(tmp_path / "src", tmp_path / name, target)
     expected = {"clipforge": "clipforge", "open_clip": "open_clip", "hf": "hf", "openai": "openai"}[target]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import OC_TINY_VIT_96
 from realdata import photos
 
 import clipforge
-from clipforge.checkpoints.load import config_from_open_clip
+from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip, infer_config, open_clip_to_clipforge
 from clipforge.model.coca import CoCa
 from clipforge.model.generate import captions_from_ids
@@ -31,11 +32,7 @@ ORACLE = Path(__file__).parent / "oracles" / "open_clip_coca_generate.py"
 TINY_CFG = {
     "embed_dim": 64,
     "vision_cfg": {
-        "image_size": 32,
-        "layers": 2,
-        "width": 96,
-        "patch_size": 8,
-        "head_width": 32,
+        **OC_TINY_VIT_96,
         "attentional_pool": True,
         "attn_pooler_heads": 2,
         "attn_pooler_queries": 8,

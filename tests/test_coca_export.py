@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import seeded_model
 
-import clipforge
 from clipforge.model.generate import EOT_TOKEN_ID, SOT_TOKEN_ID
 
 ort = pytest.importorskip("onnxruntime")
@@ -20,8 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def coca() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return clipforge.create_model("tiny-coca").eval()
+    return seeded_model("tiny-coca")
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import clipforge
+from helpers import seeded_model
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -20,8 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 def test_coca_decoder_exports_and_matches_onnx_runtime(tmp_path, dynamo):
     from clipforge.export import export_onnx
 
-    torch.manual_seed(0)
-    model = clipforge.create_model("tiny-coca").eval()
+    model = seeded_model("tiny-coca")
     result = export_onnx(model, tmp_path, towers=("decoder",), dynamo=dynamo)
     assert set(result.paths) == {"decoder"} and result.max_abs_diff["decoder"] < 1e-4
     with torch.no_grad():

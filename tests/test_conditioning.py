@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hf_clip_model
 
 from clipforge.conditioning import CONVENTIONS, encode_text_for_conditioning
 from clipforge.errors import ConfigError
@@ -124,35 +125,11 @@ def test_strings_without_tokenizer_raise(model):
 
 
 # --- parity with transformers.CLIPTextModel ----------------------------------------------------
-def _hf_clip(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    text = dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=3)
-    vision = dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_attention_heads=2,
-        num_hidden_layers=1,
-        image_size=32,
-        patch_size=8,
-    )
-    config = transformers.CLIPConfig(
-        text_config={**text, "hidden_act": "quick_gelu", "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config={**vision, "hidden_act": "quick_gelu"},
-        projection_dim=48,
-    )
-    torch.manual_seed(seed)
-    hf = transformers.CLIPModel(config).eval()
-    with torch.no_grad():  # HF inits LayerNorms to identity; randomise so a missing LN shows
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return hf
-
-
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """A random HF CLIPModel and the clipforge model loaded from its saved folder."""
-    hf = _hf_clip()
+    pytest.importorskip("transformers")
+    hf = hf_clip_model(text_layers=3, vision_layers=1)
     folder = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(folder)
     return hf, create_model(None, pretrained=folder).eval()

@@ -13,6 +13,7 @@ import clip_benchmark.datasets as cb_datasets
 import pytest
 import torch
 from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier as cb_zero_shot_classifier
+from helpers import seeded_model
 from PIL import Image
 from realdata import concept, icons
 
@@ -133,11 +134,10 @@ def test_clipforge_eval_on_clip_benchmark_folder_uses_its_templates_and_names(cb
 
 def test_classifier_from_clip_benchmark_folder_equals_clip_benchmark_classifier(cb_root):
     from clipforge.eval.zero_shot import zero_shot_classifier
-    from clipforge.factory import create_model, get_tokenizer
+    from clipforge.factory import get_tokenizer
 
     root, names, _ = cb_root
-    torch.manual_seed(0)
-    model = create_model("tiny-vit").eval()
+    model = seeded_model("tiny-vit")
     tokenizer = get_tokenizer(model)
     ds = load_eval_dataset(root)
     ours = zero_shot_classifier(model, tokenizer, ds.classnames, ds.templates, device="cpu")

@@ -7,52 +7,13 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import hf_clip_model, seeded_model
 
 from clipforge.factory import create_model
 
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5
-
-
-def hf_model(size: str, act: str = "quick_gelu", seed: int = 0):
-    """A random-init transformers CLIPModel: tiny, or with ViT-B-32's shapes."""
-    if size == "tiny":
-        text = dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2)
-        vision = dict(
-            hidden_size=64,
-            intermediate_size=256,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            image_size=32,
-            patch_size=8,
-        )
-        proj = 48
-    else:
-        text = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12)
-        vision = dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            image_size=224,
-            patch_size=32,
-        )
-        proj = 512
-    config = transformers.CLIPConfig(
-        text_config={**text, "hidden_act": act, "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config={**vision, "hidden_act": act},
-        projection_dim=proj,
-    )
-    torch.manual_seed(seed)
-    model = transformers.CLIPModel(config).eval()
-    # HF's default init leaves LayerNorms at identity and biases at 0; randomise them too so the
-    # comparison would catch a swapped weight/bias or a missing LayerNorm.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def hf_inputs(image_size: int, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +55,7 @@ def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float
 
 
 def _check_parity(tmp_path, size: str, act: str) -> float:
-    hf = hf_model(size, act)
+    hf = hf_clip_model(size, act)
     hf.save_pretrained(tmp_path / "hf")
     model = create_model(None, pretrained=tmp_path / "hf").eval()  # config from config.json
     assert model.config.quick_gelu is (act == "quick_gelu")
@@ -121,7 +82,7 @@ def test_sharded_hf_folder_loads_and_reports_missing_shards(tmp_path):
 
     from clipforge.errors import CheckpointError
 
-    hf = hf_model("tiny")
+    hf = hf_clip_model("tiny")
     hf.save_pretrained(tmp_path / "hf", max_shard_size="200KB")
     index = tmp_path / "hf" / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -158,8 +119,7 @@ def test_hf_config_round_trip_for_registered_vits():
 def test_round_trip_through_each_format_is_exact(tmp_path, target):
     from clipforge.checkpoints.convert import save_as
 
-    torch.manual_seed(0)
-    model = create_model("tiny-vit").eval()
+    model = seeded_model("tiny-vit")
     dst = tmp_path / ("model.pt" if target == "openai" else target)
     save_as(model, dst, target)
     # OpenAI's format implies QuickGELU (issue 10, point 8): this GELU model reads back exactly only
@@ -177,8 +137,7 @@ def test_round_trip_through_each_format_is_exact(tmp_path, target):
 def test_save_hf_loads_in_transformers(tmp_path):
     from clipforge.checkpoints.hf import save_hf
 
-    torch.manual_seed(0)
-    model = create_model("tiny-vit", quick_gelu=True).eval()
+    model = seeded_model("tiny-vit", quick_gelu=True)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import realdata
 import torch
+from helpers import seeded_model
 from PIL import Image
 
 from clipforge.cli import main
@@ -224,10 +225,8 @@ def test_int8_fast_path_keeps_a_biased_text_projection() -> None:
     """SigLIP's text projection is an ``nn.Linear`` (with bias); dynamic int8 replaces it by a
     quantised Linear, which the tower must still call (it used to be matrix-multiplied: TypeError)."""
     from clipforge.inference import optimize_for_inference
-    from clipforge.factory import create_model
 
-    torch.manual_seed(0)
-    model = create_model("tiny-siglip").eval()
+    model = seeded_model("tiny-siglip")
     int8 = optimize_for_inference(model, quantize=True)
     tokens = torch.randint(1, 49000, (3, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

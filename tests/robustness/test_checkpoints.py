@@ -15,6 +15,7 @@ import zipfile
 
 import pytest
 import torch
+from helpers import seeded_model
 
 from clipforge.atomic import atomic_save
 from clipforge.checkpoints.clipforge_format import save_pretrained
@@ -41,8 +42,7 @@ class _OsPayload(_Payload):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return create_model("tiny-vit").eval()
+    return seeded_model("tiny-vit")
 
 
 # --- code execution ---------------------------------------------------------------------------------
