@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +26,8 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 #: open_clip-style ``vision_cfg``/``text_cfg`` with the shapes of clipforge's ``tiny-vit``.
 OC_TINY_VIT = dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32)
 OC_TINY_TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+#: The same with a 96-wide vision tower (the CoCa and open_clip-JSON configs of the tests).
+OC_TINY_VIT_96 = {**OC_TINY_VIT, "width": 96}
 #: An open_clip model config (as in its model_configs/*.json) with those shapes.
 OC_TINY_CFG = {"embed_dim": 64, "vision_cfg": OC_TINY_VIT, "text_cfg": OC_TINY_TEXT}
 #: create_model overrides that shrink a registered ViT-B-32 to the tiny shapes above.
@@ -67,6 +72,18 @@ def populate(
     return snapshot
 
 
+def joined_pieces(
+    rng: random.Random, count: int, piece: Callable[[random.Random], str], whitespace: Sequence[str]
+) -> str:
+    """``count`` pieces from ``piece(rng)``, each followed by odd whitespace (15%), a space (about
+    77%) or nothing: text run together the way scraped captions are, for the tokenizer tests."""
+    parts = []
+    for _ in range(count):
+        parts.append(piece(rng))
+        parts.append(rng.choice(whitespace) if rng.random() < 0.15 else " " if rng.random() < 0.9 else "")
+    return "".join(parts)
+
+
 def go_offline(monkeypatch: pytest.MonkeyPatch, cache: Path) -> Path:
     """Point clipforge and huggingface_hub at ``cache`` with downloads off (both read the
     variables per call), so a test never reaches the network."""
@@ -98,32 +115,21 @@ def seeded_model(name: str = "tiny-vit", seed: int = 0, **kwargs) -> torch.nn.Mo
     return clipforge.create_model(name, **kwargs).eval()
 
 
+def _hf_tower(width: int, heads: int, layers: int, **more: int) -> dict[str, int]:
+    """A transformers CLIP text/vision config's shape fields (MLP 4x wide, as CLIP's are)."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        **more,
+    )
+
+
 #: transformers CLIPModel shapes: (text_config, vision_config, projection_dim).
 HF_CLIP_SHAPES = {
-    "tiny": (
-        dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2),
-        dict(
-            hidden_size=64,
-            intermediate_size=256,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        48,
-    ),
-    "b32": (
-        dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12),
-        dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            image_size=224,
-            patch_size=32,
-        ),
-        512,
-    ),
+    "tiny": (_hf_tower(64, 2, 2), _hf_tower(64, 2, 2, image_size=32, patch_size=8), 48),
+    "b32": (_hf_tower(512, 8, 12), _hf_tower(768, 12, 12, image_size=224, patch_size=32), 512),
 }
 
 
@@ -155,3 +161,31 @@ def hf_clip_model(
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def run_gloo_ranks(
+    script: Path, tmp: Path, world_size: int, *, args: Sequence[str] = (), timeout: float = 240
+) -> list:
+    """Run ``python script *args RANK WORLD_SIZE INIT_FILE OUT_FILE`` once per rank, each on one
+    thread with this process's ``sys.path``, and return what each rank ``torch.save``d to its
+    OUT_FILE. Separate interpreters rather than forks: a gloo group needs clean processes. A rank
+    that fails or hangs fails the test with every rank's output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    init, procs, outs = tmp / "init", [], []
+    for rank in range(world_size):
+        outs.append(tmp / f"rank{rank}.pt")
+        cmd = [sys.executable, str(script), *args, str(rank), str(world_size), str(init), str(outs[-1])]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{world_size} gloo ranks of {script.name} timed out after {timeout:.0f}s")
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log
+    return [torch.load(out, weights_only=False) for out in outs]

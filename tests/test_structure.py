@@ -321,7 +321,11 @@ def _body(n: int) -> str:
 
 SYNTHETIC = {
     "clipforge/__init__.py": "",
-    "clipforge/errors.py": "import os\n",
+    # a reason on the def line counts; an empty one does not
+    "clipforge/errors.py": "import os\n\ndef table():  # long: one flat table\n"
+    + _body(70)
+    + "\n# long:\ndef bare():\n"
+    + _body(70),
     "clipforge/cli.py": "from clipforge.commands import run\n",
     "clipforge/commands/__init__.py": "",
     "clipforge/commands/run.py": "from .. import errors\n\ndef long():\n" + _body(70),
@@ -379,4 +383,7 @@ def test_checker_finds_exactly_the_planted_faults(tmp_path):
         ("clipforge.report", "clipforge.cli", 2),
     ]
     assert bad[0].file == "clipforge/model/clip.py"
-    assert long_functions(tmp_path) == ["clipforge/report.py:1 show (62 lines)"]
+    assert long_functions(tmp_path) == [
+        "clipforge/errors.py:76 bare (71 lines)",
+        "clipforge/report.py:1 show (62 lines)",
+    ]
