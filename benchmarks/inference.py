@@ -68,7 +68,7 @@ def model_config(name: str):
     except ConfigError:
         import open_clip
 
-        from clipforge.checkpoints.load import config_from_open_clip
+        from clipforge.checkpoints.open_clip_config import config_from_open_clip
 
         return config_from_open_clip(open_clip.get_model_config(name), source=name)
 

@@ -69,7 +69,7 @@ def model_files(args, root: Path) -> tuple[Path, Path]:
     """The architecture as a clipforge JSON file and as an open_clip ``local-dir:`` folder."""
     from dataclasses import replace
 
-    from clipforge.checkpoints.convert import config_to_open_clip
+    from clipforge.checkpoints.open_clip_config import config_to_open_clip
     from clipforge.model.registry import get_model_config
 
     cfg = get_model_config(args.model)

@@ -39,7 +39,7 @@ def open_clip_config(model: str) -> dict:
         from clipforge.model.registry import get_model_config
 
         cfg = get_model_config(model)
-    from clipforge.checkpoints.convert import config_to_open_clip
+    from clipforge.checkpoints.open_clip_config import config_to_open_clip
 
     return {"model_cfg": config_to_open_clip(cfg), "preprocess_cfg": {"size": cfg.vision.image_size}}
 

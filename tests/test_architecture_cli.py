@@ -12,7 +12,7 @@ import torch
 from search_fixtures import make_images
 
 from clipforge.cli import main
-from clipforge.model.architecture import read_config_file
+from clipforge.checkpoints.config_file import read_config_file
 from clipforge.factory import create_model_and_transforms, get_tokenizer
 
 LABEL = "custom (from my-arch.json)"

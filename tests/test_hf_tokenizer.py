@@ -483,9 +483,9 @@ def _tiny_siglip_cfg(hf_tokenizer_name: str) -> dict:
 def _open_clip_repo(folder: Path, model_cfg: dict, tokenizer_dir: Path | None) -> Path:
     """An open_clip Hub-style folder: open_clip_config.json, random weights, tokenizer files beside."""
     from clipforge.checkpoints.io import save_safetensors
-    from clipforge.checkpoints.load import config_from_open_clip
+    from clipforge.checkpoints.open_clip_config import config_from_open_clip
     from clipforge.checkpoints.open_clip import clipforge_to_open_clip
-    from clipforge.model.clip import build_model
+    from clipforge.model.build import build_model
 
     folder.mkdir(parents=True)
     torch.manual_seed(0)
@@ -549,8 +549,8 @@ def test_model_folder_and_hub_repo_carry_the_tokenizer(offline, kinds, tmp_path)
 def test_model_without_tokenizer_files_uses_the_cache(offline, kinds, tmp_path) -> None:
     """A folder with weights only: hf_tokenizer_name resolves from the hub cache; a name that is
     not there fails naming both places looked at."""
-    from clipforge.checkpoints.load import config_from_open_clip
-    from clipforge.model.clip import build_model
+    from clipforge.checkpoints.open_clip_config import config_from_open_clip
+    from clipforge.model.build import build_model
     from clipforge.factory import create_model, get_tokenizer
 
     texts = varied_texts(150, seed=17)

@@ -157,7 +157,7 @@ def test_unreachable_hub_fails_fast_with_cache_path(tmp_path, monkeypatch):
     """No HF_HUB_OFFLINE, but no network: a refused connection, not half a minute of retries."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
-    monkeypatch.setattr(hub, "_probe_cache", {})
+    monkeypatch.setattr(hub.hub_files, "_probe_cache", {})
     with pytest.raises(DownloadError, match="not reachable") as err:
         hub.hub_file("org/name", "open_clip_model.safetensors", cache_dir=tmp_path / "cache")
     assert str(tmp_path / "cache" / "models--org--name") in str(err.value)

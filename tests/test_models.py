@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.model.clip import CLIP, CLIPOutput, build_model
+from clipforge.model.build import build_model
+from clipforge.model.clip import CLIP, CLIPOutput
 from clipforge.model.config import CLIPConfig
 from clipforge.model.layers import LayerNorm, PatchDropout
 from clipforge.model.registry import get_model_config, has_builtin_towers, list_models

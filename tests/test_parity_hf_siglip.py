@@ -414,7 +414,7 @@ def test_a_clip_model_is_not_written_as_siglip(tmp_path):
 def _clipforge_siglip():
     """A tiny SigLIP 2 as clipforge builds open_clip's ViT-B-16-SigLIP2 config (exact-GELU timm trunk,
     tanh-GELU text tower), random weights."""
-    from clipforge.checkpoints.load import config_from_open_clip
+    from clipforge.checkpoints.open_clip_config import config_from_open_clip
     from clipforge.factory import create_model
 
     cfg = config_from_open_clip(open_clip.get_model_config("ViT-B-16-SigLIP2"), "ViT-B-16-SigLIP2").replace(

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip, infer_config, open_clip_to_clipforge
-from clipforge.model.clip import CLIP, build_model
+from clipforge.model.build import build_model
+from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig
 from clipforge.model.registry import get_model_config, has_builtin_towers, list_models
 

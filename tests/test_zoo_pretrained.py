@@ -223,7 +223,7 @@ def test_longest_resize_mode_equals_open_clip(images):
 def _tiny_open_clip_weights(tmp_path: Path, image_size: int) -> tuple[torch.nn.Module, Path]:
     """A random tiny clipforge ViT at the tag's input size, saved in open_clip naming."""
     from clipforge.checkpoints.open_clip import clipforge_to_open_clip
-    from clipforge.model.clip import build_model
+    from clipforge.model.build import build_model
 
     torch.manual_seed(0)
     cfg = CLIPConfig.from_dict(
@@ -396,7 +396,7 @@ def test_online_resolution_fetches_the_tokenizer_files_the_repo_has(offline_cach
         return str(snapshot / filename)
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(hub, "_endpoint_reachable", lambda: True)
+    monkeypatch.setattr(hub.hub_files, "endpoint_reachable", lambda: True)
     monkeypatch.setattr(
         hub, "_repo_listing", lambda ref: {"open_clip_config.json", "tokenizer.json", "spiece.model"}
     )

@@ -14,13 +14,14 @@ Hugging Face towers use tiny configs saved with ``save_pretrained`` into ``tmp_p
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from clipforge.checkpoints.load import config_from_open_clip
 from clipforge.checkpoints.open_clip import open_clip_to_clipforge
+from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.conditioning import encode_text_for_conditioning
 from clipforge.errors import ConfigError
 from clipforge.model.clip import build_text_tower
@@ -287,12 +288,11 @@ def test_hf_model_name_resolves_offline_from_hub_cache(tmp_path: Path, monkeypat
     _hub_snapshot(cache, "someorg/tiny-xlmr", tiny_hf("xlm-roberta", tmp_path / "src"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    text = CLIPConfig().text
-    text.hf_model_name = "someorg/tiny-xlmr"
+    text = dataclasses.replace(CLIPConfig().text, hf_model_name="someorg/tiny-xlmr")
     tower = build_text_tower(text, 48)
     assert tower.width == 32 and tower.pad_id == 1 and len(tower.transformer.encoder.layer) == 2
 
-    text.hf_model_name = "someorg/not-cached"
+    text = dataclasses.replace(text, hf_model_name="someorg/not-cached")
     with pytest.raises(ConfigError) as err:
         build_text_tower(text, 48)
     msg = str(err.value)
@@ -303,7 +303,7 @@ def test_hf_model_name_resolves_offline_from_hub_cache(tmp_path: Path, monkeypat
         (str(tmp_path / "missing"), "no such folder"),
         (str(tmp_path / "hub"), "has no config.json"),
     ):
-        text.hf_model_name = bad
+        text = dataclasses.replace(text, hf_model_name=bad)
         with pytest.raises(ConfigError, match=why):
             build_text_tower(text, 48)
 
@@ -349,6 +349,6 @@ def test_hf_projection_options(tmp_path: Path) -> None:
         build_text_tower(identity.text, 48)
     mlp = config_from_open_clip(zoo_cfg("xlm-roberta-base-ViT-B-32", {"hf_model_name": folder}, embed_dim=48))
     assert mlp.text.hf_proj_type == "mlp"  # open_clip's default when a config names none
-    mlp.text.proj_bias = True
+    mlp = mlp.replace(text={"proj_bias": True})
     keys = set(build_text_tower(mlp.text, 48).state_dict())
     assert {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"} <= keys

@@ -21,7 +21,7 @@ import torch
 from realdata import photos
 from torch import nn
 
-from clipforge.checkpoints.load import config_from_open_clip
+from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.model.clip import build_image_tower
 from clipforge.model.timm_tower import TimmImageTower
 from clipforge.model.vision import VisionOutput

@@ -15,7 +15,7 @@ _API: dict[str, str] = {
     "VisionConfig": "clipforge.model.config",
     "TextConfig": "clipforge.model.config",
     "list_models": "clipforge.model.registry",
-    "get_model_config": "clipforge.model.registry",
+    "get_model_config": "clipforge.factory",
     "register_model": "clipforge.model.registry",
     "CLIP": "clipforge.model.clip",
     "create_model": "clipforge.factory",

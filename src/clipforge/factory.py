@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
+from clipforge.checkpoints.config_file import read_config_file
 from clipforge.checkpoints.hub import is_hub_spec
 from clipforge.checkpoints.load import apply_state_dict, load_any, warn_activation
 from clipforge.errors import ConfigError
-from clipforge.model.architecture import architecture_name, is_config_file, same_architecture
-from clipforge.model.clip import build_model
+from clipforge.model import registry
+from clipforge.model.architecture import architecture_name, same_architecture
+from clipforge.model.build import build_model
 from clipforge.model.config import CLIPConfig
-from clipforge.model.registry import get_model_config
+from clipforge.model.registry import is_config_file
 from clipforge.model.skeleton import meta_tensor_names, parameters_on_meta
 from clipforge.weights import Weights, is_source, resolve_weights, source_path
 
@@ -39,10 +41,23 @@ __all__ = [
     "create_model",
     "create_model_and_transforms",
     "create_model_from_pretrained",
+    "get_model_config",
     "get_tokenizer",
     "load_pretrained_dir",
     "resolve_weights",
 ]
+
+
+def get_model_config(name: str | Path) -> CLIPConfig:
+    """The architecture a name or a ``*.json`` model config file describes.
+
+    Names are the registry's (``"ViT-B-32"``, ``"ViT-B-32-quickgelu"``); a file may be in
+    clipforge's, open_clip's or Hugging Face's form (read by ``checkpoints.config_file``), so every
+    place that takes an architecture name takes a file too.
+    """
+    if is_config_file(name):
+        return read_config_file(name)
+    return registry.get_model_config(str(name))
 
 
 def _choose_config(
@@ -279,7 +294,7 @@ def convert_checkpoint(
 # --- tokenizers ------------------------------------------------------------------------------------
 def _tokenizer_settings(source: str) -> dict[str, Any]:
     """Tokenizer settings stored with a checkpoint, read from its config alone when there is one."""
-    from clipforge.checkpoints import clipforge_format, hf
+    from clipforge.checkpoints import clipforge_format, hf, hf_siglip
     from clipforge.hf_tokenizer import with_model_dir
 
     path = source_path(source)
@@ -291,6 +306,8 @@ def _tokenizer_settings(source: str) -> dict[str, Any]:
             return with_model_dir({"context_length": text.get("context_length", 77), **stored}, path)
         config = CLIPConfig.from_dict(data["model_config"], source=str(path / clipforge_format.CONFIG_NAME))
         return _tokenizer_cfg(config, None, path)
+    if path.is_dir() and hf_siglip.is_siglip_dir(path):
+        return _tokenizer_cfg(hf_siglip.load_siglip_config(path), None, path)
     if path.is_dir() and hf.is_hf_dir(path):
         return _tokenizer_cfg(hf.load_hf_config(path), None, path)
     loaded = load_any(path)

@@ -81,7 +81,7 @@ def _repo_and_revision(name: str) -> tuple[str, str | None]:
 
 
 def _cache_root(repo: str, cache_dir: str | os.PathLike | None) -> Path:
-    from clipforge.checkpoints.hub import hub_cache_dir
+    from clipforge.model.hub_files import hub_cache_dir
 
     return hub_cache_dir(cache_dir) / f"models--{repo.replace('/', '--')}"
 

@@ -15,7 +15,7 @@ from clipforge.checkpoints.hub import hub_file, is_hub_spec, resolve_hub
 from clipforge.checkpoints.load import LoadedCheckpoint, load_any
 from clipforge.checkpoints.pretrained import PretrainedWeights, is_pretrained_tag, resolve_pretrained
 from clipforge.errors import CheckpointError
-from clipforge.model.architecture import is_config_file
+from clipforge.model.registry import is_config_file
 
 log = logging.getLogger(__name__)
 

@@ -136,7 +136,7 @@ def clipforge_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --- configs --------------------------------------------------------------------------------------
-def _ratio(width: int, hidden: int) -> float:
+def mlp_ratio_of(width: int, hidden: int) -> float:
     """An mlp_ratio with ``int(width * ratio) == hidden`` despite float rounding."""
     ratio = hidden / width
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
@@ -144,11 +144,8 @@ def _ratio(width: int, hidden: int) -> float:
 
 def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> CLIPConfig:
     """A ``CLIPConfig`` from a transformers ``CLIPConfig`` dict (``config.json``); Siglip(2) dicts
-    are read by :mod:`clipforge.checkpoints.hf_siglip`."""
-    from clipforge.checkpoints import hf_siglip
-
-    if hf_siglip.siglip_kind(data) is not None:
-        return hf_siglip.config_from_hf_siglip(data, source)
+    are read by :func:`clipforge.checkpoints.hf_siglip.config_from_hf_siglip` (which builds on this
+    module, so callers that take either dispatch with ``hf_siglip.siglip_kind``)."""
     if data.get("model_type") not in (None, "clip"):
         raise CheckpointError(f"{source}: model_type {data.get('model_type')!r} is not a CLIP model")
     v = dict(data.get("vision_config") or {})
@@ -166,7 +163,7 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> CLIP
         width=v_width,
         layers=v.get("num_hidden_layers", 12),
         head_width=v_width // v.get("num_attention_heads", 12),
-        mlp_ratio=_ratio(v_width, v.get("intermediate_size", 3072)),
+        mlp_ratio=mlp_ratio_of(v_width, v.get("intermediate_size", 3072)),
     )
     text = TextConfig(
         context_length=t.get("max_position_embeddings", 77),
@@ -174,7 +171,7 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> CLIP
         width=t_width,
         heads=t.get("num_attention_heads", 8),
         layers=t.get("num_hidden_layers", 12),
-        mlp_ratio=_ratio(t_width, t.get("intermediate_size", 2048)),
+        mlp_ratio=mlp_ratio_of(t_width, t.get("intermediate_size", 2048)),
     )
     cfg = CLIPConfig(
         embed_dim=data.get("projection_dim", 512),
@@ -264,10 +261,7 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def load_hf_config(path: str | Path) -> CLIPConfig:
-    from clipforge.checkpoints import hf_siglip
-
-    if hf_siglip.is_siglip_dir(path):
-        return hf_siglip.load_siglip_config(path)
+    """The config of a ``CLIPModel`` folder (a Siglip folder: ``hf_siglip.load_siglip_config``)."""
     config_path = Path(path) / "config.json"
     try:
         data = json.loads(config_path.read_text())
@@ -277,14 +271,9 @@ def load_hf_config(path: str | Path) -> CLIPConfig:
 
 
 def load_hf_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
-    """clipforge-named weights and config from a ``CLIPModel`` (or ``SiglipModel`` / ``Siglip2Model``)
-    ``save_pretrained`` folder."""
-    from clipforge.checkpoints import hf_siglip
-
+    """clipforge-named weights and config from a ``CLIPModel`` ``save_pretrained`` folder
+    (``SiglipModel`` / ``Siglip2Model`` folders: ``hf_siglip.load_siglip_dir``)."""
     path = Path(path)
-    if hf_siglip.is_siglip_dir(path):
-        sd, cfg, *_ = hf_siglip.load_siglip_dir(path)
-        return sd, cfg
     cfg = load_hf_config(path)
     weights = next((path / n for n in HF_WEIGHT_FILES + HF_INDEX_FILES if (path / n).is_file()), None)
     if weights is None:
@@ -293,14 +282,14 @@ def load_hf_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     if weights.name in HF_INDEX_FILES:
         sd = load_sharded(weights)
     else:
-        sd = _load_weight_file(weights)
+        sd = load_weight_file(weights)
     try:
         return hf_to_clipforge(sd), cfg
     except CheckpointError as e:
         raise CheckpointError(f"{weights}: {e}") from None
 
 
-def _load_weight_file(weights: Path) -> Mapping[str, torch.Tensor]:
+def load_weight_file(weights: Path) -> Mapping[str, torch.Tensor]:
     sd = load_safetensors(weights)[0] if weights.suffix == ".safetensors" else safe_torch_load(weights)
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{weights}: expected a state dict, got {type(sd).__name__}")
@@ -338,7 +327,7 @@ def load_sharded(index_path: str | Path) -> dict[str, torch.Tensor]:
         shard = index_path.parent / name
         if not shard.is_file():
             raise CheckpointError(f"{index_path}: shard {name} is missing (expected at {shard})")
-        merged.update(_load_weight_file(shard))
+        merged.update(load_weight_file(shard))
     missing = sorted(set(weight_map) - set(merged))
     if missing:
         raise CheckpointError(

@@ -345,7 +345,7 @@ def _trunk_choice(want: dict[str, Any], image_size: int) -> tuple[str, dict[str,
     if want["act"] != have["act"]:
         kwargs["act_layer"] = _HF_ACTS[want["act"]]
     if _facts_of(name, kwargs)["mlp_hidden"] != want["mlp_hidden"]:
-        kwargs["mlp_ratio"] = hf._ratio(want["embed_dim"], want["mlp_hidden"])
+        kwargs["mlp_ratio"] = hf.mlp_ratio_of(want["embed_dim"], want["mlp_hidden"])
     got = _facts_of(name, kwargs)
     want = {**want, "img_size": image_size}
     if {k: got[k] for k in want} != want:
@@ -421,7 +421,7 @@ def _text_from_hf_config(t: Mapping[str, Any], source: str) -> tuple[TextConfig,
         width=width,
         heads=int(t.get("num_attention_heads", 12)),
         layers=int(t.get("num_hidden_layers", 12)),
-        mlp_ratio=hf._ratio(width, int(t.get("intermediate_size", 3072))),
+        mlp_ratio=hf.mlp_ratio_of(width, int(t.get("intermediate_size", 3072))),
         pool_type="last",
         proj_bias=True,
         no_causal_mask=True,
@@ -695,7 +695,7 @@ def load_siglip_dir(
         raise CheckpointError(
             f"{path}: no {' or '.join(hf.HF_WEIGHT_FILES + hf.HF_INDEX_FILES)} next to config.json"
         )
-    raw = hf.load_sharded(weights) if weights.name in hf.HF_INDEX_FILES else hf._load_weight_file(weights)
+    raw = hf.load_sharded(weights) if weights.name in hf.HF_INDEX_FILES else hf.load_weight_file(weights)
     try:
         sd = hf_siglip_to_clipforge(raw, kind, cfg.vision.patch_size)
     except CheckpointError as e:

@@ -24,10 +24,10 @@ from clipforge.checkpoints.io import is_torchscript_archive, load_safetensors, s
 from clipforge.checkpoints.open_clip import (
     infer_config,
     is_open_clip_state_dict,
-    multimodal_from_open_clip,
     open_clip_to_clipforge,
     strip_prefixes,
 )
+from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.model.config import CLIPConfig
 
@@ -115,100 +115,6 @@ def to_clipforge_names(sd: Mapping[str, torch.Tensor], fmt: str) -> dict[str, to
 
 
 # --- open_clip's config json ----------------------------------------------------------------------
-_VISION_MAP = (
-    "image_size layers width patch_size head_width mlp_ratio ls_init_value patch_dropout no_ln_pre "
-    "final_ln_after_pool pool_type timm_model_name timm_pool timm_proj timm_proj_bias timm_drop "
-    "timm_drop_path attentional_pool attn_pooler_queries attn_pooler_heads"
-).split()
-_TEXT_MAP = (
-    "context_length vocab_size width heads layers mlp_ratio ls_init_value pad_id pool_type proj_bias "
-    "proj_type eos_id no_causal_mask hf_model_name hf_pooler_type hf_proj_type hf_tokenizer_name "
-    "tokenizer_kwargs embed_cls correct_cls_mask"
-).split()
-# open_clip features clipforge does not implement: refuse when set, rather than load wrong math.
-_UNSUPPORTED = {
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
-    "pos_embed_type": "learnable",
-}
-
-
-def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip_config.json") -> CLIPConfig:
-    """A ``CLIPConfig`` from open_clip's ``model_cfg`` (as in its JSON configs and Hub repos)."""
-    v_in, t_in = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
-    for where, sub in (("vision_cfg", v_in), ("text_cfg", t_in)):
-        for name, default in _UNSUPPORTED.items():
-            if name in sub and sub[name] not in (default, None):
-                raise CheckpointError(f"{source}: {where}.{name}={sub[name]!r} is not supported by clipforge")
-        if isinstance(sub.get("attentional_pool"), str):  # open_clip's WIP 'parallel'/'cascade' pools
-            raise CheckpointError(
-                f"{source}: {where}.attentional_pool={sub['attentional_pool']!r} is not supported by "
-                "clipforge (only open_clip's original CoCa pooler, attentional_pool=true)"
-            )
-        if where == "text_cfg" and sub.get("final_ln_after_pool"):
-            raise CheckpointError(f"{source}: text_cfg.final_ln_after_pool is not supported by clipforge")
-    vision = {k: v_in[k] for k in _VISION_MAP if k in v_in}
-    if isinstance(vision.get("image_size"), (list, tuple)):
-        h, w = vision["image_size"]
-        if h != w:
-            raise CheckpointError(f"{source}: non-square image_size {h}x{w} is not supported")
-        vision["image_size"] = h
-    if isinstance(vision.get("layers"), (list, tuple)):
-        vision["patch_size"] = None  # modified ResNet
-    else:
-        vision.setdefault("patch_size", 16)  # open_clip's default when omitted
-    if v_in.get("timm_model_pretrained"):
-        vision["timm_pretrained"] = True
-    if "timm_proj" in vision and not vision["timm_proj"]:
-        vision["timm_proj"] = "head"  # open_clip: null / "" = timm's own classifier head projects
-    text = {k: t_in[k] for k in _TEXT_MAP if k in t_in}
-    text.update(_text_kwargs(t_in, source))
-    if text.get("hf_model_name"):
-        text.setdefault("hf_proj_type", "mlp")  # open_clip's CLIPTextCfg default, unlike clipforge's
-    try:
-        return CLIPConfig.from_dict(
-            {
-                "embed_dim": model_cfg.get("embed_dim", 512),
-                "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
-                # open_clip builds every Hugging Face text tower as CustomTextCLIP
-                "custom_text": bool(model_cfg.get("custom_text", False) or t_in.get("hf_model_name")),
-                **{k: model_cfg[k] for k in ("init_logit_scale", "init_logit_bias") if k in model_cfg},
-                "vision": vision,
-                "text": text,
-                "multimodal": multimodal_from_open_clip(model_cfg.get("multimodal_cfg"), t_in),
-            },
-            source=source,
-        )
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def _text_kwargs(t_in: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """open_clip's ``norm_kwargs``/``act_kwargs`` and ``*_pooler`` names as clipforge fields."""
-    out: dict[str, Any] = {}
-    norm = dict(t_in.get("norm_kwargs") or {})
-    act = dict(t_in.get("act_kwargs") or {})
-    if set(norm) - {"eps"} or set(act) - {"approximate"}:
-        raise CheckpointError(
-            f"{source}: text_cfg norm_kwargs {norm} / act_kwargs {act}: only eps and approximate are supported"
-        )
-    if "eps" in norm:
-        out["norm_eps"] = float(norm["eps"])
-    if "approximate" in act:
-        out["act_approximate"] = act["approximate"]
-    pooler = t_in.get("hf_pooler_type")
-    if isinstance(pooler, str) and pooler.endswith("_pooler"):
-        out["hf_pooler_type"] = pooler.removesuffix("_pooler")
-    if t_in.get("hf_model_name"):  # open_clip's default projection is an MLP; null = identity
-        proj = t_in.get("hf_proj_type", "mlp")
-        out["hf_proj_type"] = "none" if proj is None else proj
-    return out
-
-
 def _read_open_clip_json(path: Path) -> tuple[CLIPConfig | None, dict[str, Any] | None]:
     try:
         data = json.loads(path.read_text())
@@ -478,7 +384,6 @@ __all__ = [
     "apply_state_dict",
     "classify_state_dict",
     "closest_architecture",
-    "config_from_open_clip",
     "detect_format",
     "load_any",
     "load_checkpoint",

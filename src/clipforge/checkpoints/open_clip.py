@@ -11,6 +11,7 @@ OpenAI's released files use the same names as open_clip (plus a few scalar bookk
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -121,28 +122,6 @@ def open_clip_layout_is_custom_text(cfg: CLIPConfig) -> bool:
     return bool(cfg.custom_text or cfg.text.hf_model_name or cfg.is_coca)
 
 
-def multimodal_from_open_clip(
-    multimodal_cfg: Mapping[str, Any] | None, text_cfg: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """clipforge's ``multimodal`` fields from open_clip's ``multimodal_cfg`` (None for a plain CLIP).
-
-    Defaults are open_clip's ``MultimodalCfg``'s; the vocabulary is the text tower's, as open_clip's
-    CoCa builds its LM head. ``dim_head``, ``n_queries`` and ``attn_pooler_heads`` there do not
-    reach open_clip's decoder, so they are not read.
-    """
-    if not multimodal_cfg:
-        return None
-    return {
-        "width": multimodal_cfg.get("width", 512),
-        "heads": multimodal_cfg.get("heads", 8),
-        "layers": multimodal_cfg.get("layers", 12),
-        "mlp_ratio": float(multimodal_cfg.get("mlp_ratio", 4)),
-        "ls_init_value": multimodal_cfg.get("ls_init_value"),
-        "context_length": multimodal_cfg.get("context_length", 77),
-        "vocab_size": text_cfg.get("vocab_size", 49408),
-    }
-
-
 def _split_mha(prefix: str, name: str, value: Any) -> dict[str, Any]:
     """open_clip ``nn.MultiheadAttention`` entries -> clipforge ``q_proj``/``k_proj``/``v_proj`` linears."""
     if name in ("in_proj_weight", "in_proj_bias"):
@@ -211,8 +190,8 @@ def _infer_vision(sd: Mapping[str, Any], keys: list[str]) -> tuple[VisionConfig,
         no_ln_pre="visual.ln_pre.weight" not in sd,
     )
     if "visual.attn_pool.query" in sd:  # CoCa's attention pooler
-        vision.attentional_pool = True
-        vision.attn_pooler_queries = _shape(sd, "visual.attn_pool.query")[0]
+        queries = _shape(sd, "visual.attn_pool.query")[0]
+        vision = dataclasses.replace(vision, attentional_pool=True, attn_pooler_queries=queries)
     return vision, _shape(sd, "visual.proj")[1]
 
 
@@ -255,25 +234,27 @@ def _infer_decoder(sd: Mapping[str, Any], keys: list[str], text: TextConfig) -> 
     )
 
 
-def _adopt_coca_conventions(cfg: CLIPConfig) -> None:
+def _adopt_coca_conventions(cfg: CLIPConfig) -> CLIPConfig:
     """Pooler and decoder heads are invisible in shapes too: take them from a registered CoCa twin."""
+    v, m = cfg.vision, cfg.multimodal
     for known in _builtin_registered():
         if known.multimodal is None:
             continue
-        kv, v = known.vision, cfg.vision
+        kv = known.vision
         if (kv.width, kv.layers, kv.patch_size, cfg.embed_dim) == (
             v.width,
             v.layers,
             v.patch_size,
             known.embed_dim,
         ):
-            v.attn_pooler_heads = kv.attn_pooler_heads
-        km, m = known.multimodal, cfg.multimodal
+            v = dataclasses.replace(v, attn_pooler_heads=kv.attn_pooler_heads)
+        km = known.multimodal
         if m is not None and (km.width, km.layers) == (m.width, m.layers):
-            m.heads = km.heads
+            m = dataclasses.replace(m, heads=km.heads)
+    return dataclasses.replace(cfg, vision=v, multimodal=m)
 
 
-def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
+def _adopt_registry_conventions(cfg: CLIPConfig) -> CLIPConfig:
     """Heads are invisible in weight shapes: take them (and exact mlp ratios) from a registered twin."""
     v, t = cfg.vision, cfg.text
     seen_vision = seen_text = False
@@ -287,23 +268,24 @@ def _adopt_registry_conventions(cfg: CLIPConfig) -> None:
         ):
             hidden_agrees = int(kv.width * kv.mlp_ratio) == int(round(v.width * v.mlp_ratio))
             if not v.is_resnet and hidden_agrees and not seen_vision:
-                v.head_width, v.mlp_ratio, seen_vision = kv.head_width, kv.mlp_ratio, True
+                v, seen_vision = (
+                    dataclasses.replace(v, head_width=kv.head_width, mlp_ratio=kv.mlp_ratio),
+                    True,
+                )
         if (
             (kt.width, kt.layers) == (t.width, t.layers)
             and int(kt.width * kt.mlp_ratio) == int(round(t.width * t.mlp_ratio))
             and not seen_text
         ):
-            t.heads, t.mlp_ratio, seen_text = kt.heads, kt.mlp_ratio, True
+            t, seen_text = dataclasses.replace(t, heads=kt.heads, mlp_ratio=kt.mlp_ratio), True
+    return dataclasses.replace(cfg, vision=v, text=t)
 
 
 def _builtin_registered() -> list[CLIPConfig]:
     """Registered configs with CLIP's own towers, in natural name order (the first twin wins)."""
-    from clipforge.model.registry import _REGISTRY, list_models
+    from clipforge.model.registry import get_model_config, has_builtin_towers, list_models
 
-    return [
-        c for n in list_models()
-        if (c := _REGISTRY[n]).vision.timm_model_name is None and c.text.hf_model_name is None
-    ]  # fmt: skip
+    return [get_model_config(n) for n in list_models() if has_builtin_towers(n)]
 
 
 def _exact_ratio(width: int, ratio: float) -> float:
@@ -345,12 +327,12 @@ def infer_config(sd: Mapping[str, Any], *, quick_gelu: bool | None = None) -> CL
     else:
         cfg = _config_from_shapes(sd, matches.unbuildable)
     if quick_gelu is not None:
-        cfg.quick_gelu = quick_gelu
+        cfg = dataclasses.replace(cfg, quick_gelu=quick_gelu)
     elif openai_file:
-        cfg.quick_gelu = True
+        cfg = dataclasses.replace(cfg, quick_gelu=True)
     bias = sd.get("logit_bias")
     if isinstance(bias, torch.Tensor) and bias.device.type != "meta":
-        cfg.init_logit_bias = float(bias)
+        cfg = dataclasses.replace(cfg, init_logit_bias=float(bias))
     return cfg.validate()
 
 
@@ -377,10 +359,11 @@ def _config_from_shapes(sd: Mapping[str, Any], unbuildable: Mapping[str, str]) -
         multimodal=_infer_decoder(sd, keys, text),
         init_logit_bias=-10.0 if isinstance(bias, torch.Tensor) else None,
     )
-    _adopt_registry_conventions(cfg)
+    cfg = _adopt_registry_conventions(cfg)
     if cfg.vision.attentional_pool or cfg.multimodal is not None:
-        _adopt_coca_conventions(cfg)
-    if not cfg.vision.is_resnet:
-        cfg.vision.mlp_ratio = _exact_ratio(cfg.vision.width, cfg.vision.mlp_ratio)
-    cfg.text.mlp_ratio = _exact_ratio(cfg.text.width, cfg.text.mlp_ratio)
-    return cfg
+        cfg = _adopt_coca_conventions(cfg)
+    v, t = cfg.vision, cfg.text
+    if not v.is_resnet:
+        v = dataclasses.replace(v, mlp_ratio=_exact_ratio(v.width, v.mlp_ratio))
+    t = dataclasses.replace(t, mlp_ratio=_exact_ratio(t.width, t.mlp_ratio))
+    return dataclasses.replace(cfg, vision=v, text=t)

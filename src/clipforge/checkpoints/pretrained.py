@@ -39,7 +39,6 @@ __all__ = [
 
 #: Files open_clip writes to its Hub repositories; the safetensors one is preferred when present.
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-QUICKGELU_SUFFIX = "-quickgelu"
 
 
 @dataclass(frozen=True)
@@ -113,9 +112,22 @@ for _row in ROWS:
 del _row
 
 
+def _base(model: str) -> str:
+    """The architecture a tag is listed under: ``-quickgelu`` parsed by the registry (one place)."""
+    from clipforge.model.registry import split_quickgelu
+
+    return split_quickgelu(model)[0]
+
+
+def _alias(model: str) -> str:
+    from clipforge.model.registry import with_quickgelu
+
+    return with_quickgelu(model, True)
+
+
 def register_pretrained(weights: PretrainedWeights) -> None:
     """Add or replace a tag (tests and private deployments register their own repositories)."""
-    _TABLE.setdefault(weights.model.removesuffix(QUICKGELU_SUFFIX), {})[_clean_tag(weights.tag)] = weights
+    _TABLE.setdefault(_base(weights.model), {})[_clean_tag(weights.tag)] = weights
 
 
 def list_pretrained(model: str | None = None, *, include_unregistered: bool = False) -> list[tuple[str, str]]:
@@ -132,12 +144,12 @@ def list_pretrained(model: str | None = None, *, include_unregistered: bool = Fa
     registered = None if include_unregistered else set(list_models())
     models = [m for m in _TABLE if registered is None or m in registered]
     if model is not None:
-        base = model.removesuffix(QUICKGELU_SUFFIX)
+        base = _base(model)
         alias = model != base
         tags = _TABLE.get(base, {}) if base in models else {}
         return [(model, t) for t, e in tags.items() if e.quick_gelu or not alias]
     pairs = [(m, t) for m in models for t in _TABLE[m]]
-    aliases = [(m + QUICKGELU_SUFFIX, t) for m in models for t, e in _TABLE[m].items() if e.quick_gelu]
+    aliases = [(_alias(m), t) for m in models for t, e in _TABLE[m].items() if e.quick_gelu]
     return pairs + aliases
 
 
@@ -149,16 +161,16 @@ def pretrained_entries(name_filter: str | None = None) -> list[PretrainedWeights
 
 
 def pretrained_tags(model: str) -> list[str]:
-    return list(_TABLE.get(model.removesuffix(QUICKGELU_SUFFIX), {}))
+    return list(_TABLE.get(_base(model), {}))
 
 
 def is_pretrained_tag(model: str | None, tag: str) -> bool:
-    return model is not None and _clean_tag(tag) in _TABLE.get(model.removesuffix(QUICKGELU_SUFFIX), {})
+    return model is not None and _clean_tag(tag) in _TABLE.get(_base(model), {})
 
 
 def resolve_pretrained(model: str, tag: str) -> PretrainedWeights:
     """The table entry for ``(model, tag)``, or a ``ConfigError`` listing the tags that exist."""
-    base = model.removesuffix(QUICKGELU_SUFFIX)
+    base = _base(model)
     tags = _TABLE.get(base, {})
     entry = tags.get(_clean_tag(tag))
     if entry is not None:

@@ -147,7 +147,7 @@ def _tower_signature(tower: str, cfg_json: str, embed_dim: int) -> Signature | s
 @functools.cache
 def _whole_model_signature(cfg_json: str) -> Signature | str:
     """CoCa's decoder is only built with the whole model, so it is signed whole."""
-    from clipforge.model.clip import build_model
+    from clipforge.model.build import build_model
 
     try:
         with torch.device("meta"):
@@ -187,10 +187,10 @@ def registered_matches(sd: Mapping[str, Any]) -> Matches:
     else matched (the stored hashes describe open_clip's layout; a stale one costs time, never a
     wrong answer).
     """
-    from clipforge.model.registry import _REGISTRY, IMAGE_TOWER_HASHES, list_models
+    from clipforge.model.registry import IMAGE_TOWER_HASHES, get_model_config, list_models
 
     facts, target = _Facts.read(sd), signature_of(sd)
-    admitted = [n for n in list_models() if facts.admits(_REGISTRY[n])]
+    admitted = [n for n in list_models() if facts.admits(get_model_config(n))]
     image_hash = image_tower_hash(sd)
     unlikely = [n for n in admitted if IMAGE_TOWER_HASHES.get(n, image_hash) != image_hash]
     matches = _exact(target, [n for n in admitted if n not in unlikely])
@@ -201,11 +201,11 @@ def registered_matches(sd: Mapping[str, Any]) -> Matches:
 
 
 def _exact(target: Signature, names: list[str]) -> Matches:
-    from clipforge.model.registry import _REGISTRY
+    from clipforge.model.registry import get_model_config
 
     found, unbuildable = [], {}
     for name in names:
-        sig = model_signature(_REGISTRY[name])
+        sig = model_signature(get_model_config(name))
         if isinstance(sig, str):
             unbuildable[name] = sig
         elif sig == target:

@@ -1,10 +1,10 @@
 """Architectures given as files, and honest names for architectures.
 
 open_clip users keep architectures as JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``) and
-clipforge writes its own (``CLIPConfig.to_dict()``, or wrapped as ``model_config`` in a model
-folder's ``config.json``). :func:`read_config_file` reads all of these (plus a Hugging Face
-``CLIPModel`` ``config.json``) through the project's existing mappers, so ``--model my-arch.json``
-means the same thing to every command.
+clipforge writes its own (``CLIPConfig.to_dict()``); :func:`is_config_file` tells such a file from
+an architecture name, and :func:`clipforge.checkpoints.config_file.read_config_file` reads it
+(the format mappers live in ``checkpoints/``), so ``--model my-arch.json`` means the same thing
+to every command.
 
 :func:`architecture_name` is what outputs (embed manifests, index manifests, eval results, the
 search page) call a model. It only ever says a registered name when the config *is* that
@@ -14,21 +14,20 @@ and outputs store the config itself next to the name so the model can be rebuilt
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from clipforge.errors import ClipforgeError, ConfigError
+from clipforge.errors import ConfigError
 from clipforge.model.config import CLIPConfig
+from clipforge.model.registry import get_model_config, is_config_file, list_models, with_quickgelu
 
 __all__ = [
     "architecture_name",
     "config_record",
-    "is_config_file",
     "model_label",
     "model_source",
-    "read_config_file",
     "same_architecture",
 ]
 
@@ -44,63 +43,6 @@ _NOT_ARCHITECTURE = {
     ("format_version",),
 }
 CUSTOM = "custom"
-
-
-def is_config_file(value: Any) -> bool:
-    """True for a ``*.json`` path: a model architecture given as a file, not a name or weights."""
-    return isinstance(value, (str, Path)) and str(value).lower().endswith(".json")
-
-
-def read_config_file(path: str | Path) -> CLIPConfig:
-    """The ``CLIPConfig`` in a JSON file, in clipforge's, open_clip's or Hugging Face's form.
-
-    Recognised by their keys: clipforge ``{"embed_dim", "vision", "text"}`` (or a model folder's
-    ``config.json`` with ``model_config``), open_clip ``{"embed_dim", "vision_cfg", "text_cfg"}``
-    (or an open_clip Hub ``open_clip_config.json`` with ``model_cfg``), Hugging Face
-    ``{"vision_config", "text_config"}``. Anything else is refused, naming the keys found.
-    """
-    path = Path(path).expanduser()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: model config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read model config: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a model config must be a JSON object, got {type(data).__name__}")
-    try:
-        return _config_from_document(data, str(path))
-    except ConfigError:
-        raise
-    except ClipforgeError as e:  # the mappers raise CheckpointError; here the file is a config
-        raise ConfigError(str(e)) from None
-
-
-def _config_from_document(data: dict[str, Any], source: str) -> CLIPConfig:
-    """Dispatch on the keys that tell the formats apart (see :func:`read_config_file`)."""
-    from clipforge.checkpoints.hf import config_from_hf
-    from clipforge.checkpoints.load import config_from_open_clip
-
-    if isinstance(data.get("model_config"), dict):  # clipforge model folder config.json
-        return CLIPConfig.from_dict(data["model_config"], source=f"{source}: model_config")
-    if isinstance(data.get("model_cfg"), dict):  # open_clip Hub open_clip_config.json
-        return config_from_open_clip(data["model_cfg"], f"{source}: model_cfg")
-    if "vision_cfg" in data or "text_cfg" in data:
-        for key in ("vision_cfg", "text_cfg"):
-            if not isinstance(data.get(key), dict):
-                raise ConfigError(f"{source}: open_clip model config needs an object under {key!r}")
-        return config_from_open_clip(data, source)
-    if "vision_config" in data or "text_config" in data:
-        return config_from_hf(data, source)
-    if "vision" in data or "text" in data:
-        return CLIPConfig.from_dict(data, source=source)
-    raise ConfigError(
-        f"{source}: not a model config; keys found: {sorted(data)}. Expected clipforge's "
-        "('embed_dim', 'vision', 'text'), open_clip's ('embed_dim', 'vision_cfg', 'text_cfg') "
-        "or Hugging Face's ('vision_config', 'text_config')"
-    )
 
 
 def _architecture_dict(cfg: CLIPConfig) -> dict[str, Any]:
@@ -124,12 +66,10 @@ def same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
 
 def registered_match(cfg: CLIPConfig) -> str | None:
     """The registered name that is exactly ``cfg`` (``-quickgelu`` appended when it is on), or None."""
-    from clipforge.model.registry import get_model_config, list_models
-
-    plain = CLIPConfig.from_dict({**cfg.to_dict(), "quick_gelu": False})
+    plain = dataclasses.replace(cfg, quick_gelu=False)
     for name in list_models():
         if same_architecture(get_model_config(name), plain):
-            return f"{name}-quickgelu" if cfg.quick_gelu else name
+            return with_quickgelu(name, cfg.quick_gelu)
     return None
 
 
@@ -139,8 +79,6 @@ def architecture_name(cfg: CLIPConfig, requested: str | None = None, source: str
     ``requested`` is the name the user gave (kept when it still describes ``cfg``: it is the one
     pretrained tags are listed under); ``source`` is the file the config came from.
     """
-    from clipforge.model.registry import get_model_config
-
     if requested and not is_config_file(requested):
         try:
             if same_architecture(get_model_config(requested), cfg):
@@ -165,8 +103,6 @@ def model_label(model: Any, requested: str | None = None) -> str | None:
         return own or architecture_name(cfg)
     if is_config_file(requested):
         return architecture_name(cfg, source=requested)
-    from clipforge.model.registry import get_model_config
-
     try:
         get_model_config(requested)
     except ConfigError:
@@ -188,8 +124,6 @@ def model_source(name: str | None, config: Mapping[str, Any] | None) -> str | CL
         return name or None
     cfg = CLIPConfig.from_dict(dict(config), source="recorded model config")
     if name and not name.startswith(CUSTOM) and not is_config_file(name):
-        from clipforge.model.registry import get_model_config
-
         try:
             named = get_model_config(name)
         except ConfigError:

@@ -122,12 +122,3 @@ class CLIP(nn.Module):
         names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
         names |= {f"text.{n}" for n in self.text.no_weight_decay()}
         return names
-
-
-def build_model(config: CLIPConfig) -> nn.Module:
-    """The model a config describes: a CoCa when it has a captioning decoder (``multimodal``), else CLIP."""
-    if config.multimodal is not None:
-        from clipforge.model.coca import CoCa
-
-        return CoCa(config)
-    return CLIP(config)

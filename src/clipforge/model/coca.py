@@ -224,9 +224,9 @@ class CoCa(CLIP):
         kept logits equal an untrimmed run's. Short captions in a long context would otherwise
         spend most of the decoder's time on the ``[width, vocab]`` LM head over padding.
         """
-        from clipforge.model.text import _tracing
+        from clipforge.model.text import is_tracing
 
-        if not self.text.trim or _tracing() or labels.numel() == 0:
+        if not self.text.trim or is_tracing() or labels.numel() == 0:
             return labels.shape[1]
         used = (labels != self.pad_id).any(dim=0).nonzero()
         return int(used.max()) + 1 if used.numel() else 1

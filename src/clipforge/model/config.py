@@ -20,7 +20,7 @@ from clipforge.errors import ConfigError
 CONFIG_FORMAT_VERSION = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class VisionConfig:
     """Image tower. ``patch_size=None`` with a 4-tuple ``layers`` means CLIP's modified ResNet."""
 
@@ -105,7 +105,7 @@ class VisionConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextConfig:
     """Text transformer (open_clip's ``text_cfg`` names and defaults), or a Hugging Face encoder.
 
@@ -158,7 +158,7 @@ class TextConfig:
             raise ConfigError(f"text.context_length must be >= 2 (SOT and EOT), got {self.context_length}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MultimodalConfig:
     """CoCa's captioning decoder: causal self-attention plus cross-attention to the image tokens.
 
@@ -188,7 +188,7 @@ class MultimodalConfig:
             raise ConfigError(f"multimodal.context_length must be >= 2, got {self.context_length}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CLIPConfig:
     """A whole CLIP model: two towers projected into one ``embed_dim`` space."""
 

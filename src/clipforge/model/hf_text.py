@@ -73,8 +73,8 @@ def resolve_hf_config(name: str) -> Any:
 
 
 def _hub_config_folder(repo_id: str) -> Path:
-    """Snapshot folder holding ``repo_id``'s config.json (cache first, see checkpoints.hub)."""
-    from clipforge.checkpoints.hub import hub_file
+    """Snapshot folder holding ``repo_id``'s config.json (cache first, see model.hub_files)."""
+    from clipforge.model.hub_files import hub_file
 
     try:
         return hub_file(repo_id, "config.json").parent

@@ -14,6 +14,7 @@ a local folder or the Hugging Face cache; a timm image tower needs ``timm`` inst
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -35,22 +36,48 @@ def register_model(name: str, config: CLIPConfig) -> None:
     _REGISTRY[name] = config.validate()
 
 
+def is_config_file(value: object) -> bool:
+    """True for a ``*.json`` path: a model architecture given as a file, not a name or weights."""
+    return isinstance(value, (str, Path)) and str(value).lower().endswith(".json")
+
+
 def list_models() -> list[str]:
     """Every registered name in natural order (``-quickgelu`` aliases are not listed separately)."""
     return sorted(_REGISTRY, key=_natural_key)
 
 
-def get_model_config(name: str) -> CLIPConfig:
-    """A fresh copy, so callers may mutate it without touching the registry.
+QUICKGELU_SUFFIX = "-quickgelu"
 
-    ``name`` may also be a ``*.json`` file (clipforge's or open_clip's model config), so every
-    place that takes an architecture name takes a file too.
+
+def split_quickgelu(name: str) -> tuple[str, bool]:
+    """``("ViT-B-32", True)`` for ``"ViT-B-32-quickgelu"``: the one place the suffix is parsed.
+
+    A name registered *with* the suffix is its own architecture and is returned whole.
     """
-    from clipforge.model.architecture import is_config_file, read_config_file
+    if name in _REGISTRY or not name.endswith(QUICKGELU_SUFFIX):
+        return name, False
+    return name.removesuffix(QUICKGELU_SUFFIX), True
 
+
+def with_quickgelu(name: str, quick_gelu: bool) -> str:
+    """The name to record for architecture ``name`` with QuickGELU on or off (``-quickgelu`` appended)."""
+    return f"{name}{QUICKGELU_SUFFIX}" if quick_gelu else name
+
+
+def get_model_config(name: str) -> CLIPConfig:
+    """The config registered under ``name`` (``"ViT-B-32"``, ``"ViT-B-32-quickgelu"``).
+
+    Configs are frozen, so the registry's own instance is returned and shared safely (change one
+    with ``dataclasses.replace`` or ``cfg.replace``). Architectures given as ``*.json`` files are
+    read by :func:`clipforge.get_model_config` (``clipforge.factory``): the file formats belong to
+    ``checkpoints/``, above this module.
+    """
     if is_config_file(name):
-        return read_config_file(name)
-    key = name if name in _REGISTRY else name.removesuffix("-quickgelu")
+        raise ConfigError(
+            f"{name!r} is a model config file: read it with clipforge.get_model_config "
+            "(clipforge.factory), which knows the file formats"
+        )
+    key, quick = split_quickgelu(name)
     if key not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -58,10 +85,8 @@ def get_model_config(name: str) -> CLIPConfig:
             f"Unknown model {name!r}.{hint} {len(_REGISTRY)} architectures are registered; "
             "list them with `clipforge models` (or clipforge.list_models())"
         )
-    cfg = CLIPConfig.from_dict(_REGISTRY[key].to_dict())
-    if name.endswith("-quickgelu"):
-        cfg.quick_gelu = True
-    return cfg
+    cfg = _REGISTRY[key]
+    return dataclasses.replace(cfg, quick_gelu=True) if quick else cfg
 
 
 def tower_kinds(cfg: CLIPConfig) -> tuple[str, str]:
@@ -74,7 +99,7 @@ def tower_kinds(cfg: CLIPConfig) -> tuple[str, str]:
 
 def has_builtin_towers(name: str) -> bool:
     """True when both towers are clipforge's own (no timm trunk, no Hugging Face encoder)."""
-    cfg = _REGISTRY[name.removesuffix("-quickgelu") if name not in _REGISTRY else name]
+    cfg = _REGISTRY[split_quickgelu(name)[0]]
     return cfg.vision.timm_model_name is None and cfg.text.hf_model_name is None
 
 

@@ -27,7 +27,7 @@ class ModelStats:
 
 def count_params(config: CLIPConfig) -> tuple[int, int, int]:
     """(image tower, text tower, total) parameter counts; total includes logit scale/bias."""
-    from clipforge.model.clip import build_model
+    from clipforge.model.build import build_model
 
     with torch.device("meta"):
         model = build_model(config)

@@ -50,7 +50,7 @@ class TextOutput:
     penultimate: torch.Tensor
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
     """True under torch.compile / jit / ONNX export, where data-dependent shapes must be avoided."""
     compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
     return bool(
@@ -189,7 +189,7 @@ class TextTransformer(nn.Module):
     def _trim_length(self, tokens: torch.Tensor, idx: torch.Tensor) -> int:
         """How many leading positions decide the pooled feature: up to the last pooled one under
         the causal mask, all of them in a bidirectional tower."""
-        if not self.causal or not self.trim or _tracing() or tokens.shape[0] == 0:
+        if not self.causal or not self.trim or is_tracing() or tokens.shape[0] == 0:
             return tokens.shape[1]
         return int(idx.max()) + 1
 
@@ -206,7 +206,7 @@ class TextTransformer(nn.Module):
             return self.forward_tokens(tokens)[0]
         idx = self.eot_indices(tokens)
         if self.pack and self.trim and self.causal and not self.training and tokens.shape[0] > 1:
-            if not _tracing():
+            if not is_tracing():
                 from clipforge.model.packing import encode as encode_packed
 
                 packed = encode_packed(self, tokens, idx)

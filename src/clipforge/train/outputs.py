@@ -47,7 +47,7 @@ def save_model_config(model: nn.Module, output_dir: str | Path) -> Path:
 
 def unsharded_twin(model: nn.Module, full_state: dict[str, Any], surgery: SurgeryConfig) -> nn.Module:
     """A plain copy of an FSDP2-sharded ``model`` holding its gathered ``full_state`` (for export)."""
-    from clipforge.model.clip import build_model
+    from clipforge.model.build import build_model
 
     twin = build_model(model.config)
     twin.preprocess_cfg = model.preprocess_cfg
