@@ -17,9 +17,7 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from forking import START_METHOD, context
-from ports import free_port
+from forking import start_ranks
 
 import clipforge
 import clipforge.train.trainer  # noqa: F401 - imported once, before forking the ranks
@@ -146,15 +144,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> No
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_ranks_average_to_one_process_with_double_batch(tmp_path, strategy, keep_threads):
     assert not torch.distributed.is_initialized(), "a forked rank must not inherit a process group"
-    context()  # the clean forkserver, its preloads set
-    mp.start_processes(
-        _worker,
-        args=(2, free_port(), str(tmp_path), strategy),
-        nprocs=2,
-        join=True,
-        start_method=START_METHOD,
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = start_ranks(_worker, tmp_path, strategy)  # from the clean forkserver, its preloads set
     from clipforge.train.distributed import DistInfo
 
     single, images, tokens = first_step_grads(

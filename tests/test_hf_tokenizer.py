@@ -87,11 +87,7 @@ def varied_texts(n: int, seed: int) -> list[str]:
     while len(texts) < n:
         r = rng.random()  # a few long texts (ftfy makes open_clip's cleaning cost ~1 ms per 1k chars)
         size = 400 if r < 0.03 else 150 if r < 0.06 else rng.choice([1, 2, 5, 10, 20, 40, 60])
-        parts = []
-        for _ in range(rng.randint(1, size)):
-            parts.append(_word(rng))
-            parts.append(rng.choice(WHITESPACE) if rng.random() < 0.15 else " " if rng.random() < 0.9 else "")
-        texts.append("".join(parts))
+        texts.append(helpers.joined_pieces(rng, rng.randint(1, size), _word, WHITESPACE))
     return texts
 
 
@@ -550,8 +546,8 @@ def test_model_without_tokenizer_files_uses_the_cache(offline, kinds, tmp_path) 
     """A folder with weights only: hf_tokenizer_name resolves from the hub cache; a name that is
     not there fails naming both places looked at."""
     from clipforge.checkpoints.open_clip_config import config_from_open_clip
-    from clipforge.model.build import build_model
     from clipforge.factory import create_model, get_tokenizer
+    from clipforge.model.build import build_model
 
     texts = varied_texts(150, seed=17)
     folder = _open_clip_repo(tmp_path / "weights-only", _tiny_siglip_cfg("timm/ViT-B-16-SigLIP"), None)

@@ -7,14 +7,13 @@ code sits next to the single-process reference it is compared with.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_gloo_ranks
 from torch import Tensor, nn
 
 from clipforge.errors import ClipforgeError
@@ -266,35 +265,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_file: str) -> No
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("ddp")
-    init_file = tmp / "init"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs, outs = [], []
-    for rank in range(2):
-        out = tmp / f"rank{rank}.pt"
-        outs.append(out)
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--ddp-worker",
-            str(rank),
-            "2",
-            str(init_file),
-            str(out),
-        ]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("DDP workers timed out")
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log
-    return [torch.load(out, weights_only=False) for out in outs]
+    return run_gloo_ranks(Path(__file__).resolve(), tmp, 2, args=["--ddp-worker"], timeout=180)
 
 
 @pytest.mark.slow

@@ -9,14 +9,13 @@ neighbour are the same process). The workers run this file as a script.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_gloo_ranks
 from torch import Tensor, nn
 
 from clipforge.objectives.combined import build_objective
@@ -118,32 +117,7 @@ def worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
 
 
 def run_ranks(tmp: Path, world_size: int) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    init, procs, outs = tmp / "init", [], []
-    for rank in range(world_size):
-        outs.append(tmp / f"rank{rank}.pt")
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            str(rank),
-            str(world_size),
-            str(init),
-            str(outs[-1]),
-        ]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("gloo workers timed out")
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log
-    return [torch.load(out, weights_only=False) for out in outs]
+    return run_gloo_ranks(Path(__file__).resolve(), tmp, world_size, timeout=240)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from helpers import joined_pieces
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -145,11 +146,7 @@ def generate_texts(n: int, seed: int = 0) -> list[str]:
     texts = ["", " ", "\n\t", "a", "A", "!", "&amp;", "<start_of_text>", "x" * 3000]
     while len(texts) < n:
         size = rng.choice([1, 3, 8, 15, 30, 120])  # 120 fragments overflows the 77-token context
-        parts = []
-        for _ in range(rng.randint(1, size)):
-            parts.append(_fragment(rng))
-            parts.append(rng.choice(WHITESPACE) if rng.random() < 0.15 else " " if rng.random() < 0.9 else "")
-        texts.append("".join(parts))
+        texts.append(joined_pieces(rng, rng.randint(1, size), _fragment, WHITESPACE))
     return texts
 
 
