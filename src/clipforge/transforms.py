@@ -276,6 +276,18 @@ class PreprocessConfig:
             return cls(image_size=value)  # type: ignore[arg-type]
         raise ConfigError(f"expected a PreprocessConfig, dict or size, got {type(value).__name__}")
 
+    @classmethod
+    def stored_dict(cls, value: PreprocessConfig | dict[str, Any] | None, image_size: int) -> dict[str, Any]:
+        """The JSON-able dict a checkpoint stores for ``value``; None stores clipforge's own
+        defaults at ``image_size`` (what a model built without weights preprocesses with)."""
+        if value is None:
+            return cls.defaults_for("clipforge", image_size)
+        if isinstance(value, dict):
+            return dict(value)
+        if hasattr(value, "to_dict"):
+            return dict(value.to_dict())
+        raise ConfigError(f"preprocess_cfg must be a PreprocessConfig or dict, got {type(value).__name__}")
+
     @staticmethod
     def defaults_for(origin: str, image_size: int | tuple[int, int]) -> dict[str, Any]:
         """The stored-dict defaults for weights of ``origin``, before anything they store.

@@ -40,24 +40,6 @@ class ClipforgeCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def default_preprocess_dict(image_size: int) -> dict[str, Any]:
-    """clipforge's own preprocessing (alpha composited on white), for models without weights."""
-    from clipforge.transforms import PreprocessConfig
-
-    return PreprocessConfig.defaults_for("clipforge", image_size)
-
-
-def preprocess_to_dict(cfg: Any, image_size: int) -> dict[str, Any]:
-    """A JSON-able dict from a ``PreprocessConfig`` (or a dict, or None for CLIP's defaults)."""
-    if cfg is None:
-        return default_preprocess_dict(image_size)
-    if isinstance(cfg, dict):
-        return dict(cfg)
-    if hasattr(cfg, "to_dict"):
-        return dict(cfg.to_dict())
-    raise ConfigError(f"preprocess_cfg must be a PreprocessConfig or dict, got {type(cfg).__name__}")
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -92,10 +74,11 @@ def save_pretrained(
     CLIP's BPE tokenizer at the model's context length.
     """
     from clipforge import __version__
+    from clipforge.transforms import PreprocessConfig
 
     directory = Path(directory)
     config: CLIPConfig = model.config
-    pre = preprocess_to_dict(
+    pre = PreprocessConfig.stored_dict(
         preprocess_cfg if preprocess_cfg is not None else getattr(model, "preprocess_cfg", None),
         config.vision.image_size,
     )

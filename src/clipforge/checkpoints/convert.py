@@ -43,9 +43,9 @@ def save_open_clip(model: torch.nn.Module, dst: str | Path) -> Path:
         return dst
     dst.mkdir(parents=True, exist_ok=True)
     save_safetensors(sd, dst / "open_clip_model.safetensors", metadata={"format": "pt"})
-    pre = clipforge_format.preprocess_to_dict(
-        getattr(model, "preprocess_cfg", None), model.config.vision.image_size
-    )
+    from clipforge.transforms import PreprocessConfig
+
+    pre = PreprocessConfig.stored_dict(getattr(model, "preprocess_cfg", None), model.config.vision.image_size)
     document = {
         "model_cfg": config_to_open_clip(model.config),
         "preprocess_cfg": {
