@@ -13,24 +13,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("pycocoevalcap")
 pytest.importorskip("matplotlib")
 
 
-def test_caption_demo_quick_beats_the_untrained_model(tmp_path, capsys):
+def test_caption_demo_quick_beats_the_untrained_model(tmp_path, capsys, keep_threads):
     from clipforge.cli import main
     from clipforge.demo_caption import CAPTIONERS, attribute_accuracy, attributes, most_frequent_caption
 
-    threads = torch.get_num_threads()
-    try:
-        code = main(
-            ["demo", "--caption", "--quick", "--steps", "40", "--out", str(tmp_path), "--no-progress"]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    code = main(["demo", "--caption", "--quick", "--steps", "40", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "demo_summary.json").read_text())

@@ -20,14 +20,10 @@ def assert_real_png(path, min_side: int = 100) -> None:
     assert pixels.std() > 5, f"{path.name} looks blank"
 
 
-def test_demo_quick_end_to_end(tmp_path, capsys):
+def test_demo_quick_end_to_end(tmp_path, capsys, keep_threads):
     from clipforge.cli import main
 
-    threads = torch.get_num_threads()
-    try:
-        code = main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"])
-    finally:
-        torch.set_num_threads(threads)
+    code = main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "combinations never seen in training" in printed

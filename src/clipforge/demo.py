@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,10 @@ QUICK = DemoSettings(
 
 
 @dataclass
-class DemoResult:
+class TrainedDemo:
+    """What both demos (this one and ``--caption``) say about their training run: the first fields
+    of their results and of demo_summary.json."""
+
     out_dir: str
     model_dir: str
     wall_time_s: float
@@ -80,15 +84,34 @@ class DemoResult:
     samples_per_s: float
     first_loss: float
     final_loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def trained_fields(out: Path, trained: Any, start: float) -> dict[str, Any]:
+    """The :class:`TrainedDemo` fields of a finished training run, its wall time measured from ``start``."""
+    losses = trained.loss_history
+    return dict(
+        out_dir=str(out),
+        model_dir=trained.final_model_dir,
+        wall_time_s=time.perf_counter() - start,
+        train_time_s=trained.wall_time_s,
+        train_steps=trained.steps,
+        samples_per_s=trained.samples_per_second,
+        first_loss=losses[0] if losses else float("nan"),
+        final_loss=trained.final_loss if trained.final_loss is not None else float("nan"),
+    )
+
+
+@dataclass
+class DemoResult(TrainedDemo):
     zero_shot: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {split, acc1, chance}
     retrieval: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # split -> CLIP_benchmark recall@1/5, chance
     report_html: str = ""
     examples: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def zero_shot_templates(label: str) -> list[str]:
@@ -253,11 +276,35 @@ def plot_loss(losses: list[float], path: Path, ylabel: str = "contrastive loss")
     return path
 
 
+_PAGE_HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+th,td{{text-align:left;padding:2px 14px 2px 0}} th{{font-weight:normal;color:#555}} img{{max-width:100%}}</style>
+</head><body><h1>{title}</h1>
+"""
+
+
+def write_page(out: Path, title: str, body: str) -> Path:
+    """``out/index.html``: ``body`` (HTML) under the demos' shared head, style and heading."""
+    from clipforge.atomic import atomic_write_text
+
+    path = out / "index.html"
+    atomic_write_text(path, _PAGE_HEAD.format(title=title) + body + "</body></html>\n")
+    return path
+
+
+def write_summary(out: Path, result: TrainedDemo) -> Path:
+    """``out/demo_summary.json``: the result as JSON, for scripts and the README's figures."""
+    from clipforge.atomic import atomic_write_text
+
+    path = out / "demo_summary.json"
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2) + "\n")
+    return path
+
+
 def write_demo_page(out: Path, result: DemoResult) -> Path:
     """A top-level index.html: headline numbers, the loss curve, and a link to the full report."""
     import html
-
-    from clipforge.atomic import atomic_write_text
 
     rows = "".join(
         f"<tr><th>zero-shot {html.escape(k)} on {html.escape(v['split'])} images ({v['classes']} classes)</th>"
@@ -270,23 +317,28 @@ def write_demo_page(out: Path, result: DemoResult) -> Path:
         f"<td>{100 * v['image_retrieval_recall@1']:.1f}%</td><td>chance {100 * v['chance_R@1']:.1f}%</td></tr>"
         for k, v in result.retrieval.items()
     )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>clipforge demo</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
-th,td{{text-align:left;padding:2px 14px 2px 0}} th{{font-weight:normal;color:#555}} img{{max-width:100%}}</style>
-</head><body><h1>clipforge demo</h1>
-<p>A {DEMO_MODEL} CLIP trained for {result.train_steps} steps ({result.train_time_s:.0f}s,
+    body = f"""<p>A {DEMO_MODEL} CLIP trained for {result.train_steps} steps ({result.train_time_s:.0f}s,
 {result.samples_per_s:.0f} samples/s) on synthetic shapes; evaluated on shape/colour combinations it never
 saw. Total wall time {result.wall_time_s:.0f}s.</p>
 <table>{rows}</table>
 <p><img src="loss.png" alt="training loss"></p>
 <p><a href="report/index.html">Full evaluation report</a> (confusion matrices, per-class accuracy,
 recall@K curves, example searches) &middot; <a href="demo_summary.json">demo_summary.json</a></p>
-</body></html>
 """
-    path = out / "index.html"
-    atomic_write_text(path, page)
-    return path
+    return write_page(out, "clipforge demo", body)
+
+
+def start_demo(out_dir: str | Path, *requirements: Callable[[], None]) -> tuple[Path, float]:
+    """The demo's output folder, created, and its start time. The optional packages it needs are
+    checked first (plotting, then ``requirements``): a missing one fails now, not after minutes of
+    training."""
+    start = time.perf_counter()
+    require_plotting()
+    for require in requirements:
+        require()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, start
 
 
 def run_demo(
@@ -299,33 +351,20 @@ def run_demo(
     max_steps: int | None = None,
 ) -> DemoResult:
     """Generate data, train, evaluate, write the report; returns the headline numbers."""
-    start = time.perf_counter()
-    require_plotting()  # fail now, not after minutes of training
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, start = start_demo(out_dir)
     settings = QUICK if quick else FULL
     trained = train_demo_model(out, settings, seed, progress, threads, max_steps=max_steps)
     zero_shot, retrieval, examples = evaluate_demo(trained.final_model_dir, out, settings, progress)
-    losses = trained.loss_history
-    plot_loss(losses, out / "loss.png")
+    plot_loss(trained.loss_history, out / "loss.png")
     result = DemoResult(
-        out_dir=str(out),
-        model_dir=trained.final_model_dir,
-        wall_time_s=time.perf_counter() - start,
-        train_time_s=trained.wall_time_s,
-        train_steps=trained.steps,
-        samples_per_s=trained.samples_per_second,
-        first_loss=losses[0] if losses else float("nan"),
-        final_loss=trained.final_loss if trained.final_loss is not None else float("nan"),
+        **trained_fields(out, trained, start),
         zero_shot=zero_shot,
         retrieval=retrieval,
         report_html=str(out / "index.html"),
         examples=examples,
     )
     write_demo_page(out, result)
-    from clipforge.atomic import atomic_write_text
-
-    atomic_write_text(out / "demo_summary.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_summary(out, result)
     return result
 
 

@@ -14,16 +14,25 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipforge.demo import IMAGE_SIZE, DemoSettings, plot_loss, require_plotting, train_demo_model
+from clipforge.demo import (
+    IMAGE_SIZE,
+    DemoSettings,
+    TrainedDemo,
+    plot_loss,
+    start_demo,
+    train_demo_model,
+    trained_fields,
+    write_page,
+    write_summary,
+)
 
 CAPTION_MODEL = "tiny-coca"
 SPLIT = "heldout"
@@ -53,15 +62,7 @@ CAPTIONERS = {
 
 
 @dataclass
-class CaptionDemoResult:
-    out_dir: str
-    model_dir: str
-    wall_time_s: float
-    train_time_s: float
-    train_steps: int
-    samples_per_s: float
-    first_loss: float
-    final_loss: float
+class CaptionDemoResult(TrainedDemo):
     split: str
     images: int
     generation: dict[str, Any]
@@ -72,9 +73,6 @@ class CaptionDemoResult:
     )  # captioner -> attribute -> accuracy
     report_html: str = ""
     examples: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def most_frequent_caption(n: int) -> str:
@@ -169,33 +167,31 @@ def evaluate_captions(
     return CaptionScores(len(references), baseline, scores, accuracy, format_caption_examples(trained))
 
 
+def _captioner_rows(
+    table: dict[str, dict[str, float]], columns: Iterable[str], cell: Callable[[float], str]
+) -> str:
+    """One HTML row per captioner: its name, then ``cell(value)`` for each of ``columns``."""
+    import html
+
+    return "".join(
+        f"<tr><th>{html.escape(CAPTIONERS[k])}</th>"
+        + "".join(f"<td>{cell(v[c])}</td>" for c in columns)
+        + "</tr>"
+        for k, v in table.items()
+    )
+
+
 def write_caption_page(out: Path, result: CaptionDemoResult) -> Path:
     """A top-level index.html: the score table, the loss curve, and a link to the captioning report."""
     import html
 
-    from clipforge.atomic import atomic_write_text
     from clipforge.eval.captioning import HEADLINE
 
     head = "".join(f"<th>{html.escape(v)}</th>" for v in HEADLINE.values())
-    rows = "".join(
-        f"<tr><th>{html.escape(CAPTIONERS[k])}</th>"
-        + "".join(f"<td>{s[m]:.3f}</td>" for m in HEADLINE)
-        + "</tr>"
-        for k, s in result.scores.items()
-    )
+    rows = _captioner_rows(result.scores, HEADLINE, lambda x: f"{x:.3f}")
     attrs = list(next(iter(result.attributes.values())))
-    arows = "".join(
-        f"<tr><th>{html.escape(CAPTIONERS[k])}</th>"
-        + "".join(f"<td>{100 * a[x]:.1f}%</td>" for x in attrs)
-        + "</tr>"
-        for k, a in result.attributes.items()
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>clipforge demo --caption</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
-th,td{{text-align:left;padding:2px 14px 2px 0}} th{{font-weight:normal;color:#555}} img{{max-width:100%}}</style>
-</head><body><h1>clipforge demo --caption</h1>
-<p>{CAPTION_MODEL} trained with the coca loss for {result.train_steps} steps ({result.train_time_s:.0f}s,
+    arows = _captioner_rows(result.attributes, attrs, lambda x: f"{100 * x:.1f}%")
+    body = f"""<p>{CAPTION_MODEL} trained with the coca loss for {result.train_steps} steps ({result.train_time_s:.0f}s,
 {result.samples_per_s:.0f} samples/s) on synthetic shapes, then captioning {result.images} images of shape/colour
 combinations it never saw (beam search). Total wall time {result.wall_time_s:.0f}s.</p>
 <table><tr><th></th>{head}</tr>{rows}</table>
@@ -204,11 +200,8 @@ combinations it never saw (beam search). Total wall time {result.wall_time_s:.0f
 <p><img src="loss.png" alt="training loss"></p>
 <p><a href="report/index.html">Captioning report</a> (example images with their captions) &middot;
 <a href="demo_summary.json">demo_summary.json</a></p>
-</body></html>
 """
-    path = out / "index.html"
-    atomic_write_text(path, page)
-    return path
+    return write_page(out, "clipforge demo --caption", body)
 
 
 def run_caption_demo(
@@ -221,30 +214,17 @@ def run_caption_demo(
     max_steps: int | None = None,
 ) -> CaptionDemoResult:
     """Train tiny-coca, caption held-out combinations, score against the baselines, write the report."""
-    from clipforge.atomic import atomic_write_text
     from clipforge.eval.captioning import require_toolkit
 
-    start = time.perf_counter()
-    require_plotting()  # fail now, not after minutes of training
-    require_toolkit()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, start = start_demo(out_dir, require_toolkit)
     settings = CAPTION_QUICK if quick else CAPTION_FULL
     trained = train_demo_model(
         out, settings, seed, progress, threads, model=CAPTION_MODEL, loss="coca", max_steps=max_steps
     )
     scored = evaluate_captions(trained.final_model_dir, out, settings, seed, progress)
-    losses = trained.loss_history
-    plot_loss(losses, out / "loss.png", ylabel=LOSS_LABEL)
+    plot_loss(trained.loss_history, out / "loss.png", ylabel=LOSS_LABEL)
     result = CaptionDemoResult(
-        out_dir=str(out),
-        model_dir=trained.final_model_dir,
-        wall_time_s=time.perf_counter() - start,
-        train_time_s=trained.wall_time_s,
-        train_steps=trained.steps,
-        samples_per_s=trained.samples_per_second,
-        first_loss=losses[0] if losses else float("nan"),
-        final_loss=trained.final_loss if trained.final_loss is not None else float("nan"),
+        **trained_fields(out, trained, start),
         split=SPLIT,
         images=scored.images,
         generation=dict(GENERATION),
@@ -255,7 +235,7 @@ def run_caption_demo(
         examples=scored.examples,
     )
     write_caption_page(out, result)
-    atomic_write_text(out / "demo_summary.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_summary(out, result)
     return result
 
 
