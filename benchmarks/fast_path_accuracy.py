@@ -30,8 +30,8 @@ from torch import nn
 from clipforge.demo import QUICK, zero_shot_templates
 from clipforge.eval.datasets import load_eval_dataset
 from clipforge.eval.runner import evaluate
-from clipforge.inference import optimize_for_inference, trim_tokens
 from clipforge.factory import create_model_from_pretrained, get_tokenizer
+from clipforge.inference import optimize_for_inference, trim_tokens
 
 warnings.filterwarnings("ignore")
 IMAGE_SIZE = 32

@@ -32,8 +32,8 @@ from collections.abc import Callable
 import torch
 
 from clipforge.bench import compare_variants, open_clip_twin
-from clipforge.model.clip import CLIP
 from clipforge.factory import get_tokenizer
+from clipforge.model.clip import CLIP
 from clipforge.model.registry import get_model_config
 
 

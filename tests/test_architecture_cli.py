@@ -11,8 +11,8 @@ import pytest
 import torch
 from search_fixtures import make_images
 
-from clipforge.cli import main
 from clipforge.checkpoints.config_file import read_config_file
+from clipforge.cli import main
 from clipforge.factory import create_model_and_transforms, get_tokenizer
 
 LABEL = "custom (from my-arch.json)"

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from helpers import OC_TINY_TEXT as TINY_TEXT
 from helpers import OC_TINY_VIT_96
 
+from clipforge.checkpoints.config_file import read_config_file
 from clipforge.checkpoints.load import closest_architecture
 from clipforge.checkpoints.open_clip import open_clip_to_clipforge
 from clipforge.errors import ConfigError
-from clipforge.checkpoints.config_file import read_config_file
-from clipforge.model.architecture import architecture_name, model_source, same_architecture
 from clipforge.factory import create_model, get_tokenizer
+from clipforge.model.architecture import architecture_name, model_source, same_architecture
 from clipforge.model.registry import get_model_config
 
 open_clip = pytest.importorskip("open_clip")

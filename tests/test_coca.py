@@ -20,8 +20,8 @@ from helpers import OC_TINY_VIT_96
 from realdata import photos
 
 import clipforge
-from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.checkpoints.open_clip import clipforge_to_open_clip, infer_config, open_clip_to_clipforge
+from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.model.coca import CoCa
 from clipforge.model.generate import captions_from_ids
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.errors import ConfigError
+from clipforge.factory import create_model, get_tokenizer
 from clipforge.guidance import (
     CLIPGuidance,
     cosine_distance,
@@ -16,7 +17,6 @@ from clipforge.guidance import (
     resize_like_eval,
     spherical_distance,
 )
-from clipforge.factory import create_model, get_tokenizer
 from clipforge.transforms import PreprocessConfig
 
 TOL = 1e-5

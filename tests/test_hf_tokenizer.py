@@ -479,8 +479,8 @@ def _tiny_siglip_cfg(hf_tokenizer_name: str) -> dict:
 def _open_clip_repo(folder: Path, model_cfg: dict, tokenizer_dir: Path | None) -> Path:
     """An open_clip Hub-style folder: open_clip_config.json, random weights, tokenizer files beside."""
     from clipforge.checkpoints.io import save_safetensors
-    from clipforge.checkpoints.open_clip_config import config_from_open_clip
     from clipforge.checkpoints.open_clip import clipforge_to_open_clip
+    from clipforge.checkpoints.open_clip_config import config_from_open_clip
     from clipforge.model.build import build_model
 
     folder.mkdir(parents=True)

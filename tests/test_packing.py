@@ -7,10 +7,10 @@ import torch
 from realdata import concept, icons
 
 from clipforge.eval.zero_shot import zero_shot_classifier
+from clipforge.factory import get_tokenizer
 from clipforge.model import packing
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
-from clipforge.factory import get_tokenizer
 
 LONG = "a photograph of a small brown dog with a red collar running across a wet sandy beach at sunset near the water"
 

@@ -26,9 +26,9 @@ from PIL import Image
 from realdata import photos
 
 from clipforge.checkpoints import hf_siglip
-from clipforge.factory import convert_checkpoint
 from clipforge.checkpoints.load import load_any
 from clipforge.errors import CheckpointError, ConfigError
+from clipforge.factory import convert_checkpoint
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")

@@ -255,8 +255,8 @@ def test_tag_through_create_model_gives_open_clips_preprocessing(
     cache, loads the weights, attaches the tag's preprocessing; the val transform equals
     open_clip's for that tag on real images. The architecture is a tiny stand-in registered
     under the tag's name for the test (the weights' shapes are not what is checked here)."""
-    from clipforge.model import registry
     from clipforge.factory import create_model_and_transforms
+    from clipforge.model import registry
 
     entry = resolve_pretrained(model_name, tag)
     tiny, weights = _tiny_open_clip_weights(tmp_path, entry.image_size or 224)

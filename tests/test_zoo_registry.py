@@ -20,11 +20,11 @@ from PIL import Image
 
 from clipforge.checkpoints.convert import save_open_clip
 from clipforge.checkpoints.io import load_safetensors, save_safetensors
-from clipforge.checkpoints.open_clip_config import config_from_open_clip, config_to_open_clip
 from clipforge.checkpoints.open_clip import infer_config, open_clip_to_clipforge
+from clipforge.checkpoints.open_clip_config import config_from_open_clip, config_to_open_clip
 from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
-from clipforge.model.build import build_model
 from clipforge.factory import create_model
+from clipforge.model.build import build_model
 from clipforge.model.registry import get_model_config, list_models
 from tests.realdata import photos
 

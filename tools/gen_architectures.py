@@ -17,8 +17,8 @@ from pathlib import Path
 import open_clip
 import torch
 
-from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.checkpoints.open_clip import open_clip_to_clipforge
+from clipforge.checkpoints.open_clip_config import config_from_open_clip
 from clipforge.checkpoints.signatures import image_tower_hash
 from clipforge.errors import ClipforgeError
 
