@@ -163,6 +163,13 @@ def hf_clip_model(
     return model
 
 
+def tiny_run(samples: int, **options: object) -> dict[str, object]:
+    """Flat ``TrainConfig`` options for a short, quiet run of tiny-vit on ``samples`` 32 px synthetic
+    shapes: one thread, a log record every step, no progress bar; ``options`` add to or override them."""
+    data = f"synthetic:shapes?n={samples}&image_size=32"
+    return {"data": data, "model": "tiny-vit", "threads": 1, "log_every": 1, "progress": False, **options}
+
+
 def run_gloo_ranks(
     script: Path, tmp: Path, world_size: int, *, args: Sequence[str] = (), timeout: float = 240
 ) -> list:

@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 from forking import start_ranks
+from helpers import tiny_run
 
 import clipforge
 import clipforge.train.trainer  # noqa: F401 - imported once, before forking the ranks
@@ -27,8 +28,8 @@ from clipforge.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
-BASE = dict(
-    data="synthetic:shapes?n=32&image_size=32",
+BASE = tiny_run(
+    32,
     model="tiny-coca",
     loss="coca",
     batch_size=8,
@@ -36,10 +37,7 @@ BASE = dict(
     warmup_steps=0,
     schedule="const",
     seed=3,
-    threads=1,
     workers=0,
-    log_every=1,
-    progress=False,
 )
 
 

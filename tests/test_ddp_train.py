@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 from forking import start_ranks
-from helpers import threads_kept
+from helpers import threads_kept, tiny_run
 
 import clipforge.train.trainer  # noqa: F401 - imported once, before forking the ranks
 import clipforge.transforms  # noqa: F401
@@ -22,16 +22,7 @@ from clipforge.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
-BASE = dict(
-    data="synthetic:shapes?n=32&image_size=32",
-    model="tiny-vit",
-    epochs=1,
-    lr=1e-3,
-    seed=7,
-    threads=1,
-    progress=False,
-    log_every=1,
-)
+BASE = tiny_run(32, epochs=1, lr=1e-3, seed=7)
 
 
 def first_step_grads(cfg: TrainConfig, info) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

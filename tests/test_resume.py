@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from forking import context
-from helpers import threads_kept
+from helpers import threads_kept, tiny_run
 from safetensors.torch import load_file
 
 import clipforge.transforms  # noqa: F401 - torchvision: imported once, before forking
@@ -31,9 +31,8 @@ from clipforge.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
-BASE = dict(
-    data="synthetic:shapes?n=64&image_size=32",
-    model="tiny-vit",
+BASE = tiny_run(
+    64,
     batch_size=8,
     epochs=2,
     lr=2e-3,
@@ -42,9 +41,6 @@ BASE = dict(
     save_every_steps=3,
     keep_last=2,
     seed=3,
-    threads=1,
-    log_every=1,
-    progress=False,
 )
 
 

@@ -124,7 +124,7 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, k
 
 
 def _owning_module(name: str, known: set[str]) -> str | None:
-    """``import clipforge.model.factory`` may name a module; a longer name (an attribute) maps to
+    """``import clipforge.model.config`` names a module; a longer name (an attribute) maps to
     the longest known prefix. None for names outside the package."""
     parts = name.split(".")
     for end in range(len(parts), 0, -1):

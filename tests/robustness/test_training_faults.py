@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_run
 
 import clipforge.train.state as state
 from clipforge.errors import CheckpointError
@@ -22,17 +23,7 @@ from clipforge.train.config import TrainConfig
 from clipforge.train.task import ContrastiveTask
 from clipforge.train.trainer import TrainingDivergedError, train
 
-TINY = dict(
-    data="synthetic:shapes?n=48&image_size=32",
-    model="tiny-vit",
-    batch_size=8,
-    epochs=1,
-    lr=1e-3,
-    seed=0,
-    threads=1,
-    log_every=1,
-    progress=False,
-)
+TINY = tiny_run(48, batch_size=8, epochs=1, lr=1e-3, seed=0)
 
 
 #: every test here trains with threads=1: the thread count is restored after each
