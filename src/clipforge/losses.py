@@ -36,6 +36,8 @@ saves a little communication in backward.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -159,37 +161,50 @@ def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
 # --------------------------------------------------------------------------------------------- #
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an InfoNCE loss runs: the distributed options of :class:`ClipLoss` and its wrappers.
+
+    One value instead of the same four keywords threaded through ``ChunkedClipLoss``,
+    ``MultiPositiveLoss`` and ``CoCaLoss`` by hand; those take them as ``**placement`` and hand them
+    to :class:`ClipLoss`, so the keywords (the objective registry's options) stay as they were.
+    """
+
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def local_rows(self) -> bool:
+        """Whether each rank scores only its own rows (``local_loss`` means nothing on one rank)."""
+        return self.world_size > 1 and self.local_loss
+
+    def label_offset(self, n: int) -> int:
+        """The global index of this rank's first row when it scores only its own ``n`` rows."""
+        return self.rank * n if self.local_rows else 0
+
+
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE over the full ``[B, B]`` logits (B = global batch).
 
     ``local_loss=True`` (only matters with ``world_size > 1``): each rank computes the rows of its
     own ``N`` samples against all ``B`` columns - an ``[N, B]`` matrix per direction - with labels
     ``arange(N) + rank * N``. Same gradients, ``world_size`` times less logits memory per rank.
+    Subclasses change only :meth:`loss` (the checked features in, the scalar out).
     """
 
     def __init__(
-        self,
-        local_loss: bool = False,
-        gather_with_grad: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
+        self, local_loss: bool = False, gather_with_grad: bool = True, rank: int = 0, world_size: int = 1
     ) -> None:
         super().__init__()
-        self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.rank = rank
-        self.world_size = world_size
+        self.placement = Placement(local_loss, gather_with_grad, rank, world_size)
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.rank, self.world_size = rank, world_size
 
     def gather(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
         """Features of the whole global batch (this rank's own rows keep their gradients)."""
-        return gather_features(
-            image_features,
-            text_features,
-            local_loss=self.local_loss,
-            gather_with_grad=self.gather_with_grad,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        return gather_features(image_features, text_features, **asdict(self.placement))
 
     def get_logits(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float
@@ -197,7 +212,7 @@ class ClipLoss(nn.Module):
         """``(logits_per_image, logits_per_text)``; the scale multiplies ``[N, D]``, not ``[B, B]``."""
         logit_scale = _as_scale(logit_scale, image_features)
         all_image, all_text = self.gather(image_features, text_features)
-        if self.world_size > 1 and self.local_loss:
+        if self.placement.local_rows:
             logits_per_image = (logit_scale * image_features) @ all_text.T
             logits_per_text = (logit_scale * text_features) @ all_image.T
         else:
@@ -213,13 +228,23 @@ class ClipLoss(nn.Module):
         logit_bias: Tensor | None = None,
     ) -> Tensor:
         _check_pair(image_features, text_features)
+        return self.loss(image_features, text_features, logit_scale, logit_bias)
+
+    def loss(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None,
+    ) -> Tensor:
+        """The loss of an already checked pair: the hook :class:`ChunkedClipLoss` overrides."""
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
         if logit_bias is not None:
             # A constant shift cancels in softmax; added so the bias stays in the graph (zero grad).
             logits_per_image = logits_per_image + logit_bias
             logits_per_text = logits_per_text + logit_bias
         n = logits_per_image.shape[0]
-        offset = self.rank * n if (self.world_size > 1 and self.local_loss) else 0
+        offset = self.placement.label_offset(n)
         labels = torch.arange(offset, offset + n, device=logits_per_image.device)
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
@@ -422,38 +447,29 @@ class ChunkedClipLoss(ClipLoss):
     memory at batch 16,384. Large tiles (default 4096) keep the matmuls efficient.
     """
 
-    def __init__(
-        self,
-        chunk_size: int = 4096,
-        local_loss: bool = False,
-        gather_with_grad: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__(
-            local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
-        )
+    def __init__(self, chunk_size: int = 4096, **placement: Any) -> None:
+        """``placement``: :class:`ClipLoss`'s keywords (local_loss, gather_with_grad, rank, world_size)."""
+        super().__init__(**placement)
         if chunk_size < 1:
             raise ClipforgeError(f"losses: chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
 
-    def forward(
+    def loss(
         self,
         image_features: Tensor,
         text_features: Tensor,
         logit_scale: Tensor | float,
-        logit_bias: Tensor | None = None,
+        logit_bias: Tensor | None,
     ) -> Tensor:
-        _check_pair(image_features, text_features)
         all_image, all_text = self.gather(image_features, text_features)
-        if self.world_size > 1 and self.local_loss:
+        if self.placement.local_rows:
             loss = chunked_clip_loss(
                 all_image,
                 all_text,
                 logit_scale,
                 chunk_size=self.chunk_size,
                 local_rows=(image_features, text_features),
-                offset=self.rank * image_features.shape[0],
+                offset=self.placement.label_offset(image_features.shape[0]),
             )
         else:
             loss = chunked_clip_loss(all_image, all_text, logit_scale, chunk_size=self.chunk_size)

@@ -47,18 +47,14 @@ class CoCaLoss(nn.Module):
         caption_loss_weight: float = 2.0,
         clip_loss_weight: float = 1.0,
         pad_id: int = 0,
-        local_loss: bool = False,
-        gather_with_grad: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
+        **placement: Any,
     ) -> None:
+        """``placement``: the contrastive :class:`ClipLoss`'s distributed keywords (local_loss, ...)."""
         super().__init__()
         self.caption_loss_weight = caption_loss_weight
         self.clip_loss_weight = clip_loss_weight
         self.pad_id = pad_id
-        self.clip = ClipLoss(
-            local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
-        )
+        self.clip = ClipLoss(**placement)
         self.last_terms: dict[str, float] = {}
 
     def forward(

@@ -28,6 +28,7 @@ with the features; gradients are exact under DDP for the reasons given in :mod:`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -256,18 +257,9 @@ class MultiPositiveLoss(ClipLoss):
     hard negatives delegate to :class:`ClipLoss` / :class:`ChunkedClipLoss` (identical bits).
     """
 
-    def __init__(
-        self,
-        positives: str = "mean",
-        chunk_size: int | None = None,
-        local_loss: bool = False,
-        gather_with_grad: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__(
-            local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
-        )
+    def __init__(self, positives: str = "mean", chunk_size: int | None = None, **placement: Any) -> None:
+        """``placement``: :class:`ClipLoss`'s keywords (local_loss, gather_with_grad, rank, world_size)."""
+        super().__init__(**placement)
         if positives not in VARIANTS:
             raise ConfigError(
                 f"loss 'multipos': option 'positives' must be one of {list(VARIANTS)}, got {positives!r}"
@@ -275,14 +267,10 @@ class MultiPositiveLoss(ClipLoss):
         if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"loss 'multipos': option 'chunk_size' must be >= 1, got {chunk_size}")
         self.positives, self.chunk_size = positives, chunk_size
-        dist = {
-            "local_loss": local_loss,
-            "gather_with_grad": gather_with_grad,
-            "rank": rank,
-            "world_size": world_size,
-        }
         self.plain = (
-            ClipLoss(**dist) if chunk_size is None else ChunkedClipLoss(chunk_size=chunk_size, **dist)
+            ClipLoss(**placement)
+            if chunk_size is None
+            else ChunkedClipLoss(chunk_size=chunk_size, **placement)
         )
 
     def forward(  # type: ignore[override]
@@ -307,7 +295,7 @@ class MultiPositiveLoss(ClipLoss):
         all_image, all_text = self.gather(image_features, text_features)
         negatives = self._gather_negatives(hard_negatives, hard_negatives_valid)
         local = None
-        if self.world_size > 1 and self.local_loss:
+        if self.placement.local_rows:
             local = (image_features, text_features, all_ids[self.rank * n : (self.rank + 1) * n])
         loss = multi_positive_loss(
             all_image,
