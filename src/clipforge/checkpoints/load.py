@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,17 +93,36 @@ def unwrap_state_dict(obj: Any, source: str | Path = "checkpoint") -> dict[str, 
     return strip_prefixes({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
+def _has_clipforge_names(sd: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("text.", "visual.")) for k in sd)
+
+
+#: ``(format, test)`` in the order they are tried: the first test that holds names the format
+#: (the HF and OpenAI namings are the most specific; open_clip's overlaps clipforge's).
+_STATE_DICT_TESTS: tuple[tuple[str, Callable[[Mapping[str, Any]], bool]], ...] = (
+    ("hf", hf.is_hf_state_dict),
+    ("openai", openai.is_openai_state_dict),
+    ("open_clip", is_open_clip_state_dict),
+    ("clipforge", _has_clipforge_names),
+)
+#: The folders :func:`detect_format` knows without reading weights.
+_DIR_TESTS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
+    ("clipforge", clipforge_format.is_clipforge_dir),
+    ("hf", hf.is_hf_dir),
+)
+
+
+def _first_format(tests: tuple[tuple[str, Callable[[Any], bool]], ...], obj: Any) -> str | None:
+    """The format of the first test ``obj`` passes (one detection ladder for dicts and folders)."""
+    return next((fmt for fmt, test in tests if test(obj)), None)
+
+
 def classify_state_dict(sd: Mapping[str, Any]) -> str:
     """Which naming a state dict uses: ``hf``, ``openai``, ``open_clip`` or ``clipforge``."""
-    if hf.is_hf_state_dict(sd):
-        return "hf"
-    if openai.is_openai_state_dict(sd):
-        return "openai"
-    if is_open_clip_state_dict(sd):
-        return "open_clip"
-    if any(k.startswith(("text.", "visual.")) for k in sd):
-        return "clipforge"
-    raise CheckpointError(f"unrecognised state-dict layout; first keys: {list(sd)[:8]}")
+    fmt = _first_format(_STATE_DICT_TESTS, sd)
+    if fmt is None:
+        raise CheckpointError(f"unrecognised state-dict layout; first keys: {list(sd)[:8]}")
+    return fmt
 
 
 def to_clipforge_names(sd: Mapping[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
@@ -222,13 +241,10 @@ def detect_format(path: str | Path) -> str:
     """One of :data:`FORMATS` for a file or folder (reads the file's keys, never runs its code)."""
     path = Path(path)
     if path.is_dir():
-        if clipforge_format.is_clipforge_dir(path):
-            return "clipforge"
-        if hf.is_hf_dir(path):
-            return "hf"
-    elif is_torchscript_archive(path):
-        return "openai"
-    return load_any(path).format
+        fmt = _first_format(_DIR_TESTS, path)
+    else:
+        fmt = "openai" if is_torchscript_archive(path) else None
+    return fmt or load_any(path).format
 
 
 # --- fitting a model ------------------------------------------------------------------------------
