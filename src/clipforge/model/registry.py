@@ -122,14 +122,12 @@ def _load_published() -> None:
 _load_published()
 
 # --- tiny sizes for tests and the CPU demo (same structure, small widths) ----------------------
-register_model(
-    "tiny-vit",
-    CLIPConfig(
-        embed_dim=64,
-        vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
-        text=TextConfig(width=64, heads=2, layers=2),
-    ),
+_TINY_VIT = CLIPConfig(
+    embed_dim=64,
+    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+    text=TextConfig(width=64, heads=2, layers=2),
 )
+register_model("tiny-vit", _TINY_VIT)
 register_model(
     "tiny-rn",
     CLIPConfig(
@@ -138,15 +136,10 @@ register_model(
         text=TextConfig(width=64, heads=2, layers=2),
     ),
 )
+# tiny-vit with SigLIP's initial temperature log(10) and bias -10 (the towers stay tiny-vit's).
 register_model(
     "tiny-vit-siglip",
-    CLIPConfig(
-        embed_dim=64,
-        vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
-        text=TextConfig(width=64, heads=2, layers=2),
-        init_logit_scale=2.302585092994046,  # log(10), as in SigLIP
-        init_logit_bias=-10.0,
-    ),
+    dataclasses.replace(_TINY_VIT, init_logit_scale=2.302585092994046, init_logit_bias=-10.0),
 )
 register_model(
     "tiny-coca",
