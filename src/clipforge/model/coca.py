@@ -36,10 +36,10 @@ from torch.utils.checkpoint import checkpoint
 from clipforge.model.clip import CLIP, CLIPOutput
 from clipforge.model.config import CLIPConfig, MultimodalConfig
 from clipforge.model.layers import (
-    MLP,
+    BlockOptions,
     CrossAttention,
     LayerNorm,
-    LayerScale,
+    PreNormBlock,
     ResidualAttentionBlock,
     activation,
     init_transformer,
@@ -59,25 +59,11 @@ class CoCaOutput(CLIPOutput):
     labels: torch.Tensor | None = None
 
 
-class CrossAttentionBlock(nn.Module):
+class CrossAttentionBlock(PreNormBlock):
     """Pre-LN cross-attention block: ``x + attn(ln_1(x), ln_1_kv(image))`` then ``x + mlp(ln_2(x))``."""
 
-    def __init__(
-        self,
-        width: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        ls_init_value: float | None = None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-    ) -> None:
-        super().__init__()
-        self.ln_1 = LayerNorm(width)
-        self.ln_1_kv = LayerNorm(width)
-        self.attn = CrossAttention(width, heads)
-        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
-        self.ln_2 = LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio), act_layer)
-        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+    def __init__(self, width: int, heads: int, opts: BlockOptions | None = None) -> None:
+        super().__init__(width, CrossAttention(width, heads), opts or BlockOptions(), kv_norm=True)
 
     def context(self, image_tokens: torch.Tensor) -> KV:
         """Keys/values of the image tokens: once per image, however many tokens are decoded."""
@@ -85,7 +71,7 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         x = x + self.ls_1(self.attn.attend(self.ln_1(x), keys, values))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+        return self.feed_forward(x)
 
 
 class MultimodalDecoder(nn.Module):
@@ -97,9 +83,13 @@ class MultimodalDecoder(nn.Module):
         self.layers = cfg.layers
         self.context_length = cfg.context_length
         self.grad_checkpointing = False
-        args = (cfg.width, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer)
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(*args) for _ in range(cfg.layers))
-        self.cross_attn = nn.ModuleList(CrossAttentionBlock(*args) for _ in range(cfg.layers))
+        opts = BlockOptions(cfg.mlp_ratio, cfg.ls_init_value, act_layer)
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(cfg.width, cfg.heads, opts) for _ in range(cfg.layers)
+        )
+        self.cross_attn = nn.ModuleList(
+            CrossAttentionBlock(cfg.width, cfg.heads, opts) for _ in range(cfg.layers)
+        )
         self.ln_final = LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.vocab_size))
         self.init_parameters()

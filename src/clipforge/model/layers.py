@@ -9,6 +9,7 @@ projections by name (``in_proj``, ``out_proj``, ``c_fc``, ``c_proj``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -132,31 +133,57 @@ class MLP(nn.Module):
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
-class ResidualAttentionBlock(nn.Module):
+@dataclass(frozen=True)
+class BlockOptions:
+    """What every pre-LN residual block is built with besides its width and heads.
+
+    One value for the self-attention blocks, the :class:`Transformer` stacking them and CoCa's
+    cross-attention blocks, so their defaults live in one place.
+    """
+
+    mlp_ratio: float = 4.0
+    ls_init_value: float | None = None  # None: no LayerScale (an Identity, nothing in the state dict)
+    act_layer: Callable[[], nn.Module] = nn.GELU
+    norm_eps: float = 1e-5
+
+    def layer_scale(self, width: int) -> nn.Module:
+        return LayerScale(width, self.ls_init_value) if self.ls_init_value is not None else nn.Identity()
+
+
+class PreNormBlock(nn.Module):
+    """The residual structure the blocks share: ``ln_1 -> attn -> ls_1`` and ``ln_2 -> mlp -> ls_2``.
+
+    ``kv_norm`` adds ``ln_1_kv`` (cross-attention's norm of the image tokens) right after ``ln_1``,
+    so the state-dict keys and their order are those of open_clip's blocks.
+    """
+
+    def __init__(self, width: int, attn: nn.Module, opts: BlockOptions, kv_norm: bool = False) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=opts.norm_eps)
+        if kv_norm:
+            self.ln_1_kv = LayerNorm(width, eps=opts.norm_eps)
+        self.attn = attn
+        self.ls_1 = opts.layer_scale(width)
+        self.ln_2 = LayerNorm(width, eps=opts.norm_eps)
+        self.mlp = MLP(width, int(width * opts.mlp_ratio), opts.act_layer)
+        self.ls_2 = opts.layer_scale(width)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The second half of the block: ``x + ls_2(mlp(ln_2(x)))``."""
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+class ResidualAttentionBlock(PreNormBlock):
     """Pre-LN transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 
-    def __init__(
-        self,
-        width: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        ls_init_value: float | None = None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        norm_eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        self.ln_1 = LayerNorm(width, eps=norm_eps)
-        self.attn = Attention(width, heads)
-        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
-        self.ln_2 = LayerNorm(width, eps=norm_eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), act_layer)
-        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+    def __init__(self, width: int, heads: int, opts: BlockOptions | None = None) -> None:
+        super().__init__(width, Attention(width, heads), opts or BlockOptions())
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+        return self.feed_forward(x)
 
     def forward_at(
         self, x: torch.Tensor, index: torch.Tensor, attn_mask: torch.Tensor | None = None
@@ -168,30 +195,18 @@ class ResidualAttentionBlock(nn.Module):
         """
         rows = torch.arange(x.shape[0], device=x.device)
         y = x[rows, index] + self.ls_1(self.attn.attend_from(self.ln_1(x), index, attn_mask))
-        return y + self.ls_2(self.mlp(self.ln_2(y)))
+        return self.feed_forward(y)
 
 
 class Transformer(nn.Module):
     """A stack of residual blocks with optional activation checkpointing."""
 
-    def __init__(
-        self,
-        width: int,
-        layers: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        ls_init_value: float | None = None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        norm_eps: float = 1e-5,
-    ) -> None:
+    def __init__(self, width: int, layers: int, heads: int, opts: BlockOptions | None = None) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
-        self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value, act_layer, norm_eps)
-            for _ in range(layers)
-        )
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, opts) for _ in range(layers))
 
     def _run(
         self, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool

@@ -26,7 +26,7 @@ from torch import nn
 
 from clipforge.errors import ConfigError
 from clipforge.model.config import TextConfig
-from clipforge.model.layers import LayerNorm, Transformer, init_transformer, lock_groups
+from clipforge.model.layers import BlockOptions, LayerNorm, Transformer, init_transformer, lock_groups
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ class TextTransformer(nn.Module):
         positions = cfg.context_length + (1 if cfg.embed_cls else 0)
         self.positional_embedding = nn.Parameter(torch.empty(positions, cfg.width))
         act = text_activation(act_layer, cfg.act_approximate)
-        self.transformer = Transformer(
-            cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act, cfg.norm_eps
-        )
+        opts = BlockOptions(cfg.mlp_ratio, cfg.ls_init_value, act, cfg.norm_eps)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, opts)
         self.ln_final = LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.text_projection = _projection(cfg, embed_dim)
         self.init_parameters()

@@ -11,6 +11,7 @@ from torch import nn
 from clipforge.model.config import VisionConfig
 from clipforge.model.layers import (
     AttentionalPooler,
+    BlockOptions,
     LayerNorm,
     PatchDropout,
     Transformer,
@@ -53,7 +54,7 @@ class VisionTransformer(nn.Module):
         self.patch_dropout = PatchDropout(cfg.patch_dropout) if cfg.patch_dropout > 0 else nn.Identity()
         self.ln_pre = nn.Identity() if cfg.no_ln_pre else LayerNorm(width)
         self.transformer = Transformer(
-            width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer
+            width, cfg.layers, cfg.heads, BlockOptions(cfg.mlp_ratio, cfg.ls_init_value, act_layer)
         )
         # CoCa: queries pool the tokens into embed_dim channels; ln_post and proj then act on those.
         self.attn_pool: AttentionalPooler | None = None
