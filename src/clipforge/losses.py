@@ -161,6 +161,28 @@ def _check_pair(image_features: Tensor, text_features: Tensor) -> None:
 # --------------------------------------------------------------------------------------------- #
 
 
+#: A temperature: already exponentiated, as a tensor or a plain number.
+Scale = Tensor | float
+
+
+class PairLoss(nn.Module):
+    """The call every loss of this module shares: check the pair, then compute :meth:`loss`."""
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Scale,
+        logit_bias: Tensor | None = None,
+    ) -> Tensor:
+        _check_pair(image_features, text_features)
+        return self.loss(image_features, text_features, logit_scale, logit_bias)
+
+    def loss(self, image: Tensor, text: Tensor, logit_scale: Scale, logit_bias: Tensor | None) -> Tensor:
+        """The loss of an already checked pair (each subclass's own computation)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where an InfoNCE loss runs: the distributed options of :class:`ClipLoss` and its wrappers.
@@ -185,7 +207,7 @@ class Placement:
         return self.rank * n if self.local_rows else 0
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(PairLoss):
     """Symmetric InfoNCE over the full ``[B, B]`` logits (B = global batch).
 
     ``local_loss=True`` (only matters with ``world_size > 1``): each rank computes the rows of its
@@ -220,25 +242,9 @@ class ClipLoss(nn.Module):
             logits_per_text = logits_per_image.T
         return logits_per_image, logits_per_text
 
-    def forward(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor | float,
-        logit_bias: Tensor | None = None,
-    ) -> Tensor:
-        _check_pair(image_features, text_features)
-        return self.loss(image_features, text_features, logit_scale, logit_bias)
-
-    def loss(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor | float,
-        logit_bias: Tensor | None,
-    ) -> Tensor:
-        """The loss of an already checked pair: the hook :class:`ChunkedClipLoss` overrides."""
-        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
+    # PairLoss's hook: plain InfoNCE (ChunkedClipLoss computes the same value tile by tile).
+    def loss(self, image: Tensor, text: Tensor, logit_scale: Scale, logit_bias: Tensor | None) -> Tensor:
+        logits_per_image, logits_per_text = self.get_logits(image, text, logit_scale)
         if logit_bias is not None:
             # A constant shift cancels in softmax; added so the bias stays in the graph (zero grad).
             logits_per_image = logits_per_image + logit_bias
@@ -454,22 +460,16 @@ class ChunkedClipLoss(ClipLoss):
             raise ClipforgeError(f"losses: chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
 
-    def loss(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor | float,
-        logit_bias: Tensor | None,
-    ) -> Tensor:
-        all_image, all_text = self.gather(image_features, text_features)
+    def loss(self, image: Tensor, text: Tensor, logit_scale: Scale, logit_bias: Tensor | None) -> Tensor:
+        all_image, all_text = self.gather(image, text)
         if self.placement.local_rows:
             loss = chunked_clip_loss(
                 all_image,
                 all_text,
                 logit_scale,
                 chunk_size=self.chunk_size,
-                local_rows=(image_features, text_features),
-                offset=self.placement.label_offset(image_features.shape[0]),
+                local_rows=(image, text),
+                offset=self.placement.label_offset(image.shape[0]),
             )
         else:
             loss = chunked_clip_loss(all_image, all_text, logit_scale, chunk_size=self.chunk_size)
@@ -485,7 +485,7 @@ class ChunkedClipLoss(ClipLoss):
 # --------------------------------------------------------------------------------------------- #
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(PairLoss):
     """SigLIP: ``-sum_ij log sigmoid(z_ij * (scale * <img_i, txt_j> + bias)) / N``.
 
     ``z_ij = +1`` for the matching pair, ``-1`` otherwise; the sum runs over the local images and
@@ -506,23 +506,16 @@ class SigLipLoss(nn.Module):
         self.world_size = world_size
         self.gather_with_grad = gather_with_grad
 
-    def forward(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        logit_scale: Tensor | float,
-        logit_bias: Tensor | None = None,
-    ) -> Tensor:
-        _check_pair(image_features, text_features)
-        logit_scale = _as_scale(logit_scale, image_features)
-        n = image_features.shape[0]
-        all_text = text_features
+    def loss(self, image: Tensor, text: Tensor, logit_scale: Scale, logit_bias: Tensor | None) -> Tensor:
+        logit_scale = _as_scale(logit_scale, image)
+        n = image.shape[0]
+        all_text = text
         if self.world_size > 1:
             _check_distributed(self.rank, self.world_size)
             all_text = _gather_one(
-                text_features, with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size
+                text, with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size
             )
-        logits = (logit_scale * image_features) @ all_text.T
+        logits = (logit_scale * image) @ all_text.T
         if logit_bias is not None:
             logits = logits + logit_bias
         offset = self.rank * n if self.world_size > 1 else 0
