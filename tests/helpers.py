@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -196,3 +197,17 @@ def run_gloo_ranks(
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log
     return [torch.load(out, weights_only=False) for out in outs]
+
+
+@contextmanager
+def scratch_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A module- or session-scoped fixture's folder, removed when the fixture ends.
+
+    pytest keeps ``tmp_path_factory`` folders until the session ends; full-size weights written by a
+    shared fixture would pile up in a small ``/tmp`` (CI's filled up) if they stayed that long.
+    """
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import OC_TINY_VIT_96
+from helpers import OC_TINY_VIT_96, scratch_dir
 from realdata import photos
 
 import clipforge
@@ -203,10 +203,11 @@ def test_tiny_generate_matches_open_clip(tiny, tmp_path):
 def b32(tmp_path_factory):
     cfg = open_clip.get_model_config("coca_ViT-B-32")
     oc = open_clip_coca(cfg, seed=5)
-    path = tmp_path_factory.mktemp("coca_b32") / "open_clip_pytorch_model.bin"
-    torch.save(oc.state_dict(), path)
-    model = clipforge.create_model("coca_ViT-B-32", pretrained=str(path)).eval()
-    return cfg, oc, model, path
+    with scratch_dir(tmp_path_factory, "coca_b32") as folder:  # ~1 GB of weights
+        path = folder / "open_clip_pytorch_model.bin"
+        torch.save(oc.state_dict(), path)
+        model = clipforge.create_model("coca_ViT-B-32", pretrained=str(path)).eval()
+        yield cfg, oc, model, path
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import scratch_dir
 from PIL import Image
 from realdata import photos
 
@@ -86,19 +87,20 @@ def _hf_config(kind: str, vision: dict, text: dict):
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     """``(name, kind, HF model, folder)``: a random-weight folder as transformers writes it."""
-    return _make_case(request.param, tmp_path_factory)
+    with scratch_dir(tmp_path_factory, request.param) as folder:  # siglip-base is ~400 MB
+        yield _make_case(request.param, folder)
 
 
 @pytest.fixture(scope="module")
 def siglip2_tiny(tmp_path_factory):
-    return _make_case("siglip2-tiny", tmp_path_factory)
+    with scratch_dir(tmp_path_factory, "siglip2-tiny") as folder:
+        yield _make_case("siglip2-tiny", folder)
 
 
-def _make_case(name: str, tmp_path_factory) -> tuple:
+def _make_case(name: str, folder: Path) -> tuple:
     kind, vision, text = CASES[name]
     cls = transformers.Siglip2Model if kind == "siglip2" else transformers.SiglipModel
     model = _randomize_(cls(_hf_config(kind, vision, text)), seed=len(name))
-    folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder, max_shard_size="100KB" if kind == "siglip2" else "2GB")
     if kind == "siglip":
         size = model.config.vision_config.image_size

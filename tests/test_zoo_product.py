@@ -17,6 +17,7 @@ checked instead.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,9 +121,9 @@ def _main(argv: list[str]) -> int:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained(icon_data, model_arg, tmp_path_factory):
-    """``clipforge train`` once per family: (run folder, logged losses)."""
+    """``clipforge train`` once per family: (run folder, logged losses); removed after this file."""
     runs: dict[str, tuple[Path, list[float]]] = {}
 
     def get(name: str) -> tuple[Path, list[float]]:
@@ -137,7 +138,9 @@ def trained(icon_data, model_arg, tmp_path_factory):
             runs[name] = out, [r["loss"] for r in rows if r.get("kind") == "train"]
         return runs[name]
 
-    return get
+    yield get
+    for run, _ in runs.values():
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def _reference(final: Path, folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
