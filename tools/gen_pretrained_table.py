@@ -133,22 +133,74 @@ def _hub_files(hf_hub: str) -> tuple[str, tuple[str, ...] | None]:
     return repo, None if files == ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") else files
 
 
-def _row(model: str, tag: str) -> tuple[str, str]:
+#: Runs of at least this many rows that :func:`_named_like_repo` accepts become one ``_same_name`` call.
+MIN_NAMED_RUN = 3
+
+
+def _named_like_repo(model: str, repo: str, files: object, size: int, extras: list[str]) -> str | None:
+    """The Hub organisation when the row is all in its name (``org/<model>``, size at the end), else None.
+
+    Those rows (SigLIP's and SigLIP 2's releases) are written as one ``_same_name`` call per run
+    instead of one ``_row`` each; the table's ``_same_name`` rebuilds exactly the same rows.
+    """
+    org, _, name = repo.partition("/")
+    last = model.rsplit("-", 1)[-1]
+    if name != model or files or extras or size != (int(last) if last.isdigit() else 224):
+        return None
+    return org
+
+
+def _row(model: str, tag: str) -> tuple[str, str, tuple[str, ...] | None]:
+    """(section, the row's ``_row(...)`` line, the key of a ``_same_name`` run it can join or None)."""
     cfg = open_clip.get_pretrained_cfg(model, tag)
     key = (NORMS[tuple(cfg["mean"])], NORMS[tuple(cfg["std"])], cfg["interpolation"], cfg["resize_mode"])
     preset = PREPROCESS_PRESETS[key]  # KeyError = a new convention: add a preset
     repo, files = _hub_files(cfg["hf_hub"])
     section, source, facts = _source(model, tag, cfg["hf_hub"])
     size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
-    args = [repr(model), repr(tag), repr(repo), *([preset] if preset else []), source]
-    if cfg.get("quick_gelu"):
-        args.append("quick_gelu=True")
+    presets = [*([preset] if preset else []), source]
+    quick = ["quick_gelu=True"] if cfg.get("quick_gelu") else []
+    notes = [f"{k}={v!r}" for k, v in facts.items()]
+    args = [repr(model), repr(tag), repr(repo), *presets, *quick]
     if files:
         args.append(f"filenames={files!r}")
     if size != 224:
         args.append(f"image_size={size}")
-    args += [f"{k}={v!r}" for k, v in facts.items()]
-    return section, f"    _row({', '.join(args)}),"
+    org = _named_like_repo(model, repo, files, size, quick + notes)
+    run_key = None if org is None else (repr(tag), repr(org), *presets)
+    return section, f"    _row({', '.join(args + notes)}),", run_key
+
+
+def _same_name_call(key: tuple[str, ...], models: list[str]) -> list[str]:
+    """The lines of one ``_same_name`` call: the run's model names in strings of about 90 columns."""
+    tag, org, *presets = key
+    chunks = [""]
+    for model in models:
+        if chunks[-1] and len(chunks[-1]) + len(model) > 88:
+            chunks.append("")
+        chunks[-1] += model + " "
+    names = [
+        f"        {chunk.rstrip() + (' ' if n < len(chunks) - 1 else '')!r}" for n, chunk in enumerate(chunks)
+    ]
+    return [f"    *_same_name({tag}, {org}, (", *names, f"    ), {', '.join(presets)}),"]
+
+
+def _section_lines(rows: list[tuple[str, tuple[str, ...] | None, str]]) -> list[str]:
+    """A section's lines: runs of same-name rows folded into ``_same_name`` calls, the rest as is."""
+    out: list[str] = []
+    i = 0
+    while i < len(rows):
+        key = rows[i][1]
+        j = i
+        while j < len(rows) and key is not None and rows[j][1] == key:
+            j += 1
+        if key is not None and j - i >= MIN_NAMED_RUN:
+            out += _same_name_call(key, [model for _, _, model in rows[i:j]])
+            i = j
+        else:
+            out.append(rows[i][0])
+            i += 1
+    return out
 
 
 HEADER = '''"""Every named pretrained weight set clipforge knows: one row per (architecture, tag).
@@ -194,13 +246,24 @@ def _row(model: str, tag: str, hf_hub: str, *presets: dict[str, Any], **facts: A
     return {"model": model, "tag": tag, "hf_hub": hf_hub, **merged, **facts}
 
 
+def _same_name(tag: str, org: str, models: str, *presets: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of releases whose name says it all: Hub repository ``org/<model>``, the input size
+    the name's last part when it is a number (else 224). ``models`` is space-separated."""
+    rows = []
+    for model in models.split():
+        last = model.rsplit("-", 1)[-1]
+        size = {"image_size": int(last)} if last.isdigit() else {}
+        rows.append(_row(model, tag, f"{org}/{model}", *presets, **size))
+    return rows
+
+
 # fmt: off
 ROWS: tuple[dict[str, Any], ...] = (
 '''
 
 
 def main() -> int:
-    sections: dict[str, list[str]] = {}
+    sections: dict[str, list[tuple[str, tuple[str, ...] | None, str]]] = {}
     seen = set()
     for model, tag in open_clip.list_pretrained():
         if model.endswith("-quickgelu"):
@@ -210,17 +273,17 @@ def main() -> int:
                 tag,
             )
             continue
-        section, line = _row(model, tag)
-        sections.setdefault(section, []).append(line)
+        section, line, key = _row(model, tag)
+        sections.setdefault(section, []).append((line, key, model))
         seen.add((model, tag))
     sources = "\n".join(f"{k}: dict[str, Any] = {v!r}" for k, v in SOURCES.items())
     header = HEADER.replace(
         "{sources}", "# Provenance presets (licence as on the model card, where known).\n" + sources
     )
     body = [header.rstrip("\n")]
-    for section, lines in sections.items():
+    for section, rows in sections.items():
         body.append(f"    # --- {section} " + "-" * max(4, 90 - len(section)))
-        body.extend(lines)
+        body.extend(_section_lines(rows))
     body.append(")\n# fmt: on\n")
     OUT.write_text("\n".join(body))
     subprocess.run([sys.executable, "-m", "ruff", "format", "-q", str(OUT)], check=True)  # rows are fmt: off

@@ -66,6 +66,17 @@ def _row(model: str, tag: str, hf_hub: str, *presets: dict[str, Any], **facts: A
     return {"model": model, "tag": tag, "hf_hub": hf_hub, **merged, **facts}
 
 
+def _same_name(tag: str, org: str, models: str, *presets: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of releases whose name says it all: Hub repository ``org/<model>``, the input size
+    the name's last part when it is a number (else 224). ``models`` is space-separated."""
+    rows = []
+    for model in models.split():
+        last = model.rsplit("-", 1)[-1]
+        size = {"image_size": int(last)} if last.isdigit() else {}
+        rows.append(_row(model, tag, f"{org}/{model}", *presets, **size))
+    return rows
+
+
 # fmt: off
 ROWS: tuple[dict[str, Any], ...] = (
     # --- OpenAI ------------------------------------------------------------------------------------
@@ -176,32 +187,20 @@ ROWS: tuple[dict[str, Any], ...] = (
     _row('EVA02-E-14', 'laion2b_s4b_b115k', 'timm/eva02_enormous_patch14_clip_224.laion2b_s4b_b115k', EVA),
     _row('EVA02-E-14-plus', 'laion2b_s9b_b144k', 'timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k', EVA),
     # --- SigLIP ------------------------------------------------------------------------------------
-    _row('ViT-B-16-SigLIP', 'webli', 'timm/ViT-B-16-SigLIP', SIGLIP, SIGLIP_SRC),
-    _row('ViT-B-16-SigLIP-256', 'webli', 'timm/ViT-B-16-SigLIP-256', SIGLIP, SIGLIP_SRC, image_size=256),
-    _row('ViT-B-16-SigLIP-i18n-256', 'webli', 'timm/ViT-B-16-SigLIP-i18n-256', SIGLIP, SIGLIP_SRC, image_size=256),
-    _row('ViT-B-16-SigLIP-384', 'webli', 'timm/ViT-B-16-SigLIP-384', SIGLIP, SIGLIP_SRC, image_size=384),
-    _row('ViT-B-16-SigLIP-512', 'webli', 'timm/ViT-B-16-SigLIP-512', SIGLIP, SIGLIP_SRC, image_size=512),
-    _row('ViT-L-16-SigLIP-256', 'webli', 'timm/ViT-L-16-SigLIP-256', SIGLIP, SIGLIP_SRC, image_size=256),
-    _row('ViT-L-16-SigLIP-384', 'webli', 'timm/ViT-L-16-SigLIP-384', SIGLIP, SIGLIP_SRC, image_size=384),
-    _row('ViT-SO400M-14-SigLIP', 'webli', 'timm/ViT-SO400M-14-SigLIP', SIGLIP, SIGLIP_SRC),
-    _row('ViT-SO400M-16-SigLIP-i18n-256', 'webli', 'timm/ViT-SO400M-16-SigLIP-i18n-256', SIGLIP, SIGLIP_SRC, image_size=256),
+    *_same_name('webli', 'timm', (
+        'ViT-B-16-SigLIP ViT-B-16-SigLIP-256 ViT-B-16-SigLIP-i18n-256 ViT-B-16-SigLIP-384 '
+        'ViT-B-16-SigLIP-512 ViT-L-16-SigLIP-256 ViT-L-16-SigLIP-384 ViT-SO400M-14-SigLIP '
+        'ViT-SO400M-16-SigLIP-i18n-256'
+    ), SIGLIP, SIGLIP_SRC),
     _row('ViT-SO400M-14-SigLIP-378', 'webli', 'timm/ViT-SO400M-14-SigLIP-384', SIGLIP, SIGLIP_SRC, image_size=378, notes='the SigLIP 384 release run at 378 (same 27x27 patch grid)'),
     _row('ViT-SO400M-14-SigLIP-384', 'webli', 'timm/ViT-SO400M-14-SigLIP-384', SIGLIP, SIGLIP_SRC, image_size=384),
-    _row('ViT-B-32-SigLIP2-256', 'webli', 'timm/ViT-B-32-SigLIP2-256', SIGLIP, SIGLIP2_SRC, image_size=256),
-    _row('ViT-B-16-SigLIP2', 'webli', 'timm/ViT-B-16-SigLIP2', SIGLIP, SIGLIP2_SRC),
-    _row('ViT-B-16-SigLIP2-256', 'webli', 'timm/ViT-B-16-SigLIP2-256', SIGLIP, SIGLIP2_SRC, image_size=256),
-    _row('ViT-B-16-SigLIP2-384', 'webli', 'timm/ViT-B-16-SigLIP2-384', SIGLIP, SIGLIP2_SRC, image_size=384),
-    _row('ViT-B-16-SigLIP2-512', 'webli', 'timm/ViT-B-16-SigLIP2-512', SIGLIP, SIGLIP2_SRC, image_size=512),
-    _row('ViT-L-16-SigLIP2-256', 'webli', 'timm/ViT-L-16-SigLIP2-256', SIGLIP, SIGLIP2_SRC, image_size=256),
-    _row('ViT-L-16-SigLIP2-384', 'webli', 'timm/ViT-L-16-SigLIP2-384', SIGLIP, SIGLIP2_SRC, image_size=384),
-    _row('ViT-L-16-SigLIP2-512', 'webli', 'timm/ViT-L-16-SigLIP2-512', SIGLIP, SIGLIP2_SRC, image_size=512),
-    _row('ViT-SO400M-14-SigLIP2', 'webli', 'timm/ViT-SO400M-14-SigLIP2', SIGLIP, SIGLIP2_SRC),
-    _row('ViT-SO400M-14-SigLIP2-378', 'webli', 'timm/ViT-SO400M-14-SigLIP2-378', SIGLIP, SIGLIP2_SRC, image_size=378),
-    _row('ViT-SO400M-16-SigLIP2-256', 'webli', 'timm/ViT-SO400M-16-SigLIP2-256', SIGLIP, SIGLIP2_SRC, image_size=256),
-    _row('ViT-SO400M-16-SigLIP2-384', 'webli', 'timm/ViT-SO400M-16-SigLIP2-384', SIGLIP, SIGLIP2_SRC, image_size=384),
-    _row('ViT-SO400M-16-SigLIP2-512', 'webli', 'timm/ViT-SO400M-16-SigLIP2-512', SIGLIP, SIGLIP2_SRC, image_size=512),
-    _row('ViT-gopt-16-SigLIP2-256', 'webli', 'timm/ViT-gopt-16-SigLIP2-256', SIGLIP, SIGLIP2_SRC, image_size=256),
-    _row('ViT-gopt-16-SigLIP2-384', 'webli', 'timm/ViT-gopt-16-SigLIP2-384', SIGLIP, SIGLIP2_SRC, image_size=384),
+    *_same_name('webli', 'timm', (
+        'ViT-B-32-SigLIP2-256 ViT-B-16-SigLIP2 ViT-B-16-SigLIP2-256 ViT-B-16-SigLIP2-384 '
+        'ViT-B-16-SigLIP2-512 ViT-L-16-SigLIP2-256 ViT-L-16-SigLIP2-384 ViT-L-16-SigLIP2-512 '
+        'ViT-SO400M-14-SigLIP2 ViT-SO400M-14-SigLIP2-378 ViT-SO400M-16-SigLIP2-256 '
+        'ViT-SO400M-16-SigLIP2-384 ViT-SO400M-16-SigLIP2-512 ViT-gopt-16-SigLIP2-256 '
+        'ViT-gopt-16-SigLIP2-384'
+    ), SIGLIP, SIGLIP2_SRC),
     # --- CLIPA -------------------------------------------------------------------------------------
     _row('ViT-L-14-CLIPA', 'datacomp1b', 'UCSC-VLAA/ViT-L-14-CLIPA-datacomp1B', CLIPA, CLIPA_SRC),
     _row('ViT-L-14-CLIPA-336', 'datacomp1b', 'UCSC-VLAA/ViT-L-14-CLIPA-336-datacomp1B', CLIPA, CLIPA_SRC, image_size=336),
