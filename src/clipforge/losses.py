@@ -220,9 +220,13 @@ class ClipLoss(PairLoss):
         self, local_loss: bool = False, gather_with_grad: bool = True, rank: int = 0, world_size: int = 1
     ) -> None:
         super().__init__()
-        self.placement = Placement(local_loss, gather_with_grad, rank, world_size)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.rank, self.world_size = rank, world_size
+
+    @property
+    def placement(self) -> Placement:
+        """The distributed options as one value (read from the attributes, so never stale)."""
+        return Placement(self.local_loss, self.gather_with_grad, self.rank, self.world_size)
 
     def gather(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
         """Features of the whole global batch (this rank's own rows keep their gradients)."""
