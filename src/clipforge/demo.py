@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +60,8 @@ FULL = DemoSettings(
     eval_images=600,
     retrieval_images=200,
 )
-QUICK = DemoSettings(
-    train_samples=2_048,
-    epochs=1,
-    batch_size=64,
-    lr=2e-3,
-    warmup_steps=4,
-    eval_images=120,
-    retrieval_images=60,
+QUICK = replace(
+    FULL, train_samples=2_048, epochs=1, batch_size=64, warmup_steps=4, eval_images=120, retrieval_images=60
 )
 
 

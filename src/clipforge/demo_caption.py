@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clipforge.demo import (
+    FULL,
     IMAGE_SIZE,
     DemoSettings,
     TrainedDemo,
@@ -42,18 +43,10 @@ GENERATION: dict[str, Any] = {"seq_len": 20}
 LOSS_LABEL = "loss (contrastive + 2 x caption cross-entropy)"
 
 # ``eval_images`` are the held-out images captioned; ``retrieval_images`` is unused here.
-CAPTION_FULL = DemoSettings(
-    train_samples=6_400,
-    epochs=1,
-    batch_size=32,
-    lr=2e-3,
-    warmup_steps=10,
-    eval_images=200,
-    retrieval_images=0,
+CAPTION_FULL = replace(
+    FULL, train_samples=6_400, epochs=1, batch_size=32, warmup_steps=10, eval_images=200, retrieval_images=0
 )
-CAPTION_QUICK = DemoSettings(
-    train_samples=3_200, epochs=1, batch_size=32, lr=2e-3, warmup_steps=5, eval_images=60, retrieval_images=0
-)
+CAPTION_QUICK = replace(CAPTION_FULL, train_samples=3_200, warmup_steps=5, eval_images=60)
 CAPTIONERS = {
     "trained": f"{CAPTION_MODEL} (trained)",
     "most_frequent_caption": "most frequent training caption",
