@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 from clipforge.model.layers import activation
+from clipforge.model.naflex import naflex_features
 
 
 @dataclass
@@ -80,8 +82,9 @@ class CLIP(nn.Module):
                 tower.init_parameters()
 
     # --- encoders ---------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(images)
+    def encode_image(self, images: torch.Tensor | Mapping[str, torch.Tensor], normalize: bool = False) -> torch.Tensor:
+        # a dict is a NaFlex batch (patches, patch_mask, spatial_shapes) at native aspect ratio
+        features = naflex_features(self.visual, images) if isinstance(images, Mapping) else self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
