@@ -1,0 +1,169 @@
+"""NaFlex (SigLIP 2 at native aspect ratio): preprocessing and features against transformers.
+
+transformers is the oracle: ``Siglip2ImageProcessor`` for the resize/patchify/pad rule and
+``Siglip2Model.get_image_features`` (per-image resized position table, masked attention and MAP
+pooling) for the features. Random small models, real photos cropped to several aspect ratios.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from helpers import scratch_dir
+from PIL import Image
+from realdata import icons, photos
+
+from clipforge.checkpoints import hf_siglip
+from clipforge.errors import ConfigError
+from clipforge.model.naflex import naflex_features, naflex_inputs, resized_positions
+from clipforge.naflex_transforms import NaFlexTransform, naflex_collate, naflex_size
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+TOL = 1e-5
+PATCH = 8
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               patch_size=PATCH, num_patches=16)  # fmt: skip
+_TEXT = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=100, max_position_embeddings=16, hidden_act="gelu")  # fmt: skip
+#: (width, height) crops of real photos: wide, tall, square, very wide, very tall
+ASPECTS = ((1.0, 0.45), (0.4, 1.0), (0.62, 0.62), (1.0, 0.2), (0.15, 0.9))
+
+
+@functools.cache
+def _images() -> tuple[Image.Image, ...]:
+    """Real photos (shrunk 8x by PIL's box reduce) cropped to different aspect ratios, plus an icon."""
+    found = sorted(photos(), key=os.path.getsize)[:3]
+    out = []
+    for i, (fw, fh) in enumerate(ASPECTS):
+        with Image.open(found[i % len(found)]) as im:
+            small = im.reduce(8)
+        w, h = small.size
+        out.append(small.crop((0, 0, max(1, int(w * fw)), max(1, int(h * fh)))))
+    with Image.open(icons()[0]) as icon:
+        out.append(icon.copy())
+    return tuple(out)
+
+
+@pytest.fixture(scope="module")
+def siglip2(tmp_path_factory):
+    """``(HF model, clipforge model, folder)``: a random Siglip2Model saved as transformers writes it."""
+    from clipforge.factory import create_model
+
+    with scratch_dir(tmp_path_factory, "naflex-siglip2") as folder:
+        torch.manual_seed(0)
+        config = transformers.Siglip2Config(text_config=_TEXT, vision_config=_VISION)
+        hf = transformers.Siglip2Model(config).eval()
+        with torch.no_grad():  # norms and biases away from 1 / 0 so a wrong mapping shows
+            for name, p in hf.named_parameters():
+                if p.ndim <= 1 and not name.startswith("logit"):
+                    p.add_(0.2 * torch.randn(p.shape))
+        hf.save_pretrained(folder)
+        yield hf, create_model(None, pretrained=folder).eval(), folder
+
+
+def test_target_size_rule_equals_the_processors():
+    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+
+    for h, w in [(300, 480), (480, 300), (17, 1000), (1000, 17), (5, 5), (224, 224), (333, 517), (4096, 64)]:
+        for patch, most in [(16, 256), (16, 64), (8, 16), (14, 729), (16, 1024)]:
+            ours = naflex_size(h, w, patch, most)
+            assert ours == get_image_size_for_max_num_patches(h, w, patch, most), (h, w, patch, most)
+            assert ours[0] % patch == 0 and ours[1] % patch == 0
+            assert (ours[0] // patch) * (ours[1] // patch) <= most
+
+
+@pytest.mark.parametrize(("patch", "most"), [(16, 256), (16, 64), (8, 16)])
+def test_preprocessing_equals_siglip2_image_processor(patch, most):
+    images = [im.convert("RGB") for im in _images()]
+    ref = transformers.Siglip2ImageProcessor(patch_size=patch, max_num_patches=most)(
+        images=images, return_tensors="pt"
+    )
+    ours = NaFlexTransform(patch, most).batch(images)
+    shapes = ours["spatial_shapes"]
+    assert len({tuple(s) for s in shapes.tolist()}) >= 4  # really different aspect ratios
+    assert torch.equal(shapes, ref["spatial_shapes"].to(shapes.dtype))
+    assert torch.equal(ours["patch_mask"], ref["pixel_attention_mask"].to(ours["patch_mask"].dtype))
+    diff = (ours["patches"] - ref["pixel_values"]).abs().max().item()
+    print(f"NaFlex preprocessing p{patch}/{most} vs Siglip2ImageProcessor: max abs diff {diff:.3g}")
+    assert diff < 1e-6
+
+
+def test_collate_pads_with_a_mask_and_refuses_overflow():
+    items = [{"patches": torch.ones(n, 3), "spatial_shape": torch.tensor([1, n])} for n in (2, 5)]
+    batch = naflex_collate(items, 6)
+    assert batch["patches"].shape == (2, 6, 3)
+    assert batch["patch_mask"].tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    assert batch["patches"][0, 2:].abs().sum().item() == 0.0
+    assert naflex_collate(items)["patches"].shape == (2, 5, 3)  # default: the longest
+    with pytest.raises(ConfigError, match="5 patches, more than max_num_patches=4"):
+        naflex_collate(items, 4)
+
+
+@pytest.mark.parametrize("most", [16, 64, 256])
+def test_image_features_equal_transformers(siglip2, most):
+    hf, ours, _ = siglip2
+    images = [im.convert("RGB") for im in _images()]
+    ref_in = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=most)(
+        images=images, return_tensors="pt"
+    )
+    batch = NaFlexTransform(PATCH, most).batch(images)
+    with torch.no_grad():
+        ref = hf.get_image_features(**ref_in)
+        ref = getattr(ref, "pooler_output", ref)
+        mine = ours.encode_image(batch)
+        from_hf_inputs = ours.encode_image(dict(ref_in))  # transformers' key names are accepted
+    diff = (mine - ref).abs().max().item()
+    print(f"NaFlex image features (max {most} patches) vs Siglip2Model: max abs diff {diff:.3g}")
+    assert ref.abs().max().item() > 0.1 and diff < TOL
+    assert (from_hf_inputs - ref).abs().max().item() < TOL
+    # one image alone (no padding) gives the same row as in the padded batch
+    with torch.no_grad():
+        alone = ours.encode_image(NaFlexTransform(PATCH, most).batch(images[:1]))
+    assert (alone[0] - mine[0]).abs().max().item() < TOL
+
+
+def test_text_features_equal_transformers(siglip2):
+    hf, ours, _ = siglip2
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, _TEXT["vocab_size"], (3, 16), generator=g)
+    tokens[1, 8:] = 1
+    with torch.no_grad():
+        ref = hf.get_text_features(input_ids=tokens)
+        ref = getattr(ref, "pooler_output", ref)
+        diff = (ours.encode_text(tokens) - ref).abs().max().item()
+    print(f"NaFlex model text features vs Siglip2Model: max abs diff {diff:.3g}")
+    assert diff < TOL
+
+
+def test_weights_round_trip_bit_exact(siglip2):
+    hf, ours, folder = siglip2
+    theirs = hf.state_dict()
+    back = hf_siglip.clipforge_to_hf_siglip(ours.state_dict(), "siglip2")
+    common = set(back) & set(theirs)
+    assert len(common) >= len(theirs) - 2  # HF may keep non-persistent buffers (position ids)
+    for key in common:
+        assert torch.equal(back[key], theirs[key]), key
+
+
+def test_position_table_resize_is_identity_at_its_own_grid():
+    table = torch.randn(1, 16, 8)
+    out = resized_positions(table, torch.tensor([[4, 4], [2, 3]]), 16)
+    assert torch.allclose(out[0], table[0], atol=1e-6)
+    assert out[1, 6:].abs().sum().item() == 0.0  # padding rows carry no position
+    with pytest.raises(ConfigError, match="more patches than the 4 given"):
+        resized_positions(table, torch.tensor([[3, 3]]), 4)
+
+
+def test_naflex_refuses_a_tower_without_a_map_head():
+    from torch import nn
+
+    with pytest.raises(ConfigError, match="timm SigLIP trunk with a MAP head"):
+        naflex_features(nn.Linear(2, 2), {"patches": torch.zeros(1, 1, 2), "patch_mask": torch.ones(1, 1),
+                                          "spatial_shapes": torch.tensor([[1, 1]])})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"lacks \['patch_mask', 'spatial_shapes'\]"):
+        naflex_inputs({"patches": torch.zeros(1, 1, 2)})
