@@ -167,3 +167,22 @@ def test_naflex_refuses_a_tower_without_a_map_head():
                                           "spatial_shapes": torch.tensor([[1, 1]])})  # fmt: skip
     with pytest.raises(ConfigError, match=r"lacks \['patch_mask', 'spatial_shapes'\]"):
         naflex_inputs({"patches": torch.zeros(1, 1, 2)})
+
+
+def test_preprocess_config_field_selects_naflex():
+    from clipforge.transforms import PreprocessConfig, image_transform
+
+    cfg = PreprocessConfig.from_dict(
+        {"naflex_max_patches": 64, "naflex_patch_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    )
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert "naflex_max_patches" not in PreprocessConfig().to_dict()  # fixed-size dicts unchanged
+    transform = image_transform(cfg)
+    images = [im.convert("RGB") for im in _images()]
+    ours = naflex_collate([transform(im) for im in images], 64)
+    ref = transformers.Siglip2ImageProcessor(patch_size=16, max_num_patches=64)(
+        images=images, return_tensors="pt"
+    )
+    assert (ours["patches"] - ref["pixel_values"]).abs().max().item() < 1e-6
+    with pytest.raises(ConfigError, match="NaFlex training transforms are not implemented"):
+        image_transform(cfg, is_train=True)

@@ -187,6 +187,11 @@ class PreprocessConfig:
     do_center_crop: bool = True
     rescale_factor: float = 1 / 255
     backend: str = "torchvision"
+    #: NaFlex (SigLIP 2 at native aspect ratio): set, the eval transform keeps each image's aspect
+    #: with at most this many ``naflex_patch_size`` patches and returns a patch dict (collate with
+    #: :func:`clipforge.naflex_transforms.naflex_collate`); None: a fixed-size tensor as before.
+    naflex_max_patches: int | None = None
+    naflex_patch_size: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, (list, tuple)):
@@ -244,6 +249,8 @@ class PreprocessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.naflex_max_patches is None:  # fixed-size configs are written as before NaFlex existed
+            d.pop("naflex_max_patches"), d.pop("naflex_patch_size")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -475,6 +482,15 @@ class RandomGrayscale3:
 _TRAIN_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "color_jitter_prob", "gray_scale_prob")
 
 
+def _naflex_transform(cfg: PreprocessConfig, is_train: bool) -> Callable[[Any], Any]:
+    """SigLIP 2's native-aspect resize + patchify (eval only: open_clip trains NaFlex with its own loader)."""
+    from clipforge.naflex_transforms import NaFlexTransform
+
+    if is_train:
+        raise ConfigError("preprocess naflex_max_patches: NaFlex training transforms are not implemented")
+    return NaFlexTransform(cfg.naflex_patch_size, cfg.naflex_max_patches, cfg.mean, cfg.std)
+
+
 def image_transform(
     cfg: PreprocessConfig | dict[str, Any] | int | None = None,
     is_train: bool = False,
@@ -511,6 +527,8 @@ def image_transform(
             f"unknown train transform option(s) {sorted(unknown)}; known: {list(_TRAIN_OPTIONS)}{hint}"
         )
     cfg = PreprocessConfig.coerce(cfg)
+    if cfg.naflex_max_patches is not None:
+        return _naflex_transform(cfg, is_train)
     first, after = _rgb_steps(cfg)
     if cfg.convention == "hf" and not is_train:
         from clipforge.conventions import HFProcessor
