@@ -186,3 +186,40 @@ def test_preprocess_config_field_selects_naflex():
     assert (ours["patches"] - ref["pixel_values"]).abs().max().item() < 1e-6
     with pytest.raises(ConfigError, match="NaFlex training transforms are not implemented"):
         image_transform(cfg, is_train=True)
+
+
+def _timm_naflex(ours: torch.nn.Module) -> torch.nn.Module:
+    """timm's NaFlexVit with the same hyper-parameters, loaded with clipforge's trunk weights."""
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    side = int(_VISION["num_patches"] ** 0.5)
+    cfg = NaFlexVitCfg(patch_size=PATCH, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, class_token=False,
+                       global_pool="map", pos_embed_grid_size=(side, side), pos_embed_interp_mode="bilinear",
+                       act_layer="gelu_tanh")  # fmt: skip
+    sd = {
+        k.removeprefix("visual.trunk."): v
+        for k, v in ours.state_dict().items()
+        if k.startswith("visual.trunk.")
+    }
+    conv = sd.pop("patch_embed.proj.weight")
+    sd["embeds.proj.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1)
+    sd["embeds.proj.bias"] = sd.pop("patch_embed.proj.bias")
+    sd["embeds.pos_embed"] = sd.pop("pos_embed").reshape(1, side, side, -1)
+    model = NaFlexVit(cfg, num_classes=0).eval()
+    model.load_state_dict(sd)  # strict: every key accounted for
+    return model
+
+
+def test_image_features_equal_timm_naflexvit(siglip2):
+    _, ours, _ = siglip2
+    batch = NaFlexTransform(PATCH, 64).batch([im.convert("RGB") for im in _images()])
+    rows, cols = batch["spatial_shapes"][:, :1], batch["spatial_shapes"][:, 1:]
+    index = torch.arange(batch["patches"].shape[1])[None]
+    valid = batch["patch_mask"].bool()
+    coord = torch.stack([(index // cols) * valid, (index % cols) * valid], dim=-1)
+    assert bool((index < rows * cols).eq(valid).all())
+    with torch.no_grad():
+        ref = _timm_naflex(ours)({"patches": batch["patches"], "patch_coord": coord, "patch_valid": valid})
+        diff = (ours.encode_image(batch) - ref).abs().max().item()
+    print(f"NaFlex image features vs timm NaFlexVit (same weights): max abs diff {diff:.3g}")
+    assert ref.abs().max().item() > 0.1 and diff < TOL
