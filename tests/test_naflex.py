@@ -223,3 +223,25 @@ def test_image_features_equal_timm_naflexvit(siglip2):
         diff = (ours.encode_image(batch) - ref).abs().max().item()
     print(f"NaFlex image features vs timm NaFlexVit (same weights): max abs diff {diff:.3g}")
     assert ref.abs().max().item() > 0.1 and diff < TOL
+
+
+def test_embed_images_takes_a_naflex_model(siglip2, tmp_path):
+    """The library's embed path pads NaFlex dicts per batch; rows equal encode_image on each image."""
+    import numpy as np
+
+    from clipforge.search.embed import embed_images
+
+    _, ours, _ = siglip2
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = [im.convert("RGB") for im in _images()[:4]]
+    for i, im in enumerate(images):
+        im.save(folder / f"{i}.png")
+    transform = NaFlexTransform(PATCH, 64)
+    embed_images(ours, transform, str(folder), tmp_path / "out", batch_size=3, num_workers=0,
+                 dtype=np.float32, progress=False)  # fmt: skip
+    feats = np.concatenate([np.load(p) for p in sorted((tmp_path / "out").rglob("*.npy"))])
+    with torch.no_grad():
+        want = torch.cat([ours.encode_image(transform.batch([im]), normalize=True) for im in images])
+    assert feats.shape == tuple(want.shape)
+    assert np.abs(feats - want.numpy()).max() < TOL

@@ -92,6 +92,13 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     good = [s["image"] for s in samples if s["image"] is not None]
+    if good and isinstance(good[0], dict):  # NaFlex patch dicts: pad to the longest, with a mask
+        from clipforge.naflex_transforms import naflex_collate
+
+        return {
+            "images": naflex_collate(good),
+            "samples": [{k: v for k, v in s.items() if k != "image"} for s in samples],
+        }
     images = torch.stack(good) if good else None
     return {"images": images, "samples": [{k: v for k, v in s.items() if k != "image"} for s in samples]}
 
@@ -268,11 +275,20 @@ def _embed_shards(
                 buf, feats, shard = [], [], s
             buf.extend(batch["samples"])
             if batch["images"] is not None:
-                x = batch["images"].to(writer.device, dtype=pixel_dtype, non_blocking=on_gpu)
+                x = _to_device(batch["images"], writer.device, pixel_dtype, on_gpu)
                 feats.append(_normalise(model.encode_image(x, normalize=True).float().cpu().numpy()))
             bar.update(len(batch["samples"]))
     bar.set_postfix_str(writer.write(shard, buf, feats))
     bar.close()
+
+
+def _to_device(images: Any, device: Any, dtype: Any, non_blocking: bool) -> Any:
+    """Pixels (or a NaFlex dict: only its patches take the pixel dtype) on the model's device."""
+    if isinstance(images, dict):
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in images.items()}
+        moved["patches"] = moved["patches"].to(dtype)
+        return moved
+    return images.to(device, dtype=dtype, non_blocking=non_blocking)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
