@@ -245,3 +245,20 @@ def test_embed_images_takes_a_naflex_model(siglip2, tmp_path):
         want = torch.cat([ours.encode_image(transform.batch([im]), normalize=True) for im in images])
     assert feats.shape == tuple(want.shape)
     assert np.abs(feats - want.numpy()).max() < TOL
+
+
+def test_tiny_siglip2_zero_shot_at_native_aspect():
+    """The zoo's tiny SigLIP 2 takes NaFlex batches: features per aspect ratio, usable logits."""
+    from clipforge.factory import create_model
+
+    model = create_model("tiny-siglip2").eval()
+    images = [im.convert("RGB") for im in _images()]
+    batch = NaFlexTransform(8, 16).batch(images)
+    tokens = torch.randint(3, model.config.text.vocab_size, (2, model.config.text.context_length))
+    with torch.no_grad():
+        feats = model.encode_image(batch, normalize=True)
+        logits = model.logit_scale.exp() * feats @ model.encode_text(tokens, normalize=True).T
+    assert feats.shape == (len(images), model.config.embed_dim)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(len(images)), atol=1e-5)
+    assert logits.shape == (len(images), 2) and bool(torch.isfinite(logits).all())
+    assert len({tuple(s) for s in batch["spatial_shapes"].tolist()}) >= 4
