@@ -262,3 +262,21 @@ def test_tiny_siglip2_zero_shot_at_native_aspect():
     assert torch.allclose(feats.norm(dim=-1), torch.ones(len(images)), atol=1e-5)
     assert logits.shape == (len(images), 2) and bool(torch.isfinite(logits).all())
     assert len({tuple(s) for s in batch["spatial_shapes"].tolist()}) >= 4
+
+
+def test_folder_processor_gives_naflex_preprocessing(siglip2):
+    from clipforge.transforms import PreprocessConfig, image_transform
+
+    hf, ours, folder = siglip2
+    transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=64).save_pretrained(folder)
+    pre = hf_siglip.naflex_preprocess(folder)
+    assert (pre["naflex_max_patches"], pre["naflex_patch_size"]) == (64, PATCH)
+    transform = image_transform(PreprocessConfig.from_dict(pre))
+    images = [im.convert("RGB") for im in _images()]
+    ref = transformers.Siglip2ImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")
+    ours_in = naflex_collate([transform(im) for im in images], 64)
+    assert (ours_in["patches"] - ref["pixel_values"]).abs().max().item() < 1e-6
+    with torch.no_grad():
+        got = getattr(hf.get_image_features(**ref), "pooler_output", None)
+        got = hf.get_image_features(**ref) if got is None else got
+        assert (ours.encode_image(ours_in) - got).abs().max().item() < TOL

@@ -553,7 +553,8 @@ def preprocess_from_processor(data: Mapping[str, Any], image_size: int, source: 
     Both resize straight to the target (no aspect-preserving resize, no crop: "squash"), so the
     document is read as the ``CLIPImageProcessor`` with an exact size and no center crop. A
     Siglip2 processor's target is the patch grid that fits ``max_num_patches``: the model's own
-    size for square images (non-square ones are squashed here where NaFlex would keep the aspect).
+    size for square images (non-square ones are squashed here; :func:`naflex_preprocess` gives the
+    fields that keep the aspect, as the processor does).
     """
     from clipforge.conventions import fields_from_hf_processor
 
@@ -576,6 +577,25 @@ def preprocess_from_processor(data: Mapping[str, Any], image_size: int, source: 
         return fields_from_hf_processor(clip_like, image_size, source)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def naflex_preprocess(path: str | Path, pre: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``pre`` (default: the folder's fixed-size fields) with NaFlex on, at the folder's processor's
+    ``patch_size`` / ``max_num_patches`` (transformers' defaults 16 / 256 where the file is silent).
+
+    Opt-in: a Siglip2 folder loads at its fixed square size by default, as before NaFlex existed.
+    """
+    path = Path(path)
+    file = path / hf.PREPROCESSOR_CONFIG
+    data = hf.read_processor_json(file) if file.is_file() else {}
+    if pre is None:
+        pre = read_preprocessor(path, load_siglip_config(path).vision.image_size, "siglip2")
+    most, patch = data.get("max_num_patches", 256), data.get("patch_size", 16)
+    if not (isinstance(most, int) and isinstance(patch, int) and most > 0 and patch > 0):
+        raise CheckpointError(
+            f"{file}: max_num_patches={most!r} / patch_size={patch!r} must be positive ints"
+        )
+    return {**pre, "naflex_max_patches": most, "naflex_patch_size": patch}
 
 
 def read_preprocessor(path: Path, image_size: int, kind: str) -> dict[str, Any]:
