@@ -482,12 +482,19 @@ class RandomGrayscale3:
 _TRAIN_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "color_jitter_prob", "gray_scale_prob")
 
 
-def _naflex_transform(cfg: PreprocessConfig, is_train: bool) -> Callable[[Any], Any]:
-    """SigLIP 2's native-aspect resize + patchify (eval only: open_clip trains NaFlex with its own loader)."""
+def _naflex_transform(cfg: PreprocessConfig, is_train: bool, augments: list[str]) -> Callable[[Any], Any]:
+    """SigLIP 2's native-aspect resize + patchify, for eval and for training alike.
+
+    The train transform is the deterministic one (no random crop: the native aspect ratio is
+    the point of NaFlex), so ``create_model_and_transforms`` works on a NaFlex checkpoint;
+    random augmentations asked for explicitly are refused rather than silently dropped.
+    """
     from clipforge.naflex_transforms import NaFlexTransform
 
-    if is_train:
-        raise ConfigError("preprocess naflex_max_patches: NaFlex training transforms are not implemented")
+    if is_train and augments:
+        raise ConfigError(
+            f"preprocess naflex_max_patches: NaFlex training does not implement the augmentation(s) {augments}"
+        )
     return NaFlexTransform(cfg.naflex_patch_size, cfg.naflex_max_patches, cfg.mean, cfg.std)
 
 
@@ -528,7 +535,12 @@ def image_transform(
         )
     cfg = PreprocessConfig.coerce(cfg)
     if cfg.naflex_max_patches is not None:
-        return _naflex_transform(cfg, is_train)
+        asked = {
+            "hflip": hflip > 0,
+            "color_jitter": bool(color_jitter),
+            "gray_scale_prob": gray_scale_prob > 0,
+        }
+        return _naflex_transform(cfg, is_train, [k for k, on in asked.items() if on])
     first, after = _rgb_steps(cfg)
     if cfg.convention == "hf" and not is_train:
         from clipforge.conventions import HFProcessor

@@ -123,7 +123,21 @@ def collate_skip_none(batch: list[Any]) -> Any:
     kept = [b for b in batch if b is not None]
     if not kept:
         return None
+    if isinstance(kept[0], tuple) and isinstance(kept[0][0], dict):  # NaFlex: patch counts differ
+        from clipforge.naflex_transforms import naflex_collate
+
+        rest = torch.utils.data.default_collate([b[1:] for b in kept])
+        return (naflex_collate([b[0] for b in kept]), *rest)
     return torch.utils.data.default_collate(kept)
+
+
+def images_to(images: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """A pixel batch, or a NaFlex patch dict (only its patches take the model dtype), on the device."""
+    if isinstance(images, dict):
+        moved = {k: v.to(device) for k, v in images.items()}
+        moved["patches"] = moved["patches"].to(dtype)
+        return moved
+    return images.to(device, dtype)
 
 
 def make_loader(
@@ -157,7 +171,7 @@ def extract_features(
             if batch is None:
                 continue
             images, target = batch
-            x = model.encode_image(images.to(device, dtype)).float()
+            x = model.encode_image(images_to(images, device, dtype)).float()
             if normalize:
                 x = torch.nn.functional.normalize(x, dim=-1)
             feats.append(x.cpu())
