@@ -95,3 +95,25 @@ def test_zero_shot_eval_cli_equals_the_library_per_image(naflex_ckpt, tmp_path):
     assert res["details"]["confusion_matrix"] == confusion
     acc = (confusion[0][0] + confusion[1][1]) / 12
     assert res["metrics"]["acc1"] == pytest.approx(acc, abs=1e-9)
+
+
+def test_embed_cli_rows_equal_encode_image_per_image(naflex_ckpt, tmp_path):
+    """``clipforge embed --pretrained`` on a NaFlex checkpoint: each row is that image alone, unpadded."""
+    import numpy as np
+
+    from clipforge.factory import create_model_and_transforms
+
+    ckpt, folder = naflex_ckpt
+    out = tmp_path / "emb"
+    assert _main(["embed", "--pretrained", str(ckpt), "--images", str(folder), "--out", str(out),
+                  "--workers", "0", "--dtype", "float32", "--no-captions", "--batch-size", "5"]) == 0  # fmt: skip
+    stored = np.concatenate([np.load(p) for p in sorted(out.rglob("img_emb_*.npy"))])
+    model, _, transform = create_model_and_transforms(pretrained=str(ckpt))
+    with torch.no_grad():
+        want = []
+        for p in sorted(folder.rglob("*.png")):
+            with Image.open(p) as im:
+                want.append(model.eval().encode_image(transform.batch([im]), normalize=True))
+    want = torch.cat(want).numpy()
+    assert stored.shape == want.shape == (12, model.config.embed_dim)
+    assert float(np.abs(stored - want).max()) < 1e-5
