@@ -117,3 +117,22 @@ def test_embed_cli_rows_equal_encode_image_per_image(naflex_ckpt, tmp_path):
     want = torch.cat(want).numpy()
     assert stored.shape == want.shape == (12, model.config.embed_dim)
     assert float(np.abs(stored - want).max()) < 1e-5
+
+
+def test_export_refuses_naflex_unless_asked_for_the_fixed_size_graph(naflex_ckpt, tmp_path, capsys):
+    """The square image graph is not what a NaFlex checkpoint's preprocessing feeds: exit 2, then opt in."""
+    ckpt, _ = naflex_ckpt
+    refused = tmp_path / "refused"
+    assert _main(["export", "--pretrained", str(ckpt), "--out", str(refused), "--towers", "image"]) == 2
+    err = capsys.readouterr().err
+    assert "NaFlex" in err and "--no-naflex" in err and "naflex_max_patches=16" in err
+    assert not refused.exists()
+
+    out = tmp_path / "fixed"
+    assert (
+        _main(["export", "--pretrained", str(ckpt), "--out", str(out), "--towers", "image", "--no-naflex"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "warning: NaFlex preprocessing is not exported" in printed and "max abs diff vs PyTorch" in printed
+    assert (out / "image.onnx").stat().st_size > 1000

@@ -300,6 +300,25 @@ def verify_onnx_int8(model: nn.Module, path: str | Path, tower: str, *, min_cos:
     return cos
 
 
+def refuse_naflex(model: nn.Module, towers: tuple[str, ...], fixed_size: bool = False) -> None:
+    """Refuse an image graph for a model whose preprocessing is NaFlex, unless ``fixed_size``.
+
+    The exported image graph takes square ``image_size`` pixels; a NaFlex checkpoint's own
+    preprocessing gives patch dicts at native aspect ratio, so the graph would not match what
+    the checkpoint says its inputs are. Exporting it must be asked for (``--no-naflex``).
+    """
+    pre = getattr(model, "preprocess_cfg", None)
+    if fixed_size or "image" not in towers or getattr(pre, "naflex_max_patches", None) is None:
+        return
+    size = model.config.vision.image_size
+    raise ConfigError(
+        f"export: this model's preprocessing is NaFlex (naflex_max_patches={pre.naflex_max_patches}, "
+        f"naflex_patch_size={pre.naflex_patch_size}) and the image graph cannot take NaFlex patch dicts; "
+        f"pass --no-naflex (fixed_size=True) to export the fixed-size square [batch, 3, {size}, {size}] graph, "
+        "fed with the fixed-size resize instead, or --towers text"
+    )
+
+
 def export_onnx(
     model: nn.Module,
     out_dir: str | Path,

@@ -32,6 +32,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument(
+        "--no-naflex", action="store_true",
+        help="for a model whose preprocessing is NaFlex: export the fixed-size square image graph anyway "
+        "(feed it the fixed-size resize, not NaFlex patch dicts)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -76,11 +81,16 @@ def _describe(model: Any) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipforge.export import export_onnx, export_program
+    from clipforge.export import export_onnx, export_program, refuse_naflex
     from clipforge.factory import create_model
 
     model = create_model(model_argument(args), args.pretrained).eval()
     towers = _towers(args.towers, model)
+    refuse_naflex(model, towers, fixed_size=args.no_naflex)
+    if args.no_naflex and getattr(model.preprocess_cfg, "naflex_max_patches", None) is not None:
+        size = model.config.vision.image_size
+        print(f"warning: NaFlex preprocessing is not exported; image.onnx takes square {size}x{size} images "
+              "(the fixed-size resize), not NaFlex patch dicts")  # fmt: skip
     if args.format == "torch-export":
         result = export_program(model, args.out, towers=towers)
     else:
