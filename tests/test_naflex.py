@@ -184,8 +184,12 @@ def test_preprocess_config_field_selects_naflex():
         images=images, return_tensors="pt"
     )
     assert (ours["patches"] - ref["pixel_values"]).abs().max().item() < 1e-6
-    with pytest.raises(ConfigError, match="NaFlex training transforms are not implemented"):
-        image_transform(cfg, is_train=True)
+    train = image_transform(cfg, is_train=True)  # deterministic: the same patches as eval
+    assert torch.equal(train(images[0])["patches"], transform(images[0])["patches"])
+    with pytest.raises(
+        ConfigError, match=r"NaFlex training does not implement the augmentation\(s\) \['hflip'\]"
+    ):
+        image_transform(cfg, is_train=True, hflip=0.5)
 
 
 def _timm_naflex(ours: torch.nn.Module) -> torch.nn.Module:

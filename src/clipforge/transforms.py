@@ -482,7 +482,7 @@ class RandomGrayscale3:
 _TRAIN_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "color_jitter_prob", "gray_scale_prob")
 
 
-def _naflex_transform(cfg: PreprocessConfig, is_train: bool, augments: list[str]) -> Callable[[Any], Any]:
+def _naflex_transform(cfg: PreprocessConfig, is_train: bool, options: tuple) -> Callable[[Any], Any]:
     """SigLIP 2's native-aspect resize + patchify, for eval and for training alike.
 
     The train transform is the deterministic one (no random crop: the native aspect ratio is
@@ -491,6 +491,8 @@ def _naflex_transform(cfg: PreprocessConfig, is_train: bool, augments: list[str]
     """
     from clipforge.naflex_transforms import NaFlexTransform
 
+    names = ("hflip", "color_jitter", "gray_scale_prob")
+    augments = [name for name, value in zip(names, options, strict=True) if value]
     if is_train and augments:
         raise ConfigError(
             f"preprocess naflex_max_patches: NaFlex training does not implement the augmentation(s) {augments}"
@@ -535,12 +537,7 @@ def image_transform(
         )
     cfg = PreprocessConfig.coerce(cfg)
     if cfg.naflex_max_patches is not None:
-        asked = {
-            "hflip": hflip > 0,
-            "color_jitter": bool(color_jitter),
-            "gray_scale_prob": gray_scale_prob > 0,
-        }
-        return _naflex_transform(cfg, is_train, [k for k, on in asked.items() if on])
+        return _naflex_transform(cfg, is_train, (hflip, color_jitter, gray_scale_prob))
     first, after = _rgb_steps(cfg)
     if cfg.convention == "hf" and not is_train:
         from clipforge.conventions import HFProcessor
