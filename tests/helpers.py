@@ -107,6 +107,14 @@ def threads_kept(threads: int | None = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def run_cli(argv: list[str]) -> int:
+    """``clipforge ARGV`` in this process, torch's thread count restored afterwards."""
+    from clipforge.cli import main
+
+    with threads_kept():
+        return main(argv)
+
+
 def seeded_model(name: str = "tiny-vit", seed: int = 0, **kwargs) -> torch.nn.Module:
     """``create_model(name, **kwargs)`` in eval mode after ``torch.manual_seed(seed)``: the same
     random weights on every call (the global generator is left as the seeding left it)."""

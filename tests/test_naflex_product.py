@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from PIL import Image
 from realdata import icons
 
-from clipforge.cli import main
 from clipforge.naflex_transforms import NaFlexTransform
 
 pytest.importorskip("timm")
@@ -23,12 +23,7 @@ pytest.importorskip("timm")
 PATCH, MOST = 8, 16
 
 
-def _main(argv: list[str]) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return main(argv)
-    finally:
-        torch.set_num_threads(threads)
+_main = run_cli
 
 
 @pytest.fixture(scope="module")

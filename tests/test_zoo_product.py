@@ -24,10 +24,8 @@ import numpy as np
 import pytest
 import realdata
 import torch
-from helpers import seeded_model
+from helpers import run_cli, seeded_model
 from PIL import Image
-
-from clipforge.cli import main
 
 pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
@@ -113,12 +111,7 @@ def model_arg(icon_data, tmp_path_factory):
     return get
 
 
-def _main(argv: list[str]) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return main(argv)
-    finally:
-        torch.set_num_threads(threads)
+_main = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -82,9 +82,13 @@ class CLIP(nn.Module):
                 tower.init_parameters()
 
     # --- encoders ---------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor | Mapping[str, torch.Tensor], normalize: bool = False) -> torch.Tensor:
+    def encode_image(
+        self, images: torch.Tensor | Mapping[str, torch.Tensor], normalize: bool = False
+    ) -> torch.Tensor:
         # a dict is a NaFlex batch (patches, patch_mask, spatial_shapes) at native aspect ratio
-        features = naflex_features(self.visual, images) if isinstance(images, Mapping) else self.visual(images)
+        features = (
+            naflex_features(self.visual, images) if isinstance(images, Mapping) else self.visual(images)
+        )
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
