@@ -165,6 +165,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
     )
     tokenizer = get_tokenizer(model)
     _check_model_fits_loss(model, cfg.objective.loss)
+    _refuse_naflex(model, cfg.pretrained)
     lock_towers(
         model,
         lock_image=surgery.lock_image,
@@ -178,6 +179,17 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
     if cfg.runtime.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.to(device), preprocess_train, preprocess_val, tokenizer
+
+
+def _refuse_naflex(model: nn.Module, pretrained: str | None) -> None:
+    """NaFlex batches (padded patch dicts) are read by eval and embed only; training on them is not
+    built, so say so before the first step rather than fail inside it."""
+    if getattr(model.preprocess_cfg, "naflex_max_patches", None):
+        raise ConfigError(
+            f"{pretrained}: its preprocessing is NaFlex (naflex_max_patches="
+            f"{model.preprocess_cfg.naflex_max_patches}); training at native aspect ratio is not "
+            "supported yet. Train at the fixed square size: save the model without naflex_max_patches"
+        )
 
 
 def _check_model_fits_loss(model: nn.Module, loss: str) -> None:
