@@ -9,6 +9,7 @@ Only the base pairs are written; open_clip's ``<model>-quickgelu`` aliases are d
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -238,28 +239,19 @@ BILINEAR: dict[str, Any] = {"interpolation": "bilinear"}
 {sources}
 
 
-def _row(model: str, tag: str, hf_hub: str, *presets: dict[str, Any], **facts: Any) -> dict[str, Any]:
-    """One row: the presets' facts, then the row's own (which win)."""
-    merged: dict[str, Any] = {}
-    for preset in presets:
-        merged.update(preset)
-    return {"model": model, "tag": tag, "hf_hub": hf_hub, **merged, **facts}
-
-
-def _same_name(tag: str, org: str, models: str, *presets: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of releases whose name says it all: Hub repository ``org/<model>``, the input size
-    the name's last part when it is a number (else 224). ``models`` is space-separated."""
-    rows = []
-    for model in models.split():
-        last = model.rsplit("-", 1)[-1]
-        size = {"image_size": int(last)} if last.isdigit() else {}
-        rows.append(_row(model, tag, f"{org}/{model}", *presets, **size))
-    return rows
-
+{helpers}
 
 # fmt: off
 ROWS: tuple[dict[str, Any], ...] = (
 '''
+
+
+def _helpers_source() -> str:
+    """The row helpers as the checked-in table defines them: their code lives in one place (the
+    table), and a regenerated table carries it over unchanged."""
+    from clipforge.checkpoints import pretrained_table
+
+    return "\n\n".join(inspect.getsource(f) for f in (pretrained_table._row, pretrained_table._same_name)).rstrip()
 
 
 def main() -> int:
@@ -277,7 +269,7 @@ def main() -> int:
         sections.setdefault(section, []).append((line, key, model))
         seen.add((model, tag))
     sources = "\n".join(f"{k}: dict[str, Any] = {v!r}" for k, v in SOURCES.items())
-    header = HEADER.replace(
+    header = HEADER.replace("{helpers}", _helpers_source()).replace(
         "{sources}", "# Provenance presets (licence as on the model card, where known).\n" + sources
     )
     body = [header.rstrip("\n")]
