@@ -184,7 +184,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
 def _refuse_naflex(model: nn.Module, pretrained: str | None) -> None:
     """NaFlex batches (padded patch dicts) are read by eval and embed only; training on them is not
     built, so say so before the first step rather than fail inside it."""
-    if getattr(model.preprocess_cfg, "naflex_max_patches", None):
+    if model.preprocess_cfg.naflex_max_patches is not None:
         raise ConfigError(
             f"{pretrained}: its preprocessing is NaFlex (naflex_max_patches="
             f"{model.preprocess_cfg.naflex_max_patches}); training at native aspect ratio is not "
