@@ -10,8 +10,10 @@ import csv
 import stat
 
 import pytest
+import torch
 
 from clipforge.atomic import atomic_dir, atomic_write, atomic_write_text, replace_file, staging_dir
+from clipforge.checkpoints.io import save_safetensors
 from clipforge.data.column_tables import iter_table_chunks, read_table, write_table
 from clipforge.data.shards import write_shards
 from clipforge.data.synthetic import SyntheticShapes, write_synthetic
@@ -98,4 +100,6 @@ def test_atomic_writes_get_the_permissions_a_plain_open_gives(tmp_path):
     (tmp_path / "plain_dir").mkdir()
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "atomic.txt") == mode(plain)
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # recreates its file as 0600
+    assert mode(tmp_path / "w.safetensors") == mode(plain)
     assert mode(tmp_path / "folder") == mode(tmp_path / "plain_dir")

@@ -77,9 +77,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    tmp.chmod(0o666 & ~_UMASK)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~_UMASK)  # after the writer: some (safetensors) recreate the file as 0600
         replace_file(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
