@@ -146,6 +146,7 @@ def _attach_settings(
     """
     from clipforge.transforms import PreprocessConfig
 
+    naflex = image_overrides.pop("naflex", None)
     cfg: CLIPConfig = model.config
     origin = weights.loaded.format if weights is not None else "clipforge"
     pre = PreprocessConfig.defaults_for(origin, cfg.vision.image_size)
@@ -157,8 +158,23 @@ def _attach_settings(
         tok = weights.loaded.tokenizer_cfg
     alpha = image_overrides.pop("alpha", None)
     pre.update({k: v for k, v in image_overrides.items() if v is not None})
-    model.preprocess_cfg = PreprocessConfig.coerce(pre).with_alpha(alpha)
+    model.preprocess_cfg = _naflex_choice(PreprocessConfig.coerce(pre).with_alpha(alpha), naflex)
     model.tokenizer_cfg = _tokenizer_cfg(cfg, tok, weights.loaded.path if weights is not None else None)
+
+
+def _naflex_choice(pre: Any, naflex: bool | None) -> Any:
+    """``image_naflex`` applied to a ``PreprocessConfig``: None keeps the weights' own choice
+    (NaFlex for a ``Siglip2ImageProcessor`` folder, as transformers preprocesses it), False the
+    fixed-size square resize underneath it; True insists on NaFlex and fails where there is none."""
+    has = pre.naflex_max_patches is not None
+    if naflex is None or bool(naflex) == has:
+        return pre
+    if not naflex:
+        return dataclasses.replace(pre, naflex_max_patches=None)
+    raise ConfigError(
+        "image_naflex=True: these weights' preprocessing is fixed-size (no naflex_max_patches); NaFlex "
+        "comes from a Siglip2ImageProcessor folder or a checkpoint saved with preprocess naflex_max_patches"
+    )
 
 
 def _tokenizer_cfg(
@@ -190,6 +206,7 @@ def create_model(
     image_interpolation: str | None = None,
     image_resize_mode: str | None = None,
     image_alpha: str | None = None,
+    image_naflex: bool | None = None,
     **overrides: Any,
 ) -> torch.nn.Module:
     """A CLIP model, optionally with weights (``pretrained``: tag, ``hf-hub:...``, file or folder).
@@ -201,6 +218,9 @@ def create_model(
 
     ``overrides`` replace config fields (``quick_gelu=True``, ``vision={"patch_dropout": 0.5}``).
     ``image_alpha`` ("composite", "composite:#RRGGBB", "drop") overrides the weights' alpha rule.
+    ``image_naflex=False`` preprocesses at the fixed square ``image_size`` where the weights'
+    preprocessing is NaFlex (SigLIP 2 at native aspect ratio: the default of ``Siglip2Model``
+    folders with a ``Siglip2ImageProcessor``, as in transformers, and of checkpoints saved so).
     Like open_clip, the model is returned in train mode; call ``.eval()`` for inference.
     """
     if isinstance(name_or_config, str) and is_hub_spec(name_or_config):
@@ -218,6 +238,7 @@ def create_model(
         "interpolation": image_interpolation,
         "resize_mode": image_resize_mode,
         "alpha": image_alpha,  # "composite", "composite:#RRGGBB" or "drop"; overrides the stored one
+        "naflex": image_naflex,  # False: the fixed-size square resize instead of NaFlex
     }
     _attach_settings(model, weights, image_overrides)
     model.architecture = _architecture_label(cfg, requested, weights)

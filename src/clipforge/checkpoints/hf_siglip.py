@@ -13,7 +13,10 @@ projection under ``text.``, and scalar ``logit_scale`` / ``logit_bias``. The lay
    channel) and resizes its square position table per image. A fixed-resolution model is the
    case where the image is the table's own grid: the Linear becomes timm's conv (weights
    reordered to ``[out, channel, row, column]``), the table is used as is (HF's resize at scale
-   1 is the identity) and the image size is ``sqrt(num_patches) * patch_size``.
+   1 is the identity) and the image size is ``sqrt(num_patches) * patch_size``. Its
+   ``Siglip2ImageProcessor`` (native aspect ratio, at most ``max_num_patches`` patches) is what
+   a load preprocesses with by default, as transformers does (:mod:`clipforge.model.naflex` runs
+   that forward); ``image_naflex=False`` / ``--no-naflex`` gives the fixed square size instead.
 4. HF stores the logit scalars as ``[1]`` tensors, clipforge as 0-d ones.
 
 What has no fixed-resolution timm equivalent (``vision_use_head: false``, another activation
@@ -547,14 +550,18 @@ def config_to_hf_siglip(cfg: CLIPConfig, trunk: nn.Module, kind: str = "siglip")
 
 
 # --- preprocessing and tokenizer ------------------------------------------------------------------
+#: What ``Siglip2ImageProcessor`` uses where its file is silent (transformers' class defaults).
+NAFLEX_DEFAULTS = {"max_num_patches": 256, "patch_size": 16}
+
+
 def preprocess_from_processor(data: Mapping[str, Any], image_size: int, source: str) -> dict[str, Any]:
     """``PreprocessConfig`` fields reproducing a Siglip(2) image processor at the model's fixed size.
 
     Both resize straight to the target (no aspect-preserving resize, no crop: "squash"), so the
-    document is read as the ``CLIPImageProcessor`` with an exact size and no center crop. A
-    Siglip2 processor's target is the patch grid that fits ``max_num_patches``: the model's own
-    size for square images (non-square ones are squashed here; :func:`naflex_preprocess` gives the
-    fields that keep the aspect, as the processor does).
+    document is read as the ``CLIPImageProcessor`` with an exact size and no center crop. For a
+    Siglip2 processor these are the fixed-size fields behind ``image_naflex=False`` /
+    ``--no-naflex`` (the model's own square size); :func:`naflex_fields` adds what it does by
+    default (keep the aspect, at most ``max_num_patches`` patches).
     """
     from clipforge.conventions import fields_from_hf_processor
 
@@ -579,37 +586,83 @@ def preprocess_from_processor(data: Mapping[str, Any], image_size: int, source: 
         raise CheckpointError(str(e)) from None
 
 
-def naflex_preprocess(path: str | Path, pre: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``pre`` (default: the folder's fixed-size fields) with NaFlex on, at the folder's processor's
-    ``patch_size`` / ``max_num_patches`` (transformers' defaults 16 / 256 where the file is silent).
+def is_naflex_processor(data: Mapping[str, Any]) -> bool:
+    """True for a ``Siglip2ImageProcessor`` document (any backend suffix): transformers
+    preprocesses with NaFlex (native aspect ratio, a variable patch grid) for it."""
+    return "Siglip2" in str(data.get("image_processor_type") or "")
 
-    Opt-in: a Siglip2 folder loads at its fixed square size by default, as before NaFlex existed.
+
+def naflex_fields(data: Mapping[str, Any], source: str, model_patch: int) -> dict[str, int]:
+    """The NaFlex ``PreprocessConfig`` fields of a ``Siglip2ImageProcessor`` document: its
+    ``max_num_patches`` / ``patch_size`` (:data:`NAFLEX_DEFAULTS` where the file is silent).
+
+    A patch size other than the model's is refused here, naming the file: transformers would
+    hand the model patches of the wrong length, and clipforge would fail only at the first image.
+    """
+    most = data.get("max_num_patches", NAFLEX_DEFAULTS["max_num_patches"])
+    patch = data.get("patch_size", NAFLEX_DEFAULTS["patch_size"])
+    for key, value in (("max_num_patches", most), ("patch_size", patch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{source}: {key}={value!r} must be a positive int")
+    if patch != model_patch:
+        raise CheckpointError(
+            f"{source}: patch_size={patch}{' (the default)' if 'patch_size' not in data else ''} differs "
+            f"from the model's vision_config.patch_size={model_patch}; the processor must cut the "
+            "patches the model embeds"
+        )
+    fixed = {"resample": 2, "rescale_factor": 1 / 255, "do_resize": True}
+    odd = {k: data[k] for k, v in fixed.items() if k in data and data[k] != v}
+    if odd:
+        log.warning("%s: %s ignored by NaFlex preprocessing (bilinear, 1/255, always resized)", source, odd)
+    return {"naflex_max_patches": most, "naflex_patch_size": patch}
+
+
+def naflex_preprocess(path: str | Path, pre: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``pre`` (default: the folder's fixed-size fields) with the folder's NaFlex fields on.
+
+    Loading a ``Siglip2Model`` folder whose processor is a ``Siglip2ImageProcessor`` already does
+    this (see :func:`read_preprocessor`); this reads the same fields for callers holding others.
     """
     path = Path(path)
+    cfg = load_siglip_config(path)
     file = path / hf.PREPROCESSOR_CONFIG
-    data = hf.read_processor_json(file) if file.is_file() else {}
+    data = hf.read_processor_json(file) if file.is_file() else {"patch_size": cfg.vision.patch_size}
     if pre is None:
-        pre = read_preprocessor(path, load_siglip_config(path).vision.image_size, "siglip2")
-    most, patch = data.get("max_num_patches", 256), data.get("patch_size", 16)
-    if not (isinstance(most, int) and isinstance(patch, int) and most > 0 and patch > 0):
-        raise CheckpointError(
-            f"{file}: max_num_patches={most!r} / patch_size={patch!r} must be positive ints"
-        )
-    return {**pre, "naflex_max_patches": most, "naflex_patch_size": patch}
+        pre = read_preprocessor(path, cfg.vision.image_size, "siglip2")  # no patch size: fixed fields
+    return {**pre, **naflex_fields(data, str(file), cfg.vision.patch_size)}
 
 
-def read_preprocessor(path: Path, image_size: int, kind: str) -> dict[str, Any]:
+def read_preprocessor(
+    path: Path, image_size: int, kind: str, patch_size: int | None = None
+) -> dict[str, Any]:
+    """The folder's preprocessing as transformers applies it to the model.
+
+    A ``Siglip2Model`` folder with a ``Siglip2ImageProcessor`` gets NaFlex (the fixed-size fields
+    stay underneath, for ``image_naflex=False``); one without a processor file gets the
+    processor's defaults with the model's own patch size (the only one it can take). Without
+    ``patch_size`` only the fixed-size fields are read.
+    """
     file = path / hf.PREPROCESSOR_CONFIG
-    data: Any = {
+    data: dict[str, Any] = {
         "image_processor_type": "Siglip2ImageProcessor" if kind == "siglip2" else "SiglipImageProcessor"
     }
     if file.is_file():
         data = hf.read_processor_json(file)
-    return preprocess_from_processor(data, image_size, str(file))
+    elif kind == "siglip2" and patch_size is not None:
+        data["patch_size"] = patch_size
+    pre = preprocess_from_processor(data, image_size, str(file))
+    if kind == "siglip2" and patch_size is not None and is_naflex_processor(data):
+        pre.update(naflex_fields(data, str(file), patch_size))
+    return pre
 
 
 def processor_document(pre: Any, kind: str, patch_size: int) -> dict[str, Any]:
-    """The ``preprocessor_config.json`` of a Siglip(2) image processor for ``pre``."""
+    """The ``preprocessor_config.json`` of a Siglip(2) image processor for ``pre``.
+
+    A Siglip2 document of a NaFlex ``pre`` carries its ``naflex_max_patches``, so the folder is
+    read back (by transformers and clipforge) with the same patch budget; a fixed-size ``pre``
+    gets the patch count of its square size, the grid the model computes at.
+    """
     from clipforge.transforms import PreprocessConfig
 
     pre = PreprocessConfig.coerce(pre)
@@ -625,9 +678,24 @@ def processor_document(pre: Any, kind: str, patch_size: int) -> dict[str, Any]:
         "image_mean": clip["image_mean"],
         "image_std": clip["image_std"],
     }
+    naflex = pre.naflex_max_patches is not None
+    if naflex and pre.naflex_patch_size != patch_size:
+        raise ConfigError(
+            f"preprocess naflex_patch_size={pre.naflex_patch_size} differs from the model's patch size "
+            f"{patch_size}; a Siglip2ImageProcessor must cut the model's patches"
+        )
     if kind == "siglip2":
-        doc.update(patch_size=patch_size, max_num_patches=(h // patch_size) * (w // patch_size))
+        most = pre.naflex_max_patches if naflex else (h // patch_size) * (w // patch_size)
+        doc.update(patch_size=patch_size, max_num_patches=most)
     else:
+        if naflex:
+            log.warning(
+                "a SiglipImageProcessor has no NaFlex: the folder preprocesses at the fixed %dx%d size "
+                "(write kind='siglip2' to keep naflex_max_patches=%d)",
+                h,
+                w,
+                pre.naflex_max_patches,
+            )
         doc.update(size={"height": h, "width": w}, do_convert_rgb=True)
     return doc
 
@@ -720,15 +788,17 @@ def load_siglip_dir(
         sd = hf_siglip_to_clipforge(raw, kind, cfg.vision.patch_size)
     except CheckpointError as e:
         raise CheckpointError(f"{weights}: {e}") from None
-    pre = read_preprocessor(path, cfg.vision.image_size, kind)
+    pre = read_preprocessor(path, cfg.vision.image_size, kind, cfg.vision.patch_size)
     tok = tokenizer_settings(path, cfg.text.context_length)
     extra = {"architecture": SIGLIP2_LABEL} if kind == "siglip2" else {}
     return sd, cfg, pre, tok, extra
 
 
 def model_kind(model: nn.Module) -> str:
-    """``siglip2`` for a model loaded from a Siglip2Model folder (its label says so), else ``siglip``."""
-    return "siglip2" if getattr(model, "architecture", None) == SIGLIP2_LABEL else "siglip"
+    """``siglip2`` for a model loaded from a Siglip2Model folder (its label says so) or one whose
+    preprocessing is NaFlex (only a Siglip2Model takes NaFlex inputs in transformers), else ``siglip``."""
+    naflex = getattr(getattr(model, "preprocess_cfg", None), "naflex_max_patches", None) is not None
+    return "siglip2" if naflex or getattr(model, "architecture", None) == SIGLIP2_LABEL else "siglip"
 
 
 def save_hf_siglip(model: nn.Module, directory: str | Path, kind: str | None = None) -> Path:

@@ -1,6 +1,7 @@
 """``--image-alpha`` as every image-preprocessing command takes it (train, eval, embed, search,
-serve, bench): one definition, one meaning. (The leading underscore keeps :mod:`clipforge.cli`
-from treating this module as a command.)
+serve, bench), and ``--no-naflex`` as eval, embed and export take it: one definition, one
+meaning. (The leading underscore keeps :mod:`clipforge.cli` from treating this module as a
+command.)
 """
 
 from __future__ import annotations
@@ -42,3 +43,22 @@ def add_image_alpha_argument(parser: argparse.ArgumentParser) -> None:
 def image_alpha(args: argparse.Namespace) -> str | None:
     """The ``--image-alpha`` value, or None where the command has no such flag or it was not given."""
     return getattr(args, "image_alpha", None)
+
+
+NAFLEX_HELP = (
+    "for weights whose preprocessing is NaFlex (SigLIP 2 at native aspect ratio: the default of a "
+    "Hugging Face Siglip2Model folder with a Siglip2ImageProcessor, as in transformers, and of checkpoints "
+    "saved with naflex_max_patches): resize to the model's fixed square size instead"
+)
+
+
+def add_naflex_argument(parser: argparse.ArgumentParser, note: str | None = None) -> None:
+    """Add ``--no-naflex`` (``note``: what it means for this command's output)."""
+    help_text = f"{NAFLEX_HELP}; {note}" if note else NAFLEX_HELP
+    parser.add_argument("--no-naflex", action="store_true", help=help_text)
+
+
+def image_naflex(args: argparse.Namespace) -> bool | None:
+    """``create_model(image_naflex=...)`` for the parsed flags: False with ``--no-naflex``, else None
+    (the weights' own choice)."""
+    return False if getattr(args, "no_naflex", False) else None

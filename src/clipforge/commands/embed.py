@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
+from clipforge.commands._image_options import (
+    add_image_alpha_argument,
+    add_naflex_argument,
+    image_alpha,
+    image_naflex,
+)
 from clipforge.commands._model_options import add_model_arguments, model_argument
 from clipforge.commands._options import add_table_arguments, table_options
 
@@ -23,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p, device=True, device_note="under torchrun, cuda and auto are this rank's GPU")
     add_image_alpha_argument(p)
+    add_naflex_argument(p, "the index records it, so image queries are preprocessed the same way")
     p.add_argument(
         "--images",
         required=True,
@@ -56,7 +62,11 @@ def _embed(args: argparse.Namespace, info: Any) -> int:
     from clipforge.search.embed import embed_images
 
     model, _, preprocess = create_model_and_transforms(
-        model_argument(args), pretrained=args.pretrained, device=info.device, image_alpha=image_alpha(args)
+        model_argument(args),
+        pretrained=args.pretrained,
+        device=info.device,
+        image_alpha=image_alpha(args),
+        image_naflex=image_naflex(args),
     )
     model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clipforge.commands._image_options import add_image_alpha_argument, image_alpha
+from clipforge.commands._image_options import (
+    add_image_alpha_argument,
+    add_naflex_argument,
+    image_alpha,
+    image_naflex,
+)
 from clipforge.commands._model_options import add_model_arguments, device_argument, model_argument
 from clipforge.commands._options import add_table_arguments, table_kwargs
 from clipforge.commands.caption import add_generation_arguments, generation_options
@@ -28,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p, device=True)
     add_image_alpha_argument(p)
+    add_naflex_argument(p)
     p.add_argument("--task", choices=TASKS, default="zeroshot")
     p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
     p.add_argument(
@@ -89,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = device_argument(args)
     model, _, preprocess = create_model_and_transforms(
-        args.model, args.pretrained, device=device, image_alpha=image_alpha(args)
+        args.model,
+        args.pretrained,
+        device=device,
+        image_alpha=image_alpha(args),
+        image_naflex=image_naflex(args),
     )
     model.eval()
     tokenizer = get_tokenizer(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipforge.commands._image_options import add_naflex_argument
 from clipforge.commands._model_options import add_model_arguments, model_argument
 
 
@@ -32,11 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--atol", type=float, default=1e-4)
-    p.add_argument(
-        "--no-naflex", action="store_true",
-        help="for a model whose preprocessing is NaFlex: export the fixed-size square image graph anyway "
-        "(feed it the fixed-size resize, not NaFlex patch dicts)",
-    )  # fmt: skip
+    add_naflex_argument(
+        p, "export the fixed-size square image graph (without it the image graph of such weights is refused)"
+    )
     p.set_defaults(func=run)
 
 
