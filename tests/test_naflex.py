@@ -184,12 +184,11 @@ def test_preprocess_config_field_selects_naflex():
         images=images, return_tensors="pt"
     )
     assert (ours["patches"] - ref["pixel_values"]).abs().max().item() < 1e-6
-    train = image_transform(cfg, is_train=True)  # deterministic: the same patches as eval
-    assert torch.equal(train(images[0])["patches"], transform(images[0])["patches"])
-    with pytest.raises(
-        ConfigError, match=r"NaFlex training does not implement the augmentation\(s\) \['hflip'\]"
-    ):
-        image_transform(cfg, is_train=True, hflip=0.5)
+    # training crops at random first (tests/test_naflex_train.py); the whole image is the eval patches
+    whole = image_transform(cfg, is_train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    assert torch.equal(whole(images[0])["patches"], transform(images[0])["patches"])
+    with pytest.raises(ConfigError, match=r"NaFlex train transform: scale"):
+        image_transform(cfg, is_train=True, scale=(0.0, 1.0))
 
 
 def _timm_naflex(ours: torch.nn.Module) -> torch.nn.Module:

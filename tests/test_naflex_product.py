@@ -131,14 +131,3 @@ def test_export_refuses_naflex_unless_asked_for_the_fixed_size_graph(naflex_ckpt
     printed = capsys.readouterr().out
     assert "warning: NaFlex preprocessing is not exported" in printed and "max abs diff vs PyTorch" in printed
     assert (out / "image.onnx").stat().st_size > 1000
-
-
-def test_train_refuses_a_naflex_checkpoint_before_the_first_step(naflex_ckpt, tmp_path, capsys):
-    ckpt, folder = naflex_ckpt
-    rc = _main(["train", "--data", str(folder), "--pretrained", str(ckpt), "--batch-size", "4", "--max-steps", "1",
-                "--loss", "siglip", "--workers", "0", "--no-progress", "--output-dir", str(tmp_path / "run"),
-                "--device", "cpu"])  # fmt: skip
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "NaFlex" in err and "naflex_max_patches=16" in err
-    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -11,7 +11,7 @@ pads every image to ``max_num_patches`` rows with a 0/1 mask, so a batch is a di
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +87,63 @@ class NaFlexTransform:
         return naflex_collate([self(im) for im in images], self.max_num_patches)
 
 
+class NaFlexTrainTransform(NaFlexTransform):
+    """Training: a random crop around the image's own aspect ratio, then the eval resize + patchify.
+
+    open_clip main trains SigLIP 2 NaFlex with timm's ``RandomResizedCropToSequence``: the crop
+    covers ``scale`` of the image's area and its aspect ratio is the image's own times a
+    log-uniform factor from ``ratio`` (so a wide photo stays wide), and the crop is then resized
+    to the largest patch grid that fits ``max_num_patches`` at its aspect ratio. This does the
+    same with clipforge's fixed-size defaults (``scale`` 0.9-1, ``ratio`` 3/4-4/3) and resizes
+    with the eval transform's rule (SigLIP 2's bilinear, antialiased), so training and
+    evaluation see the same kind of pixels. After 10 crops that do not fit the whole image is
+    used. ``augment`` (flip, colour jitter, grayscale, built as for the fixed-size path) runs on
+    the crop. Randomness comes from torch's global RNG, as ``RandomResizedCrop``'s does, so the
+    loader's per-sample seeds make a batch reproducible and a resumed run exact.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 16,
+        max_num_patches: int = 256,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        *,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        augment: Sequence[Callable[[Any], Any]] = (),
+    ) -> None:
+        super().__init__(patch_size, max_num_patches, mean, std)
+        lo, hi = (float(s) for s in scale)
+        r_lo, r_hi = (float(r) for r in ratio)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(
+                f"NaFlex train transform: scale must satisfy 0 < min <= max <= 1, got {scale!r}"
+            )
+        if not 0.0 < r_lo <= r_hi:
+            raise ConfigError(f"NaFlex train transform: ratio must satisfy 0 < min <= max, got {ratio!r}")
+        self.scale, self.ratio, self.augment = (lo, hi), (r_lo, r_hi), tuple(augment)
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(left, top, right, bottom)`` of one random crop of a ``width`` x ``height`` image."""
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            area = width * height * float(torch.empty(1).uniform_(*self.scale))
+            aspect = width / height * math.exp(float(torch.empty(1).uniform_(log_lo, log_hi)))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,)))
+                left = int(torch.randint(0, width - w + 1, (1,)))
+                return left, top, left + w, top + h
+        return 0, 0, width, height
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        image = image.crop(self.crop_box(*image.size)).convert("RGB")
+        for step in self.augment:
+            image = step(image)
+        return super().__call__(image)
+
+
 def naflex_collate(
     items: Sequence[dict[str, Any]], max_num_patches: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -106,3 +163,78 @@ def naflex_collate(
         mask[i, :k] = 1
     shapes = torch.stack([torch.as_tensor(it["spatial_shape"]) for it in items])
     return {"patches": patches, "patch_mask": mask, "spatial_shapes": shapes}
+
+
+# -- NaFlex batches in training: an image batch may be a padded patch dict rather than a tensor ------
+def is_patch_dict(value: Any) -> bool:
+    """A NaFlex image (``patches`` + ``spatial_shape``) or batch (``patches`` + ``patch_mask``)."""
+    return isinstance(value, Mapping) and "patches" in value
+
+
+class NaFlexCollate:
+    """Training collate: every NaFlex field of the items padded to ``max_num_patches``, the rest stacked.
+
+    Items are ``(image, tokens, ...)`` tuples (plain pairs, shard samples with their position) or
+    dicts (objective items, whose ``image_views`` is a second NaFlex image). Padding to the
+    maximum rather than to the batch's longest keeps every batch the same shape, as open_clip's
+    NaFlex collator does: micro-batches, a second view and DDP ranks then line up without
+    re-padding. A class, not a closure, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, max_num_patches: int) -> None:
+        self.max_num_patches = int(max_num_patches)
+
+    def field(self, values: Sequence[Any]) -> Any:
+        """One field of every item: padded NaFlex dicts, or torch's default collate."""
+        from torch.utils.data import default_collate
+
+        if is_patch_dict(values[0]):
+            return naflex_collate(values, self.max_num_patches)
+        return default_collate(values)
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        first = items[0]
+        if isinstance(first, Mapping) and not is_patch_dict(first):
+            return {key: self.field([it[key] for it in items]) for key in first}
+        if isinstance(first, (tuple, list)):
+            return [self.field([it[i] for it in items]) for i in range(len(first))]
+        return self.field(items)
+
+
+def batch_length(images: Any) -> int:
+    """Images in a batch: a pixel tensor's first dimension, or a patch dict's."""
+    return int(images["patches"].shape[0] if is_patch_dict(images) else images.shape[0])
+
+
+def batch_device(images: Any) -> torch.device:
+    """Where a pixel tensor or a patch dict lives (its patches')."""
+    return images["patches"].device if is_patch_dict(images) else images.device
+
+
+def images_to(images: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """A pixel tensor or every tensor of a patch dict on ``device`` (dtypes kept: the model casts)."""
+    if is_patch_dict(images):
+        return {k: torch.as_tensor(v).to(device, non_blocking=non_blocking) for k, v in images.items()}
+    return images.to(device, non_blocking=non_blocking)
+
+
+def chunk_images(images: Any, parts: int) -> list[Any]:
+    """``torch.chunk`` for pixel tensors and patch dicts alike (every key split the same way)."""
+    if not is_patch_dict(images):
+        return list(images.chunk(parts))
+    pieces = {k: torch.as_tensor(v).chunk(parts) for k, v in images.items()}
+    return [{k: p[m] for k, p in pieces.items()} for m in range(len(pieces["patches"]))]
+
+
+def cat_images(batches: Sequence[Any]) -> Any:
+    """Concatenate image batches (pixel tensors, or patch dicts padded to the longest of them)."""
+    if not is_patch_dict(batches[0]):
+        return torch.cat([b.to(batches[0].dtype) for b in batches])
+    n = max(int(b["patches"].shape[1]) for b in batches)
+
+    def padded(key: str, b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        t = torch.as_tensor(b[key])
+        extra = n - t.shape[1] if key in ("patches", "patch_mask") else 0
+        return torch.nn.functional.pad(t, (0, 0, 0, extra) if t.ndim == 3 else (0, extra)) if extra else t
+
+    return {key: torch.cat([padded(key, b) for b in batches]) for key in batches[0]}

@@ -482,22 +482,29 @@ class RandomGrayscale3:
 _TRAIN_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "color_jitter_prob", "gray_scale_prob")
 
 
-def _naflex_transform(cfg: PreprocessConfig, is_train: bool, options: tuple) -> Callable[[Any], Any]:
-    """SigLIP 2's native-aspect resize + patchify, for eval and for training alike.
+def _naflex_transform(
+    cfg: PreprocessConfig, is_train: bool, crop: tuple, augment: tuple
+) -> Callable[[Any], Any]:
+    """SigLIP 2's native-aspect resize + patchify; in training after a random crop (as open_clip).
 
-    The train transform is the deterministic one (no random crop: the native aspect ratio is
-    the point of NaFlex), so ``create_model_and_transforms`` works on a NaFlex checkpoint;
-    random augmentations asked for explicitly are refused rather than silently dropped.
+    ``crop`` is the fixed-size path's ``(scale, ratio)``, here relative to the image's own aspect
+    ratio (see :class:`~clipforge.naflex_transforms.NaFlexTrainTransform`); ``augment`` its
+    ``(hflip, color_jitter, color_jitter_prob, gray_scale_prob)``, applied to the crop.
     """
-    from clipforge.naflex_transforms import NaFlexTransform
+    from clipforge.naflex_transforms import NaFlexTrainTransform, NaFlexTransform
 
-    names = ("hflip", "color_jitter", "gray_scale_prob")
-    augments = [name for name, value in zip(names, options, strict=True) if value]
-    if is_train and augments:
-        raise ConfigError(
-            f"preprocess naflex_max_patches: NaFlex training does not implement the augmentation(s) {augments}"
-        )
-    return NaFlexTransform(cfg.naflex_patch_size, cfg.naflex_max_patches, cfg.mean, cfg.std)
+    if not is_train:
+        return NaFlexTransform(cfg.naflex_patch_size, cfg.naflex_max_patches, cfg.mean, cfg.std)
+    scale, ratio = crop
+    return NaFlexTrainTransform(
+        cfg.naflex_patch_size,
+        cfg.naflex_max_patches,
+        cfg.mean,
+        cfg.std,
+        scale=scale,
+        ratio=ratio,
+        augment=_augment_steps(*augment),
+    )
 
 
 def image_transform(
@@ -537,7 +544,8 @@ def image_transform(
         )
     cfg = PreprocessConfig.coerce(cfg)
     if cfg.naflex_max_patches is not None:
-        return _naflex_transform(cfg, is_train, (hflip, color_jitter, gray_scale_prob))
+        augment = (hflip, color_jitter, color_jitter_prob, gray_scale_prob)
+        return _naflex_transform(cfg, is_train, (scale, ratio), augment)
     first, after = _rgb_steps(cfg)
     if cfg.convention == "hf" and not is_train:
         from clipforge.conventions import HFProcessor
@@ -598,9 +606,18 @@ def _train_steps(
     lo, hi = (float(s) for s in scale)
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError(f"train transform scale must satisfy 0 < min <= max <= 1, got {scale!r}")
-    steps: list[Callable[[Any], Any]] = [
-        T.RandomResizedCrop(cfg.size, scale=(lo, hi), ratio=tuple(ratio), interpolation=interpolation)
-    ]
+    crop = T.RandomResizedCrop(cfg.size, scale=(lo, hi), ratio=tuple(ratio), interpolation=interpolation)
+    return [crop, *_augment_steps(hflip, color_jitter, color_jitter_prob, gray_scale_prob)]
+
+
+def _augment_steps(
+    hflip: float,
+    color_jitter: float | Sequence[float] | None,
+    color_jitter_prob: float | None,
+    gray_scale_prob: float,
+) -> list[Callable[[Any], Any]]:
+    """The training augmentations after the crop (flip, colour jitter, grayscale), on RGB images."""
+    steps: list[Callable[[Any], Any]] = []
     if hflip > 0:
         steps.append(T.RandomHorizontalFlip(hflip))
     if color_jitter is not None:

@@ -7,7 +7,8 @@ already loads (its patch Linear stored as timm's conv, its square position table
 - patches arrive flattened as (row, column, channel): the conv weight is reordered to that Linear;
 - the learned square table is resized to each image's (rows, columns) grid with bilinear,
   antialiased interpolation in float32 (what ``Siglip2VisionEmbeddings`` does), padding rows get 0;
-- the 0/1 patch mask becomes an additive key mask for every block and for the MAP pooling head.
+- the 0/1 patch mask becomes an additive key mask for every block and for the MAP pooling head;
+- the trunk's ``grad_checkpointing`` flag recomputes each block in backward, as timm's forward does.
 
 The input is the dict :mod:`clipforge.naflex_transforms` makes (``patches``, ``patch_mask``,
 ``spatial_shapes``); transformers' processor names (``pixel_values``, ``pixel_attention_mask``)
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clipforge.errors import ConfigError
 
@@ -85,8 +87,13 @@ def naflex_features(tower: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
     x = x + resized_positions(trunk.pos_embed, shapes, x.shape[1]).to(x.dtype)
     x = trunk.norm_pre(trunk.pos_drop(x))
     attn_mask = _key_mask(mask, x.dtype)
+    # set_grad_checkpointing sets the trunk's flag; its own forward is bypassed here, so honour it
+    recompute = getattr(trunk, "grad_checkpointing", False) and torch.is_grad_enabled()
     for block in trunk.blocks:
-        x = block(x, attn_mask=attn_mask)
+        if recompute:
+            x = checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+        else:
+            x = block(x, attn_mask=attn_mask)
     x = trunk.norm(x)
     x = trunk.attn_pool(x, attn_mask=attn_mask)
     x = trunk.head(trunk.head_drop(trunk.fc_norm(x)))

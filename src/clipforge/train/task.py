@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clipforge.naflex_transforms import batch_device, batch_length, cat_images, chunk_images
 from clipforge.train.distributed import unwrap
 
 
@@ -114,11 +115,11 @@ class ContrastiveTask:
         tensors passed through to the objective (``ids``, ``teacher_image``, ...).
         """
         extras = dict(extras or {})
-        n = images.shape[0]
+        n = batch_length(images)
         views = extras.pop("image_views", None)
         negatives = extras.pop("hard_negative_tokens", None)
         valid = extras.pop("hard_negatives_valid", None)
-        image_in = images if views is None else torch.cat([images, views.to(images.dtype)])
+        image_in = images if views is None else cat_images([images, views])
         tokens_in = tokens if negatives is None else torch.cat([tokens, negatives.flatten(0, 1)])
         out = (model or self.model)(images=image_in, tokens=tokens_in)
         inputs = dict(extras)
@@ -186,12 +187,12 @@ class ContrastiveTask:
         rng_states, cached = [], []
         with torch.no_grad():
             for images, tokens, extras in micro_batches:
-                rng_states.append(_rng_state(images.device))
+                rng_states.append(_rng_state(batch_device(images)))
                 with autocast():
                     cached.append(self._encode(images, tokens, extras, model=self.raw_model))
         last = len(micro_batches) - 1
         for j, (images, tokens, extras) in enumerate(micro_batches):
-            _set_rng_state(rng_states[j], images.device)
+            _set_rng_state(rng_states[j], batch_device(images))
             sync = contextlib.nullcontext() if j == last else _no_sync(self.model)
             with sync:
                 with autocast():
@@ -264,13 +265,14 @@ def split_micro_batches(
     """Split one loader batch into ``accum_steps`` equal micro-batches (the last may be smaller).
 
     With ``extras`` (per-sample tensors) each micro-batch is ``(images, tokens, extras_part)``.
+    ``images`` (and an ``image_views`` extra) may be NaFlex patch dicts: every key is split alike.
     """
     if accum_steps <= 1:
         return [(images, tokens)] if not extras else [(images, tokens, extras)]
-    parts = list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps)))
+    parts = list(zip(chunk_images(images, accum_steps), tokens.chunk(accum_steps)))
     if not extras:
         return parts
-    chunks = {k: v.chunk(accum_steps) for k, v in extras.items()}
+    chunks = {k: chunk_images(v, accum_steps) for k, v in extras.items()}
     return [(i, t, {k: c[m] for k, c in chunks.items()}) for m, (i, t) in enumerate(parts)]
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from clipforge.data.loader import ResumableLoader
 from clipforge.errors import ClipforgeError, ConfigError, DataError
+from clipforge.naflex_transforms import batch_length, images_to
 from clipforge.train import state as ckpt
 from clipforge.train.checkpointing import resume_training, save_training_checkpoint, training_states
 from clipforge.train.config import TrainConfig
@@ -165,7 +166,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
     )
     tokenizer = get_tokenizer(model)
     _check_model_fits_loss(model, cfg.objective.loss)
-    _refuse_naflex(model, cfg.pretrained)
+    _refuse_naflex_options(cfg, model)
     lock_towers(
         model,
         lock_image=surgery.lock_image,
@@ -181,15 +182,37 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
     return model.to(device), preprocess_train, preprocess_val, tokenizer
 
 
-def _refuse_naflex(model: nn.Module, pretrained: str | None) -> None:
-    """NaFlex batches (padded patch dicts) are read by eval and embed only; training on them is not
-    built, so say so before the first step rather than fail inside it."""
-    if model.preprocess_cfg.naflex_max_patches is not None:
-        raise ConfigError(
-            f"{pretrained}: its preprocessing is NaFlex (naflex_max_patches="
-            f"{model.preprocess_cfg.naflex_max_patches}); training at native aspect ratio is not "
-            "supported yet. Train at the fixed square size: save the model without naflex_max_patches"
-        )
+def _refuse_naflex_options(cfg: TrainConfig, model: nn.Module) -> None:
+    """Options that cannot work on NaFlex batches (padded patch dicts), refused before the first step.
+
+    The image cache stores fixed-size crops, the on-the-fly teacher resizes square pixel batches
+    and the NaFlex forward has no patch dropout (its patch mask pads, it does not drop): failing
+    inside the first step would say none of that.
+    """
+    pre = model.preprocess_cfg
+    if pre.naflex_max_patches is None:
+        return
+    dropout = cfg.surgery.patch_dropout
+    dropout = getattr(model.config.vision, "patch_dropout", 0.0) if dropout is None else dropout
+    refused = [
+        ("--cache-images", cfg.data.cache_images, "its cache stores fixed-size square crops"),
+        ("--patch-dropout", bool(dropout), "the NaFlex forward does not drop patches"),
+        ("--distill-model", bool(cfg.objective.distill_model),
+         "the on-the-fly teacher takes square pixel batches (precompute with --distill-features)"),
+    ]  # fmt: skip
+    for option, asked, why in refused:
+        if asked:
+            raise ConfigError(
+                f"{option} cannot be used with NaFlex preprocessing (naflex_max_patches="
+                f"{pre.naflex_max_patches}): {why}"
+            )
+
+
+def naflex_collate_for(transform: Any) -> Any:
+    """The loader's collate for a NaFlex train transform (pads patch dicts), else None (torch's)."""
+    from clipforge.naflex_transforms import NaFlexCollate, NaFlexTransform
+
+    return NaFlexCollate(transform.max_num_patches) if isinstance(transform, NaFlexTransform) else None
 
 
 def _check_model_fits_loss(model: nn.Module, loss: str) -> None:
@@ -257,6 +280,7 @@ def build_data(
         steps_per_epoch=data.steps_per_epoch,
         pin_memory=info.device.type == "cuda",
         drop_last=True,
+        collate_fn=naflex_collate_for(transform),
     )
     if len(loader) < 1:
         size = f"has {len(dataset)} samples" if hasattr(dataset, "__len__") else "is an endless stream"
@@ -443,9 +467,9 @@ def compute_gradients(
 ) -> TaskOutput:
     """Fill ``.grad`` with one step's (scaled) gradients: every micro-batch, in sync on every rank."""
     device = run.info.device
-    images = images.to(device, non_blocking=True)
+    images = images_to(images, device, non_blocking=True)  # a pixel tensor or a NaFlex patch dict
     tokens = tokens.to(device, non_blocking=True)
-    extras = {k: v.to(device, non_blocking=True) for k, v in (extras or {}).items()}
+    extras = {k: images_to(v, device, non_blocking=True) for k, v in (extras or {}).items()}
     run.optimizer.zero_grad(set_to_none=True)
     out = run.task.forward_backward(
         split_micro_batches(images, tokens, run.cfg.optim.accum_steps, extras),
@@ -483,7 +507,7 @@ def train_step(
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         run.scheduler.step()
     run.state.step += 1
-    run.state.samples_seen += images.shape[0] * run.info.world_size
+    run.state.samples_seen += batch_length(images) * run.info.world_size
     if bad:
         return None
     return {**out.metrics, "lr": lr, "grad_norm": float(grad_norm)}
