@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,50 @@ def test_cli_refuses_options_naflex_batches_cannot_serve(setup, tmp_path, capsys
     err = capsys.readouterr().err
     assert "NaFlex" in err and option[0] in err and "naflex_max_patches=16" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- DDP ----------------------------------------------------------------------------------------
+def _first_step_grads(cfg: TrainConfig, info) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Build the run as ``train`` does and take the gradients of its first batch (a patch dict)."""
+    run = trainer.build_run(cfg, info)
+    images, tokens = next(iter(run.loader))
+    run.task.model.train()
+    trainer.compute_gradients(run, images, tokens)
+    return {n: p.grad.detach().clone() for n, p in run.model.named_parameters()}, images
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, ckpt: str, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    from clipforge.train.distributed import setup_distributed
+
+    info = setup_distributed("cpu")
+    cfg = _cfg((Path(ckpt), Path(folder)), Path(out_dir) / "run", batch_size=4)
+    grads, images = _first_step_grads(cfg, info)
+    torch.save({"grads": grads, "images": images}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_two_gloo_ranks_of_naflex_batches_match_one_process_with_double_batch(setup, tmp_path):
+    from forking import start_ranks
+
+    from clipforge.train.distributed import DistInfo
+
+    ranks = start_ranks(_ddp_worker, tmp_path, str(setup[0]), str(setup[1]))
+    with threads_kept(1):
+        single, images = _first_step_grads(_cfg(setup, tmp_path / "single"), DistInfo())
+    a, b = ranks[0]["images"]["patches"], ranks[1]["images"]["patches"]
+    assert a.shape[0] == b.shape[0] == 4 and images["patches"].shape[0] == 8
+
+    def rows(t: torch.Tensor) -> list[bytes]:
+        return sorted(x.numpy().tobytes() for x in t)
+
+    assert rows(torch.cat([a, b])) == rows(images["patches"])  # the ranks split its batch between them
+    for name, g in single.items():
+        scale = max(1.0, float(g.abs().max()))
+        torch.testing.assert_close(
+            ranks[0]["grads"][name], ranks[1]["grads"][name], atol=1e-6 * scale, rtol=0
+        )
+        torch.testing.assert_close(ranks[0]["grads"][name], g, atol=1e-5 * scale, rtol=0, msg=name)
