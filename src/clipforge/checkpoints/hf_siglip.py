@@ -687,6 +687,8 @@ def processor_document(pre: Any, kind: str, patch_size: int) -> dict[str, Any]:
     if kind == "siglip2":
         most = pre.naflex_max_patches if naflex else (h // patch_size) * (w // patch_size)
         doc.update(patch_size=patch_size, max_num_patches=most)
+        if naflex:  # what NaFlexTransform computes whatever the fixed-size fields say
+            doc.update(resample=2, rescale_factor=1 / 255)
     else:
         if naflex:
             log.warning(
