@@ -268,13 +268,18 @@ def test_tiny_siglip2_zero_shot_at_native_aspect():
 
 
 def test_folder_processor_gives_naflex_preprocessing(siglip2):
-    from clipforge.transforms import PreprocessConfig, image_transform
+    """A Siglip2 folder loads with its Siglip2ImageProcessor's NaFlex settings by default (as
+    transformers preprocesses it); ``naflex_preprocess`` reads the same fields."""
+    from clipforge.factory import create_model_and_transforms
+    from clipforge.transforms import PreprocessConfig
 
     hf, ours, folder = siglip2
+    assert ours.preprocess_cfg.naflex_max_patches == 256  # no processor file: the processor's default
     transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=64).save_pretrained(folder)
     pre = hf_siglip.naflex_preprocess(folder)
     assert (pre["naflex_max_patches"], pre["naflex_patch_size"]) == (64, PATCH)
-    transform = image_transform(PreprocessConfig.from_dict(pre))
+    model, _, transform = create_model_and_transforms(None, folder)
+    assert model.preprocess_cfg == PreprocessConfig.from_dict(pre)
     images = [im.convert("RGB") for im in _images()]
     ref = transformers.Siglip2ImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")
     ours_in = naflex_collate([transform(im) for im in images], 64)

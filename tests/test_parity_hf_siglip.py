@@ -5,6 +5,11 @@ and read through clipforge's loader. The mapped weights must compute, inside the
 test, exactly what transformers' ``get_image_features`` / ``get_text_features`` compute on real
 photographs and token batches; ``convert --to hf`` must give back every tensor and config field.
 
+A Siglip2 folder (a ``Siglip2ImageProcessor``) is preprocessed as transformers does by default:
+NaFlex, each photo at its own aspect ratio with at most the file's ``max_num_patches`` patches, a
+padded batch of mixed patch grids. ``image_naflex=False`` (``--no-naflex``) keeps the fixed square
+size, which must still give the numbers it gave before NaFlex became the default.
+
 Models under test, both loaded from the same mapped state dict: clipforge's own model
 (``create_model(None, pretrained=folder)``), and open_clip's ``CustomTextCLIP`` with the config's
 timm trunk (open_clip is a test-only oracle), which checks the mapping against the key layout
@@ -13,6 +18,7 @@ clipforge's SigLIP towers share with open_clip independently of those towers' co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -36,6 +42,7 @@ open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 
 TOL = 1e-5
+NAFLEX_MOST = 64
 MODELS_UNDER_TEST = ("clipforge", "open_clip")
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,8 @@ _TINY_VISION = dict(
 CASES = {
     # exact GELU in the image tower (timm's default), tanh GELU in the text tower
     "siglip-tiny": ("siglip", {**_TINY_VISION, "image_size": 32, "hidden_act": "gelu"}, _TINY_TEXT),
-    # NaFlex patch Linear over a 4x4 position table, written in shards
+    # NaFlex patch Linear over a 4x4 position table, written in shards; its processor allows up to
+    # NAFLEX_MOST patches (not the table's 16, so a writer deriving the number from the square size fails)
     "siglip2-tiny": ("siglip2", {**_TINY_VISION, "num_patches": 16}, {**_TINY_TEXT, "hidden_act": "gelu"}),
     # SiglipVisionConfig's defaults (ViT-B/16 at 224, 12 layers); a 2-layer text tower of the same width
     "siglip-base": ("siglip", {}, dict(hidden_size=768, num_hidden_layers=2, vocab_size=1000)),
@@ -106,7 +114,7 @@ def _make_case(name: str, folder: Path) -> tuple:
         size = model.config.vision_config.image_size
         transformers.SiglipImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
     else:
-        transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(folder)
+        transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=NAFLEX_MOST).save_pretrained(folder)
     _write_tokenizer(folder, model.config.text_config.vocab_size)
     return name, kind, model, folder
 
@@ -135,11 +143,45 @@ def _decoded(square: bool = False) -> tuple[Image.Image, ...]:
     return tuple(out)
 
 
+#: (width, height) fractions of the 455x300 photos: their own 3:2, tall, square, very wide
+ASPECTS = ((1.0, 1.0), (0.35, 1.0), (0.66, 1.0), (1.0, 0.3))
+
+
+@functools.cache
+def _aspect_photos() -> tuple[Image.Image, ...]:
+    """The decoded photos cropped to several aspect ratios, in their own modes (RGBA included)."""
+    out = []
+    for i, (fw, fh) in enumerate(ASPECTS):
+        im = _decoded()[i % len(_decoded())]
+        out.append(im.crop((0, 0, round(im.width * fw), round(im.height * fh))))
+    return tuple(out)
+
+
+def _rgb(images) -> list[Image.Image]:
+    """What transformers' Siglip2ImageProcessor is fed: it converts no mode by default (an RGBA image
+    fails in its normalisation), so RGB; the RGBA photos are opaque, so no alpha rule is involved."""
+    assert all(im.mode != "RGBA" or im.getextrema()[3] == (255, 255) for im in images)
+    return [im.convert("RGB") for im in images]
+
+
 def _images(pre: dict, square: bool = False) -> torch.Tensor:
     from clipforge.transforms import PreprocessConfig, image_transform
 
     transform = image_transform(PreprocessConfig.from_dict(pre), is_train=False)
     return torch.stack([transform(im) for im in _decoded(square)])
+
+
+def _naflex_batch(transform, images, length: int) -> dict:
+    """clipforge's padded NaFlex batch of ``images`` (the collate ``clipforge eval``/``embed`` use)."""
+    from clipforge.naflex_transforms import naflex_collate
+
+    return naflex_collate([transform(im) for im in images], length)
+
+
+def _processor_inputs(folder: Path, images) -> dict:
+    """transformers' own preprocessing of ``images`` for the folder (its saved image processor)."""
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    return dict(processor(images=_rgb(images), return_tensors="pt"))
 
 
 def _tokens(vocab: int, context: int) -> torch.Tensor:
@@ -164,22 +206,25 @@ def _hf_image_features(model, kind: str, images: torch.Tensor, patch: int) -> to
                                         spatial_shapes=shapes).pooler_output  # fmt: skip
 
 
-_HF_FEATURES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_HF_FEATURES: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _hf_features(
-    case: tuple, images: torch.Tensor, tokens: torch.Tensor
+    case: tuple, images: torch.Tensor | dict, tokens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' image and text features of a case's inputs, computed once per case."""
+    """transformers' image and text features of a case's inputs (pixels at the fixed size, or the
+    processor's NaFlex dict), computed once per case and input kind."""
     name, kind, hf_model, _ = case
-    if name not in _HF_FEATURES:
+    key = (name, "naflex" if isinstance(images, dict) else "fixed")
+    if key not in _HF_FEATURES:
         with torch.no_grad():
             text = hf_model.get_text_features(input_ids=tokens).pooler_output
-        _HF_FEATURES[name] = (
-            _hf_image_features(hf_model, kind, images, hf_model.config.vision_config.patch_size),
-            text,
-        )
-    return _HF_FEATURES[name]
+            if isinstance(images, dict):
+                image = hf_model.get_image_features(**images).pooler_output
+            else:
+                image = _hf_image_features(hf_model, kind, images, hf_model.config.vision_config.patch_size)
+        _HF_FEATURES[key] = (image, text)
+    return _HF_FEATURES[key]
 
 
 # --- the model under test -------------------------------------------------------------------------
@@ -208,11 +253,11 @@ def open_clip_model(cfg, sd: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def model_under_test(which: str, folder: Path) -> torch.nn.Module:
+def model_under_test(which: str, folder: Path, **options) -> torch.nn.Module:
     if which == "clipforge":
         from clipforge.factory import create_model
 
-        return create_model(None, pretrained=folder).eval()
+        return create_model(None, pretrained=folder, **options).eval()
     loaded = _loaded(folder)
     return open_clip_model(loaded.config, loaded.state_dict)
 
@@ -252,53 +297,112 @@ def test_folder_loads_with_siglip_config_preprocessing_and_tokenizer(case):
     expected_size = 4 * 8 if kind == "siglip2" else hv.image_size  # Siglip2: sqrt(num_patches) * patch
     assert v.image_size == expected_size and loaded.preprocess_cfg["image_size"] == expected_size
     pre = loaded.preprocess_cfg
-    assert (pre["mean"], pre["std"], pre["do_center_crop"], pre["resize_size"]) == (
-        (0.5,) * 3,
-        (0.5,) * 3,
-        False,
-        [expected_size] * 2,
-    )
-    assert pre["interpolation"] == ("bilinear" if kind == "siglip2" else "bicubic")
+    # Siglip2: NaFlex at the file's numbers, as transformers preprocesses; Siglip: a fixed size
+    naflex = (pre.get("naflex_max_patches"), pre.get("naflex_patch_size"))
+    assert naflex == ((NAFLEX_MOST, 8) if kind == "siglip2" else (None, None))
+    from clipforge.factory import create_model
+
+    fixed = create_model(None, pretrained=folder, image_naflex=False).preprocess_cfg.to_dict()
+    assert "naflex_max_patches" not in fixed  # the fixed-size option: the square fields underneath
+    for fields in (pre, fixed):
+        assert (
+            tuple(fields["mean"]),
+            tuple(fields["std"]),
+            fields["do_center_crop"],
+            list(fields["resize_size"]),
+        ) == (
+            (0.5,) * 3,
+            (0.5,) * 3,
+            False,
+            [expected_size] * 2,
+        )
+        assert fields["interpolation"] == ("bilinear" if kind == "siglip2" else "bicubic")
+    from clipforge.transforms import PreprocessConfig
+
+    assert fixed == {
+        k: v for k, v in PreprocessConfig.from_dict(pre).to_dict().items() if not k.startswith("naflex_")
+    }
     assert loaded.tokenizer_cfg == {"type": "hf", "name": str(folder), "context_length": t.context_length,
                                     "clean": "canonicalize"}  # fmt: skip
     assert (loaded.extra.get("architecture") == hf_siglip.SIGLIP2_LABEL) is (kind == "siglip2")
 
 
 def test_preprocessing_equals_the_folders_image_processor_on_photos(case):
-    """SiglipImageProcessor on photos of any aspect; Siglip2's (NaFlex keeps the aspect, which the
-    fixed-size model cannot) on square photos, where its patch grid is the model's own."""
+    """The default transform of the folder equals its own image processor on real photos:
+    SiglipImageProcessor (a fixed size) on photos of any aspect; Siglip2ImageProcessor (NaFlex)
+    on photos of several aspect ratios, each at its own patch grid, padded to max_num_patches."""
+    from clipforge.factory import create_model_and_transforms
+
     name, kind, hf_model, folder = case
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
-    pre = _loaded(folder).preprocess_cfg
     if kind == "siglip":
         want = processor(images=list(_decoded()), return_tensors="pt")["pixel_values"]
-        got = _images(pre)
+        got = _images(_loaded(folder).preprocess_cfg)
     else:
-        out = processor(images=list(_decoded(square=True)), return_tensors="pt")
-        assert out["spatial_shapes"].tolist() == [[4, 4]] * len(_decoded(square=True))
-        want, patch = out["pixel_values"], hf_model.config.vision_config.patch_size
-        got = _images(pre, square=True)
-        b, c, h, w = got.shape
-        got = (
-            got.reshape(b, c, h // patch, patch, w // patch, patch)
-            .permute(0, 2, 4, 3, 5, 1)
-            .reshape(b, 16, -1)
-        )
+        _, _, transform = create_model_and_transforms(None, folder)
+        ref = _processor_inputs(folder, _aspect_photos())
+        want = ref["pixel_values"]
+        ours = _naflex_batch(transform, _aspect_photos(), want.shape[1])
+        shapes = ours["spatial_shapes"].tolist()
+        assert shapes == ref["spatial_shapes"].tolist() and len(set(map(tuple, shapes))) == len(ASPECTS)
+        assert any(h != w for h, w in shapes) and want.shape[1] == NAFLEX_MOST
+        assert torch.equal(ours["patch_mask"].long(), ref["pixel_attention_mask"].long())
+        got = ours["patches"]
     diff = (want - got).abs().max().item()
     print(f"{name} preprocessing vs {type(processor).__name__}: max abs diff {diff:.3g}")
     assert diff < 1e-5
 
 
+def _square_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Fixed-size pixels as Siglip2's flattened patches (row, column, channel)."""
+    b, c, h, w = images.shape
+    grid = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
+    return grid.reshape(b, (h // patch) * (w // patch), -1)
+
+
+def test_fixed_size_option_keeps_the_square_numbers(siglip2_tiny):
+    """``image_naflex=False``: the square resize the folder loaded with before NaFlex was its
+    default. On square photos it equals a Siglip2ImageProcessor whose budget is the model's own
+    4x4 grid, and the features equal transformers' at that grid."""
+    from clipforge.factory import create_model_and_transforms
+
+    name, kind, hf_model, folder = siglip2_tiny
+    model, _, transform = create_model_and_transforms(None, folder, image_naflex=False)
+    pixels = torch.stack([transform(im) for im in _decoded(square=True)])
+    assert pixels.shape[1:] == (3, 32, 32)
+    ref = transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16)(
+        images=_rgb(_decoded(square=True)), return_tensors="pt"
+    )
+    assert ref["spatial_shapes"].tolist() == [[4, 4]] * len(_decoded(square=True))
+    diff = (ref["pixel_values"] - _square_patches(pixels, 8)).abs().max().item()
+    with torch.no_grad():
+        ours = model.eval().encode_image(pixels)
+    d_img = (ours - _hf_image_features(hf_model, kind, pixels, 8)).abs().max().item()
+    print(f"{name} --no-naflex: preprocessing max abs diff {diff:.3g}, image features {d_img:.3g}")
+    assert diff < 1e-5 and d_img < TOL
+
+
 @pytest.mark.parametrize("which", MODELS_UNDER_TEST)
 def test_features_equal_transformers(case, which):
+    """Each model on its default inputs. A Siglip2 folder's are NaFlex: clipforge's padded batch of
+    photos of mixed aspect ratios against transformers' own processor output. (open_clip's model
+    takes square pixels only: the fixed-size path, which still checks the weight mapping.)"""
+    from clipforge.transforms import image_transform
+
     name, kind, hf_model, folder = case
     model = model_under_test(which, folder)
     loaded = _loaded(folder)
-    images = _images(loaded.preprocess_cfg)
     tokens = _tokens(loaded.config.text.vocab_size, loaded.config.text.context_length)
+    if kind == "siglip2" and which == "clipforge":
+        hf_in = _processor_inputs(folder, _aspect_photos())
+        images = _naflex_batch(image_transform(model.preprocess_cfg), _aspect_photos(), NAFLEX_MOST)
+        assert images["spatial_shapes"].tolist() == hf_in["spatial_shapes"].tolist()
+    else:
+        fixed = {k: v for k, v in loaded.preprocess_cfg.items() if not k.startswith("naflex_")}
+        hf_in = images = _images(fixed)
     with torch.no_grad():
         ours_img, ours_txt = model.encode_image(images), model.encode_text(tokens)
-    hf_img, hf_txt = _hf_features(case, images, tokens)
+    hf_img, hf_txt = _hf_features(case, hf_in, tokens)
     d_img, d_txt = (ours_img - hf_img).abs().max().item(), (ours_txt - hf_txt).abs().max().item()
     print(f"{name} ({which}) vs transformers: image {d_img:.3g}, text {d_txt:.3g}")
     assert min(hf_img.abs().max().item(), hf_txt.abs().max().item()) > 0.1  # a tolerance that means something
@@ -348,7 +452,11 @@ def _config_fields(config) -> dict:
 
 def test_convert_to_hf_round_trip_is_bit_exact(case, tmp_path):
     """``convert --to hf`` of the loaded folder: transformers reads it back with every tensor and
-    config field equal, the image processor and tokenizer files alongside."""
+    config field equal, the image processor (a Siglip2 one with the file's max_num_patches, not
+    the square grid's 16) and tokenizer files alongside; clipforge reads it back with the same
+    preprocessing and, for the NaFlex folder, identical features."""
+    from clipforge.factory import create_model_and_transforms
+
     name, kind, hf_model, folder = case
     out = convert_checkpoint(folder, tmp_path / "hf", "hf")
     cls = transformers.Siglip2Model if kind == "siglip2" else transformers.SiglipModel
@@ -364,6 +472,16 @@ def test_convert_to_hf_round_trip_is_bit_exact(case, tmp_path):
     processor = transformers.AutoImageProcessor.from_pretrained(out)
     original = transformers.AutoImageProcessor.from_pretrained(folder)
     assert type(processor) is type(original) and processor.to_dict() == original.to_dict()
+    assert _loaded(out).preprocess_cfg == _loaded(folder).preprocess_cfg
+    if kind == "siglip2":
+        assert (processor.max_num_patches, processor.patch_size) == (NAFLEX_MOST, 8)
+        models = [create_model_and_transforms(None, f) for f in (folder, out)]
+        assert [(t.max_num_patches, t.patch_size) for _, _, t in models] == [(NAFLEX_MOST, 8)] * 2
+        with torch.no_grad():
+            feats = [
+                m.eval().encode_image(_naflex_batch(t, _aspect_photos(), NAFLEX_MOST)) for m, _, t in models
+            ]
+        assert torch.equal(feats[0], feats[1])
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -441,7 +559,8 @@ def test_clipforge_siglip_written_as_hf_computes_the_same(kind, tmp_path):
         again.config.vision_config.hidden_act == "gelu"
         and again.config.text_config.hidden_act == "gelu_pytorch_tanh"
     )
-    images = _images(_loaded(out).preprocess_cfg)
+    # the model's own square input (a clipforge model built from a config preprocesses at a fixed size)
+    images = _images(model.preprocess_cfg.to_dict())
     tokens = _tokens(100, 16)
     with torch.no_grad():
         ours_img, ours_txt = model.encode_image(images), model.encode_text(tokens)
@@ -456,6 +575,41 @@ def test_clipforge_siglip_written_as_hf_computes_the_same(kind, tmp_path):
     )
     assert _timm_fields(loaded.config.vision) == _timm_fields(model.config.vision)
     assert loaded.config.text == model.config.text
+    # a fixed-size model's Siglip2 processor allows the patches of its square size (4x4 of 8 px)
+    most = loaded.preprocess_cfg.get("naflex_max_patches")
+    assert most == (16 if kind == "siglip2" else None)
+
+
+def test_naflex_clipforge_model_is_written_as_siglip2_with_its_patch_budget(tmp_path):
+    """A clipforge SigLIP whose preprocessing is NaFlex: ``save_hf_siglip`` (``convert --to hf``)
+    writes a Siglip2Model (the only transformers model taking NaFlex inputs) whose
+    Siglip2ImageProcessor has the model's max_num_patches / patch_size; transformers' processor and
+    model on that folder compute clipforge's features, and clipforge reads the same settings back."""
+    import dataclasses
+
+    from clipforge.factory import create_model_and_transforms
+
+    model = _clipforge_siglip()
+    model.preprocess_cfg = dataclasses.replace(
+        model.preprocess_cfg, naflex_max_patches=36, naflex_patch_size=8
+    )
+    out = hf_siglip.save_hf_siglip(model, tmp_path / "naflex")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Siglip2Model"]
+    processor = transformers.Siglip2ImageProcessor.from_pretrained(out)
+    assert (processor.max_num_patches, processor.patch_size) == (36, 8)
+    again, _, transform = create_model_and_transforms(None, out)
+    assert (transform.max_num_patches, transform.patch_size) == (36, 8)
+    hf_in = dict(processor(images=_rgb(_aspect_photos()), return_tensors="pt"))
+    batch = _naflex_batch(transform, _aspect_photos(), 36)
+    with torch.no_grad():
+        hf_img = (
+            transformers.Siglip2Model.from_pretrained(out).eval().get_image_features(**hf_in).pooler_output
+        )
+        ours, reread = model.eval().encode_image(batch), again.eval().encode_image(batch)
+    d_img = (ours - hf_img).abs().max().item()
+    print(f"NaFlex clipforge SigLIP written as Siglip2Model: image {d_img:.3g}")
+    assert hf_img.abs().max().item() > 0.1 and d_img < TOL
+    assert (reread - ours).abs().max().item() < TOL
 
 
 def _timm_fields(v) -> dict:
@@ -477,6 +631,99 @@ def test_siglip2_survives_a_clipforge_folder_and_the_cli(siglip2_tiny, tmp_path)
         assert (tmp_path / "hf" / file).read_bytes() == (folder / file).read_bytes()
     ref, got = hf_model.state_dict(), again.state_dict()
     assert sorted(ref) == sorted(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+    # the NaFlex budget survives the clipforge folder (stored with its preprocessing)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.to_dict() == transformers.AutoImageProcessor.from_pretrained(folder).to_dict()
+
+
+def test_hf_hub_siglip2_repo_defaults_to_naflex(siglip2_tiny, offline_cache):
+    """``hf-hub:`` repos in the Siglip2 format load as the folder does: NaFlex by default."""
+    from helpers import populate
+
+    from clipforge.factory import create_model, create_model_and_transforms
+
+    name, kind, hf_model, folder = siglip2_tiny
+    populate(offline_cache, "test-org/siglip2-naflex", folder)
+    _, _, transform = create_model_and_transforms("hf-hub:test-org/siglip2-naflex")
+    assert (transform.max_num_patches, transform.patch_size) == (NAFLEX_MOST, 8)
+    fixed = create_model(pretrained="hf-hub:test-org/siglip2-naflex", image_naflex=False)
+    assert fixed.preprocess_cfg.naflex_max_patches is None and fixed.preprocess_cfg.size == (32, 32)
+
+
+def test_processor_patch_size_must_be_the_models(siglip2_tiny, tmp_path):
+    """A Siglip2ImageProcessor cutting other patches than the model embeds is refused by name, and
+    image_naflex=True on a fixed-size model says where NaFlex comes from."""
+    import shutil
+
+    from clipforge.factory import create_model
+
+    name, kind, hf_model, folder = siglip2_tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    document = json.loads((bad / "preprocessor_config.json").read_text())
+    document.pop("patch_size")  # transformers' default, 16, is not the model's 8
+    (bad / "preprocessor_config.json").write_text(json.dumps(document))
+    with pytest.raises(
+        CheckpointError, match=r"preprocessor_config.json: patch_size=16 \(the default\) differs"
+    ):
+        load_any(bad)
+    with pytest.raises(ConfigError, match="image_naflex=True: these weights' preprocessing is fixed-size"):
+        create_model("tiny-siglip2", image_naflex=True)
+
+
+def _save_photos(folder: Path) -> list[Path]:
+    folder.mkdir()
+    paths = [folder / f"{i}.png" for i in range(len(_aspect_photos()))]
+    for im, path in zip(_aspect_photos(), paths):
+        im.convert("RGB").save(path)
+    return paths
+
+
+def test_cli_on_a_siglip2_folder_defaults_to_naflex(siglip2_tiny, tmp_path, capsys):
+    """``clipforge embed --pretrained FOLDER`` stores NaFlex features (each photo at its aspect
+    ratio), ``--no-naflex`` the fixed-size ones; an index of the former answers image queries with
+    NaFlex; ``clipforge export`` refuses the image graph of the NaFlex default and writes the
+    square graph with ``--no-naflex``."""
+    import numpy as np
+    from helpers import run_cli
+
+    from clipforge.factory import create_model_and_transforms
+
+    name, kind, hf_model, folder = siglip2_tiny
+    paths = _save_photos(tmp_path / "photos")
+    stored = {}
+    for flags in ((), ("--no-naflex",)):
+        out = tmp_path / f"emb{len(flags)}"
+        assert run_cli(["embed", "--pretrained", str(folder), "--images", str(tmp_path / "photos"), "--out", str(out),
+                        "--workers", "0", "--dtype", "float32", "--no-captions", "--batch-size", "3", *flags]) == 0  # fmt: skip
+        stored[flags] = np.concatenate([np.load(p) for p in sorted(out.rglob("img_emb_*.npy"))])
+    for flags, options in (((), {}), (("--no-naflex",), {"image_naflex": False})):
+        model, _, transform = create_model_and_transforms(None, folder, **options)
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            ims = [stack.enter_context(Image.open(p)) for p in sorted(paths)]
+            items = [transform(im) for im in ims]
+            batch = _naflex_batch(lambda x: x, items, NAFLEX_MOST) if not options else torch.stack(items)
+            want = model.eval().encode_image(batch, normalize=True).numpy()
+        assert stored[flags].shape == want.shape and float(np.abs(stored[flags] - want).max()) < 1e-5
+    assert float(np.abs(stored[()] - stored[("--no-naflex",)]).max()) > 1e-3  # the flag matters
+    # image queries of the index get the NaFlex preprocessing its rows were embedded with
+    from clipforge.search.searcher import Searcher
+
+    assert run_cli(["index", str(tmp_path / "emb0"), "--out", str(tmp_path / "idx")]) == 0
+    with contextlib.ExitStack() as stack:
+        queried = Searcher(tmp_path / "idx").encode_images(
+            [stack.enter_context(Image.open(p)) for p in paths]
+        )
+    assert float(np.abs(queried - stored[()]).max()) < 1e-5
+    capsys.readouterr()
+    assert (
+        run_cli(["export", "--pretrained", str(folder), "--out", str(tmp_path / "x"), "--towers", "image"])
+        == 2
+    )
+    assert f"naflex_max_patches={NAFLEX_MOST}" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert run_cli(["export", "--pretrained", str(folder), "--out", str(tmp_path / "onnx"), "--towers", "image",
+                    "--no-naflex"]) == 0  # fmt: skip
+    assert "max abs diff vs PyTorch" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
