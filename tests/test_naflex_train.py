@@ -346,3 +346,20 @@ def test_two_gloo_ranks_of_naflex_batches_match_one_process_with_double_batch(se
             ranks[0]["grads"][name], ranks[1]["grads"][name], atol=1e-6 * scale, rtol=0
         )
         torch.testing.assert_close(ranks[0]["grads"][name], g, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+@pytest.mark.slow  # dynamo traces each image's position grid
+def test_compile_option_trains_naflex_batches_through_the_compiled_module(setup, tmp_path, monkeypatch):
+    """``--compile`` (the eager backend, as tests/test_train_options.py does): the patch dict goes in."""
+    wrapped = []
+    real = torch.compile
+
+    def compile_eager(model, **kw):
+        wrapped.append(model)
+        return real(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    seen = _spy_first_step(monkeypatch)
+    result = _train(_cfg(setup, tmp_path / "run", compile=True, max_steps=2))
+    assert wrapped and result.steps == 2 and all(math.isfinite(v) for v in result.loss_history)
+    assert isinstance(seen["images"], dict)
