@@ -726,6 +726,40 @@ def test_cli_on_a_siglip2_folder_defaults_to_naflex(siglip2_tiny, tmp_path, caps
     assert "max abs diff vs PyTorch" in capsys.readouterr().out
 
 
+def test_eval_cli_preprocesses_a_siglip2_folder_with_naflex_unless_told(siglip2_tiny, tmp_path, monkeypatch):
+    """``clipforge eval --pretrained FOLDER`` runs with the folder's NaFlex transform (padded batches
+    of mixed patch grids), ``--no-naflex`` with the fixed-size one; both finish."""
+    from helpers import run_cli
+
+    import clipforge.factory
+    from clipforge.naflex_transforms import NaFlexTransform
+
+    name, kind, hf_model, folder = siglip2_tiny
+    for i, cls in enumerate(("w5", "w7")):  # class names in the folder tokenizer's vocabulary
+        (tmp_path / "classes" / cls).mkdir(parents=True)
+        for j, im in enumerate(_aspect_photos()[2 * i : 2 * i + 2]):
+            im.convert("RGB").save(tmp_path / "classes" / cls / f"{j}.png")
+    used = []
+    real = clipforge.factory.create_model_and_transforms
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        used.append(out[2])
+        return out
+
+    monkeypatch.setattr(clipforge.factory, "create_model_and_transforms", recording)
+    for flags in ((), ("--no-naflex",)):
+        assert run_cli(["eval", "--pretrained", str(folder), "--task", "zeroshot", "--data", str(tmp_path / "classes"),
+                        "--templates", "simple", "--output", str(tmp_path / f"zs{len(flags)}.json"), "--device", "cpu",
+                        "--no-progress", "--batch-size", "4", *flags]) == 0  # fmt: skip
+    assert isinstance(used[0], NaFlexTransform) and (used[0].max_num_patches, used[0].patch_size) == (
+        NAFLEX_MOST,
+        8,
+    )
+    assert not isinstance(used[1], NaFlexTransform)
+    assert json.loads((tmp_path / "zs0.json").read_text())["details"]["classnames"] == ["w5", "w7"]
+
+
 @pytest.mark.parametrize(
     "kind, vision, name, kwargs",
     [  # the shapes of Google's Hub releases (google/siglip-so400m-patch14-384, siglip-large-patch16-256,
