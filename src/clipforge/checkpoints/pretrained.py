@@ -5,7 +5,9 @@ order, safetensors first, as open_clip does), and what the weights need from the
 preprocessing (QuickGELU for OpenAI-trained towers, mean/std, interpolation, resize mode). Those
 facts are the part other libraries lose when weights are loaded by hand, so they travel with the
 tag. The rows live in :mod:`clipforge.checkpoints.pretrained_table` (every pair of open_clip
-3.3's list, same tag strings, so switching libraries needs no lookup); this module is the lookup.
+3.3's list, same tag strings, so switching libraries needs no lookup) and, after them,
+:mod:`clipforge.checkpoints.pretrained_main` (open_clip main's SigLIP 2 NaFlex pairs); this
+module is the lookup.
 Importing it is cheap (no torch), so ``clipforge models --pretrained`` answers at once.
 """
 
@@ -15,6 +17,7 @@ import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from clipforge.checkpoints.pretrained_main import MAIN_ROWS
 from clipforge.checkpoints.pretrained_table import (
     INCEPTION_MEAN,
     INCEPTION_STD,
@@ -47,7 +50,9 @@ class PretrainedWeights:
 
     ``image_size`` is the input size the weights were released at when it is not 224 (the
     preprocessing itself always uses the built model's size); ``license`` is the model card's
-    licence identifier where known, "" where not recorded.
+    licence identifier where known, "" where not recorded. ``naflex_max_patches`` (with
+    ``naflex_patch_size``) is set for NaFlex weights: images keep their aspect ratio with at most
+    that many patches (open_clip main's ``image_seq_len``) instead of being resized to a square.
     """
 
     model: str
@@ -60,6 +65,8 @@ class PretrainedWeights:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     image_size: int | None = None
+    naflex_max_patches: int | None = None
+    naflex_patch_size: int = 16
     license: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,12 +77,18 @@ class PretrainedWeights:
 
     def preprocess_dict(self, image_size: int) -> dict[str, Any]:
         """Keyword arguments for ``clipforge.transforms.PreprocessConfig``."""
+        naflex = (
+            {"naflex_max_patches": self.naflex_max_patches, "naflex_patch_size": self.naflex_patch_size}
+            if self.naflex_max_patches is not None
+            else {}
+        )
         return {
             "image_size": image_size,
             "mean": tuple(self.mean),
             "std": tuple(self.std),
             "interpolation": self.interpolation,
             "resize_mode": self.resize_mode,
+            **naflex,
         }
 
     def preprocess_cfg(self, image_size: int | None = None) -> Any:
@@ -107,7 +120,7 @@ def _entry(row: dict[str, Any]) -> PretrainedWeights:
 
 
 _TABLE: dict[str, dict[str, PretrainedWeights]] = {}
-for _row in ROWS:
+for _row in (*ROWS, *MAIN_ROWS):
     _TABLE.setdefault(_row["model"], {})[_clean_tag(_row["tag"])] = _entry(_row)
 del _row
 

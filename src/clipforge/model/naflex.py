@@ -10,6 +10,11 @@ already loads (its patch Linear stored as timm's conv, its square position table
 - the 0/1 patch mask becomes an additive key mask for every block and for the MAP pooling head;
 - the trunk's ``grad_checkpointing`` flag recomputes each block in backward, as timm's forward does.
 
+open_clip's named NaFlex models (``ViT-B-16-SigLIP2-naflex``, ``ViT-SO400M-16-SigLIP2-naflex``) are
+built as open_clip builds them, on timm's ``NaFlexVit`` (``embeds.proj`` Linear, ``(1, 16, 16, C)``
+position grid), so their published weights load unchanged; that trunk does the same computation
+itself and is handed the patches with each one's (row, column) instead of the grid shapes.
+
 The input is the dict :mod:`clipforge.naflex_transforms` makes (``patches``, ``patch_mask``,
 ``spatial_shapes``); transformers' processor names (``pixel_values``, ``pixel_attention_mask``)
 are accepted too.
@@ -73,8 +78,43 @@ def _key_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def is_naflexvit(trunk: object) -> bool:
+    """True for timm's ``NaFlexVit`` (its patch embedding is ``embeds``, not ``patch_embed``)."""
+    return type(trunk).__name__ == "NaFlexVit" and hasattr(trunk, "embeds")
+
+
+def patch_coords(mask: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    """(B, N, 2) (row, column) of each patch in its image's grid, 0 for padding: what timm's
+    NaFlex collator gives ``NaFlexVit`` where clipforge's batch has ``spatial_shapes``."""
+    cols = shapes[:, 1:].to(mask.device)
+    index = torch.arange(mask.shape[1], device=mask.device)[None]
+    valid = mask.to(torch.bool)
+    if not bool((index < shapes[:, :1].to(mask.device) * cols).eq(valid).all()):
+        raise ConfigError("NaFlex patch_mask must mark the first rows*columns patches of each image")
+    return torch.stack([(index // cols) * valid, (index % cols) * valid], dim=-1)
+
+
+def _naflexvit_features(tower: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Features through a ``NaFlexVit`` trunk: it takes patches with coordinates and a validity mask."""
+    patches, mask, shapes = naflex_inputs(batch)
+    proj = tower.trunk.embeds.proj
+    if patches.shape[-1] != proj.in_features:
+        raise ConfigError(
+            f"NaFlex patches have {patches.shape[-1]} values; the tower takes {proj.in_features}"
+        )
+    inputs = {
+        "patches": patches.to(proj.weight.dtype),
+        "patch_coord": patch_coords(mask, shapes),
+        "patch_valid": mask.to(torch.bool),
+    }
+    return tower.head(tower.trunk(inputs))
+
+
 def naflex_features(tower: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Pooled, projected image features of a NaFlex batch through ``tower`` (a timm SigLIP tower)."""
+    """Pooled, projected image features of a NaFlex batch through ``tower`` (a timm SigLIP tower,
+    or a timm ``NaFlexVit`` one)."""
+    if is_naflexvit(getattr(tower, "trunk", None)):
+        return _naflexvit_features(tower, batch)
     trunk = _trunk(tower)
     patches, mask, shapes = naflex_inputs(batch)
     conv = trunk.patch_embed.proj

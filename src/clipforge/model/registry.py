@@ -3,7 +3,9 @@
 The published architectures are open_clip's, under open_clip's names, with their
 hyper-parameters (facts about the released models) in ``architectures.json`` in clipforge's own
 config form; ``tools/gen_architectures.py`` wrote it from open_clip's model configs, so weights
-released for a name load into the model built from that name. ``<name>-quickgelu`` is ``<name>``
+released for a name load into the model built from that name. ``architectures_main.json`` adds, in
+the same form, the architectures open_clip's main branch has with published weights that 3.3 lacks
+(SigLIP 2 NaFlex on timm's ``NaFlexVit``; ``tools/gen_main_architectures.py``). ``<name>-quickgelu`` is ``<name>``
 with QuickGELU, as in open_clip. Tiny entries (registered below) keep the structure of the real
 towers at a size the test suite and the CPU demo can afford.
 
@@ -25,6 +27,7 @@ from clipforge.model.config import CLIPConfig, MultimodalConfig, TextConfig, Vis
 
 _REGISTRY: dict[str, CLIPConfig] = {}
 _DATA = Path(__file__).with_name("architectures.json")
+_DATA_MAIN = Path(__file__).with_name("architectures_main.json")
 #: name -> hash of the image tower's keys and shapes in the published weights (see
 #: ``clipforge.checkpoints.signatures.image_tower_hash``): lets shape inference skip building
 #: timm trunks that cannot match.
@@ -107,19 +110,20 @@ def _natural_key(name: str) -> tuple:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
 
 
-def _load_published() -> None:
-    """Register every architecture of ``architectures.json`` (validated like any config)."""
+def _load_published(path: Path) -> None:
+    """Register every architecture of a table file (validated like any config)."""
     try:
-        document = json.loads(_DATA.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
         table = document["architectures"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{_DATA}: cannot read the architecture table ({e}); reinstall clipforge") from None
+        raise ConfigError(f"{path}: cannot read the architecture table ({e}); reinstall clipforge") from None
     IMAGE_TOWER_HASHES.update(document.get("image_tower_hashes") or {})
     for name, data in table.items():
-        register_model(name, CLIPConfig.from_dict(data, source=f"{_DATA.name}: {name}"))
+        register_model(name, CLIPConfig.from_dict(data, source=f"{path.name}: {name}"))
 
 
-_load_published()
+_load_published(_DATA)
+_load_published(_DATA_MAIN)
 
 # --- tiny sizes for tests and the CPU demo (same structure, small widths) ----------------------
 _TINY_VIT = CLIPConfig(
