@@ -239,6 +239,17 @@ def test_loss_falls_over_a_few_steps(setup, tmp_path):
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2
 
 
+@pytest.mark.slow  # bf16 matmuls are slow on CPU
+def test_bf16_autocast_gives_the_fp32_first_loss_within_bf16_rounding(setup, tmp_path):
+    """The patch dict's float patches meet bf16 weights under autocast; the master weights stay fp32."""
+    fp32 = _train(_cfg(setup, tmp_path / "fp32"))
+    bf16 = _train(_cfg(setup, tmp_path / "bf16", precision="bf16"))
+    assert bf16.loss_history[0] != fp32.loss_history[0]  # autocast did run in bf16
+    assert bf16.loss_history[0] == pytest.approx(fp32.loss_history[0], rel=2e-2)
+    weights = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
 class _Crash(Exception):
     pass
 
