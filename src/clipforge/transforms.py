@@ -531,6 +531,7 @@ def image_transform(
     ``cfg.convention`` decides where the RGB conversion happens (first for "clipforge" and
     "hf", after the crop for "open_clip", as those libraries do), and "hf" evaluates through
     :class:`clipforge.conventions.HFProcessor`, ``CLIPImageProcessor``'s exact arithmetic.
+    With ``cfg.naflex_max_patches`` set the result is a NaFlex patch dict (see :func:`_naflex_transform`).
     """
     if unknown:
         unsupported = {"re_prob", "re_count", "use_timm"} & set(unknown)
