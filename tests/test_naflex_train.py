@@ -2,7 +2,8 @@
 
 The zoo's tiny SigLIP 2 saved with NaFlex preprocessing (8 px patches, at most 16), trained on
 real Adwaita icons cropped to square, wide and tall boxes, so every batch mixes patch counts
-and needs the padded collate. Oracles: the library's own ``encode_image`` on each image alone
+and needs the padded collate; the first-step and accumulation checks also run on a tiny timm
+``NaFlexVit`` trunk (what open_clip main's named NaFlex models are built on). Oracles: the library's own ``encode_image`` on each image alone
 (unpadded) and ``encode_text``, the same run without accumulation, and an uninterrupted run.
 """
 
@@ -62,6 +63,36 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
             im.crop(_boxes(*im.size)[i % 4]).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(concept(p))
     return root / "ckpt", folder
+
+
+@pytest.fixture(scope="module")
+def naflexvit_setup(setup, tmp_path_factory) -> tuple[Path, Path]:
+    """The same, on timm's ``NaFlexVit`` trunk (open_clip main's SigLIP 2 NaFlex models), shrunk."""
+    import dataclasses
+
+    from clipforge.checkpoints.clipforge_format import save_pretrained
+    from clipforge.factory import create_model
+    from clipforge.model.zoo_tiny import tiny_configs
+    from clipforge.transforms import PreprocessConfig
+
+    cfg = tiny_configs()["tiny-siglip2"]
+    shrink = {"patch_size": PATCH, "embed_dim": 64, "depth": 2, "num_heads": 2, "pos_embed_grid_size": (4, 4)}
+    vision = dataclasses.replace(
+        cfg.vision, timm_model_name="naflexvit_base_patch16_siglip", timm_kwargs=shrink
+    )
+    torch.manual_seed(0)
+    model = create_model(dataclasses.replace(cfg, vision=vision))
+    assert type(model.visual.trunk).__name__ == "NaFlexVit"
+    pre = PreprocessConfig.from_dict(
+        {**model.preprocess_cfg.to_dict(), "naflex_max_patches": MOST, "naflex_patch_size": PATCH}
+    )
+    ckpt = tmp_path_factory.mktemp("naflexvit") / "ckpt"
+    save_pretrained(model, ckpt, preprocess_cfg=pre)
+    return ckpt, setup[1]
+
+
+def _setup_for(request: pytest.FixtureRequest, trunk: str) -> tuple[Path, Path]:
+    return request.getfixturevalue("setup" if trunk == "siglip" else "naflexvit_setup")
 
 
 def _cfg(setup: tuple[Path, Path], out: Path, **options: object) -> TrainConfig:
@@ -171,7 +202,9 @@ def _spy_first_step(monkeypatch) -> dict:
     return seen
 
 
-def test_first_step_loss_equals_the_hand_computed_sigmoid_loss(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("trunk", ["siglip", "naflexvit"])
+def test_first_step_loss_equals_the_hand_computed_sigmoid_loss(request, trunk, tmp_path, monkeypatch):
+    setup = _setup_for(request, trunk)
     seen = _spy_first_step(monkeypatch)
     result = _train(_cfg(setup, tmp_path / "run"))
     assert result.steps == 1
@@ -211,14 +244,19 @@ def _one_step(setup, out: Path, monkeypatch, **options) -> tuple[dict, dict]:
     return grads, load_file(str(out / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("objective", [{}, {"image_ssl": "ntxent"}], ids=["siglip", "siglip+ssl-views"])
-def test_accumulation_equals_the_full_batch(setup, tmp_path, monkeypatch, objective):
+@pytest.mark.parametrize(
+    ("trunk", "objective"),
+    [("siglip", {}), ("siglip", {"image_ssl": "ntxent"}), ("naflexvit", {})],
+    ids=["siglip", "siglip+ssl-views", "naflexvit"],
+)
+def test_accumulation_equals_the_full_batch(request, trunk, tmp_path, monkeypatch, objective):
     """--accum-steps 2 over micro-batches of 4 patch dicts: the batch-8 gradients and update.
 
     AdamW's first update is ``lr * g / (|g| + eps)``: with the default eps it turns gradients that
     are pure rounding noise (an attention key bias has none in exact arithmetic) into +-lr, so
     eps 1 keeps the update proportional to the gradient and the comparison meaningful.
     """
+    setup = _setup_for(request, trunk)
     objective = {**objective, "eps": 1.0}
     full_grads, full = _one_step(setup, tmp_path / "full", monkeypatch, **objective)
     acc_grads, acc = _one_step(setup, tmp_path / "acc", monkeypatch, batch_size=4, accum_steps=2, **objective)
