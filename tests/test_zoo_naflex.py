@@ -60,7 +60,7 @@ def open_clip_model(name: str, device: str = "meta") -> torch.nn.Module:
     from open_clip.factory import _MODEL_CONFIGS
 
     cfg = _main_cfg(name)
-    cfg["vision_cfg"].pop("image_seq_len")
+    cfg["vision_cfg"].pop("image_seq_len", None)
     key = f"{name}-main-test"
     _MODEL_CONFIGS[key] = cfg
     try:
@@ -84,33 +84,52 @@ def _images() -> tuple[Image.Image, ...]:
 
 
 # --- architectures ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
+def test_every_plain_naflex_clip_of_main_is_registered():
+    """open_clip main's NaFlex image-text configs with CLIP or SigLIP text towers, all four."""
+    assert list(ORACLE["model_configs"]) == [*NAMES, "naflex_ViT-B-16", "naflex_ViT-B-32"]
+    assert all(n in clipforge.list_models() for n in ORACLE["model_configs"])
+
+
+@pytest.mark.parametrize("name", list(ORACLE["model_configs"]))
 def test_architecture_is_open_clip_mains_config(name):
-    """The registered config is open_clip main's, read by clipforge's open_clip reader; the built
-    model has the keys and shapes of open_clip building that config (the Hub files' layout) and an
-    image trunk with timm's model's hyper-parameters."""
+    """The registered config is open_clip main's, read by clipforge's open_clip reader; the image
+    trunk is timm's model with main's ``timm_model_kwargs`` (same parameters, patch size, position
+    grid, pooling); the whole model has the keys and shapes of open_clip building main's config
+    (the Hub files' layout; open_clip 3.3 cannot pass timm_model_kwargs, so not for B-32)."""
     from clipforge.checkpoints.open_clip import clipforge_to_open_clip
 
     cfg = clipforge.get_model_config(name)
     main = _main_cfg(name)
+    mv = main["vision_cfg"]
     assert cfg == config_from_open_clip(main, name)
-    v = cfg.vision
-    assert (v.timm_model_name, v.image_size, v.timm_pool, v.timm_proj) == (TIMM[name], 384, "map", "none")
-    assert (cfg.embed_dim, cfg.text.context_length, cfg.text.vocab_size, cfg.init_logit_bias) == (
-        main["embed_dim"], 64, 256000, -10)  # fmt: skip
+    assert (cfg.vision.timm_model_name, cfg.vision.image_size, cfg.embed_dim) == (
+        mv["timm_model_name"], mv["image_size"], main["embed_dim"])  # fmt: skip
     with torch.device("meta"):
         ours = build_model(cfg)
-        trunk = timm.create_model(TIMM[name], num_classes=0)
-    theirs = open_clip_model(name).state_dict()
-    mine = clipforge_to_open_clip(ours.state_dict(), custom_text=cfg.custom_text)
-    assert {k: tuple(t.shape) for k, t in mine.items()} == {k: tuple(t.shape) for k, t in theirs.items()}
-    assert IMAGE_TOWER_HASHES[name] == image_tower_hash(ours.state_dict())
+        trunk = timm.create_model(mv["timm_model_name"], num_classes=0, **mv.get("timm_model_kwargs", {}))
     got = ours.visual.trunk
     assert type(got).__name__ == "NaFlexVit" and type(got) is type(trunk)
+    shapes = [{k: tuple(t.shape) for k, t in m.state_dict().items()} for m in (got, trunk)]
+    assert shapes[0] == shapes[1]
     facts = [(tuple(m.embeds.patch_size), tuple(m.embeds.pos_embed.shape), len(m.blocks), m.embed_dim,
               m.blocks[0].attn.num_heads, m.embeds.pos_embed_interp_mode, m.global_pool) for m in (got, trunk)]  # fmt: skip
     assert facts[0] == facts[1]
-    assert facts[0][:2] == ((16, 16), (1, 16, 16, cfg.embed_dim))
+    assert facts[0][0] == (cfg.vision.patch_size,) * 2
+    assert IMAGE_TOWER_HASHES[name] == image_tower_hash(ours.state_dict())
+    if "timm_model_kwargs" not in mv:
+        theirs = open_clip_model(name).state_dict()
+        mine = clipforge_to_open_clip(ours.state_dict(), custom_text=cfg.custom_text)
+        assert {k: tuple(t.shape) for k, t in mine.items()} == {k: tuple(t.shape) for k, t in theirs.items()}
+
+
+def test_siglip2_naflex_facts():
+    """What the two SigLIP 2 NaFlex configs say (open_clip main's test checks 384 and 576 too)."""
+    for name, trunk in TIMM.items():
+        cfg = clipforge.get_model_config(name)
+        v = cfg.vision
+        assert (v.timm_model_name, v.image_size, v.timm_pool, v.timm_proj) == (trunk, 384, "map", "none")
+        assert (cfg.text.context_length, cfg.text.vocab_size, cfg.init_logit_bias) == (64, 256000, -10)
+        assert ORACLE["model_configs"][name]["vision_cfg"]["image_seq_len"] == 576
 
 
 def test_models_command_lists_the_architectures(capsys):
@@ -294,3 +313,20 @@ def test_hub_spec_resolves_with_the_repos_naflex_budget(hub_repo, loaded):
     assert by_spec.preprocess_cfg == model.preprocess_cfg
     a, b = by_spec.state_dict(), model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_open_clip_main_fields_clipforge_lacks_are_refused_by_name():
+    """main's ModernText tower / variable-length text would otherwise be read as a CLIP text tower."""
+    from clipforge.errors import CheckpointError
+
+    base = _main_cfg("naflex_ViT-B-16")
+    for field, value in (("text_arch", "modern"), ("variable_text", True)):
+        cfg = copy.deepcopy(base)
+        cfg["text_cfg"][field] = value
+        with pytest.raises(
+            CheckpointError, match=f"moderntext.json: text_cfg.{field}={value!r} is not supported"
+        ):
+            config_from_open_clip(cfg, "moderntext.json")
+    assert config_from_open_clip({**base, "text_cfg": {**base["text_cfg"], "text_arch": "clip"}}) == (
+        clipforge.get_model_config("naflex_ViT-B-16")
+    )

@@ -26,6 +26,7 @@ from clipforge.checkpoints.pretrained import (
     pretrained_entries,
     resolve_pretrained,
 )
+from clipforge.checkpoints.pretrained_main import MAIN_ROWS
 from clipforge.errors import DownloadError
 from clipforge.model.config import CLIPConfig
 
@@ -34,6 +35,8 @@ from open_clip.pretrained import _get_safe_alternatives  # noqa: E402
 
 #: open_clip pairs the table leaves out, with the reason. Empty: all 196 of open_clip 3.3 are in.
 LEFT_OUT: dict[tuple[str, str], str] = {}
+#: Pairs from open_clip's main branch, after 3.3 (SigLIP 2 NaFlex; checked in test_zoo_naflex.py).
+MAIN_PAIRS = [(r["model"], r["tag"]) for r in MAIN_ROWS]
 #: One tag per preprocessing convention the table uses (SigLIP squash, classic shortest+crop,
 #: CLIPA bilinear squash ImageNet norm, MobileCLIP bilinear 0/1, PE bilinear squash, Inception).
 CONVENTION_TAGS = (
@@ -126,10 +129,10 @@ def test_listing_is_open_clips_list():
 
     everything = list_pretrained(include_unregistered=True)
     assert len(everything) == len(set(everything))
-    assert set(everything) == set(open_clip.list_pretrained())
+    assert set(everything) == set(open_clip.list_pretrained()) | set(MAIN_PAIRS)
     registered = set(list_models())
     buildable = {(m, t) for m, t in open_clip.list_pretrained() if m.removesuffix("-quickgelu") in registered}
-    assert set(list_pretrained()) == buildable
+    assert set(list_pretrained()) == buildable | set(MAIN_PAIRS)
     from clipforge.model.registry import get_model_config
 
     for entry in pretrained_entries():  # the registered architecture takes the tag's input size
@@ -141,8 +144,9 @@ def test_listing_is_open_clips_list():
     # open_clip's tag normalisation: case and '-' for '_'
     assert resolve_pretrained("ViT-B-32", "LAION2B-S34B-B79K").tag == "laion2b_s34b_b79k"
     base = [(m, t) for m, t in open_clip.list_pretrained() if not m.endswith("-quickgelu")]
-    assert [(e.model, e.tag) for e in pretrained_entries()] == sorted(base, key=everything.index)
-    assert len(pretrained_entries("siglip")) == sum("siglip" in m.lower() for m, _ in base) == 30
+    assert [(e.model, e.tag) for e in pretrained_entries()] == sorted(base, key=everything.index) + MAIN_PAIRS
+    assert sum("siglip" in m.lower() for m, _ in base) == 30
+    assert len(pretrained_entries("siglip")) == 30 + len(MAIN_PAIRS) == 32
 
 
 def test_table_constants_and_licences():
@@ -178,7 +182,7 @@ def test_models_pretrained_command_lists_repo_and_licence():
     text = format_pretrained(pretrained_rows())
     lines = text.splitlines()
     assert lines[0].split() == ["model", "tag", "hub", "repository", "license", "quickgelu", "size"]
-    assert len(lines) == 1 + 169
+    assert len(lines) == 1 + 169 + len(MAIN_PAIRS)
     assert any(line.split()[:5] == ["ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai", "mit", "yes"]
                for line in lines)  # fmt: skip
 

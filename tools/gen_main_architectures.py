@@ -4,7 +4,7 @@ tests/oracles/open_clip_main_naflex.json from a clone of open_clip's main branch
 open_clip 3.3 (the release clipforge's ``architectures.json`` mirrors) has no NaFlex models;
 open_clip main added ``ViT-B-16-SigLIP2-naflex`` and ``ViT-SO400M-16-SigLIP2-naflex`` (commits
 294733a, a422955: SigLIP 2 on timm's ``NaFlexVit``, 576 patches by default, Hub weights under
-``timm/<name>``). Run ``.venv/bin/python tools/gen_main_architectures.py <open_clip git dir>``
+``timm/<name>``) and the weightless CLIP configs ``naflex_ViT-B-16`` / ``naflex_ViT-B-32``. Run ``.venv/bin/python tools/gen_main_architectures.py <open_clip git dir>``
 and review the diff. The configs are read with ``git show`` at the clone's HEAD (nothing is
 imported from it), converted with clipforge's ``config_from_open_clip`` and written in
 clipforge's form; the raw open_clip configs go to the test oracle file unchanged, with the commit.
@@ -29,6 +29,10 @@ OUT = ROOT / "src/clipforge/model/architectures_main.json"
 ORACLE = ROOT / "tests/oracles/open_clip_main_naflex.json"
 #: open_clip main's NaFlex image-text models that have published weights.
 NAMES = ("ViT-B-16-SigLIP2-naflex", "ViT-SO400M-16-SigLIP2-naflex")
+#: ... and its plain NaFlex CLIP architectures (no weights; CLIP text tower). Main's other NaFlex
+#: configs (ModernText towers, NaFlexClap audio, GenLIP/GenLAP generative) are models clipforge
+#: does not implement.
+ARCHITECTURES = (*NAMES, "naflex_ViT-B-16", "naflex_ViT-B-32")
 
 
 def _git(repo: str, *args: str) -> str:
@@ -55,7 +59,9 @@ def main() -> int:
         return 2
     repo = sys.argv[1]
     commit = _git(repo, "rev-parse", "HEAD").strip()
-    raw = {n: json.loads(_git(repo, "show", f"HEAD:src/open_clip/model_configs/{n}.json")) for n in NAMES}
+    raw = {
+        n: json.loads(_git(repo, "show", f"HEAD:src/open_clip/model_configs/{n}.json")) for n in ARCHITECTURES
+    }
     table, hashes = {}, {}
     for name, model_cfg in raw.items():
         cfg = config_from_open_clip(model_cfg, name)

@@ -37,6 +37,9 @@ _UNSUPPORTED = {
     "scale_fc": False,
     "pos_embed_type": "learnable",
 }
+# open_clip main (after 3.3): its ModernText tower and variable-length text; refused by name
+# rather than read as the CLIP text tower they are not.
+_UNSUPPORTED_TEXT = {"text_arch": "clip", "variable_text": False}
 
 
 def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip_config.json") -> CLIPConfig:
@@ -53,7 +56,11 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
             )
         if where == "text_cfg" and sub.get("final_ln_after_pool"):
             raise CheckpointError(f"{source}: text_cfg.final_ln_after_pool is not supported by clipforge")
+    for name, default in _UNSUPPORTED_TEXT.items():
+        if t_in.get(name, default) != default:
+            raise CheckpointError(f"{source}: text_cfg.{name}={t_in[name]!r} is not supported by clipforge")
     vision = {k: v_in[k] for k in _VISION_MAP if k in v_in}
+    vision.update(_timm_model_kwargs(v_in))
     if isinstance(vision.get("image_size"), (list, tuple)):
         h, w = vision["image_size"]
         if h != w:
@@ -87,6 +94,15 @@ def config_from_open_clip(model_cfg: Mapping[str, Any], source: str = "open_clip
         )
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def _timm_model_kwargs(v_in: Mapping[str, Any]) -> dict[str, Any]:
+    """open_clip main's ``timm_model_kwargs`` (extra ``timm.create_model`` arguments) as clipforge's
+    ``timm_kwargs``; a ``patch_size`` there is the tower's patch size too (open_clip 3.3 has neither)."""
+    kwargs = dict(v_in.get("timm_model_kwargs") or {})
+    if not kwargs:
+        return {}
+    return {"timm_kwargs": kwargs, **({"patch_size": kwargs["patch_size"]} if "patch_size" in kwargs else {})}
 
 
 def _text_kwargs(t_in: Mapping[str, Any], source: str) -> dict[str, Any]:
