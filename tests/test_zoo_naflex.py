@@ -228,6 +228,7 @@ def _hf_vision(model: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
+@pytest.mark.slow  # a 1.5 GB Hub file, full-size forwards
 def test_tag_resolves_offline_to_open_clips_weights(hub_repo, loaded):
     oc, _, snapshot = hub_repo
     model, val = loaded
@@ -248,6 +249,7 @@ def test_tag_resolves_offline_to_open_clips_weights(hub_repo, loaded):
     assert isinstance(val, NaFlexTransform) and (val.patch_size, val.max_num_patches) == (16, 576)
 
 
+@pytest.mark.slow  # a 1.5 GB Hub file, full-size forwards
 def test_preprocessing_is_siglip2_image_processors_with_576_patches(loaded):
     """The tag's eval transform on photos of five aspect ratios: Siglip2ImageProcessor's patches,
     mask and grid shapes at open_clip main's budget of 576 patches."""
@@ -263,6 +265,7 @@ def test_preprocessing_is_siglip2_image_processors_with_576_patches(loaded):
     assert (batch["patches"] - ref["pixel_values"]).abs().max().item() < 1e-6
 
 
+@pytest.mark.slow  # a 1.5 GB Hub file, full-size forwards
 def test_features_equal_open_clip_and_transformers(hub_repo, loaded):
     """NaFlex batches of five aspect ratios (64 patches each at most, to keep three full-size
     forwards short): the features equal open_clip's model (timm's NaFlexVit given the patch
@@ -289,6 +292,7 @@ def test_features_equal_open_clip_and_transformers(hub_repo, loaded):
     assert max(diffs) < TOL
 
 
+@pytest.mark.slow  # a 1.5 GB Hub file, full-size forwards
 def test_fixed_size_tensor_is_the_square_naflex_image(loaded):
     """A fixed-size tensor (here 192 px: 12x12 patches, the 16x16 table resized) gives the features
     of the same pixels as a NaFlex patch dict: open_clip's tower takes both."""
@@ -304,6 +308,7 @@ def test_fixed_size_tensor_is_the_square_naflex_image(loaded):
     assert fixed.abs().max().item() > 0.1 and (fixed - naflex).abs().max().item() < TOL
 
 
+@pytest.mark.slow  # a 1.5 GB Hub file, full-size forwards
 def test_hub_spec_resolves_with_the_repos_naflex_budget(hub_repo, loaded):
     """``hf-hub:timm/ViT-B-16-SigLIP2-naflex`` (no tag): the repo's open_clip_config.json gives the
     architecture and, from main's ``image_seq_len``, the same NaFlex preprocessing as the tag."""
