@@ -249,31 +249,34 @@ def test_two_rank_index_build_equals_one_process_and_grows(tmp_path):
 
 
 LIMITED_BUILD = r"""
-import json, resource, sys
+import json, mmap, resource, sys
 import numpy as np
 from clipforge.search.index import build_index  # imports faiss, numpy, torch: the fixed cost
 from clipforge.search.searcher import Searcher
 import pyarrow.parquet  # noqa: F401  (the metadata reader, if parquet)
-import faiss, tqdm, clipforge.checkpoints.io  # noqa: F401,E401  (imported lazily by the build)
+import faiss, tqdm, clipforge.checkpoints.io, torch.distributed  # noqa: F401,E401  (imported lazily by the build)
 faiss.omp_set_num_threads(1)
 warm = np.random.default_rng(0).random((2048, 256), np.float32)
 faiss.Kmeans(256, 16, niter=1).train(warm)  # OpenBLAS maps ~150 MB of buffers once, whatever the data
 np.dot(warm, warm.T)
 
-def vm() -> int:
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+def vm(key: str = "VmSize") -> int:
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 
-emb, out, headroom, vectors = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+# headroom: what the build may use; lists: the finished inverted lists, which the built index
+# maps (allowed on top); too_big: bytes that must not fit (else the test proves nothing)
+emb, out, headroom, too_big = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+kind, max_memory, lists, part_rows = sys.argv[5], int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 base = vm()
-resource.setrlimit(resource.RLIMIT_AS, (base + headroom, resource.RLIM_INFINITY))
-try:
-    np.ones(vectors // 4, np.float32)  # the vectors in float32 do not fit under this limit
+resource.setrlimit(resource.RLIMIT_AS, (base + headroom + lists, resource.RLIM_INFINITY))
+try:  # mmap, not numpy: a failed malloc leaves glibc a 64 MiB arena reserved, eating the headroom
+    mmap.mmap(-1, too_big).close()
     print(json.dumps({"limit_bites": False}))
     sys.exit(0)
-except MemoryError:
+except OSError:
     pass
-m = build_index(emb, out, kind="ivfpq", max_memory=headroom // 2, progress=False)
-peak = vm() - base
+m = build_index(emb, out, kind=kind, max_memory=max_memory, progress=False, part_rows=part_rows or None)
+peak = vm("VmPeak") - base
 resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # query time maps files
 s = Searcher(out, model=object(), tokenizer=object(), preprocess=object())
 hits = [s.search(image_id=i, k=1)[0].id for i in (0, 4321, 199_999)]
@@ -288,12 +291,78 @@ def test_index_build_under_an_address_space_limit(tmp_path):
     n, dim = 200_000, 256
     _write_vectors(tmp_path / "emb", n, dim, seed=0, shard=20_000)
     headroom, vectors = 64 * 2**20, n * dim * 4
-    script = tmp_path / "limited.py"
-    script.write_text(LIMITED_BUILD)
-    proc = _run([sys.executable, str(script), str(tmp_path / "emb"), str(tmp_path / "index"), str(headroom),
-                 str(vectors)], timeout=600)  # fmt: skip
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _limited_build(tmp_path, headroom, vectors, "ivfpq", headroom // 2)
     assert result["limit_bites"], "the limit must be smaller than the vectors for this test to mean anything"
     assert result["count"] == n and result["hits"] == [0, 4321, 199_999]
     assert result["recall"] >= 0.9
     assert headroom < vectors / 3
+
+
+def _limited_build(
+    tmp_path: Path,
+    headroom: int,
+    too_big: int,
+    kind: str,
+    max_memory: int,
+    lists: int = 0,
+    part_rows: int = 0,
+) -> dict:
+    """Run LIMITED_BUILD on ``tmp_path/emb``: the build's address space may grow by ``headroom``
+    plus ``lists`` (the finished lists, mapped by the index it returns); ``too_big`` must not fit."""
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED_BUILD)
+    args = [tmp_path / "emb", tmp_path / "index", headroom, too_big, kind, max_memory, lists, part_rows]
+    proc = _run([sys.executable, str(script), *map(str, args)], timeout=600)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_merge_maps_neither_the_parts_nor_a_second_copy_of_the_lists(tmp_path):
+    """An ``ivf`` build (flat codes: the lists weigh 1,032 B a vector here) whose lists are larger
+    than the headroom: the address space may grow by the headroom (adding a chunk of 16k vectors
+    to 1,024 lists takes ~64 MB of distances) plus one copy of the lists (the finished index maps
+    them), not two. A merge that maps the parts it reads (faiss's
+    ``merge_from_multiple`` maps all of them) or holds memory proportional to the collection runs
+    out of address space."""
+    n, dim = 200_000, 256
+    _write_vectors(tmp_path / "emb", n, dim, seed=0, shard=20_000)
+    headroom, lists = 160 * 2**20, n * (dim * 4 + 8)
+    assert lists > headroom  # the lists in any second form cannot hide in the headroom
+    result = _limited_build(tmp_path, headroom, 2 * lists, "ivf", 2 * lists, lists, part_rows=10_000)
+    assert result["limit_bites"], "two copies of the lists must not fit, or the test proves nothing"
+    assert result["count"] == n and result["hits"] == [0, 4321, 199_999]
+    assert result["recall"] >= 0.9
+    assert (tmp_path / "index/index-1.ivfdata").stat().st_size == lists
+
+
+def _rss_file() -> int:
+    return next(
+        int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssFile")
+    )
+
+
+def test_calibration_searches_release_the_pages_of_the_lists(tmp_path, monkeypatch):
+    """Searching mapped lists makes their pages resident in the process; calibration searches in
+    batches and drops them after each (else a build's RSS grows by the whole index), with the
+    same results as one search of all queries (batches of at least 20: faiss's arithmetic)."""
+    from clipforge.search import build as streamed
+    from clipforge.search.index import _search_released, build_index, load_index, search_index
+
+    x = _write_vectors(tmp_path / "emb", 30_000, 64, seed=0)
+    build_index(tmp_path / "emb", tmp_path / "index", kind="ivf", progress=False, part_rows=7_000)
+    index, manifest = load_index(tmp_path / "index")
+    size = (tmp_path / "index" / manifest["ivfdata_file"]).stat().st_size
+    nlist = manifest["build_params"]["nlist"]
+    queries = x[::60].astype(np.float32)  # 500 queries
+    before = _rss_file()
+    whole = search_index(index, "ivf", "ip", x, queries, 10, {"nprobe": nlist})[1]
+    assert _rss_file() - before > 0.8 * size  # every list was scanned: the whole file is mapped in
+    streamed.release_pages(index)
+    assert _rss_file() - before < 0.2 * size
+
+    monkeypatch.setattr(streamed, "RESIDENT_LISTS", 1)  # smallest batches
+    assert streamed.query_batch(index, nlist, len(queries)) == streamed.MIN_QUERY_BATCH
+    for nprobe in (1, 8, nlist):
+        one = search_index(index, "ivf", "ip", x, queries, 11, {"nprobe": nprobe})[1]
+        assert np.array_equal(_search_released(index, "ivf", "ip", x, queries, 11, {"nprobe": nprobe}), one)
+    assert _rss_file() - before < 0.2 * size
+    assert np.array_equal(whole, one[:, :10])

@@ -9,17 +9,21 @@ OPQ+IVF-PQ index is
    copy of the trained index and written to disk; under ``torchrun`` the parts are split over
    the ranks (contiguous runs, :func:`clipforge.search.sharding.contiguous_split`);
 3. **merged**: the parts' inverted lists are concatenated, in part order, into one on-disk
-   inverted-list file (faiss ``OnDiskInvertedLists``), which the server memory-maps.
+   inverted-list file (faiss ``OnDiskInvertedLists``), which the server memory-maps; the bytes
+   are copied file to file, one part at a time, so the merge holds ``O(nlist)`` memory.
 
 Each list holds its vectors in row order whatever the part size or the number of ranks, so a
 build by many ranks is the same index as a build by one. Vectors are read with ``pread``
 (:class:`RowReader`), not memory-mapped, so the build's address space holds one chunk, the
-training sample and the codes being merged, not the collection (tested under ``RLIMIT_AS``).
+training sample, one part and the mapping of the finished lists, not the collection nor the
+parts (tested under ``RLIMIT_AS``); calibration drops the pages of the lists it has searched
+(:func:`release_pages`), so resident memory does not grow with the index either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -38,6 +42,10 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 16_384  # vectors converted to float32 at a time (32 MiB at 512-d)
 PART_MEMORY = 256 * 2**20  # codes one part may hold when no --max-memory is given
 TRAIN_MAX = 262_144  # training points at most: kmeans time grows with points x lists
+COPY_CHUNK = 16 * 2**20  # merge buffer where the kernel cannot copy file to file
+RESIDENT_LISTS = 256 * 2**20  # list pages a batch of calibration queries may map before release
+MIN_QUERY_BATCH = 20  # faiss's flat quantizer switches to BLAS at 20 queries: same arithmetic
+MADV_DONTNEED = 4
 
 
 class RowReader:
@@ -186,29 +194,94 @@ def build_parts(
 
 def merge_parts(trained: Path, parts: Sequence[Path], ivfdata: Path, before: Any = None) -> Any:
     """One index whose inverted lists (in ``ivfdata``) concatenate ``before``'s lists (an existing
-    index, for ``index --add``) and the parts', in that order (step 3, rank 0)."""
+    index, for ``index --add``) and the parts', in that order (step 3, rank 0).
+
+    The layout is faiss's ``merge_from_multiple`` (list ``j``: its codes then its ids, lists
+    packed in order), but the bytes move file to file (``copy_file_range``), one source at a
+    time: the merge neither maps the parts nor writes through the output's mapping, so its
+    memory is ``O(nlist)`` whatever the number of vectors (faiss's merge mapped every part and
+    dirtied every page of the output: resident memory grew by twice the index size).
+    """
     faiss = load_faiss()
     index = faiss.read_index(str(trained))
     ivf = faiss.extract_index_ivf(index)
-    sources = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in parts]  # kept alive: lists are views
-    lists = [faiss.extract_index_ivf(i).invlists for i in ([before] if before is not None else []) + sources]
-    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
+    nlist, code_size = int(ivf.nlist), int(ivf.code_size)
+    sources: list[Any] = ([before] if before is not None else []) + list(parts)
+    sizes = np.zeros(nlist, np.uint64)
+    for src in sources:
+        with _source_lists(src, nlist, code_size) as (_, layout):
+            sizes += layout[:, 0].astype(np.uint64)
+    counts = sizes.astype(np.int64)
+    starts = np.zeros(nlist + 1, np.int64)  # byte offset of each list in the output
+    np.cumsum(counts * (code_size + 8), out=starts[1:])
+    ondisk = faiss.OnDiskInvertedLists(nlist, code_size, str(ivfdata))
     ondisk.prefetch_nthread = 0  # see read_ondisk
-    vec = faiss.InvertedListsPtrVector()
-    for il in lists:
-        vec.push_back(il)
     with _quiet_stdout():  # faiss prints every file resize
-        ntotal = ondisk.merge_from_multiple(vec.data(), vec.size(), False, False)
+        ondisk.update_totsize(int(starts[-1]))  # creates the file at its final size and maps it
+    ondisk.set_all_lists_sizes(faiss.swig_ptr(sizes))  # offsets: lists packed in order, as above
+    filled = np.zeros(nlist, np.int64)
+    dst = os.open(ivfdata, os.O_WRONLY)
+    try:
+        for src in sources:
+            with _source_lists(src, nlist, code_size) as (fd, layout):
+                _copy_lists(fd, layout, dst, starts, counts, filled, code_size)
+        os.fsync(dst)
+    finally:
+        os.close(dst)
     ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()  # the index owns it now
-    ivf.ntotal = index.ntotal = int(ntotal)
-    del sources, lists, vec
-    fd = os.open(ivfdata, os.O_RDONLY)
+    ivf.ntotal = index.ntotal = int(counts.sum())
+    return index
+
+
+def _copy_lists(
+    fd: int, layout: np.ndarray, dst: int, starts: np.ndarray, sizes: np.ndarray, filled: np.ndarray,
+    code_size: int,
+) -> None:  # fmt: skip
+    """Append one source's lists (``layout`` rows: size, capacity, byte offset in ``fd``) after
+    what earlier sources put in each output list (``filled`` vectors, updated)."""
+    for j in np.flatnonzero(layout[:, 0]):
+        n, cap, off = (int(v) for v in layout[j])
+        done = int(filled[j])
+        _copy_bytes(fd, off, dst, int(starts[j]) + done * code_size, n * code_size)
+        ids_at = int(starts[j]) + int(sizes[j]) * code_size + done * 8
+        _copy_bytes(fd, off + cap * code_size, dst, ids_at, n * 8)
+        filled[j] += n
+
+
+@contextlib.contextmanager
+def _source_lists(src: Any, nlist: int, code_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(file descriptor, per-list size / capacity / byte offset) of a merge source: a part file
+    (opened only for as long as it is copied) or an index whose lists are already on disk."""
+    faiss = load_faiss()
+    index = faiss.read_index(str(src), faiss.IO_FLAG_MMAP) if isinstance(src, Path) else src
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    name = src if isinstance(src, Path) else Path(lists.filename)
+    if type(lists).__name__ != "OnDiskInvertedLists" or lists.nlist != nlist or lists.code_size != code_size:
+        raise DataError(f"{name}: not inverted lists of this index ({type(lists).__name__})")
+    entries = lists.lists
+    layout = np.array([(e.size, e.capacity, e.offset) for e in map(entries.at, range(nlist))], np.int64)
+    fd = os.open(name, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        yield fd, layout.reshape(nlist, 3)
     finally:
         os.close(fd)
-    return index
+        del lists, index  # a part's mapping goes with its index
+
+
+def _copy_bytes(src: int, src_at: int, dst: int, dst_at: int, n: int) -> None:
+    """``n`` bytes from ``src`` at ``src_at`` to ``dst`` at ``dst_at``, kernel to kernel where the
+    file system allows it, else through a bounded buffer."""
+    while n > 0:
+        try:
+            done = os.copy_file_range(src, dst, n, src_at, dst_at)
+        except OSError as e:  # EXDEV, ENOSYS, EOPNOTSUPP, EINVAL: copy through user space
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            done = os.pwrite(dst, os.pread(src, min(n, COPY_CHUNK), src_at), dst_at)
+        if done <= 0:
+            raise DataError(f"inverted lists end early: {n} bytes missing at offset {src_at}")
+        src_at, dst_at, n = src_at + done, dst_at + done, n - done
 
 
 def read_ondisk(path: Path, ivfdata: Path) -> Any:
@@ -226,6 +299,44 @@ def read_ondisk(path: Path, ivfdata: Path) -> Any:
     lists.prefetch_nthread = 0
     lists.do_mmap()
     return index
+
+
+def _ondisk_lists(index: Any) -> Any:
+    """The ``OnDiskInvertedLists`` of an IVF index, or ``None`` (other kinds, in-memory lists)."""
+    faiss = load_faiss()
+    try:
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    except RuntimeError:  # not an IVF index
+        return None
+    return lists if type(lists).__name__ == "OnDiskInvertedLists" and lists.totsize else None
+
+
+def query_batch(index: Any, nprobe: int, n_queries: int) -> int:
+    """Queries per search call such that the list pages they touch stay near ``RESIDENT_LISTS``
+    (at least ``MIN_QUERY_BATCH``; all of them for in-memory lists or a small index)."""
+    lists = _ondisk_lists(index)
+    if lists is None:
+        return max(1, n_queries)
+    per_query = 2 * nprobe * int(lists.totsize) // max(1, int(lists.nlist))  # x2: big lists are hit more
+    return int(min(max(1, n_queries), max(MIN_QUERY_BATCH, RESIDENT_LISTS // max(1, per_query))))
+
+
+def release_pages(index: Any) -> None:
+    """Drop this process's resident pages of ``index``'s on-disk lists (no-op for other indexes).
+
+    Why: a searched list's mapped pages count in the process's resident set until unmapped, and
+    calibration probes nearly every list, so a build's peak RSS would grow by the whole index.
+    ``MADV_DONTNEED`` on a shared file mapping loses nothing: the pages stay in the page cache
+    and the next search maps them again."""
+    import ctypes
+
+    lists = _ondisk_lists(index)
+    if lists is None:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(int(lists.ptr), int(lists.totsize), MADV_DONTNEED) != 0:
+        log.debug("madvise failed (errno %d); list pages stay resident", ctypes.get_errno())
 
 
 # --------------------------------------------------------------------------- helpers

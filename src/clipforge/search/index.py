@@ -652,7 +652,7 @@ def _sweep(
     for v in values:
         params = {**base, knob: v}
         set_search_params(index, params)
-        _, ids = search_index(index, kind, metric, embeddings, queries, k + 1, params)
+        ids = _search_released(index, kind, metric, embeddings, queries, k + 1, params)
         r = recall_at_k(_drop_self(ids, qids, k), truth)
         if r > best[1]:
             best = (params, r)
@@ -662,6 +662,19 @@ def _sweep(
             break  # plateau: more probes will not reach the target at this rerank depth
         prev = r
     return best
+
+
+def _search_released(
+    index: Any, kind: str, metric: str, embeddings: Any, queries: np.ndarray, k: int, params: dict[str, Any]
+) -> np.ndarray:
+    """The ids of :func:`search_index`, in batches after each of which the on-disk lists' pages
+    are released: calibrating a build then keeps resident only what one batch touched."""
+    step = streamed.query_batch(index, int(params.get("nprobe", 1)), len(queries))
+    found = []
+    for b in range(0, len(queries), step):
+        found.append(search_index(index, kind, metric, embeddings, queries[b : b + step], k, params)[1])
+        streamed.release_pages(index)
+    return np.concatenate(found)
 
 
 def _drop_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
