@@ -91,6 +91,10 @@ def main() -> None:
     p.add_argument("--venv", default="~/.cache/clipforge-bench/clip-retrieval-venv")
     p.add_argument("--photo-repeat", type=int, default=3, help="list each photo this many times")
     p.add_argument("--icons", type=int, default=250, help="96x96 icons (plus every 512x512 one)")
+    p.add_argument("--cf-decode-threads", type=int, default=None,
+                   help="clipforge embed --decode-threads (default: clipforge's default)")  # fmt: skip
+    p.add_argument("--cr-workers", type=int, default=None,
+                   help="clip-retrieval's --num_prepro_workers (default: --workers)")  # fmt: skip
     args = p.parse_args()
     if args.against == "clip-retrieval":
         from embed_real import compare

@@ -19,7 +19,12 @@ torch threads and decoding worker processes, alternating round by round:
 
 images/s = images / wall time of the process; "net" subtracts each program's wall time on a
 one-image folder (start-up, model load, clip-retrieval's warm-up; the best of one such run per
-round), so the rate is that of the pipeline itself. clip-retrieval's own loop timer (its
+round), so the rate is that of the pipeline itself (the steady state). Every file is read once
+before the first round (warm file cache for both). "cpu" is the CPU time of the whole process
+tree (user + system, decoding workers included) per image: the work done, which a busy machine
+does not inflate the way it inflates wall time. clipforge decodes each batch with
+``--cf-decode-threads`` threads per worker (default: its own default, the cores divided by the
+workers); ``--cr-workers`` gives clip-retrieval a different worker count (default: the same). clip-retrieval's own loop timer (its
 ``stats/*.json``) is printed as a cross-check. The ratio is clipforge / clip-retrieval for both. Embeddings are compared too
 (max |cos - 1| between the two programs' vectors of the same image file).
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -114,29 +120,38 @@ def env(args, hub: Path) -> dict[str, str]:
             "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
 
 
-def run_clipforge(args, folder: Path, out: Path, hub: Path) -> float:
+def run_clipforge(args, folder: Path, out: Path, hub: Path) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "clipforge", "embed", "--model", "ViT-B-32", "--pretrained", TAG,
            "--images", str(folder), "--out", str(out), "--batch-size", str(args.batch_size),
            "--workers", str(args.workers), "--dtype", "float32"]  # fmt: skip
+    if args.cf_decode_threads is not None:
+        cmd += ["--decode-threads", str(args.cf_decode_threads)]
     return _timed(cmd, env(args, hub))
 
 
-def run_clip_retrieval(args, exe: Path, folder: Path, out: Path, hub: Path) -> float:
+def _cr_workers(args) -> int:
+    return args.workers if args.cr_workers is None else args.cr_workers
+
+
+def run_clip_retrieval(args, exe: Path, folder: Path, out: Path, hub: Path) -> tuple[float, float]:
     cmd = [str(exe), "inference", "--input_dataset", str(folder), "--output_folder", str(out),
            "--clip_model", f"open_clip:ViT-B-32/{TAG}", "--batch_size", str(args.batch_size),
-           "--num_prepro_workers", str(args.workers), "--enable_text", "False", "--enable_wandb", "False",
+           "--num_prepro_workers", str(_cr_workers(args)), "--enable_text", "False", "--enable_wandb", "False",
            "--clip_cache_path", str(hub)]  # fmt: skip
     # clip-retrieval's threads: torch reads OMP_NUM_THREADS at start-up like clipforge's does.
     return _timed(cmd, env(args, hub))
 
 
-def _timed(cmd: list[str], environ: dict[str, str]) -> float:
+def _timed(cmd: list[str], environ: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and every child it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=environ, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise RuntimeError(f"{cmd[0]} {cmd[1]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def agreement(cf_out: Path, cr_out: Path) -> float:
@@ -168,20 +183,30 @@ def compare(args) -> None:
     exe = ensure_venv(Path(args.venv).expanduser())
     hub = build_hub(root / "hub")
     sets = folders(root, args.photo_repeat, args.icons)
+    for name in ("photos", "icons"):  # warm file cache: neither program pays the first read
+        for f in sets[name].iterdir():
+            f.read_bytes()
+    threads = "default" if args.cf_decode_threads is None else args.cf_decode_threads
     print(f"clipforge embed vs clip-retrieval inference: ViT-B-32 (same random weights), batch {args.batch_size}, "
-          f"{args.threads} threads, {args.workers} decoding worker(s), {args.rounds} alternating round(s)")  # fmt: skip
+          f"{args.threads} torch threads, clipforge {args.workers} decoding worker(s) x {threads} decode thread(s), "
+          f"clip-retrieval {_cr_workers(args)} worker(s), {args.rounds} alternating round(s); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
     for name in ("photos", "icons"):
         n = len(list(sets[name].iterdir()))
         walls: dict[str, list[float]] = {"clipforge": [], "clip-retrieval": []}
         starts: dict[str, list[float]] = {"clipforge": [], "clip-retrieval": []}
+        cpus: dict[str, list[float]] = {"clipforge": [], "clip-retrieval": []}
         for r in range(args.rounds):
             for key in ("clipforge", "clip-retrieval") if r % 2 == 0 else ("clip-retrieval", "clipforge"):
                 fn = _runner(key, args, exe, hub)
-                starts[key].append(fn(sets[f"{name}-1"], root / f"{key}-{name}-1-{r}"))  # start-up: one image
-                walls[key].append(fn(sets[name], root / f"{key}-{name}-{r}"))
+                one = fn(sets[f"{name}-1"], root / f"{key}-{name}-1-{r}")  # start-up: one image
+                starts[key].append(one[0])
+                wall, cpu = fn(sets[name], root / f"{key}-{name}-{r}")
+                walls[key].append(wall)
+                cpus[key].append(cpu)
         start = {k: min(v) for k, v in starts.items()}
         agree = agreement(root / f"clipforge-{name}-0", root / f"clip-retrieval-{name}-0")
-        _print_set(name, n, walls, start, agree)
+        _print_set(name, n, walls, start, agree, {k: min(v) / n for k, v in cpus.items()})
         print(f"  clip-retrieval's own loop timer (read + inference + write, no start-up): "
               f"{_own_rate(root, name, args.rounds):.2f} images/s (best round)")  # fmt: skip
     shutil.rmtree(root, ignore_errors=True)
@@ -206,14 +231,14 @@ def _runner(key: str, args, exe: Path, hub: Path):
     return lambda folder, out: run_clip_retrieval(args, exe, folder, out, hub)
 
 
-def _print_set(name: str, n: int, walls: dict, start: dict, max_cos_diff: float) -> None:
+def _print_set(name: str, n: int, walls: dict, start: dict, max_cos_diff: float, cpu: dict) -> None:
     best = {k: min(v) for k, v in walls.items()}
     rate = {k: n / best[k] for k in best}
     net = {k: (n - 1) / max(1e-9, best[k] - start[k]) for k in best}
-    print(f"\n{name}: {n} images")
+    print(f"\n{name}: {n} images (load average now {os.getloadavg()[0]:.1f})")
     for k in best:
         print(f"  {k:<15} wall {best[k]:6.1f} s (median {statistics.median(walls[k]):.1f})  {rate[k]:6.2f} images/s  "
-              f"start-up {start[k]:5.1f} s  net {net[k]:6.2f} images/s")  # fmt: skip
+              f"start-up {start[k]:5.1f} s  net {net[k]:6.2f} images/s  cpu {cpu[k]:.2f} s/image")  # fmt: skip
     print(f"  ratio clipforge / clip-retrieval: {rate['clipforge'] / rate['clip-retrieval']:.2f}x images/s, "
           f"{net['clipforge'] / net['clip-retrieval']:.2f}x net (target >= 1.5x); "
           f"embeddings agree: max |cos - 1| = {max_cos_diff:.1e}")  # fmt: skip

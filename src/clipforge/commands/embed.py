@@ -39,6 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        help="threads each decoding process decodes a batch with (default: the available cores "
+        "divided by the decoding processes, at most 8; 1 decodes one image at a time)",
+    )
     p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
     p.add_argument("--no-captions", action="store_true", help="do not embed captions")
@@ -85,6 +92,7 @@ def _embed(args: argparse.Namespace, info: Any) -> int:
         pretrained=args.pretrained,
         device=info.device,
         table=table_options(args),
+        decode_threads=args.decode_threads,
     )
     if not info.is_main:
         return 0

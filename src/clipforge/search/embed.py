@@ -58,13 +58,34 @@ LAYOUT = "per-input"  # output shards cut per input shard (one input: global ran
 
 # --------------------------------------------------------------------------- decoding dataset
 class _ImageDataset:
-    """Map-style dataset run inside DataLoader workers: decode + preprocess, never raise."""
+    """Map-style dataset run inside DataLoader workers: decode + preprocess, never raise.
 
-    def __init__(self, items: list[Item], preprocess: Callable, max_pixels: int | None):
+    ``threads`` > 1 decodes the items of one batch concurrently (:meth:`__getitems__`): Pillow
+    releases the GIL while it decodes and resizes, so when decoding is the bottleneck (large
+    photos) the cores the model leaves idle decode too. Results and their order do not depend
+    on it.
+    """
+
+    def __init__(self, items: list[Item], preprocess: Callable, max_pixels: int | None, threads: int = 1):
         self.items, self.preprocess, self.max_pixels = items, preprocess, max_pixels
+        self.threads = max(1, int(threads))
+        self._pool: Any = None  # made in the process that decodes (never pickled)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """One batch (the DataLoader's batched fetch), in order, decoded by ``threads`` threads."""
+        if self.threads == 1 or len(indices) < 2:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clipforge-decode")
+        return list(self._pool.map(self.__getitem__, indices))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         from clipforge.data.images import load_image
@@ -80,6 +101,19 @@ class _ImageDataset:
         except Exception as e:  # noqa: BLE001 - a bad item is skipped with its reason, not fatal
             reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
             return {"i": i, "image": None, "size": (0, 0), "reason": reason}
+
+
+def auto_decode_threads(num_workers: int, cores: int | None = None) -> int:
+    """Decoding threads per decoding process when the caller does not say: the cores shared out
+    over the processes that decode (the main process when ``num_workers`` is 0), at most 8.
+
+    The model's threads run on the same cores; while it waits for pixels they are idle, and
+    while it runs the operating system shares them out, so the rate is that of the slower side.
+    """
+    from clipforge.data.workers import available_cores
+
+    cores = cores or available_cores()
+    return max(1, min(8, cores // max(1, num_workers)))
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,6 +155,7 @@ def embed_images(
     max_pixels: int | None = None,
     table: TableOptions | None = None,
     progress: bool = True,
+    decode_threads: int | None = None,
 ) -> dict[str, Any]:
     """Embed every image of ``source`` into ``out_dir``; returns the embed manifest (a dict).
 
@@ -128,11 +163,13 @@ def embed_images(
     shards); ``table`` says how to read tables (separator, columns, data root), as for every
     command. ``tokenizer`` enables caption embeddings; ``model_name``/``pretrained`` are
     recorded so the :class:`~clipforge.search.searcher.Searcher` can rebuild the same model.
+    ``decode_threads`` is the number of threads each decoding process decodes a batch with
+    (default :func:`auto_decode_threads`: the cores shared out over the decoding processes).
 
     Called on every rank of an initialised process group (``clipforge embed`` under torchrun),
     each rank embeds its share of the missing shards and every rank returns the manifest.
     """
-    dtype = _check_options(dtype, batch_size, shard_size)
+    dtype = _check_options(dtype, batch_size, shard_size, decode_threads)
     pretrained = _portable_pretrained(pretrained)
     model_name = model_label(model, model_name)  # the real architecture, never a merely close name
     out = Path(out_dir)
@@ -152,9 +189,9 @@ def embed_images(
     mine = [s for s, r in zip(pending, assign_shards(plan, pending, world)) if r == rank]
     if mine:
         writer = _ShardWriter(out, plan, items, model, tokenizer, with_text, dtype, device, rank, world)
-        _embed_shards(
-            model, preprocess, items, plan, mine, writer, batch_size, num_workers, max_pixels, progress
-        )
+        threads = auto_decode_threads(num_workers) if decode_threads is None else decode_threads
+        dataset = _ImageDataset(items, preprocess, max_pixels, threads)
+        _embed_shards(model, dataset, plan, mine, writer, batch_size, num_workers, progress)
     sharding.wait_all()  # every rank's shards are on disk
     if rank == 0:
         manifest = _finalize(out, plan, model, model_name, pretrained, dtype, with_text)
@@ -175,12 +212,14 @@ def _preprocess_record(model: Any) -> dict[str, Any] | None:
     return pre.to_dict() if hasattr(pre, "to_dict") else None
 
 
-def _check_options(dtype: Any, batch_size: int, shard_size: int) -> np.dtype:
+def _check_options(dtype: Any, batch_size: int, shard_size: int, decode_threads: int | None) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype not in (np.float16, np.float32):
         raise DataError(f"dtype must be float16 or float32, got {dtype}")
     if batch_size <= 0 or shard_size <= 0:
         raise DataError("batch_size and shard_size must be positive")
+    if decode_threads is not None and decode_threads < 1:
+        raise DataError(f"decode_threads must be at least 1, got {decode_threads}")
     return dtype
 
 
@@ -231,14 +270,12 @@ def assign_shards(plan: Sequence[Span], pending: Sequence[int], world: int) -> l
 
 def _embed_shards(
     model: Any,
-    preprocess: Callable,
-    items: list[Item],
+    dataset: _ImageDataset,
     plan: Sequence[Span],
     mine: Sequence[int],
     writer: _ShardWriter,
     batch_size: int,
     num_workers: int,
-    max_pixels: int | None,
     progress: bool,
 ) -> None:
     """Embed this rank's shards in order, one DataLoader over all their batches."""
@@ -253,7 +290,7 @@ def _embed_shards(
             shard_of.append(s)
     on_gpu = torch.device(writer.device).type == "cuda"
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(items, preprocess, max_pixels),
+        dataset,
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_collate,
