@@ -65,8 +65,8 @@ def icon_tables(root: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def model_files(args, root: Path) -> tuple[Path, Path]:
-    """The architecture as a clipforge JSON file and as an open_clip ``local-dir:`` folder."""
+def model_files(args, root: Path) -> tuple[Path, dict, object]:
+    """The architecture as a clipforge JSON file, as open_clip's ``open_clip_config.json`` content, and its config."""
     from dataclasses import replace
 
     from clipforge.checkpoints.open_clip_config import config_to_open_clip
@@ -75,32 +75,80 @@ def model_files(args, root: Path) -> tuple[Path, Path]:
     cfg = get_model_config(args.model)
     if args.image_size:
         cfg = replace(cfg, vision=replace(cfg.vision, image_size=args.image_size))
-    _initial_weights(cfg, root / "init.safetensors")
     arch = root / "arch.json"
     arch.write_text(json.dumps(cfg.to_dict()))
-    oc_dir = root / "open_clip_model"
-    oc_dir.mkdir()
     oc = {"model_cfg": config_to_open_clip(cfg), "preprocess_cfg": {"size": cfg.vision.image_size}}
-    (oc_dir / "open_clip_config.json").write_text(json.dumps(oc))
-    return arch, oc_dir
+    return arch, oc, cfg
 
 
-def _initial_weights(cfg, path: Path) -> None:
-    """One random initialisation (seed 0) in open_clip's layout, the starting point of both
-    trainers: the libraries initialise some layers differently (open_clip leaves its ViT at
-    PyTorch's defaults), which at this size changes how fast a run learns more than any data
-    pipeline does."""
+def seed_start(cfg, oc: dict, root: Path, seed: int) -> Path:
+    """A ``local-dir:`` folder for open_clip holding the config and seed ``seed``'s initial weights.
+
+    Why the weights live in the folder: open_clip ignores ``--pretrained`` for ``local-dir:``
+    models (it logs a warning and looks for ``open_clip_model.safetensors`` in the folder), so a
+    ``--pretrained`` file alone leaves open_clip at its own random initialisation while clipforge
+    starts from the file. clipforge gets the same file as ``--pretrained``.
+    """
+    folder = root / f"open_clip_model-{seed}"
+    folder.mkdir(exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(oc))
+    _initial_weights(cfg, folder / "open_clip_model.safetensors", seed)
+    return folder
+
+
+def _initial_weights(cfg, path: Path, seed: int) -> None:
+    """One random initialisation (``torch.manual_seed(seed)``) in open_clip's layout, the
+    starting point of both trainers for that seed: the libraries initialise some layers
+    differently (open_clip leaves its ViT at PyTorch's defaults), which at this size changes how
+    fast a run learns more than any data pipeline does."""
     import torch
 
     from clipforge.checkpoints.convert import save_open_clip
     from clipforge.model.clip import CLIP
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     save_open_clip(CLIP(cfg), path)
 
 
+def check_same_start(arch: Path, oc_dir: Path) -> float:
+    """Largest feature difference between the two trainers' starting models on random inputs;
+    stops the benchmark when they do not start from the same weights (the recipe would differ)."""
+    import open_clip
+    import torch
+
+    from clipforge.checkpoints.load import load_checkpoint
+    from clipforge.factory import create_model
+
+    ours = create_model(str(arch))
+    load_checkpoint(ours, str(oc_dir / "open_clip_model.safetensors"))
+    theirs = open_clip.create_model(f"local-dir:{oc_dir}")
+    size = ours.preprocess_cfg.size
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, *size, generator=gen)
+    tokens = open_clip.get_tokenizer(f"local-dir:{oc_dir}")(["folder pictures", "user trash"])
+    with torch.no_grad():
+        diff = max(
+            (ours.encode_image(images) - theirs.encode_image(images)).abs().max().item(),
+            (ours.encode_text(tokens) - theirs.encode_text(tokens)).abs().max().item(),
+        )
+    if diff > 1e-4:
+        raise SystemExit(
+            f"clipforge and open_clip do not start from the same model ({oc_dir}): features differ by {diff:.3g}"
+        )
+    return diff
+
+
+#: Reported held-out keys: CLIP_benchmark's recall (both directions) and clipforge's mean rank,
+#: which moves with every query's rank, not only with those crossing K (less noisy on 321 pairs).
+METRICS = tuple(
+    f"{d}_retrieval_{m}"
+    for d in ("image", "text")
+    for m in ("recall@1", "recall@5", "recall@10", "mean_rank")
+)
+
+
 def heldout_recall(arch: Path, checkpoint: Path, table: Path, convention: str) -> dict[str, float]:
-    """R@1/R@5 both ways on the held-out icons, the same code for both trainers' models."""
+    """:data:`METRICS` on the held-out icons, the same code for both trainers' models."""
     import torch
 
     from clipforge.checkpoints.load import load_checkpoint
@@ -121,68 +169,115 @@ def heldout_recall(arch: Path, checkpoint: Path, table: Path, convention: str) -
         img = model.encode_image(images, normalize=True)
         txt = model.encode_text(tokens, normalize=True)
     m = retrieval_metrics(img, txt, torch.arange(len(data)))
-    return {k: float(v) for k, v in m.items() if k.endswith(("recall@1", "recall@5"))}
+    return {k: float(m[k]) for k in METRICS}
+
+
+def _train_one(args, name: str, train: Path, out: Path, oc_dir: Path) -> tuple[list[float], Path]:
+    """One training run of ``name`` (clipforge, clipforge-nocache or open_clip): step times, final checkpoint."""
+    from train_throughput import run_clipforge, run_open_clip
+
+    if name.startswith("clipforge"):
+        cache = ("--cache-images",) if name == "clipforge" else ()
+        init = oc_dir / "open_clip_model.safetensors"
+        times, _ = run_clipforge(
+            args, train, out, (*cache, "--pretrained", str(init), "--save-every-epochs", "0")
+        )
+        return times, out / "final"
+    times, _ = run_open_clip(args, train, out, oc_dir)
+    return times, out / "bench" / "checkpoints" / f"epoch_{args.epochs}.pt"
 
 
 def real_icons_main(args) -> None:
-    from train_throughput import run_clipforge, run_open_clip, steady
+    from train_throughput import steady
 
     root = Path(tempfile.mkdtemp(prefix="clipforge-bench-real-"))
     train, held = icon_tables(root)
-    arch, oc_dir = model_files(args, root)
-    init = root / "init.safetensors"
+    arch, oc, cfg = model_files(args, root)
     n = sum(1 for _ in open(train)) - 1
     args.model = str(arch)
+    seeds = list(args.seeds)
     print(
         f"real icons: {n} train PNGs, {sum(1 for _ in open(held)) - 1} held out; model {arch.name} "
         f"({args.image_size or 'registry'} px), batch {args.batch_size}, {args.epochs} epochs, "
-        f"{args.threads} threads, {args.workers} worker(s); {args.rounds} alternating round(s)"
+        f"{args.threads} threads, {args.workers} worker(s); seeds {seeds} x {args.rounds} alternating round(s)"
     )
     names = ["clipforge", "open_clip"] + (["clipforge-nocache"] if args.no_cache_too else [])
-    walls: dict[str, list[float]] = {k: [] for k in names}
-    rates: dict[str, list[float]] = {k: [] for k in names}
-    recall: dict[str, dict[str, float]] = {}
-    for r in range(args.rounds):
+    runs: list[dict] = []
+    for r, (seed, rep) in enumerate((s, k) for s in seeds for k in range(args.rounds)):
+        oc_dir = root / f"open_clip_model-{seed}"
+        if not oc_dir.exists():
+            oc_dir = seed_start(cfg, oc, root, seed)
+            print(
+                f"  seed {seed}: both trainers start from {oc_dir.name} (features agree to {check_same_start(arch, oc_dir):.1e})"
+            )
+        args.seed = seed
         for name in names[::-1] if r % 2 else names:
-            out = root / f"{name}-{r}"
+            out = root / f"{name}-{seed}-{rep}"
             out.mkdir()
             t0 = time.perf_counter()
-            if name.startswith("clipforge"):
-                cache = ("--cache-images",) if name == "clipforge" else ()
-                flags = (*cache, "--pretrained", str(init), "--save-every-epochs", "0")
-                times, _ = run_clipforge(args, train, out, flags)
-                ckpt, convention = out / "final", "open_clip"
-            else:
-                times, _ = run_open_clip(args, train, out, oc_dir, ("--pretrained", str(init)))
-                ckpt, convention = out / "bench" / "checkpoints" / f"epoch_{args.epochs}.pt", "open_clip"
+            times, ckpt = _train_one(args, name, train, out, oc_dir)
             wall = time.perf_counter() - t0
-            print(f"  round {r + 1} {name:<9} wall {wall:6.1f} s", flush=True)
-            walls[name].append(wall)
-            rates[name].append(args.batch_size / steady(times, args.skip))
-            recall[name] = heldout_recall(arch, ckpt, held, convention)
+            run = {
+                "name": name,
+                "seed": seed,
+                "round": rep,
+                "wall_s": wall,
+                "steady_sps": args.batch_size / steady(times, args.skip),
+            }
+            run["heldout"] = heldout_recall(arch, ckpt, held, "open_clip")
+            runs.append(run)
+            short = {k.replace("_retrieval_", " "): round(v, 3) for k, v in run["heldout"].items()}
             print(
-                f"  round {r + 1} {name:<9} wall {wall:6.1f} s  steady {rates[name][-1]:7.1f} samples/s  {recall[name]}"
+                f"  seed {seed} round {rep + 1} {name:<17} wall {wall:6.1f} s  steady {run['steady_sps']:7.1f} samples/s  {short}",
+                flush=True,
             )
-    _report(walls, rates, recall)
+    _report(runs, names)
+    if args.json:
+        from clipforge.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
 
 
-def _report(walls: dict, rates: dict, recall: dict) -> None:
+def _spread(values: list[float]) -> str:
+    """``mean ± sample standard deviation`` (± 0 for one value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def _report(runs: list[dict], names: list[str]) -> None:
+    """Wall time (best and median), steady rate, and every held-out metric as mean ± spread over
+    the runs, plus each clipforge variant minus open_clip paired by seed and round."""
+    by = {n: [r for r in runs if r["name"] == n] for n in names}
     print()
-    for name in walls:
+    for name, rs in by.items():
+        walls = [r["wall_s"] for r in rs]
         print(
-            f"{name:<9} wall {min(walls[name]):6.1f} s (best of {len(walls[name])})  steady {max(rates[name]):7.1f} samples/s"
+            f"{name:<17} wall {min(walls):6.1f} s best, {statistics.median(walls):6.1f} s median of {len(walls)}; "
+            f"steady {max(r['steady_sps'] for r in rs):7.1f} samples/s"
         )
-    wall_ratio = min(walls["open_clip"]) / min(walls["clipforge"])
-    rate_ratio = max(rates["clipforge"]) / max(rates["open_clip"])
+    best = {n: min(r["wall_s"] for r in rs) for n, rs in by.items()}
+    med = {n: statistics.median(r["wall_s"] for r in rs) for n, rs in by.items()}
+    rate = {n: max(r["steady_sps"] for r in rs) for n, rs in by.items()}
     print(
-        f"wall-time ratio open_clip / clipforge: {wall_ratio:.2f}x  (target >= 2x); steady samples/s ratio {rate_ratio:.2f}x"
+        f"wall-time ratio open_clip / clipforge: {best['open_clip'] / best['clipforge']:.2f}x best, "
+        f"{med['open_clip'] / med['clipforge']:.2f}x median (target >= 2x); "
+        f"steady samples/s ratio {rate['clipforge'] / rate['open_clip']:.2f}x"
     )
-    if "clipforge-nocache" in walls:
+    if "clipforge-nocache" in by:
         print(
-            f"wall-time ratio clipforge without the cache / with it: {min(walls['clipforge-nocache']) / min(walls['clipforge']):.2f}x"
+            f"wall-time ratio clipforge without the cache / with it: {best['clipforge-nocache'] / best['clipforge']:.2f}x"
         )
-    for key in sorted(k for k in recall["clipforge"] if "pessimistic" not in k):
-        print(f"  held-out {key:<28} " + "  ".join(f"{n} {recall[n][key]:.3f}" for n in recall))
     print(
-        f"  (medians of wall: clipforge {statistics.median(walls['clipforge']):.1f} s, open_clip {statistics.median(walls['open_clip']):.1f} s)"
+        f"\nheld-out ({len(by['open_clip'])} run(s) each): mean ± sd over runs; diff = variant - open_clip, paired"
     )
+    header = "".join(f"{n:>19}" for n in names) + "".join(
+        f"{'diff ' + n:>26}" for n in names if n != "open_clip"
+    )
+    print(f"  {'metric':<28}{header}")
+    for key in METRICS:
+        vals = {n: [r["heldout"][key] for r in rs] for n, rs in by.items()}
+        row = "".join(f"{_spread(vals[n]):>19}" for n in names)
+        for n in names:
+            if n != "open_clip":
+                row += f"{_spread([a - b for a, b in zip(vals[n], vals['open_clip'])]):>26}"
+        print(f"  {key:<28}{row}")

@@ -11,6 +11,7 @@ hits both alike; the best round of each is reported.
     python benchmarks/train_throughput.py                   # tiny-vit, batch 64, 2 threads
     python benchmarks/train_throughput.py --model clipforge-demo --batch-size 128 --rounds 3
     python benchmarks/train_throughput.py --real icons --image-size 64 --epochs 10   # real PNGs, wall time
+    python benchmarks/train_throughput.py --real icons --image-size 64 --epochs 10 --seeds 0 1 2 --rounds 1
 
 Prints samples/s for both, the ratio, and the mean loss of the last steps of each (same steps).
 """
@@ -70,7 +71,9 @@ def env(threads: int) -> dict[str, str]:
     }
 
 
-def run_clipforge(args, table: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[float], list[float]]:
+def run_clipforge(
+    args, table: Path, out: Path, extra: tuple[str, ...] = ()
+) -> tuple[list[float], list[float]]:
     model_flag = args.model
     cmd = [
         sys.executable,
@@ -96,7 +99,7 @@ def run_clipforge(args, table: Path, out: Path, extra: tuple[str, ...] = ()) -> 
         "--threads",
         str(args.threads),
         "--seed",
-        "0",
+        str(getattr(args, "seed", 0)),
         "--log-every",
         "1",
         "--save-every-epochs",
@@ -162,7 +165,7 @@ def run_open_clip(
         "--device",
         "cpu",
         "--seed",
-        "0",
+        str(getattr(args, "seed", 0)),
         "--log-every-n-steps",
         "1",
         "--save-frequency",
@@ -216,7 +219,18 @@ def main() -> None:
         "(see real_icons_main); clipforge runs with --cache-images",
     )
     ap.add_argument("--image-size", type=int, default=None, help="model image size override (e.g. 64)")
-    ap.add_argument("--no-cache-too", action="store_true", help="--real: also time clipforge without --cache-images")
+    ap.add_argument(
+        "--no-cache-too", action="store_true", help="--real: also time clipforge without --cache-images"
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="--real: one run of each trainer per seed (initial weights, data order and augmentation); "
+        "recall is reported as mean and spread over the runs",
+    )
+    ap.add_argument("--json", default=None, help="--real: also write every run's figures to this JSON file")
     args = ap.parse_args()
     if args.real:
         from train_real import real_icons_main
