@@ -83,10 +83,13 @@ def _expected(path: Path, side: int, convention: str, alpha: str, seed: int) -> 
     img = img.convert("RGBA" if img.mode == "RGBA" else "RGB")
     seed_all(seed)
     top, left, ch, cw = T.RandomResizedCrop.get_params(torch.zeros(3, oh, ow), (0.9, 1.0), (3 / 4, 4 / 3))
-    sx, sy = img.size[0] / ow, img.size[1] / oh
-    img = img.resize(
-        (SIZE, SIZE), Image.BICUBIC, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    )
+    if img.size == (ow, oh):  # stored unreduced: torchvision's crop, then resize
+        img = img.crop((left, top, left + cw, top + ch)).resize((SIZE, SIZE), Image.BICUBIC)
+    else:
+        sx, sy = img.size[0] / ow, img.size[1] / oh
+        img = img.resize(
+            (SIZE, SIZE), Image.BICUBIC, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        )
     if torch.rand(1) < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     img = img.convert("RGB")
@@ -112,6 +115,32 @@ def test_cached_items_follow_the_documented_recipe(tmp_path, convention, alpha):
     # Close to decoding each time (normalised units; the colour range is ~7 wide). Not for a
     # palette image under open_clip, which PIL resizes nearest-neighbour uncached (doc, point 3).
     assert max(diffs) < 0.08 and float(np.mean(diffs)) < 0.04
+
+
+@pytest.mark.parametrize("convention,alpha", [("clipforge", "composite"), ("open_clip", "drop")])
+def test_images_no_larger_than_the_cache_give_bit_identical_items(tmp_path, convention, alpha):
+    """Icons smaller than the cached side (RGBA and LA, 24 and 32 px) are stored as they are;
+    their cached items must equal the uncached ones exactly, every draw of crop and flip."""
+    by_mode: dict[str, list[Path]] = {}
+    for path in icons("24x24") + icons("32x32"):
+        with Image.open(path) as im:
+            by_mode.setdefault(im.mode, []).append(path)
+    files = by_mode["RGBA"][:6] + by_mode.get("LA", [])[:2]
+    assert len(files) > 6, sorted(by_mode)  # Adwaita's legacy sizes have LA icons too
+    table = _table(tmp_path, files)
+    cfg = PreprocessConfig(image_size=SIZE, convention=convention, alpha=alpha)
+    plain = PairsDataset(table, transform=image_transform(cfg, is_train=True, hflip=0.5))
+    cached = PairsDataset(table, transform=image_transform(cfg, is_train=True, hflip=0.5))
+    attach_cache(cached, tmp_path / "cache")
+    index = cached.image_cache.index
+    assert (index[:, 1:3] == index[:, 4:6]).all()  # stored unreduced
+    for i in range(len(files)):
+        for draw in range(3):
+            seed_all(1000 * draw + i)
+            want = plain[i][0]
+            seed_all(1000 * draw + i)
+            got = cached[i][0]
+            assert torch.equal(got, want), (files[i].name, draw, (got - want).abs().max().item())
 
 
 def test_uncached_path_is_unchanged(tmp_path):

@@ -21,7 +21,10 @@ half-written cache behind, and a reader never sees one)::
    then mapped onto the cached copy with fractional coordinates (PIL ``resize(box=...)``). What
    differs is only the pixels resampled: they come from the cached copy (short side ``side``,
    by default ``ceil(size / sqrt(min_scale * min_ratio))``, so a crop is still reduced, never
-   enlarged, to the model size) instead of from the full-size original.
+   enlarged, to the model size) instead of from the full-size original. An image already no
+   larger than ``side`` is stored as it is and cropped exactly as torchvision crops it (PIL
+   ``crop`` of the window, then ``resize``), so its items are bit-identical to uncached ones
+   (except a palette image under "open_clip", point 3).
 2. Images much larger than the cache are decoded reduced (JPEG DCT scaling via ``draft``,
    ``Image.reduce`` for every other format and mode, :func:`clipforge.data.images.load_image`)
    to no less than twice ``side`` before the resize, instead of at full size.
@@ -330,9 +333,10 @@ class CachedRandomResizedCrop:
     """``RandomResizedCrop`` on a cached copy: same RNG draws and window as on the original.
 
     Why: the window is sampled against the original size (``info["clipforge_original_size"]``)
-    exactly as torchvision samples it, so the augmentation stream is that of the uncached run;
-    the window is mapped to the cached copy's coordinates and resampled from there in one PIL
-    ``resize(box=...)``.
+    exactly as torchvision samples it, so the augmentation stream is that of the uncached run.
+    A reduced copy is resampled from the window mapped to its coordinates in one PIL
+    ``resize(box=...)``; an unreduced one is cropped and resized as torchvision does (a box
+    resize reads pixels outside the window for the filter's support, a crop does not).
     """
 
     def __init__(self, crop: Any) -> None:
@@ -347,12 +351,15 @@ class CachedRandomResizedCrop:
         oh, ow = img.info.get("clipforge_original_size", (img.size[1], img.size[0]))
         probe = torch.empty((1, 1, 1)).expand(3, oh, ow)  # only its shape is read
         top, left, h, w = T.RandomResizedCrop.get_params(probe, self.crop.scale, self.crop.ratio)
-        sx, sy = img.size[0] / ow, img.size[1] / oh
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         th, tw = (
             (self.crop.size, self.crop.size) if isinstance(self.crop.size, int) else tuple(self.crop.size)
         )
-        return img.resize((tw, th), _PIL_RESAMPLE[self.crop.interpolation], box=box)
+        resample = _PIL_RESAMPLE[self.crop.interpolation]
+        if img.size == (ow, oh):  # stored unreduced: torchvision's own crop, then resize
+            return img.crop((left, top, left + w, top + h)).resize((tw, th), resample)
+        sx, sy = img.size[0] / ow, img.size[1] / oh
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        return img.resize((tw, th), resample, box=box)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.crop!r})"
