@@ -146,7 +146,8 @@ def register_pretrained(weights: PretrainedWeights) -> None:
 def list_pretrained(model: str | None = None, *, include_unregistered: bool = False) -> list[tuple[str, str]]:
     """``(model, tag)`` pairs as ``open_clip.list_pretrained()`` gives them: those whose
     architecture is registered (what ``create_model`` can build), in the table's order (grouped by
-    family). With every open_clip architecture registered this is open_clip 3.3's 196 pairs;
+    family). With every open_clip architecture registered this is open_clip 3.3's 196 pairs
+    and open_clip main's two SigLIP 2 NaFlex ones;
     ``include_unregistered`` lists the whole table regardless.
 
     As open_clip does, every tag trained with QuickGELU is listed a second time under
