@@ -58,6 +58,7 @@ def test_config_roundtrip_and_yaml(tmp_path):
         ("lr: fast\n", "key 'lr' expects a number"),
         ("batch_size: 0\n", "key 'batch_size' must be >= 1"),
         ("schedule: linear\n", "key 'schedule' must be one of"),
+        ("weight_decay_groups: timm\n", "key 'weight_decay_groups' must be one of"),
         ("epochs: 1.5\n", "key 'epochs' expects an integer"),
         ("- 1\n- 2\n", "must be a mapping"),
         ("lr: [\n", "invalid YAML at line"),
@@ -128,6 +129,34 @@ def test_param_groups_exclude_gains_biases_embeddings_and_scale():
         assert name in decay, name
     assert decay.isdisjoint(no_decay)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_open_clip_weight_decay_groups_decay_embeddings_like_open_clip_train():
+    """``--weight-decay-groups open_clip``: open_clip_train's rule, which decays the token table and
+    the positional embeddings that clipforge's own rule leaves alone; the trainer passes it on."""
+    import argparse
+
+    from clipforge.train.trainer import build_optimizer as trainer_optimizer
+
+    model = tiny_model()
+    groups = param_groups(model, weight_decay=0.2, groups="open_clip")
+    decay, no_decay = set(groups[0]["names"]), set(groups[1]["names"])
+    assert groups[0]["weight_decay"] == 0.2 and groups[1]["weight_decay"] == 0.0
+    moved = {"visual.positional_embedding", "text.positional_embedding", "text.token_embedding.weight"}
+    assert moved <= decay
+    ours = param_groups(model, weight_decay=0.2)
+    assert set(ours[0]["names"]) | moved == decay and set(ours[1]["names"]) - moved == no_decay
+    for name in ("logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "text.ln_final.bias"):
+        assert name in no_decay, name
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--weight-decay-groups", "open_clip"]))
+    assert cfg.optim.weight_decay_groups == "open_clip"
+    optimizer = trainer_optimizer(cfg, model, 10)[0]
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.text.token_embedding.weight) in decayed
+    with pytest.raises(ConfigError, match="weight decay groups"):
+        param_groups(model, 0.2, groups="timm")
 
 
 def test_optimizer_skips_frozen_parameters():

@@ -30,6 +30,7 @@ from clipforge.objectives.registry import LOSSES as LOSS_SPECS
 
 SCHEDULES = ("cosine", "const", "const-cooldown")
 PRECISIONS = ("fp32", "bf16", "fp16")
+WEIGHT_DECAY_GROUPS = ("clipforge", "open_clip")  # clipforge.train.optim.param_groups' rules
 LOSSES = LOSS_NAMES  # the objective registry's names (clipforge.objectives.registry)
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
@@ -115,6 +116,13 @@ class OptimConfig:
     lr: float = _f(5e-4, "peak learning rate")
     weight_decay: float = _f(
         0.2, "AdamW weight decay (never applied to gains, biases, embeddings, logit_scale)"
+    )
+    weight_decay_groups: str = _f(
+        "clipforge",
+        "what weight decay skips: clipforge (gains, biases, embedding tables, positional embeddings, "
+        "logit_scale) or open_clip (open_clip_train's rule: 1-D tensors and names containing bn, ln, "
+        "bias or logit_scale; embeddings are decayed)",
+        choices=WEIGHT_DECAY_GROUPS,
     )
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.98, "AdamW beta2")
@@ -378,7 +386,7 @@ _FLAT_ORDER = (
     "data", "val_data", "model", "pretrained", "output_dir",
     "epochs", "max_steps", "steps_per_epoch", "batch_size", "accum_steps", "workers", "cache_images",
     "cache_dir",
-    "lr", "weight_decay", "beta1", "beta2", "eps", "schedule", "warmup_steps", "cooldown_steps",
+    "lr", "weight_decay", "weight_decay_groups", "beta1", "beta2", "eps", "schedule", "warmup_steps", "cooldown_steps",
     "cooldown_power", "min_lr", "grad_clip_norm", "precision",
     "loss", "chunk_size", "local_loss", "gather_with_grad", "positives", "margin", "mining",
     "siglip_exchange", "pos_weight", "coca_caption_loss_weight", "coca_contrastive_loss_weight",
@@ -517,7 +525,12 @@ def _check_ranges(v: dict[str, Any], source: str) -> None:
 
 
 def _check_choices(v: dict[str, Any], source: str) -> None:
-    for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("loss", LOSSES)):
+    for name, allowed in (
+        ("schedule", SCHEDULES),
+        ("precision", PRECISIONS),
+        ("loss", LOSSES),
+        ("weight_decay_groups", WEIGHT_DECAY_GROUPS),
+    ):
         if v[name] not in allowed:
             raise ConfigError(f"{source}: key {name!r} must be one of {list(allowed)}, got {v[name]!r}")
     if v["distributed"] not in DISTRIBUTED:

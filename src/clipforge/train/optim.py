@@ -3,7 +3,9 @@
 Weight decay pulls weights toward zero; that is a sensible prior for matrices but wrong for gains
 (LayerNorm weights want to sit near 1), biases, embedding tables, and the temperature. The towers
 name their own exceptions through ``no_weight_decay()``; we add every 1-D tensor and the logit
-scale/bias on top so a tower that forgets one is still handled.
+scale/bias on top so a tower that forgets one is still handled. ``groups="open_clip"`` selects
+open_clip_train's rule instead (:func:`open_clip_no_decay`), which does decay embedding tables and
+positional embeddings: a run meant to reproduce an open_clip_train run needs the same groups.
 
 Schedules are ``LambdaLR`` objects whose factor is a small picklable callable, so they carry a
 ``state_dict`` and resume exactly.
@@ -19,8 +21,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from clipforge.errors import ConfigError
+from clipforge.train.config import WEIGHT_DECAY_GROUPS
 
 _ALWAYS_NO_DECAY = ("logit_scale", "logit_bias")
+_OPEN_CLIP_NO_DECAY_PARTS = ("bn", "ln", "bias", "logit_scale")
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -41,28 +45,41 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters: decayed matrices and everything else."""
-    skip = no_weight_decay_names(model)
+def open_clip_no_decay(name: str, param: torch.Tensor) -> bool:
+    """open_clip_train's exemption from weight decay: 1-D tensors, and any parameter whose full
+    name contains ``bn``, ``ln``, ``bias`` or ``logit_scale`` (a substring test on the name, as
+    its ``main.py`` does; token and positional embeddings are decayed)."""
+    return param.ndim < 2 or any(part in name for part in _OPEN_CLIP_NO_DECAY_PARTS)
+
+
+def param_groups(model: nn.Module, weight_decay: float, groups: str = "clipforge") -> list[dict]:
+    """Two AdamW groups over the trainable parameters: decayed matrices and everything else.
+
+    ``groups`` picks who is exempt: "clipforge" (:func:`no_weight_decay_names`) or "open_clip"
+    (:func:`open_clip_no_decay`).
+    """
+    if groups not in WEIGHT_DECAY_GROUPS:
+        raise ConfigError(f"weight decay groups must be one of {list(WEIGHT_DECAY_GROUPS)}, got {groups!r}")
+    skip = no_weight_decay_names(model) if groups == "clipforge" else set()
     decay, no_decay = [], []
     decay_names, no_decay_names = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if _matches(name, skip):
+        if open_clip_no_decay(name, param) if groups == "open_clip" else _matches(name, skip):
             no_decay.append(param)
             no_decay_names.append(name)
         else:
             decay.append(param)
             decay_names.append(name)
-    groups = []
+    out = []
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, "names": decay_names})
+        out.append({"params": decay, "weight_decay": weight_decay, "names": decay_names})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "names": no_decay_names})
-    if not groups:
+        out.append({"params": no_decay, "weight_decay": 0.0, "names": no_decay_names})
+    if not out:
         raise ConfigError("no trainable parameters: every parameter is frozen (check lock/LoRA options)")
-    return groups
+    return out
 
 
 def _matches(name: str, skip: set[str]) -> bool:
@@ -81,17 +98,19 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
     fused: bool | None = None,
+    groups: str = "clipforge",
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; ``fused=None`` picks the fused kernel where it exists.
+    """AdamW over :func:`param_groups` (``groups`` names the exemption rule); ``fused=None``
+    picks the fused kernel where it exists.
 
     On CPU the default (per-tensor Python loop) AdamW costs ~8x the fused kernel for a tiny
     CLIP, a visible share of a training step; sharded (DTensor) parameters use ``foreach``.
     """
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, weight_decay)]
+    plain = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, weight_decay, groups)]
     if fused is None:
-        fused = _fused_ok([p for g in groups for p in g["params"]])
+        fused = _fused_ok([p for g in plain for p in g["params"]])
     kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
+    return torch.optim.AdamW(plain, lr=lr, betas=betas, eps=eps, **kind)
 
 
 def _fused_ok(params: list[torch.Tensor]) -> bool:

@@ -366,7 +366,9 @@ def build_optimizer(
     cfg: TrainConfig, model: nn.Module, total_steps: int
 ) -> tuple[Any, Any, torch.amp.GradScaler]:
     o = cfg.optim
-    optimizer = make_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+    optimizer = make_optimizer(
+        model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, groups=o.weight_decay_groups
+    )
     scheduler = build_scheduler(
         optimizer, o.schedule, total_steps, o.warmup_steps, o.cooldown_steps, o.cooldown_power, o.min_lr
     )
