@@ -94,6 +94,8 @@ def run_clipforge(
         str(args.warmup),
         "--weight-decay",
         "0.2",
+        "--weight-decay-groups",  # open_clip_train's exemptions: it decays the embedding tables
+        "open_clip",
         "--workers",
         str(args.workers),
         "--threads",
