@@ -412,3 +412,22 @@ def test_compile_option_trains_naflex_batches_through_the_compiled_module(setup,
     result = _train(_cfg(setup, tmp_path / "run", compile=True, max_steps=2))
     assert wrapped and result.steps == 2 and all(math.isfinite(v) for v in result.loss_history)
     assert isinstance(seen["images"], dict)
+
+
+def test_no_naflex_trains_a_naflex_checkpoint_at_its_fixed_square_size(setup, tmp_path):
+    """``--no-naflex``: the fixed-size transforms (a stacked tensor batch), so the options NaFlex refuses
+    are accepted, and the trained model is saved without NaFlex preprocessing."""
+    from clipforge.factory import create_model_and_transforms
+
+    cfg = _cfg(setup, tmp_path / "run", naflex=False, max_steps=2, cache_images=True, batch_size=4)
+    model, train_tf, val_tf, _ = trainer.build_model(cfg, torch.device("cpu"))
+    assert (
+        not isinstance(train_tf, (NaFlexTrainTransform, NaFlexTransform))
+        and type(val_tf) is not NaFlexTransform
+    )
+    assert model.preprocess_cfg.naflex_max_patches is None
+    _train(cfg)
+    _, train_back, val_back = create_model_and_transforms(pretrained=str(tmp_path / "run" / "final"))
+    assert type(val_back) is not NaFlexTransform and not isinstance(train_back, NaFlexTrainTransform)
+    size = model.config.vision.image_size
+    assert tuple(val_back(_photo_crops()[1]).shape) == (3, size, size)

@@ -82,7 +82,7 @@ def test_the_flat_file_form_is_unchanged() -> None:
         "epochs", "max_steps", "steps_per_epoch", "batch_size", "accum_steps",
     ]  # fmt: skip
     assert list(saved)[-5:] == ["caption_key", "image_key", "csv_separator", "data_root", "confine_paths"]
-    assert len(saved) == 84 - 8  # clip takes 2 of the 10 loss options (84: weight_decay_groups added)
+    assert len(saved) == 85 - 8  # clip takes 2 of the 10 loss options (85: weight_decay_groups, naflex added)
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

@@ -212,6 +212,12 @@ class SurgeryConfig:
         "transparent pixels: 'drop', 'composite' or 'composite:#RRGGBB' (default: the pretrained weights' "
         "convention; from scratch: composite on white). Saved with the trained model",
     )
+    naflex: bool = _f(
+        True,
+        "train at native aspect ratio where the weights' preprocessing is NaFlex (a Siglip2Model folder "
+        "with a Siglip2ImageProcessor, a checkpoint saved with naflex_max_patches); --no-naflex: at the "
+        "model's fixed square size",
+    )
 
 
 @dataclass(frozen=True)
@@ -395,7 +401,7 @@ _FLAT_ORDER = (
     "distill_features", "distill_weight", "distill_scale", "max_logit_scale", "ema_decay",
     "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats", "lock_text",
     "lock_text_unlocked_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-    "patch_dropout", "image_alpha", "grad_checkpointing", "compile",
+    "patch_dropout", "image_alpha", "naflex", "grad_checkpointing", "compile",
     "device", "distributed", "threads", "seed", "deterministic", "max_bad_steps",
     "save_every_steps", "save_every_epochs", "keep_last", "resume",
     "log_every", "progress", "tensorboard", "eval_every_epochs", "zeroshot_templates", "caption_key",

@@ -162,7 +162,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any,
     # No --model: fine-tune the --pretrained checkpoint as it describes itself, else the tiny default.
     name = cfg.model or (None if cfg.pretrained else DEFAULT_MODEL)
     model, preprocess_train, preprocess_val = create_model_and_transforms(
-        name, cfg.pretrained, image_alpha=surgery.image_alpha, **overrides
+        name,
+        cfg.pretrained,
+        image_alpha=surgery.image_alpha,
+        image_naflex=None if surgery.naflex else False,
+        **overrides,
     )
     tokenizer = get_tokenizer(model)
     _check_model_fits_loss(model, cfg.objective.loss)
