@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from realdata import concept, icons
 
 from clipforge.eval.zero_shot import zero_shot_classifier
 from clipforge.factory import get_tokenizer
-from clipforge.model import packing
+from clipforge.model import packing, prepack
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
 
@@ -101,3 +103,60 @@ def test_zero_shot_classifier_packed_equals_plain():
     model.text.pack = False
     want = zero_shot_classifier(model, tok, classes, templates="imagenet", batch_size=96)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def _prepack_off(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    model.text.prepack = False
+    try:
+        return model.encode_text(tokens)
+    finally:
+        model.text.prepack = True
+
+
+@pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN prepacked linear")
+@pytest.mark.parametrize("batch", [1, 2, 24])
+def test_prepacked_weights_equal_the_modules(batch):
+    """Batch 1 (the lean last-position path), packed rows and sorted groups, with and without
+    oneDNN-prepacked weights; the packed copies are made once and reused."""
+    model, tok = _model(), get_tokenizer()
+    tokens = tok(_captions(24))[:batch]
+    with torch.inference_mode():
+        want = _prepack_off(model, tokens)
+        assert model.text.fast_linear() is not None
+        got = model.encode_text(tokens)
+        cache = model.text.fast_linear()
+        assert cache.count == 3 * 4  # in_proj, out_proj, c_fc, c_proj of each block
+        again = model.encode_text(tokens)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    assert torch.equal(again, got)
+
+
+@pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN prepacked linear")
+def test_prepacked_weights_follow_weight_changes_and_stay_out_of_training():
+    model, tok = _model(), get_tokenizer()
+    tokens = tok(_captions(8))
+    with torch.inference_mode():
+        before = model.encode_text(tokens)
+    with torch.no_grad():  # an optimiser step or load_state_dict writes in place like this
+        model.text.transformer.resblocks[1].mlp.c_fc.weight.mul_(1.5)
+    with torch.inference_mode():
+        after = model.encode_text(tokens)
+        want = _prepack_off(model, tokens)
+    assert (after - before).abs().max() > 1e-3  # the change is seen, not a stale packed copy
+    assert torch.allclose(after, want, atol=1e-5, rtol=0)
+    model.text.transformer.resblocks[0].attn.in_proj.weight = torch.nn.Parameter(torch.zeros(3 * 96, 96))
+    with torch.inference_mode():
+        assert torch.allclose(model.encode_text(tokens), _prepack_off(model, tokens), atol=1e-5, rtol=0)
+    assert model.text.fast_linear() is None  # grad mode: the modules themselves
+    with torch.inference_mode():
+        model.train()
+        assert model.text.fast_linear() is None
+        model.eval()
+        want = model.encode_text(tokens)
+    with torch.no_grad():
+        twin = copy.deepcopy(model)  # the packed copies live outside the module, not in the copy
+        assert torch.allclose(twin.encode_text(tokens), want, atol=1e-6, rtol=0)
+    with torch.inference_mode():  # weights made here are inference tensors: never packed
+        twin = copy.deepcopy(model)
+        assert torch.allclose(twin.encode_text(tokens), want, atol=1e-5, rtol=0)
+        assert twin.text.fast_linear().count == 0

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from clipforge.model import prepack
 
 #: Longest packed row: attention grows with the square of it, the linear layers do not.
 MAX_ROW = 256
@@ -181,29 +182,18 @@ def _encode_packed(
     causal = torch.ones(row_length, row_length, dtype=torch.bool, device=device).tril_()
     # Block-diagonal and causal; padding after the last caption sees only padding (no empty row).
     mask = (segment[:, :, None] == segment[:, None, :]) & causal
-    blocks = tower.transformer.resblocks
+    blocks, linear = tower.transformer.resblocks, tower.fast_linear()
     for block in blocks[:-1]:
-        x = block(x, mask[:, None])
+        x = (
+            block(x, mask[:, None])
+            if linear is None
+            else prepack.block_forward(block, x, linear, mask[:, None])
+        )
     cols = start_t + idx
     keys = torch.arange(row_length, device=device)
     key_mask = (keys[None, :] >= start_t[:, None]) & (keys[None, :] <= cols[:, None])
-    pooled = _block_at(blocks[-1], x, row_t, cols, key_mask)
+    # One query per caption, not one per row (why the block's own forward_at does not fit).
+    pooled = prepack.block_at(
+        blocks[-1], x, prepack.plain_linear if linear is None else linear, row_t, cols, key_mask
+    )
     return tower.project(tower.ln_final(pooled))
-
-
-def _block_at(
-    block: torch.nn.Module, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, key_mask: torch.Tensor
-) -> torch.Tensor:
-    """One residual block's output at ``(rows[b], cols[b])`` for every caption ``b`` (``[B, W]``).
-
-    Why not the block's own ``forward_at``: that takes one query per sequence, a packed row has
-    one per caption. The arithmetic is the same: keys/values of the whole row, one query each.
-    """
-    attn = block.attn
-    r, length, width = x.shape
-    qkv = attn.in_proj(block.ln_1(x)).view(r, length, 3, attn.heads, width // attn.heads)
-    q = qkv[rows, cols, 0].unsqueeze(2)  # [B, H, 1, D]
-    k, v = qkv[rows, :, 1].transpose(1, 2), qkv[rows, :, 2].transpose(1, 2)  # [B, H, L, D]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-    y = x[rows, cols] + block.ls_1(attn.out_proj(out.reshape(len(rows), width)))
-    return y + block.ls_2(block.mlp(block.ln_2(y)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,10 +26,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.errors import ConfigError
+from clipforge.model import prepack
 from clipforge.model.config import TextConfig
 from clipforge.model.layers import BlockOptions, LayerNorm, Transformer, init_transformer, lock_groups
 
 logger = logging.getLogger(__name__)
+
+#: Each tower's prepacked linear weights, outside the module so that deepcopy, pickling and the
+#: state dict never see them; dropped with the tower.
+_PREPACKED: weakref.WeakKeyDictionary[nn.Module, prepack.PrepackedLinears] = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _prepack_available() -> bool:
+    return prepack.available()
 
 
 @dataclass
@@ -88,6 +99,9 @@ class TextTransformer(nn.Module):
         self.trim = True
         #: In eval mode, pack captions or sort them into micro-batches when cheaper (model.packing).
         self.pack = True
+        #: Without autograd on the CPU, run the linear layers on oneDNN-prepacked weights
+        #: (model.prepack: same outputs to float rounding; costs a copy of the linear weights).
+        self.prepack = True
 
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         # CoCa: a class token appended after the text (one more position), pooled instead of EOT.
@@ -217,8 +231,47 @@ class TextTransformer(nn.Module):
         """Projected features of already-trimmed tokens pooled at ``idx`` (the compilable part)."""
         # Only the EOT row of the last block is read: forward_at skips the rest of its work, and
         # LayerNorm being per token, normalising just the pooled rows is exact.
-        pooled = self.transformer.forward_at(self.embed(tokens), idx, is_causal=self.causal)
+        linear = self.fast_linear()
+        if linear is None:
+            pooled = self.transformer.forward_at(self.embed(tokens), idx, is_causal=self.causal)
+        else:
+            pooled = self._forward_at_prepacked(self.embed(tokens), idx, linear)
         return self.project(self.ln_final(pooled))
+
+    def fast_linear(self) -> prepack.Linear | None:
+        """The prepacked-weight linear of :mod:`clipforge.model.prepack` when it applies to this
+        call (inference without autograd, eval mode, float32 CPU weights, stock blocks, not
+        tracing), else None: the caller runs the modules themselves."""
+        blocks = self.transformer.resblocks
+        weight = self.token_embedding.weight
+        if not (self.prepack and len(blocks) and not self.training and not torch.is_grad_enabled()):
+            return None
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or is_tracing():
+            return None
+        if not _prepack_available() or not prepack.blocks_supported(blocks):
+            return None
+        cache = _PREPACKED.get(self)
+        if cache is None:
+            cache = _PREPACKED[self] = prepack.PrepackedLinears()
+        return cache
+
+    def _forward_at_prepacked(
+        self, x: torch.Tensor, idx: torch.Tensor, linear: prepack.Linear
+    ) -> torch.Tensor:
+        """``transformer.forward_at`` with the linear layers run through ``linear``. When every
+        pooled position is the last one (a trimmed single caption, or captions of one length),
+        the last block's query reads its row's last state and sees every key: no mask to build."""
+        blocks = self.transformer.resblocks
+        for block in blocks[:-1]:
+            x = prepack.block_forward(block, x, linear, is_causal=self.causal)
+        length = x.shape[1]
+        if self.causal and x.shape[0] == 1 and int(idx[0]) == length - 1:
+            return prepack.block_at(blocks[-1], x, linear, None, None, None)
+        rows = torch.arange(x.shape[0], device=x.device)
+        mask = None
+        if self.causal:  # the single query at idx[b] may see keys 0..idx[b]
+            mask = torch.arange(length, device=x.device)[None, :] <= idx[:, None]
+        return prepack.block_at(blocks[-1], x, linear, rows, idx, mask)
 
     # --- CoCa: class token ---------------------------------------------------------------------------
     def key_valid(self, tokens: torch.Tensor) -> torch.Tensor:
