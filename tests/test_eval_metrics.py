@@ -245,6 +245,29 @@ def test_zero_shot_classifier_matches_per_class_loop(batch_size):
     assert torch.allclose(clf.norm(dim=0), torch.ones(4), atol=1e-6)
 
 
+def test_zero_shot_classifier_encodes_identical_prompts_once():
+    """ImageNet has two "crane"s: their prompts are encoded once, both columns still filled."""
+    seen: list[torch.Tensor] = []
+
+    class Counting(FakeModel):
+        def encode_text(self, tokens, normalize=False):
+            seen.append(tokens)
+            return super().encode_text(tokens, normalize)
+
+    model = Counting()
+    classes = ["crane", "dog", "crane", "tree"]
+    templates = ["a photo of a {}.", "{}", "a photo of a {}."]  # a repeated template too
+    clf = zero_shot_classifier(model, fake_tokenizer, classes, templates, batch_size=2)
+    assert sum(len(t) for t in seen) == 3 * 2  # 3 distinct classes x 2 distinct templates
+    seen.clear()
+    cols = []
+    for c in classes:
+        emb = F.normalize(model.encode_text(fake_tokenizer([t.format(c) for t in templates])), dim=-1)
+        cols.append(emb.mean(0) / emb.mean(0).norm())
+    assert torch.allclose(clf, torch.stack(cols, 1), atol=1e-6)
+    assert torch.equal(clf[:, 0], clf[:, 2]) and not torch.allclose(clf[:, 0], clf[:, 1])
+
+
 def test_evaluate_zero_shot_equals_accuracy_metrics():
     gen = torch.Generator().manual_seed(1)
     clf = F.normalize(torch.randn(6, 7, generator=gen), dim=0)

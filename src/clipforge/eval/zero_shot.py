@@ -67,12 +67,16 @@ def zero_shot_classifier(
     prompts = resolve_templates(templates)
     device = torch.device(device) if device is not None else model_device(model)
     texts = [format_template(t, c) for c in classnames for t in prompts]  # class-major: [C * T]
+    # Identical prompts (ImageNet names "crane" and "maillot" twice) are encoded once.
+    unique = list(dict.fromkeys(texts))
+    where = {text: i for i, text in enumerate(unique)}
     chunks = []
     with eval_mode(model), torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(texts[start : start + batch_size]).to(device)
+        for start in range(0, len(unique), batch_size):
+            tokens = tokenizer(unique[start : start + batch_size]).to(device)
             chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    emb = torch.cat(chunks).reshape(len(classnames), len(prompts), -1).mean(dim=1)
+    order = torch.tensor([where[text] for text in texts], device=device)
+    emb = torch.cat(chunks)[order].reshape(len(classnames), len(prompts), -1).mean(dim=1)
     emb = emb / emb.norm(dim=-1, keepdim=True)
     log.debug("zero-shot classifier: %d classes x %d templates", len(classnames), len(prompts))
     return emb.T.contiguous()
