@@ -18,9 +18,16 @@ projection under ``text.``, and scalar ``logit_scale`` / ``logit_bias``. The lay
    a load preprocesses with by default, as transformers does (:mod:`clipforge.model.naflex` runs
    that forward); ``image_naflex=False`` / ``--no-naflex`` gives the fixed square size instead.
 4. HF stores the logit scalars as ``[1]`` tensors, clipforge as 0-d ones.
+5. timm's ``NaFlexVit`` (open_clip main's ``*-SigLIP2-naflex`` towers) already has Siglip2's
+   layout: ``embeds.proj`` is the same Linear over (row, column, channel) patches, and its
+   ``(1, rows, columns, C)`` table flattens row-major to HF's square ``position_embedding``. It
+   is written as a ``Siglip2Model`` only (a ``SiglipModel`` has one fixed image size), and reads
+   back as the fixed-resolution trunk of item 3, which computes the same NaFlex features.
 
 What has no fixed-resolution timm equivalent (``vision_use_head: false``, another activation
-or LayerNorm epsilon in the image tower, a non-square Siglip2 table) is refused by name.
+or LayerNorm epsilon in the image tower, a non-square Siglip2 table) is refused by name, as is
+what a NaFlexVit has and a Siglip2Model lacks (prefix tokens, RoPE or factorized positions,
+another position resize, a non-square table).
 ``transformers`` is not needed to read or write these folders; timm is (the trunk's
 hyper-parameters are read from a meta-device instance, never guessed from names).
 """
@@ -45,6 +52,7 @@ from clipforge.checkpoints import hf
 from clipforge.checkpoints.io import save_safetensors
 from clipforge.errors import CheckpointError, ClipforgeError, ConfigError
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
+from clipforge.model.naflex import is_naflexvit
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +120,12 @@ _TEXT_BLOCK = {
     "self_attn.out_proj": "attn.out_proj",
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
+}
+# timm NaFlexVit trunk suffix (under visual.trunk.) -> Siglip2Model key: the same Linear and table.
+_NAFLEXVIT = {
+    "embeds.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+    "embeds.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+    "embeds.pos_embed": "vision_model.embeddings.position_embedding.weight",
 }
 _HF_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _CF_LAYER = re.compile(r"^(?:blocks|transformer\.resblocks)\.(\d+)\.(.+)\.(weight|bias)$")
@@ -244,6 +258,8 @@ def clipforge_to_hf_siglip(sd: Mapping[str, torch.Tensor], kind: str) -> dict[st
                 out["vision_model.embeddings.patch_embedding.weight"] = w.contiguous()
             elif sub == "pos_embed":
                 out["vision_model.embeddings.position_embedding.weight"] = value.squeeze(0)
+            elif sub in _NAFLEXVIT:
+                out[_NAFLEXVIT[sub]] = _naflexvit_to_hf(sub, value, kind, key)
             elif sub.startswith(("attn_pool.q.", "attn_pool.kv.")):
                 part, param = sub.split(".")[1:]
                 pool.setdefault(param, {})[part] = value
@@ -258,6 +274,17 @@ def clipforge_to_hf_siglip(sd: Mapping[str, torch.Tensor], kind: str) -> dict[st
     for param, parts in pool.items():
         out[f"vision_model.head.attention.in_proj_{param}"] = torch.cat([parts["q"], parts["kv"]], dim=0)
     return out
+
+
+def _naflexvit_to_hf(sub: str, value: torch.Tensor, kind: str, key: str) -> torch.Tensor:
+    """A NaFlexVit embedding tensor in Siglip2's layout: the Linear as is, the (1, rows, columns, C)
+    table flattened row-major (a SiglipModel's conv at one fixed size would drop the NaFlex forward)."""
+    if kind != "siglip2":
+        raise ConfigError(
+            f"{key!r}: a NaFlexVit image tower is written as a Siglip2Model (kind='siglip2'); "
+            "a SiglipModel has one fixed image size"
+        )
+    return value.reshape(-1, value.shape[-1]).contiguous() if sub == "embeds.pos_embed" else value
 
 
 def _layer_to_hf(
@@ -288,17 +315,27 @@ def _act_name(act: nn.Module) -> str | None:
 
 
 def trunk_facts(trunk: nn.Module) -> dict[str, Any]:
-    """Hyper-parameters of a timm siglip ViT that HF's vision config spells out."""
+    """Hyper-parameters of a timm siglip ViT (or NaFlexVit) that HF's vision config spells out.
+
+    A NaFlexVit's ``img_size`` is its position table's own grid times the patch: the square size
+    whose patch count is the Siglip2 ``num_patches`` (its configured image size is only the
+    default fixed-size input, which the table is resized to like any other grid).
+    """
     block = trunk.blocks[0]
+    if is_naflexvit(trunk):
+        patch = int(trunk.embeds.patch_size[0])
+        img_size = int(trunk.embeds.pos_embed_grid_size[0]) * patch
+    else:
+        patch, img_size = int(trunk.patch_embed.patch_size[0]), int(trunk.patch_embed.img_size[0])
     return {
-        "patch_size": int(trunk.patch_embed.patch_size[0]),
+        "patch_size": patch,
         "embed_dim": int(trunk.embed_dim),
         "depth": len(trunk.blocks),
         "num_heads": int(block.attn.num_heads),
         "mlp_hidden": int(block.mlp.fc1.out_features),
         "act": _act_name(block.mlp.act),
         "eps": float(trunk.norm.eps),
-        "img_size": int(trunk.patch_embed.img_size[0]),
+        "img_size": img_size,
     }
 
 
@@ -466,30 +503,93 @@ def is_siglip_config(cfg: CLIPConfig) -> bool:
     return bool(v.timm_model_name) and v.timm_pool == "map" and cfg.init_logit_bias is not None
 
 
-def check_siglip_compatible(cfg: CLIPConfig, trunk: nn.Module) -> dict[str, Any]:
-    """The trunk's facts, after refusing (by name) what a Siglip(2)Model cannot represent."""
+def _vit_problems(trunk: nn.Module) -> list[str]:
+    """What a SiglipModel's vision tower cannot hold in a timm ``VisionTransformer`` trunk."""
     from timm.models.vision_transformer import VisionTransformer
 
-    v, t = cfg.vision, cfg.text
-    problems = []
     if not isinstance(trunk, VisionTransformer) or trunk.num_prefix_tokens or not hasattr(trunk, "attn_pool"):
-        problems.append("the image trunk is not a timm ViT without class/register tokens and with a MAP head")
-    else:
-        block = trunk.blocks[0]
-        identity = (
-            trunk.norm_pre,
-            trunk.fc_norm,
-            trunk.patch_embed.norm,
-            block.ls1,
-            block.ls2,
-            block.attn.q_norm,
+        return ["the image trunk is not a timm ViT without class/register tokens and with a MAP head"]
+    block = trunk.blocks[0]
+    identity = (
+        trunk.norm_pre,
+        trunk.fc_norm,
+        trunk.patch_embed.norm,
+        block.ls1,
+        block.ls2,
+        block.attn.q_norm,
+    )
+    if not all(isinstance(m, nn.Identity) for m in identity) or block.attn.qkv.bias is None:
+        return ["the image trunk has pre-norm, fc-norm, LayerScale, qk-norm or bias-free qkv"]
+    if trunk.attn_pool.pos_embed is not None or trunk.attn_pool.latent_len != 1:
+        return ["the MAP head has a position embedding or several latents"]
+    if _act_name(block.mlp.act) is None or trunk.norm.eps != 1e-6:
+        return ["the image trunk's activation / LayerNorm epsilon has no HF equivalent"]
+    return []
+
+
+def _naflexvit_embed_problems(embeds: nn.Module) -> list[str]:
+    """What Siglip2's patch and position embedding cannot hold in a NaFlexVit's ``embeds``:
+    it is a biased Linear over (row, column, channel) patches plus one learned square table,
+    resized per image with bilinear, antialiased, corner-unaligned interpolation to the exact grid."""
+    found = []
+    linear = isinstance(getattr(embeds, "proj", None), nn.Linear) and embeds.proj.bias is not None
+    if not linear or embeds.norm_input is not None or not isinstance(embeds.norm, nn.Identity):
+        found.append("its patch embedding is not a biased Linear without input/output norm")
+    if not embeds.channels_last or embeds.enable_patch_interpolator or len(set(embeds.patch_size)) != 1:
+        found.append("its patches are not square and flattened as (row, column, channel)")
+    grid = tuple(embeds.pos_embed_grid_size or ())
+    if embeds.pos_embed_type != "learned" or len(set(grid)) != 1:
+        found.append(
+            f"its position embedding is {embeds.pos_embed_type!r} over a {grid} grid, not a square table"
         )
-        if not all(isinstance(m, nn.Identity) for m in identity) or block.attn.qkv.bias is None:
-            problems.append("the image trunk has pre-norm, fc-norm, LayerScale, qk-norm or bias-free qkv")
-        elif trunk.attn_pool.pos_embed is not None or trunk.attn_pool.latent_len != 1:
-            problems.append("the MAP head has a position embedding or several latents")
-        elif _act_name(block.mlp.act) is None or trunk.norm.eps != 1e-6:
-            problems.append("the image trunk's activation / LayerNorm epsilon has no HF equivalent")
+    resize = (embeds.pos_embed_interp_mode, embeds.pos_embed_antialias, embeds.pos_embed_align_corners)
+    if (
+        resize != ("bilinear", True, False)
+        or embeds.pos_embed_ar_preserving
+        or embeds.pos_embed_use_grid_sample
+    ):
+        found.append("its positions are not resized bilinearly (antialias, no corner alignment) to each grid")
+    return found
+
+
+def _naflexvit_problems(trunk: nn.Module, kind: str | None) -> list[str]:
+    """What a Siglip2Model cannot hold in a timm ``NaFlexVit`` trunk, each named."""
+    found = [f"NaFlexVit: {p}" for p in _naflexvit_embed_problems(trunk.embeds)]
+    if kind == "siglip":
+        found.append(
+            "a NaFlexVit tower is written as a Siglip2Model (kind='siglip2'), not a fixed-size SiglipModel"
+        )
+    if trunk.num_prefix_tokens or getattr(trunk, "rope", None) is not None:
+        found.append("NaFlexVit: class/register tokens or RoPE")
+    pool = getattr(trunk, "attn_pool", None)
+    if pool is None or getattr(pool, "pos_embed", None) is not None or pool.latent_len != 1:
+        found.append(f"NaFlexVit: global_pool={trunk.global_pool!r}, not a one-latent MAP head")
+    if not all(isinstance(m, nn.Identity) for m in (trunk.norm_pre, trunk.fc_norm, trunk.head)):
+        found.append("NaFlexVit: pre-norm, fc-norm or a classifier head")
+    for i, block in enumerate(trunk.blocks):
+        attn, mlp = block.attn, block.mlp
+        plain = (block.ls1, block.ls2, attn.q_norm, attn.k_norm, attn.norm, getattr(mlp, "norm", None))
+        qkv = getattr(attn, "qkv", None)
+        fused = qkv is not None and qkv.bias is not None and qkv.out_features == 3 * trunk.embed_dim
+        if not (fused and all(isinstance(m, nn.Identity) for m in plain) and type(mlp).__name__ == "Mlp"):
+            found.append(
+                f"NaFlexVit block {i}: LayerScale, qk/attention/MLP norm, grouped, resized or bias-free "
+                "qkv, or a gated MLP"
+            )
+            break
+        if _act_name(mlp.act) is None or {block.norm1.eps, block.norm2.eps, trunk.norm.eps} != {1e-6}:
+            found.append(f"NaFlexVit block {i}: activation {type(mlp.act).__name__} / LayerNorm epsilon")
+            break
+    return found
+
+
+def check_siglip_compatible(cfg: CLIPConfig, trunk: nn.Module, kind: str | None = None) -> dict[str, Any]:
+    """The trunk's facts, after refusing (by name) what a Siglip(2)Model cannot represent.
+
+    ``kind`` (``"siglip"`` / ``"siglip2"``) is the model written; a NaFlexVit trunk needs Siglip2.
+    """
+    v, t = cfg.vision, cfg.text
+    problems = _naflexvit_problems(trunk, kind) if is_naflexvit(trunk) else _vit_problems(trunk)
     if v.timm_proj not in ("none", "") or not v.timm_pool == "map":
         problems.append("an image projection after the MAP head (timm_proj must be 'none')")
     if t.hf_model_name or t.ls_init_value is not None or t.embed_cls or t.proj_type != "linear":
@@ -507,7 +607,7 @@ def check_siglip_compatible(cfg: CLIPConfig, trunk: nn.Module) -> dict[str, Any]
 
 def config_to_hf_siglip(cfg: CLIPConfig, trunk: nn.Module, kind: str = "siglip") -> dict[str, Any]:
     """A transformers ``SiglipConfig`` (or ``Siglip2Config``) dict computing what ``cfg`` computes."""
-    f = check_siglip_compatible(cfg, trunk)
+    f = check_siglip_compatible(cfg, trunk, kind)
     t = cfg.text
     grid = f["img_size"] // f["patch_size"]  # the trunk's input size is what the model computes at
     vision: dict[str, Any] = {
@@ -798,8 +898,10 @@ def load_siglip_dir(
 
 def model_kind(model: nn.Module) -> str:
     """``siglip2`` for a model loaded from a Siglip2Model folder (its label says so) or one whose
-    preprocessing is NaFlex (only a Siglip2Model takes NaFlex inputs in transformers), else ``siglip``."""
+    preprocessing is NaFlex or whose image trunk is timm's NaFlexVit (only a Siglip2Model takes NaFlex
+    inputs in transformers), else ``siglip``."""
     naflex = getattr(getattr(model, "preprocess_cfg", None), "naflex_max_patches", None) is not None
+    naflex = naflex or is_naflexvit(getattr(getattr(model, "visual", None), "trunk", None))
     return "siglip2" if naflex or getattr(model, "architecture", None) == SIGLIP2_LABEL else "siglip"
 
 
