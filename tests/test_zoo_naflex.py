@@ -168,6 +168,99 @@ def test_named_weights_are_open_clip_mains():
         assert e.license == "apache-2.0" and not e.quick_gelu
 
 
+# --- preprocessing: open_clip main's timm transforms ----------------------------------------------------
+@functools.cache
+def _jpeg_crops() -> tuple[Image.Image, ...]:
+    """Real JPEG photos (detailed, unlike the smallest PNG wallpapers; 8x box-reduced) at the five
+    aspect ratios of ``ASPECTS``."""
+    found = sorted((p for p in photos() if p.suffix == ".jpg"), key=os.path.getsize)[:3]
+    out = []
+    for i, (fw, fh) in enumerate(ASPECTS):
+        with Image.open(found[i % len(found)]) as im:
+            small = im.reduce(8).convert("RGB")
+        w, h = small.size
+        out.append(small.crop((0, 0, max(1, int(w * fw)), max(1, int(h * fh)))))
+    return tuple(out)
+
+
+def _open_clip_main_eval(images, pretrained: dict, size: int, most: int) -> dict:
+    """open_clip main's NaFlex eval batch: ``naflex_eval_transform_v2`` (a factory over timm's
+    ``create_transform`` with the tag's input size, mean, std and interpolation), called with the
+    model's ``image_seq_len`` and patch size, then ``collate_naflex_tuples`` (timm's NaFlexCollator);
+    grid shapes read back from the patch coordinates."""
+    from timm.data import create_transform
+    from timm.data.naflex_dataset import NaFlexCollator
+
+    transform = create_transform(
+        input_size=(3, size, size), mean=pretrained["mean"], std=pretrained["std"],
+        interpolation=pretrained["interpolation"], is_training=False, naflex=True, patchify=True,
+        max_seq_len=most, patch_size=16,
+    )  # fmt: skip
+    batch, _ = NaFlexCollator(max_seq_len=most)([(transform(im), 0) for im in images])
+    coords = batch["patch_coord"].masked_fill(~batch["patch_valid"][..., None], -1)
+    batch["spatial_shapes"] = coords.amax(dim=1) + 1
+    return batch
+
+
+def _assert_same_batch(ours: dict, theirs: dict) -> None:
+    assert torch.equal(ours["spatial_shapes"], theirs["spatial_shapes"].to(ours["spatial_shapes"].dtype))
+    assert torch.equal(ours["patch_mask"].bool(), theirs["patch_valid"])
+    assert ours["patches"].shape == theirs["patches"].shape
+    assert (ours["patches"] - theirs["patches"]).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tag_preprocessing_is_open_clip_mains_timm_transform(name):
+    """The tag's eval transform on JPEG photos of five aspect ratios: open_clip main's own (timm's
+    ResizeToSequence with PIL bicubic, ToTensor, Normalize, Patchify; same grid, patch order and
+    mask), to 1e-6. Siglip2ImageProcessor's bilinear resize stays reachable
+    (``naflex_resize="siglip2"``) and gives other pixels on the same grid, so the check can fail."""
+    import dataclasses
+
+    from clipforge.checkpoints.pretrained import resolve_pretrained
+    from clipforge.transforms import image_transform
+
+    images = list(_jpeg_crops())
+    pre = resolve_pretrained(name, "webli").preprocess_cfg(384)
+    assert (pre.naflex_resize, pre.interpolation) == ("timm", "bicubic")
+    slp = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP2", "webli")  # main's _slpcfg facts
+    theirs = _open_clip_main_eval(
+        images, slp, 384, ORACLE["model_configs"][name]["vision_cfg"]["image_seq_len"]
+    )
+    ours = naflex_collate([image_transform(pre)(im) for im in images], 576)
+    assert len({tuple(s) for s in ours["spatial_shapes"].tolist()}) == len(images)
+    _assert_same_batch(ours, theirs)
+    siglip2 = dataclasses.replace(pre, naflex_resize="siglip2")
+    other = naflex_collate([image_transform(siglip2)(im) for im in images], 576)
+    assert torch.equal(other["spatial_shapes"], ours["spatial_shapes"])
+    gap = (other["patches"] - ours["patches"]).abs()
+    print(f"\n{name}: siglip2 vs timm rule on photos, max {gap.max():.4f}, mean {gap.mean():.5f}")
+    assert gap.max().item() > 0.05
+
+
+def test_open_clip_hub_config_gets_the_timm_rule_and_clipforge_files_keep_theirs(tmp_path):
+    """An ``open_clip_config.json`` open_clip wrote (main's model_cfg with a NaFlexVit tower, SigLIP's
+    preprocess_cfg: what ``hf-hub:timm/ViT-*-SigLIP2-naflex`` holds) reads as timm's NaFlex rule; one
+    clipforge wrote before the rule was stored (its own ``naflex_max_patches``, no ``naflex_resize``)
+    keeps the Siglip2 resize it preprocessed with then."""
+    from clipforge.checkpoints.load import _read_open_clip_json
+    from clipforge.transforms import PreprocessConfig
+
+    slp = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP2", "webli")
+    facts = {k: slp[k] for k in ("mean", "std", "interpolation", "resize_mode")}
+    for preprocess, rule in (
+        (facts, "timm"),
+        ({**facts, "naflex_max_patches": 100, "naflex_patch_size": 16}, "siglip2"),
+    ):
+        path = tmp_path / f"{rule}.json"
+        path.write_text(
+            json.dumps({"model_cfg": _main_cfg("ViT-B-16-SigLIP2-naflex"), "preprocess_cfg": preprocess})
+        )
+        _, pre = _read_open_clip_json(path)
+        cfg = PreprocessConfig.from_dict(pre)
+        assert (cfg.naflex_resize, cfg.naflex_max_patches) == (rule, 576 if rule == "timm" else 100)
+
+
 def test_models_pretrained_command_lists_them(capsys):
     assert run_cli(["models", "--pretrained", "--filter", "naflex"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -250,15 +343,24 @@ def test_tag_resolves_offline_to_open_clips_weights(hub_repo, loaded):
 
 
 @pytest.mark.slow  # a 1.5 GB Hub file, full-size forwards
-def test_preprocessing_is_siglip2_image_processors_with_576_patches(loaded):
-    """The tag's eval transform on photos of five aspect ratios: Siglip2ImageProcessor's patches,
-    mask and grid shapes at open_clip main's budget of 576 patches."""
+def test_preprocessing_is_open_clip_mains_and_siglip2s_on_request(hub_repo, loaded):
+    """The loaded tag's eval transform is open_clip main's (timm's) at its budget of 576 patches;
+    ``image_naflex_resize="siglip2"`` gives Siglip2ImageProcessor's patches, mask and grid shapes."""
     _, val = loaded
-    images = list(_images())
+    images = list(_jpeg_crops())
+    slp = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP2", "webli")
+    _assert_same_batch(
+        naflex_collate([val(im) for im in images], 576), _open_clip_main_eval(images, slp, 384, 576)
+    )
+    model = clipforge.create_model(
+        "ViT-B-16-SigLIP2-naflex", pretrained="webli", image_naflex_resize="siglip2"
+    )
+    assert model.preprocess_cfg.naflex_resize == "siglip2"
+    siglip2 = clipforge.image_transform(model.preprocess_cfg)
     ref = transformers.Siglip2ImageProcessor(patch_size=16, max_num_patches=576)(
         images=images, return_tensors="pt"
     )
-    batch = naflex_collate([val(im) for im in images], 576)
+    batch = naflex_collate([siglip2(im) for im in images], 576)
     assert len({tuple(s) for s in batch["spatial_shapes"].tolist()}) == len(images)
     assert torch.equal(batch["spatial_shapes"], ref["spatial_shapes"].to(batch["spatial_shapes"].dtype))
     assert torch.equal(batch["patch_mask"], ref["pixel_attention_mask"].to(batch["patch_mask"].dtype))

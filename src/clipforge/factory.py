@@ -207,6 +207,7 @@ def create_model(
     image_resize_mode: str | None = None,
     image_alpha: str | None = None,
     image_naflex: bool | None = None,
+    image_naflex_resize: str | None = None,
     **overrides: Any,
 ) -> torch.nn.Module:
     """A CLIP model, optionally with weights (``pretrained``: tag, ``hf-hub:...``, file or folder).
@@ -221,7 +222,10 @@ def create_model(
     ``image_naflex=False`` preprocesses at the fixed square ``image_size`` where the weights'
     preprocessing is NaFlex (SigLIP 2 at native aspect ratio: the default of ``Siglip2Model``
     folders with a ``Siglip2ImageProcessor``, as in transformers, and of checkpoints saved so).
-    Like open_clip, the model is returned in train mode; call ``.eval()`` for inference.
+    ``image_naflex_resize`` ("siglip2" or "timm") overrides whose NaFlex resize runs: by default
+    the weights' origin's (timm's for open_clip main's NaFlex tags and repositories, transformers'
+    ``Siglip2ImageProcessor`` for Siglip2 folders). Like open_clip, the model is returned in
+    train mode; call ``.eval()`` for inference.
     """
     if isinstance(name_or_config, str) and is_hub_spec(name_or_config):
         if pretrained is not None:
@@ -239,6 +243,7 @@ def create_model(
         "resize_mode": image_resize_mode,
         "alpha": image_alpha,  # "composite", "composite:#RRGGBB" or "drop"; overrides the stored one
         "naflex": image_naflex,  # False: the fixed-size square resize instead of NaFlex
+        "naflex_resize": image_naflex_resize,  # "siglip2" / "timm": whose NaFlex resize
     }
     _attach_settings(model, weights, image_overrides)
     model.architecture = _architecture_label(cfg, requested, weights)

@@ -6,6 +6,13 @@ bisection on the scale), resizes bilinearly with antialiasing on the uint8 image
 [0, 1], normalises with mean/std 0.5 and flattens patches as (row, column, channel). The collator
 pads every image to ``max_num_patches`` rows with a 0/1 mask, so a batch is a dict of
 ``patches`` (B, N, p*p*3), ``patch_mask`` (B, N) and ``spatial_shapes`` (B, 2).
+
+open_clip main preprocesses its own NaFlex weights with timm's transforms instead
+(``ResizeToSequence``, ``ToTensor``, ``Normalize``, ``Patchify``): the same grid (timm's bisection
+is this one), the same patch order and mask, but the resize is PIL's on the PIL image with the
+weights' interpolation (bicubic for SigLIP 2) and the rescale a division by 255. ``resize="timm"``
+is that rule; "siglip2" (the default) is the processor's. On real photos the two differ by up to
+0.26 (in the normalised [-1, 1] range), about 1e-3 on average.
 """
 
 from __future__ import annotations
@@ -55,8 +62,44 @@ def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
     return grid.permute(1, 3, 2, 4, 0).reshape((h // patch_size) * (w // patch_size), -1)
 
 
+#: PIL filters of the "timm" rule, by ``PreprocessConfig.interpolation`` (torchvision's PIL path).
+_PIL_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def _siglip2_pixels(image: Image.Image, patch_size: int, max_num_patches: int) -> torch.Tensor:
+    """Siglip2ImageProcessor's resize: torchvision's uint8 bilinear antialiased kernel, * 1/255."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tvf
+    from torchvision.transforms.v2 import functional as tvf2  # its uint8 kernel, as transformers uses
+
+    pixels = tvf.pil_to_tensor(image).contiguous()  # the kernel transformers runs
+    h, w = naflex_size(pixels.shape[-2], pixels.shape[-1], patch_size, max_num_patches)
+    pixels = tvf2.resize(pixels, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return pixels.float() * (1 / 255)
+
+
+def _timm_pixels(
+    image: Image.Image, patch_size: int, max_num_patches: int, interpolation: str
+) -> torch.Tensor:
+    """timm's ``ResizeToSequence`` on a PIL image (PIL's filter, antialiased), then ``ToTensor``'s / 255."""
+    from torchvision.transforms import functional as tvf
+
+    h, w = naflex_size(image.height, image.width, patch_size, max_num_patches)
+    resized = image.resize((w, h), _PIL_FILTERS[interpolation])
+    return tvf.pil_to_tensor(resized).float().div(255)
+
+
 class NaFlexTransform:
-    """PIL image -> ``{"patches", "spatial_shape"}`` at native aspect ratio (unpadded)."""
+    """PIL image -> ``{"patches", "spatial_shape"}`` at native aspect ratio (unpadded).
+
+    ``resize`` picks whose pixels: "siglip2" (transformers' processor, what Siglip2 folders were
+    trained and evaluated with) or "timm" (open_clip main's transforms for its own NaFlex weights,
+    filtered with ``interpolation``); see the module docstring for how they differ.
+    """
 
     def __init__(
         self,
@@ -64,21 +107,29 @@ class NaFlexTransform:
         max_num_patches: int = 256,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        resize: str = "siglip2",
+        interpolation: str = "bicubic",
     ) -> None:
+        if resize not in ("siglip2", "timm"):
+            raise ConfigError(f"NaFlex resize must be 'siglip2' or 'timm', got {resize!r}")
+        if resize == "timm" and interpolation not in _PIL_FILTERS:
+            raise ConfigError(
+                f"NaFlex resize 'timm' needs interpolation in {sorted(_PIL_FILTERS)}, got {interpolation!r}"
+            )
         self.patch_size = patch_size
         self.max_num_patches = max_num_patches
+        self.resize, self.interpolation = resize, interpolation
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as tvf
-        from torchvision.transforms.v2 import functional as tvf2  # its uint8 kernel, as transformers uses
-
-        pixels = tvf.pil_to_tensor(image.convert("RGB")).contiguous()  # the kernel transformers runs
-        h, w = naflex_size(pixels.shape[-2], pixels.shape[-1], self.patch_size, self.max_num_patches)
-        pixels = tvf2.resize(pixels, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        pixels = (pixels.float() * (1 / 255) - self.mean) / self.std
+        rgb = image.convert("RGB")
+        if self.resize == "timm":
+            pixels = _timm_pixels(rgb, self.patch_size, self.max_num_patches, self.interpolation)
+        else:
+            pixels = _siglip2_pixels(rgb, self.patch_size, self.max_num_patches)
+        pixels = (pixels - self.mean) / self.std
+        h, w = pixels.shape[-2:]
         shape = torch.tensor([h // self.patch_size, w // self.patch_size])
         return {"patches": patchify(pixels, self.patch_size), "spatial_shape": shape}
 
@@ -95,8 +146,8 @@ class NaFlexTrainTransform(NaFlexTransform):
     log-uniform factor from ``ratio`` (so a wide photo stays wide), and the crop is then resized
     to the largest patch grid that fits ``max_num_patches`` at its aspect ratio. This does the
     same with clipforge's fixed-size defaults (``scale`` 0.9-1, ``ratio`` 3/4-4/3) and resizes
-    with the eval transform's rule (SigLIP 2's bilinear, antialiased), so training and
-    evaluation see the same kind of pixels. After 10 crops that do not fit the whole image is
+    with the eval transform's rule (``resize``: SigLIP 2's bilinear or timm's PIL filter), so
+    training and evaluation see the same kind of pixels. After 10 crops that do not fit the whole image is
     used. ``augment`` (flip, colour jitter, grayscale, built as for the fixed-size path) runs on
     the crop. Randomness comes from torch's global RNG, as ``RandomResizedCrop``'s does, so the
     loader's per-sample seeds make a batch reproducible and a resumed run exact.
@@ -108,12 +159,14 @@ class NaFlexTrainTransform(NaFlexTransform):
         max_num_patches: int = 256,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        resize: str = "siglip2",
+        interpolation: str = "bicubic",
         *,
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         augment: Sequence[Callable[[Any], Any]] = (),
     ) -> None:
-        super().__init__(patch_size, max_num_patches, mean, std)
+        super().__init__(patch_size, max_num_patches, mean, std, resize, interpolation)
         lo, hi = (float(s) for s in scale)
         r_lo, r_hi = (float(r) for r in ratio)
         if not 0.0 < lo <= hi <= 1.0:

@@ -49,6 +49,8 @@ INTERPOLATIONS = {
     "hamming": T.InterpolationMode.HAMMING,
 }
 RESIZE_MODES = ("shortest", "longest", "squash")
+#: NaFlex resize rules: Siglip2ImageProcessor's (transformers) and timm's (open_clip main).
+NAFLEX_RESIZES = ("siglip2", "timm")
 _PIL_RESAMPLE = {
     T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
     T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
@@ -194,6 +196,11 @@ class PreprocessConfig:
     #: :func:`clipforge.naflex_transforms.naflex_collate`); None: a fixed-size tensor as before.
     naflex_max_patches: int | None = None
     naflex_patch_size: int = 16
+    #: Whose NaFlex resize (see :data:`NAFLEX_RESIZES`): "siglip2" (``Siglip2ImageProcessor``:
+    #: bilinear, antialiased, on the uint8 tensor; Siglip2 folders and checkpoints saved before
+    #: the choice existed) or "timm" (timm's ``ResizeToSequence`` as open_clip main composes it:
+    #: PIL resize with ``interpolation``, bicubic for its SigLIP 2 tags). Both pick the same grid.
+    naflex_resize: str = "siglip2"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, (list, tuple)):
@@ -241,6 +248,15 @@ class PreprocessConfig:
             )
         if not (self.rescale_factor > 0 and math.isfinite(self.rescale_factor)):
             raise ConfigError(f"preprocess rescale_factor must be > 0, got {self.rescale_factor!r}")
+        if self.naflex_resize not in NAFLEX_RESIZES:
+            raise ConfigError(
+                f"preprocess naflex_resize {self.naflex_resize!r} is not one of {NAFLEX_RESIZES}"
+            )
+        if self.naflex_resize == "timm" and self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ConfigError(
+                f"preprocess naflex_resize 'timm' resizes with bicubic, bilinear or nearest, "
+                f"got interpolation {self.interpolation!r}"
+            )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -252,7 +268,7 @@ class PreprocessConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.naflex_max_patches is None:  # fixed-size configs are written as before NaFlex existed
-            d.pop("naflex_max_patches"), d.pop("naflex_patch_size")
+            d.pop("naflex_max_patches"), d.pop("naflex_patch_size"), d.pop("naflex_resize")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -487,7 +503,8 @@ _TRAIN_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "color_jitter_prob"
 def _naflex_transform(
     cfg: PreprocessConfig, is_train: bool, crop: tuple, augment: tuple
 ) -> Callable[[Any], Any]:
-    """SigLIP 2's native-aspect resize + patchify; in training after a random crop (as open_clip).
+    """SigLIP 2's native-aspect resize (``cfg.naflex_resize``'s rule) + patchify; in training after
+    a random crop (as open_clip).
 
     ``crop`` is the fixed-size path's ``(scale, ratio)``, here relative to the image's own aspect
     ratio (see :class:`~clipforge.naflex_transforms.NaFlexTrainTransform`); ``augment`` its
@@ -495,14 +512,16 @@ def _naflex_transform(
     """
     from clipforge.naflex_transforms import NaFlexTrainTransform, NaFlexTransform
 
+    rule = {"resize": cfg.naflex_resize, "interpolation": cfg.interpolation}
     if not is_train:
-        return NaFlexTransform(cfg.naflex_patch_size, cfg.naflex_max_patches, cfg.mean, cfg.std)
+        return NaFlexTransform(cfg.naflex_patch_size, cfg.naflex_max_patches, cfg.mean, cfg.std, **rule)
     scale, ratio = crop
     return NaFlexTrainTransform(
         cfg.naflex_patch_size,
         cfg.naflex_max_patches,
         cfg.mean,
         cfg.std,
+        **rule,
         scale=scale,
         ratio=ratio,
         augment=_augment_steps(*augment),

@@ -150,7 +150,7 @@ def _read_open_clip_json(path: Path) -> tuple[CLIPConfig | None, dict[str, Any] 
         known = {f.name for f in dataclasses.fields(PreprocessConfig)} - {"image_size"}
         pre = {
             **PreprocessConfig.defaults_for("open_clip", config.vision.image_size),
-            **_naflex_fields(model_cfg, config),
+            **({} if "naflex_max_patches" in pre else _naflex_fields(model_cfg, config)),
             **{k: pre[k] for k in known if k in pre},
         }
     return config, dict(pre) if isinstance(pre, Mapping) else None
@@ -158,11 +158,18 @@ def _read_open_clip_json(path: Path) -> tuple[CLIPConfig | None, dict[str, Any] 
 
 def _naflex_fields(model_cfg: Mapping[str, Any], config: CLIPConfig) -> dict[str, Any]:
     """open_clip main's NaFlex fact as clipforge's preprocessing: a ``naflexvit`` trunk's
-    ``vision_cfg.image_seq_len`` is the patch budget its eval transform keeps the aspect ratio in."""
+    ``vision_cfg.image_seq_len`` is the patch budget its eval transform keeps the aspect ratio in,
+    and that transform is timm's (``naflex_resize`` "timm"). Only for files open_clip wrote: one
+    clipforge wrote carries its own ``naflex_max_patches`` and resize (saved before the choice
+    existed: Siglip2's, as it preprocessed then), so the caller skips this for it."""
     seq_len = (model_cfg.get("vision_cfg") or {}).get("image_seq_len")
     if seq_len is None or not (config.vision.timm_model_name or "").startswith("naflexvit"):
         return {}
-    return {"naflex_max_patches": int(seq_len), "naflex_patch_size": config.vision.patch_size}
+    return {
+        "naflex_max_patches": int(seq_len),
+        "naflex_patch_size": config.vision.patch_size,
+        "naflex_resize": "timm",
+    }
 
 
 # --- readers --------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ class PretrainedWeights:
     preprocessing itself always uses the built model's size); ``license`` is the model card's
     licence identifier where known, "" where not recorded. ``naflex_max_patches`` (with
     ``naflex_patch_size``) is set for NaFlex weights: images keep their aspect ratio with at most
-    that many patches (open_clip main's ``image_seq_len``) instead of being resized to a square.
+    that many patches (open_clip main's ``image_seq_len``) instead of being resized to a square,
+    and ``naflex_resize`` says whose resize (``PreprocessConfig.naflex_resize``).
     """
 
     model: str
@@ -67,6 +68,7 @@ class PretrainedWeights:
     image_size: int | None = None
     naflex_max_patches: int | None = None
     naflex_patch_size: int = 16
+    naflex_resize: str = "siglip2"
     license: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +80,11 @@ class PretrainedWeights:
     def preprocess_dict(self, image_size: int) -> dict[str, Any]:
         """Keyword arguments for ``clipforge.transforms.PreprocessConfig``."""
         naflex = (
-            {"naflex_max_patches": self.naflex_max_patches, "naflex_patch_size": self.naflex_patch_size}
+            {
+                "naflex_max_patches": self.naflex_max_patches,
+                "naflex_patch_size": self.naflex_patch_size,
+                "naflex_resize": self.naflex_resize,
+            }
             if self.naflex_max_patches is not None
             else {}
         )
