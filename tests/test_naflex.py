@@ -280,6 +280,7 @@ def test_folder_processor_gives_naflex_preprocessing(siglip2):
     assert (pre["naflex_max_patches"], pre["naflex_patch_size"]) == (64, PATCH)
     model, _, transform = create_model_and_transforms(None, folder)
     assert model.preprocess_cfg == PreprocessConfig.from_dict(pre)
+    assert model.preprocess_cfg.naflex_resize == "siglip2"  # transformers' rule for its folders
     images = [im.convert("RGB") for im in _images()]
     ref = transformers.Siglip2ImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")
     ours_in = naflex_collate([transform(im) for im in images], 64)
@@ -288,3 +289,46 @@ def test_folder_processor_gives_naflex_preprocessing(siglip2):
         got = getattr(hf.get_image_features(**ref), "pooler_output", None)
         got = hf.get_image_features(**ref) if got is None else got
         assert (ours.encode_image(ours_in) - got).abs().max().item() < TOL
+
+
+def _timm_patches(images, most: int) -> list[torch.Tensor]:
+    """timm's NaFlex eval transform (what open_clip main runs for its NaFlex weights), bicubic."""
+    from timm.data import create_transform
+
+    transform = create_transform(is_training=False, naflex=True, patchify=True, max_seq_len=most,
+                                 patch_size=PATCH, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")  # fmt: skip
+    return [transform(im)["patches"] for im in images]
+
+
+def test_checkpoint_stores_the_timm_rule_and_old_ones_keep_siglip2s(siglip2, tmp_path):
+    """A clipforge checkpoint saved with ``naflex_resize="timm"`` reloads with it (timm's patches);
+    one saved before the field existed (no key)
+    loads with the Siglip2 rule it was made with; ``image_naflex_resize`` overrides either."""
+    import dataclasses
+    import json
+
+    from clipforge.checkpoints.clipforge_format import save_pretrained
+    from clipforge.factory import create_model, create_model_and_transforms
+
+    _, ours, _ = siglip2
+    pre = dataclasses.replace(
+        ours.preprocess_cfg, naflex_max_patches=64, naflex_resize="timm", interpolation="bicubic"
+    )
+    save_pretrained(ours, tmp_path / "cf", preprocess_cfg=pre)
+    images = [im.convert("RGB") for im in _images()]
+    timm_ref = _timm_patches(images, 64)
+    model, _, val = create_model_and_transforms(None, tmp_path / "cf")
+    assert model.preprocess_cfg == pre
+    got = [val(im)["patches"] for im in images]
+    assert all(a.shape == b.shape and (a - b).abs().max().item() < 1e-6 for a, b in zip(got, timm_ref))
+    siglip2_rule = [NaFlexTransform(PATCH, 64)(im)["patches"] for im in images]  # the same grids
+    assert max((a - b).abs().max().item() for a, b in zip(got, siglip2_rule)) > 0.05
+    document = json.loads((tmp_path / "cf" / "config.json").read_text())
+    assert document["preprocess_cfg"].pop("naflex_resize") == "timm"
+    (tmp_path / "cf" / "config.json").write_text(json.dumps(document))  # as clipforge wrote it before
+    old = create_model(None, tmp_path / "cf")
+    assert (old.preprocess_cfg.naflex_resize, old.preprocess_cfg.naflex_max_patches) == ("siglip2", 64)
+    told = create_model(None, tmp_path / "cf", image_naflex_resize="timm")
+    assert told.preprocess_cfg == pre
+    with pytest.raises(ConfigError, match="naflex_resize 'pil' is not one of"):
+        create_model(None, tmp_path / "cf", image_naflex_resize="pil")
