@@ -172,6 +172,8 @@ def test_full_size_named_models_map_onto_siglip2_keys_and_shapes(name):
         ({"init_values": 1e-5}, "block 0: LayerScale"),
         ({"qk_norm": True}, "block 0: LayerScale, qk"),
         ({"act_layer": "silu"}, "block 0: activation SiLU"),
+        ({"norm_layer": "rmsnorm"}, r"block 0: RmsNorm / epsilon, not LayerNorm\(eps=1e-6\)"),
+        ({"proj_bias": False}, "block 0: a bias-free attention or MLP Linear"),
     ],
 )
 def test_what_siglip2_cannot_hold_is_refused_by_name(timm_kwargs, match, tmp_path):
@@ -211,4 +213,16 @@ def test_open_clip_mains_clip_text_naflex_model_is_refused_naming_each_part():
         "the text tower is not SigLIP's",
         "no logit bias",
     ):
+        assert part in message, message
+
+
+def test_a_rope_naflexvit_is_refused_naming_each_part():
+    """RoPE instead of a learned table (timm's rope blocks are EvaBlocks): three problems, three names."""
+    from clipforge.factory import create_model
+
+    model = create_model(naflexvit_config(rope_type="axial", pos_embed="none"))
+    with pytest.raises(ConfigError) as caught:
+        hf_siglip.config_to_hf_siglip(model.config, model.visual.trunk, "siglip2")
+    message = str(caught.value)
+    for part in ("position embedding is 'none'", "class/register tokens or RoPE", "block 0: a timm EvaBlock"):
         assert part in message, message

@@ -566,21 +566,31 @@ def _naflexvit_problems(trunk: nn.Module, kind: str | None) -> list[str]:
         found.append(f"NaFlexVit: global_pool={trunk.global_pool!r}, not a one-latent MAP head")
     if not all(isinstance(m, nn.Identity) for m in (trunk.norm_pre, trunk.fc_norm, trunk.head)):
         found.append("NaFlexVit: pre-norm, fc-norm or a classifier head")
+    block = _naflexvit_block_problem(trunk)
+    return found + ([f"NaFlexVit {block}"] if block else [])
+
+
+def _naflexvit_block_problem(trunk: nn.Module) -> str | None:
+    """The first of a NaFlexVit's blocks a Siglip2 encoder layer cannot hold, named with the reason:
+    a layer is LayerNorm (1e-6) -> fused biased q/k/v of width ``embed_dim`` -> biased out proj ->
+    LayerNorm -> biased two-layer GELU MLP, with no scaling or extra norm anywhere."""
     for i, block in enumerate(trunk.blocks):
+        if type(block).__name__ != "Block":
+            return f"block {i}: a timm {type(block).__name__}, not a plain ViT Block"
         attn, mlp = block.attn, block.mlp
         plain = (block.ls1, block.ls2, attn.q_norm, attn.k_norm, attn.norm, getattr(mlp, "norm", None))
         qkv = getattr(attn, "qkv", None)
-        fused = qkv is not None and qkv.bias is not None and qkv.out_features == 3 * trunk.embed_dim
+        fused = qkv is not None and qkv.out_features == 3 * trunk.embed_dim
         if not (fused and all(isinstance(m, nn.Identity) for m in plain) and type(mlp).__name__ == "Mlp"):
-            found.append(
-                f"NaFlexVit block {i}: LayerScale, qk/attention/MLP norm, grouped, resized or bias-free "
-                "qkv, or a gated MLP"
-            )
-            break
-        if _act_name(mlp.act) is None or {block.norm1.eps, block.norm2.eps, trunk.norm.eps} != {1e-6}:
-            found.append(f"NaFlexVit block {i}: activation {type(mlp.act).__name__} / LayerNorm epsilon")
-            break
-    return found
+            return f"block {i}: LayerScale, qk/attention/MLP norm, grouped or resized qkv, or a gated MLP"
+        if any(layer.bias is None for layer in (qkv, attn.proj, mlp.fc1, mlp.fc2)):
+            return f"block {i}: a bias-free attention or MLP Linear"
+        norms = (block.norm1, block.norm2, trunk.norm)
+        if not all(type(n).__name__ == "LayerNorm" and n.eps == 1e-6 for n in norms):
+            return f"block {i}: {type(block.norm1).__name__} / epsilon, not LayerNorm(eps=1e-6)"
+        if _act_name(mlp.act) is None:
+            return f"block {i}: activation {type(mlp.act).__name__}"
+    return None
 
 
 def check_siglip_compatible(cfg: CLIPConfig, trunk: nn.Module, kind: str | None = None) -> dict[str, Any]:
