@@ -728,7 +728,8 @@ def test_cli_on_a_siglip2_folder_defaults_to_naflex(siglip2_tiny, tmp_path, caps
 
 def test_eval_cli_preprocesses_a_siglip2_folder_with_naflex_unless_told(siglip2_tiny, tmp_path, monkeypatch):
     """``clipforge eval --pretrained FOLDER`` runs with the folder's NaFlex transform (padded batches
-    of mixed patch grids), ``--no-naflex`` with the fixed-size one; both finish."""
+    of mixed patch grids; Siglip2ImageProcessor's resize), ``--no-naflex`` with the fixed-size one,
+    ``--naflex-resize timm`` with timm's resize on the same budget; all finish."""
     from helpers import run_cli
 
     import clipforge.factory
@@ -748,7 +749,7 @@ def test_eval_cli_preprocesses_a_siglip2_folder_with_naflex_unless_told(siglip2_
         return out
 
     monkeypatch.setattr(clipforge.factory, "create_model_and_transforms", recording)
-    for flags in ((), ("--no-naflex",)):
+    for flags in ((), ("--no-naflex",), ("--naflex-resize", "timm")):
         assert run_cli(["eval", "--pretrained", str(folder), "--task", "zeroshot", "--data", str(tmp_path / "classes"),
                         "--templates", "simple", "--output", str(tmp_path / f"zs{len(flags)}.json"), "--device", "cpu",
                         "--no-progress", "--batch-size", "4", *flags]) == 0  # fmt: skip
@@ -757,6 +758,7 @@ def test_eval_cli_preprocesses_a_siglip2_folder_with_naflex_unless_told(siglip2_
         8,
     )
     assert not isinstance(used[1], NaFlexTransform)
+    assert (used[0].resize, used[2].resize, used[2].max_num_patches) == ("siglip2", "timm", NAFLEX_MOST)
     assert json.loads((tmp_path / "zs0.json").read_text())["details"]["classnames"] == ["w5", "w7"]
 
 

@@ -1,6 +1,6 @@
 """``--image-alpha`` as every image-preprocessing command takes it (train, eval, embed, search,
-serve, bench), and ``--no-naflex`` as eval, embed and export take it: one definition, one
-meaning. (The leading underscore keeps :mod:`clipforge.cli` from treating this module as a
+serve, bench), ``--no-naflex`` as eval, embed and export take it, and ``--naflex-resize`` as
+eval and embed take it: one definition, one meaning. (The leading underscore keeps :mod:`clipforge.cli` from treating this module as a
 command.)
 """
 
@@ -62,3 +62,23 @@ def image_naflex(args: argparse.Namespace) -> bool | None:
     """``create_model(image_naflex=...)`` for the parsed flags: False with ``--no-naflex``, else None
     (the weights' own choice)."""
     return False if getattr(args, "no_naflex", False) else None
+
+
+NAFLEX_RESIZE_HELP = (
+    "whose NaFlex resize runs for NaFlex weights: 'siglip2' (transformers' Siglip2ImageProcessor: "
+    "bilinear on the uint8 tensor) or 'timm' (timm's transforms, as open_clip main runs them: PIL with "
+    "the weights' interpolation, bicubic for SigLIP 2). Both pick the same patch grid. Default: the "
+    "weights' origin's (open_clip main's NaFlex tags and hf-hub repositories: timm; Siglip2 folders and "
+    "clipforge checkpoints: what they store, siglip2 if nothing)"
+)
+
+
+def add_naflex_resize_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--naflex-resize`` (default None: keep the weights' own rule)."""
+    parser.add_argument("--naflex-resize", default=None, choices=("siglip2", "timm"), help=NAFLEX_RESIZE_HELP)
+
+
+def naflex_resize(args: argparse.Namespace) -> str | None:
+    """``create_model(image_naflex_resize=...)``: the ``--naflex-resize`` value, or None where the
+    command has no such flag or it was not given."""
+    return getattr(args, "naflex_resize", None)

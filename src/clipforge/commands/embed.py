@@ -8,8 +8,10 @@ from typing import Any
 from clipforge.commands._image_options import (
     add_image_alpha_argument,
     add_naflex_argument,
+    add_naflex_resize_argument,
     image_alpha,
     image_naflex,
+    naflex_resize,
 )
 from clipforge.commands._model_options import add_model_arguments, model_argument
 from clipforge.commands._options import add_table_arguments, table_options
@@ -29,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p, device=True, device_note="under torchrun, cuda and auto are this rank's GPU")
     add_image_alpha_argument(p)
     add_naflex_argument(p, "the index records it, so image queries are preprocessed the same way")
+    add_naflex_resize_argument(p)
     p.add_argument(
         "--images",
         required=True,
@@ -74,6 +77,7 @@ def _embed(args: argparse.Namespace, info: Any) -> int:
         device=info.device,
         image_alpha=image_alpha(args),
         image_naflex=image_naflex(args),
+        image_naflex_resize=naflex_resize(args),
     )
     model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)

@@ -9,8 +9,10 @@ from typing import Any
 from clipforge.commands._image_options import (
     add_image_alpha_argument,
     add_naflex_argument,
+    add_naflex_resize_argument,
     image_alpha,
     image_naflex,
+    naflex_resize,
 )
 from clipforge.commands._model_options import add_model_arguments, device_argument, model_argument
 from clipforge.commands._options import add_table_arguments, table_kwargs
@@ -34,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p, device=True)
     add_image_alpha_argument(p)
     add_naflex_argument(p)
+    add_naflex_resize_argument(p)
     p.add_argument("--task", choices=TASKS, default="zeroshot")
     p.add_argument("--data", metavar="SPEC", help="dataset to evaluate on")
     p.add_argument(
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         image_alpha=image_alpha(args),
         image_naflex=image_naflex(args),
+        image_naflex_resize=naflex_resize(args),
     )
     model.eval()
     tokenizer = get_tokenizer(model)
