@@ -332,3 +332,21 @@ def test_checkpoint_stores_the_timm_rule_and_old_ones_keep_siglip2s(siglip2, tmp
     assert told.preprocess_cfg == pre
     with pytest.raises(ConfigError, match="naflex_resize 'pil' is not one of"):
         create_model(None, tmp_path / "cf", image_naflex_resize="pil")
+
+
+def test_writing_a_timm_rule_model_as_siglip2_says_the_folder_resizes_bilinearly(caplog):
+    """A Siglip2ImageProcessor has one resize (bilinear): writing a timm-rule NaFlex model's
+    processor warns that the folder reads back with that rule; a siglip2-rule one is silent."""
+    import logging
+
+    from clipforge.transforms import PreprocessConfig
+
+    base = {"naflex_max_patches": 64, "naflex_patch_size": PATCH, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    for rule, warned in (("siglip2", False), ("timm", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clipforge"):
+            doc = hf_siglip.processor_document(
+                PreprocessConfig.from_dict({**base, "naflex_resize": rule}), "siglip2", PATCH
+            )
+        assert (doc["max_num_patches"], doc["resample"]) == (64, 2)
+        assert ("not timm's (bicubic resize)" in caplog.text) == warned, caplog.text

@@ -799,6 +799,13 @@ def processor_document(pre: Any, kind: str, patch_size: int) -> dict[str, Any]:
         doc.update(patch_size=patch_size, max_num_patches=most)
         if naflex:  # what NaFlexTransform computes whatever the fixed-size fields say
             doc.update(resample=2, rescale_factor=1 / 255)
+        if naflex and pre.naflex_resize == "timm":
+            log.warning(
+                "a Siglip2ImageProcessor resizes bilinearly on the uint8 tensor: the folder is read back "
+                "with that NaFlex rule, not timm's (%s resize) these weights used; pass "
+                "image_naflex_resize='timm' / --naflex-resize timm when loading it to keep timm's",
+                pre.interpolation,
+            )
     else:
         if naflex:
             log.warning(
