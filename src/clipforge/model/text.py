@@ -244,9 +244,9 @@ class TextTransformer(nn.Module):
         tracing), else None: the caller runs the modules themselves."""
         blocks = self.transformer.resblocks
         weight = self.token_embedding.weight
-        if not (self.prepack and len(blocks) and not self.training and not torch.is_grad_enabled()):
+        if is_tracing() or not (self.prepack and len(blocks) and not self.training):
             return None
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or is_tracing():
+        if torch.is_grad_enabled() or weight.device.type != "cpu" or weight.dtype != torch.float32:
             return None
         if not _prepack_available() or not prepack.blocks_supported(blocks):
             return None
