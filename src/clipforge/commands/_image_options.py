@@ -7,6 +7,7 @@ command.)
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 IMAGE_ALPHA_HELP = (
     "what transparent pixels (RGBA, LA, palette images) become: 'drop' (discard alpha, as open_clip, "
@@ -58,12 +59,6 @@ def add_naflex_argument(parser: argparse.ArgumentParser, note: str | None = None
     parser.add_argument("--no-naflex", action="store_true", help=help_text)
 
 
-def image_naflex(args: argparse.Namespace) -> bool | None:
-    """``create_model(image_naflex=...)`` for the parsed flags: False with ``--no-naflex``, else None
-    (the weights' own choice)."""
-    return False if getattr(args, "no_naflex", False) else None
-
-
 NAFLEX_RESIZE_HELP = (
     "whose NaFlex resize runs for NaFlex weights: 'siglip2' (transformers' Siglip2ImageProcessor: "
     "bilinear on the uint8 tensor) or 'timm' (timm's transforms, as open_clip main runs them: PIL with "
@@ -78,7 +73,12 @@ def add_naflex_resize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--naflex-resize", default=None, choices=("siglip2", "timm"), help=NAFLEX_RESIZE_HELP)
 
 
-def naflex_resize(args: argparse.Namespace) -> str | None:
-    """``create_model(image_naflex_resize=...)``: the ``--naflex-resize`` value, or None where the
-    command has no such flag or it was not given."""
-    return getattr(args, "naflex_resize", None)
+def image_model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``create_model_and_transforms``'s image keywords from the parsed flags, the same for every
+    command: each None (the weights' own choice) where the command has no such flag or it was not
+    given; ``--no-naflex`` gives ``image_naflex=False``."""
+    return {
+        "image_alpha": image_alpha(args),
+        "image_naflex": False if getattr(args, "no_naflex", False) else None,
+        "image_naflex_resize": getattr(args, "naflex_resize", None),
+    }

@@ -9,9 +9,7 @@ from clipforge.commands._image_options import (
     add_image_alpha_argument,
     add_naflex_argument,
     add_naflex_resize_argument,
-    image_alpha,
-    image_naflex,
-    naflex_resize,
+    image_model_options,
 )
 from clipforge.commands._model_options import add_model_arguments, model_argument
 from clipforge.commands._options import add_table_arguments, table_options
@@ -75,9 +73,7 @@ def _embed(args: argparse.Namespace, info: Any) -> int:
         model_argument(args),
         pretrained=args.pretrained,
         device=info.device,
-        image_alpha=image_alpha(args),
-        image_naflex=image_naflex(args),
-        image_naflex_resize=naflex_resize(args),
+        **image_model_options(args),
     )
     model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)

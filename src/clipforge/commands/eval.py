@@ -10,9 +10,7 @@ from clipforge.commands._image_options import (
     add_image_alpha_argument,
     add_naflex_argument,
     add_naflex_resize_argument,
-    image_alpha,
-    image_naflex,
-    naflex_resize,
+    image_model_options,
 )
 from clipforge.commands._model_options import add_model_arguments, device_argument, model_argument
 from clipforge.commands._options import add_table_arguments, table_kwargs
@@ -101,9 +99,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.pretrained,
         device=device,
-        image_alpha=image_alpha(args),
-        image_naflex=image_naflex(args),
-        image_naflex_resize=naflex_resize(args),
+        **image_model_options(args),
     )
     model.eval()
     tokenizer = get_tokenizer(model)
