@@ -224,6 +224,12 @@ def is_patch_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and "patches" in value
 
 
+def stack_images(items: Sequence[Any]) -> Any:
+    """Preprocessed images as one batch: pixel tensors stacked, NaFlex patch dicts padded to the
+    longest with a mask (:func:`naflex_collate`). The one choice embed and search both make."""
+    return naflex_collate(items) if is_patch_dict(items[0]) else torch.stack(list(items))
+
+
 class NaFlexCollate:
     """Training collate: every NaFlex field of the items padded to ``max_num_patches``, the rest stacked.
 

@@ -133,11 +133,14 @@ def collate_skip_none(batch: list[Any]) -> Any:
 
 def images_to(images: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
     """A pixel batch, or a NaFlex patch dict (only its patches take the model dtype), on the device."""
-    if isinstance(images, dict):
-        moved = {k: v.to(device) for k, v in images.items()}
-        moved["patches"] = moved["patches"].to(dtype)
-        return moved
-    return images.to(device, dtype)
+    from clipforge.naflex_transforms import images_to as moved_to
+    from clipforge.naflex_transforms import is_patch_dict
+
+    moved = moved_to(images, device)
+    if not is_patch_dict(moved):
+        return moved.to(dtype)
+    moved["patches"] = moved["patches"].to(dtype)
+    return moved
 
 
 def make_loader(

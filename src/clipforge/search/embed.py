@@ -123,17 +123,10 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     device is asynchronous); the per-item records keep only what the shard metadata needs, so
     a shard's worth of pixels is never held in memory.
     """
-    import torch
+    from clipforge.naflex_transforms import stack_images
 
     good = [s["image"] for s in samples if s["image"] is not None]
-    if good and isinstance(good[0], dict):  # NaFlex patch dicts: pad to the longest, with a mask
-        from clipforge.naflex_transforms import naflex_collate
-
-        return {
-            "images": naflex_collate(good),
-            "samples": [{k: v for k, v in s.items() if k != "image"} for s in samples],
-        }
-    images = torch.stack(good) if good else None
+    images = stack_images(good) if good else None  # NaFlex patch dicts: padded, with a mask
     return {"images": images, "samples": [{k: v for k, v in s.items() if k != "image"} for s in samples]}
 
 

@@ -63,18 +63,6 @@ class Query:
     dedup: bool = False
 
 
-def _batch(items: list[Any], device: Any) -> Any:
-    """Preprocessed images as one batch on ``device``: stacked pixels, or NaFlex patch dicts padded
-    to the longest with a mask (an index embedded from a Siglip2 folder is NaFlex by default)."""
-    import torch
-
-    if items and isinstance(items[0], dict):
-        from clipforge.naflex_transforms import naflex_collate
-
-        return {k: v.to(device) for k, v in naflex_collate(items).items()}
-    return torch.stack(items).to(device)
-
-
 class Searcher:
     """Load an index folder once; answer many queries (thread-safe: one query runs at a time)."""
 
@@ -158,9 +146,11 @@ class Searcher:
         """Encode decoded PIL images (see :func:`open_image`) in one batch."""
         import torch
 
+        from clipforge.naflex_transforms import images_to, stack_images
+
         self.ensure_model()
         with self._lock, torch.inference_mode():
-            x = _batch([self.preprocess(im) for im in images], self.device)
+            x = images_to(stack_images([self.preprocess(im) for im in images]), self.device)
             return _unit(self.model.encode_image(x, normalize=True).float().cpu().numpy())
 
     @property
