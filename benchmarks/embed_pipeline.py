@@ -93,6 +93,9 @@ def main() -> None:
     p.add_argument("--icons", type=int, default=250, help="96x96 icons (plus every 512x512 one)")
     p.add_argument("--cf-decode-threads", type=int, default=None,
                    help="clipforge embed --decode-threads (default: clipforge's default)")  # fmt: skip
+    p.add_argument("--cf-variant", action="append", default=[], metavar="OPTIONS",
+                   help="also time `clipforge embed OPTIONS` in the same rounds, e.g. "
+                   "--cf-variant=--fast-decode --cf-variant='--precision bf16' (repeatable)")  # fmt: skip
     p.add_argument("--sets", default="photos,icons", help="which collections: photos, icons or both")
     p.add_argument("--cr-workers", type=int, default=None,
                    help="clip-retrieval's --num_prepro_workers (default: --workers)")  # fmt: skip

@@ -27,7 +27,9 @@ not inflate the way it inflates wall time. clipforge decodes each batch with
 ``--cf-decode-threads`` threads per worker (default: its own default, the cores divided by the
 workers); ``--cr-workers`` gives clip-retrieval a different worker count (default: the same). clip-retrieval's own loop timer (its
 ``stats/*.json``) is printed as a cross-check. The ratio is clipforge / clip-retrieval for both. Embeddings are compared too
-(max |cos - 1| between the two programs' vectors of the same image file).
+(max |cos - 1| between the two programs' vectors of the same image file). Each ``--cf-variant
+OPTIONS`` adds ``clipforge embed OPTIONS`` to every round with its own ratio and agreement, e.g.
+``--fast-decode`` (images decoded reduced to twice the model's input side) or ``--precision bf16``.
 """
 
 from __future__ import annotations
@@ -121,10 +123,12 @@ def env(args, hub: Path) -> dict[str, str]:
             "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
 
 
-def run_clipforge(args, folder: Path, out: Path, hub: Path) -> tuple[float, float]:
+def run_clipforge(
+    args, folder: Path, out: Path, hub: Path, extra: tuple[str, ...] = ()
+) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "clipforge", "embed", "--model", "ViT-B-32", "--pretrained", TAG,
            "--images", str(folder), "--out", str(out), "--batch-size", str(args.batch_size),
-           "--workers", str(args.workers), "--dtype", "float32"]  # fmt: skip
+           "--workers", str(args.workers), "--dtype", "float32", *extra]  # fmt: skip
     if args.cf_decode_threads is not None:
         cmd += ["--decode-threads", str(args.cf_decode_threads)]
     return _timed(cmd, env(args, hub))
@@ -195,23 +199,29 @@ def compare(args) -> None:
           f"{args.threads} torch threads, clipforge {args.workers} decoding worker(s) x {threads} decode thread(s), "
           f"clip-retrieval {_cr_workers(args)} worker(s), {args.rounds} alternating round(s); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
+    keys = ["clipforge", "clip-retrieval"] + [f"clipforge {v}" for v in args.cf_variant]
     for name in names:
         n = len(list(sets[name].iterdir()))
-        walls: dict[str, list[float]] = {"clipforge": [], "clip-retrieval": []}
-        starts: dict[str, list[float]] = {"clipforge": [], "clip-retrieval": []}
-        cpus: dict[str, list[float]] = {"clipforge": [], "clip-retrieval": []}
-        cpu_starts: dict[str, list[float]] = {"clipforge": [], "clip-retrieval": []}
+        walls: dict[str, list[float]] = {k: [] for k in keys}
+        starts: dict[str, list[float]] = {k: [] for k in keys}
+        cpus: dict[str, list[float]] = {k: [] for k in keys}
+        cpu_starts: dict[str, list[float]] = {k: [] for k in keys}
         for r in range(args.rounds):
-            for key in ("clipforge", "clip-retrieval") if r % 2 == 0 else ("clip-retrieval", "clipforge"):
+            for key in keys if r % 2 == 0 else keys[::-1]:
                 fn = _runner(key, args, exe, hub)
-                one = fn(sets[f"{name}-1"], root / f"{key}-{name}-1-{r}")  # start-up: one image
+                slug = _slug(key)
+                one = fn(sets[f"{name}-1"], root / f"{slug}-{name}-1-{r}")  # start-up: one image
                 starts[key].append(one[0])
                 cpu_starts[key].append(one[1])
-                wall, cpu = fn(sets[name], root / f"{key}-{name}-{r}")
+                wall, cpu = fn(sets[name], root / f"{slug}-{name}-{r}")
                 walls[key].append(wall)
                 cpus[key].append(cpu)
         start = {k: min(v) for k, v in starts.items()}
-        agree = agreement(root / f"clipforge-{name}-0", root / f"clip-retrieval-{name}-0")
+        agree = {
+            k: agreement(root / f"{_slug(k)}-{name}-0", root / f"clip-retrieval-{name}-0")
+            for k in keys
+            if k != "clip-retrieval"
+        }
         net_cpu = {k: (min(v) - min(cpu_starts[k])) / (n - 1) for k, v in cpus.items()}
         _print_set(name, n, walls, start, agree, net_cpu)
         print(f"  clip-retrieval's own loop timer (read + inference + write, no start-up): "
@@ -232,13 +242,19 @@ def _own_rate(root: Path, name: str, rounds: int) -> float:
     return best
 
 
+def _slug(key: str) -> str:
+    """An output folder name for a program ("clipforge --precision bf16" -> "clipforge-precision-bf16")."""
+    return "-".join(part.lstrip("-") for part in key.split())
+
+
 def _runner(key: str, args, exe: Path, hub: Path):
-    if key == "clipforge":
-        return lambda folder, out: run_clipforge(args, folder, out, hub)
+    if key.startswith("clipforge"):
+        extra = tuple(key.split()[1:])  # "clipforge --fast-decode": the variant's own options
+        return lambda folder, out: run_clipforge(args, folder, out, hub, extra)
     return lambda folder, out: run_clip_retrieval(args, exe, folder, out, hub)
 
 
-def _print_set(name: str, n: int, walls: dict, start: dict, max_cos_diff: float, cpu: dict) -> None:
+def _print_set(name: str, n: int, walls: dict, start: dict, max_cos_diff: dict, cpu: dict) -> None:
     best = {k: min(v) for k, v in walls.items()}
     rate = {k: n / best[k] for k in best}
     net = {k: (n - 1) / max(1e-9, best[k] - start[k]) for k in best}
@@ -246,8 +262,9 @@ def _print_set(name: str, n: int, walls: dict, start: dict, max_cos_diff: float,
     for k in best:
         print(f"  {k:<15} wall {best[k]:6.1f} s (median {statistics.median(walls[k]):.1f})  {rate[k]:6.2f} images/s  "
               f"start-up {start[k]:5.1f} s  net {net[k]:6.2f} images/s  net cpu {cpu[k]:.3f} s/image")  # fmt: skip
-    print(f"  ratio clipforge / clip-retrieval: {rate['clipforge'] / rate['clip-retrieval']:.2f}x images/s, "
-          f"{net['clipforge'] / net['clip-retrieval']:.2f}x net (target >= 1.5x); "
-          f"embeddings agree: max |cos - 1| = {max_cos_diff:.1e}")  # fmt: skip
-    print(f"  net cpu ratio clip-retrieval / clipforge: {cpu['clip-retrieval'] / cpu['clipforge']:.2f}x "
-          "(work per image; > 1: clipforge does less)")  # fmt: skip
+    for k, diff in max_cos_diff.items():
+        print(f"  ratio {k} / clip-retrieval: {rate[k] / rate['clip-retrieval']:.2f}x images/s, "
+              f"{net[k] / net['clip-retrieval']:.2f}x net (target >= 1.5x); "
+              f"embeddings agree: max |cos - 1| = {diff:.1e}")  # fmt: skip
+        print(f"    net cpu ratio clip-retrieval / {k}: {cpu['clip-retrieval'] / cpu[k]:.2f}x "
+              "(work per image; > 1: clipforge does less)")  # fmt: skip

@@ -1,7 +1,9 @@
-"""`clipforge embed`'s decoding: threads per decoding process, and the cheaper exact decode path.
+"""`clipforge embed`'s decoding: threads per decoding process, the cheaper exact decode path, and
+the opt-in reduced decode (``--fast-decode``).
 
 Decoding a batch with several threads must change nothing but the speed (same tensors, same
-order, same skip reasons); the faster RGBA and EXIF paths must give the pixels they gave before.
+order, same skip reasons); the faster RGBA and EXIF paths must give the pixels they gave before;
+a reduced decode must stay close to the full one and record the file's own size.
 """
 
 from __future__ import annotations
@@ -128,3 +130,87 @@ def test_exif_rotation_still_applied_in_place():
     buf = io.BytesIO()
     img.save(buf, "JPEG")
     assert load_image(buf.getvalue()).size == (30, 10)
+
+
+@pytest.fixture(scope="module")
+def large_photos(tmp_path_factory):
+    """Real wallpapers (2-6k px JPEG, PNG, WebP), one saved with an EXIF rotation."""
+    from realdata import photos
+
+    root = tmp_path_factory.mktemp("large")
+    picked = {p.suffix: p for p in photos()}  # one of each format
+    for p in picked.values():
+        (root / p.name).write_bytes(p.read_bytes())
+    with Image.open(next(iter(picked.values()))) as im:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees on display: width and height swap
+        im.convert("RGB").save(root / "rotated.jpg", exif=exif, quality=90)
+    return root
+
+
+def test_fast_decode_reduces_records_and_stays_close(large_photos, tmp_path):
+    """--fast-decode: every large photo decoded reduced (JPEG draft, reduce for PNG/WebP), the
+    metadata still gives the file's own (oriented) size, the embeddings stay close to a full
+    decode's, and a folder is not resumed in the other mode."""
+    from clipforge.data.column_tables import read_table
+    from clipforge.data.images import oriented_size
+    from clipforge.factory import create_model_and_transforms
+    from clipforge.search.embed import reduced_decode_side
+
+    torch.manual_seed(0)
+    model, _, pre = create_model_and_transforms("tiny-vit")
+    side = reduced_decode_side(model)
+    assert side == 2 * model.preprocess_cfg.image_size
+    items = list_items(large_photos)
+    ds = _ImageDataset(items, pre, None, min_side=side)
+    for i, item in enumerate(items):
+        data = item.read_bytes()
+        full = load_image(data, keep_mode=True)
+        reduced = load_image(data, keep_mode=True, min_side=side, exact_pixels=None)
+        assert side <= min(reduced.size) < min(full.size) // 2, (item.path, reduced.size, full.size)
+        assert ds[i]["size"] == full.size == oriented_size(data)
+    outs = {}
+    for fast in (False, True):
+        out = tmp_path / f"fast{fast}"
+        m = embed_images(model, pre, large_photos, out, batch_size=3, num_workers=0, dtype=np.float32,
+                         progress=False, fast_decode=fast)  # fmt: skip
+        assert m["decode"] == ("reduced" if fast else "full") and m["count"] == len(items)
+        meta = read_table(out / m["metadata"])
+        sizes = [oriented_size(it.read_bytes()) for it in items]
+        assert list(zip(meta["width"], meta["height"])) == sizes
+        outs[fast] = np.load(out / "img_emb_00000.npy")
+    cos = (outs[False] * outs[True]).sum(axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(outs[False], outs[True]), cos
+    with pytest.raises(DataError, match="decode"):
+        embed_images(model, pre, large_photos, tmp_path / "fastTrue", num_workers=0, progress=False)
+
+
+def test_fast_decode_refuses_naflex():
+    from clipforge.errors import ConfigError
+    from clipforge.search.embed import reduced_decode_side
+
+    class Model:
+        preprocess_cfg = PreprocessConfig(image_size=224, naflex_max_patches=256)
+
+    with pytest.raises(ConfigError, match="NaFlex"):
+        reduced_decode_side(Model())
+
+
+def test_bf16_embeddings_are_recorded_close_and_not_mixed(folder, tmp_path):
+    """--precision bf16: the manifest says so, the vectors stay close to fp32's, and a folder
+    embedded at one precision is not resumed at the other."""
+    from clipforge.factory import create_model_and_transforms
+    from clipforge.inference import optimize_for_inference
+
+    torch.manual_seed(0)
+    model, _, pre = create_model_and_transforms("tiny-vit")
+    outs = {}
+    for dtype in (None, torch.bfloat16):
+        m = embed_images(optimize_for_inference(model, dtype=dtype), pre, folder, tmp_path / str(dtype),
+                         num_workers=0, dtype=np.float32, progress=False)  # fmt: skip
+        assert m["compute_dtype"] == ("bfloat16" if dtype else "float32")
+        outs[dtype] = np.load(tmp_path / str(dtype) / "img_emb_00000.npy")
+    cos = (outs[None] * outs[torch.bfloat16]).sum(axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(outs[None], outs[torch.bfloat16]), cos
+    with pytest.raises(DataError, match="compute_dtype"):
+        embed_images(model, pre, folder, tmp_path / str(torch.bfloat16), num_workers=0, progress=False)

@@ -160,3 +160,36 @@ def test_prepacked_weights_follow_weight_changes_and_stay_out_of_training():
         twin = copy.deepcopy(model)
         assert torch.allclose(twin.encode_text(tokens), want, atol=1e-5, rtol=0)
         assert twin.text.fast_linear().count == 0
+
+
+@pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN prepacked linear")
+def test_vit_prepacked_weights_equal_the_modules():
+    """The image tower's class-token path on prepacked weights: same features, only without
+    autograd, and a weight change is seen."""
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        embed_dim=64,
+        vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, head_width=32),
+        text=TextConfig(context_length=77, width=64, heads=2, layers=1),
+    )
+    model = CLIP(cfg).eval()
+    images = torch.randn(5, 3, 32, 32)
+    visual = model.visual
+    with torch.inference_mode():
+        model.encode_image(torch.randn(16, 3, 32, 32))  # 16 x 17 rows > SMALL_ROWS: F.linear is faster
+        assert prepack.linear_for(visual, visual.proj).count == 0
+        visual.prepack = False
+        want = model.encode_image(images)
+        assert prepack.linear_for(visual, visual.proj) is None
+        visual.prepack = True
+        got = model.encode_image(images)
+        assert prepack.linear_for(visual, visual.proj).count == 3 * 4
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    assert prepack.linear_for(visual, visual.proj) is None  # autograd on: the modules themselves
+    with torch.no_grad():
+        visual.transformer.resblocks[2].mlp.c_proj.weight.mul_(2.0)
+        changed = model.encode_image(images)
+        visual.prepack = False
+        plain = model.encode_image(images)
+    assert (changed - got).abs().max() > 1e-3
+    assert torch.allclose(changed, plain, atol=1e-5, rtol=0)

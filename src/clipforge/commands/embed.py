@@ -47,6 +47,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="threads each decoding process decodes a batch with (default: the available cores "
         "divided by the decoding processes, at most 8; 1 decodes one image at a time)",
     )
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="decode each image reduced by an integer factor to a shorter side of at least twice the "
+        "model's input (JPEG DCT scaling, Image.reduce otherwise) instead of at full size: large photos "
+        "decode several times faster; embeddings move slightly from those of a full-size decode "
+        "(the default, which gives open_clip's numbers)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="compute precision: bf16 casts the weights (LayerNorm statistics stay fp32). On a CPU "
+        "with AMX or AVX512-BF16 (Sapphire Rapids and later) ViT-B-32 runs ~3x faster and embeddings "
+        "move slightly (cosine to fp32 ~0.9999); on other CPUs bf16 is several times slower",
+    )
     p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
     p.add_argument("--no-captions", action="store_true", help="do not embed captions")
@@ -65,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace, info: Any) -> int:
+    import torch
+
     from clipforge.factory import create_model_and_transforms, get_tokenizer
     from clipforge.inference import optimize_for_inference
     from clipforge.search.embed import embed_images
@@ -75,7 +93,10 @@ def _embed(args: argparse.Namespace, info: Any) -> int:
         device=info.device,
         **image_model_options(args),
     )
-    model = optimize_for_inference(model, inplace=True)  # same features; ResNets ~1.5x faster on CPU
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    model = optimize_for_inference(
+        model, inplace=True, dtype=dtype
+    )  # fp32: same features; ResNets ~1.5x faster on CPU
     tokenizer = None if args.no_captions else get_tokenizer(model)
     source = args.images[0] if len(args.images) == 1 else args.images
     m = embed_images(
@@ -93,6 +114,7 @@ def _embed(args: argparse.Namespace, info: Any) -> int:
         device=info.device,
         table=table_options(args),
         decode_threads=args.decode_threads,
+        fast_decode=args.fast_decode,
     )
     if not info.is_main:
         return 0

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.atomic import atomic_dir
-from clipforge.data.images import BadImageError, load_image
+from clipforge.data.images import BadImageError, load_image, oriented_size
 from clipforge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -150,28 +150,11 @@ def _decode_one(dataset: Any, spec: CacheSpec, i: int) -> tuple[np.ndarray | Non
         img = load_image(
             data, max_pixels=dataset.max_pixels, min_side=2 * spec.side, exact_pixels=None, keep_mode=True
         )
-        full = _original_size(data, img)
+        width, height = oriented_size(data)  # the crop is drawn against the uncached path's size
+        full = (height, width)
         return spec.to_pixels(img), full, ""
     except BadImageError as e:
         return None, (0, 0), f"{e.reason}\t{dataset.image_paths[i]}\t{e.detail}"  # bytes carry no name
-
-
-def _original_size(data: bytes, img: Any) -> tuple[int, int]:
-    """(height, width) the uncached path decodes to: the header size, EXIF orientation applied.
-
-    Why: the crop parameters must be drawn against the size the uncached path sees, not the
-    reduced decode's.
-    """
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return h, w
 
 
 _WORKER: dict[str, Any] = {}

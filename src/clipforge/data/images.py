@@ -188,6 +188,21 @@ def load_image(
     return rgb
 
 
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image as :func:`load_image` decodes it at full size: the
+    header's size, EXIF orientation applied.
+
+    Why: a reduced decode (``min_side``) is smaller than the file by an integer factor, but what
+    is recorded (metadata) or sampled against (random crops) must be the image's own size.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def _open_checked(data: bytes, name: str, max_pixels: int | None) -> Any:
     """``Image.open`` (the header only) with the declared size checked before any pixel exists."""
     from PIL import Image, UnidentifiedImageError

@@ -1,4 +1,4 @@
-"""Text-tower inference on the CPU with the linear layers' weights prepacked for oneDNN.
+"""Tower inference on the CPU with the linear layers' weights prepacked for oneDNN.
 
 Why: ``F.linear`` hands each call to a GEMM that first rearranges (packs) the whole weight matrix
 into its cache-friendly layout and only then multiplies. A short caption is a handful of rows, so
@@ -10,12 +10,15 @@ little). The result differs from ``F.linear`` only in float summation order (~1e
 
 Used only where it is exact to use it and nothing else can notice: no autograd (``inference_mode``
 or ``no_grad``), the tower in eval mode, float32 on the CPU, a plain ``nn.Linear`` (a LoRA wrapper,
-an int8 twin or any subclass keeps its own ``forward``), and no tracing. ``TextTransformer.prepack
-= False`` turns it off (to time the plain path, or to save the packed copies' memory).
+an int8 twin or any subclass keeps its own ``forward``), and no tracing. The text tower and the
+ViT image tower use it (:func:`linear_for`); a tower's ``prepack = False`` turns it off (to time
+the plain path, or to save the packed copies' memory).
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -28,8 +31,20 @@ Linear = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 #: Row count oneDNN is told to expect when choosing the packed layout (any count works after).
 _ROWS_HINT = 16
+#: Up to this many rows (tokens in the batch) a prepacked linear beats ``F.linear``; beyond it
+#: the product dominates the packing and MKL's GEMM is as fast or faster (the image tower checks).
+SMALL_ROWS = 256
 
 
+def is_tracing() -> bool:
+    """True under torch.compile / jit / ONNX export, where data-dependent shapes must be avoided."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return bool(
+        compiling or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    )
+
+
+@functools.cache
 def available() -> bool:
     """Whether this PyTorch build has oneDNN and the two prepacked-linear operators."""
     ops = torch.ops.mkldnn
@@ -83,6 +98,28 @@ class PrepackedLinears:
         return len(self._packed)
 
 
+#: Each tower's prepacked linear weights, outside the module so that deepcopy, pickling and the
+#: state dict never see them; dropped with the tower.
+_CACHES: weakref.WeakKeyDictionary[nn.Module, PrepackedLinears] = weakref.WeakKeyDictionary()
+
+
+def linear_for(tower: nn.Module, weight: torch.Tensor) -> PrepackedLinears | None:
+    """The prepacked-weight linear for this call of ``tower`` when it applies (inference without
+    autograd, eval mode, ``tower.prepack``, float32 CPU weights as ``weight`` is, stock blocks in
+    ``tower.transformer``, not tracing), else None: the caller runs the modules themselves."""
+    blocks = tower.transformer.resblocks
+    if is_tracing() or not (getattr(tower, "prepack", False) and len(blocks) and not tower.training):
+        return None
+    if torch.is_grad_enabled() or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    if not available() or not blocks_supported(blocks):
+        return None
+    cache = _CACHES.get(tower)
+    if cache is None:
+        cache = _CACHES[tower] = PrepackedLinears()
+    return cache
+
+
 def blocks_supported(blocks: nn.ModuleList) -> bool:
     """True when every block is the stock pre-LN block (what :func:`block_forward` mirrors)."""
     return all(
@@ -116,16 +153,18 @@ def block_at(
     rows: torch.Tensor | None,
     cols: torch.Tensor | None,
     key_mask: torch.Tensor | None,
+    position: int = -1,
 ) -> torch.Tensor:
     """One block's output at ``(rows[b], cols[b])`` for each ``b`` (``[B, W]``): keys and values
-    of the whole row, one query each. ``rows is None`` means every row's last position (a batch
-    trimmed to a single caption's EOT): no gather and, as that query sees every key, no mask."""
+    of the whole row, one query each. ``rows is None`` means position ``position`` of every row
+    (the last: a batch trimmed to a single caption's EOT; 0: a ViT's class token): no gather."""
     attn = block.attn
     r, length, width = x.shape
     qkv = linear(attn.in_proj, block.ln_1(x)).view(r, length, 3, attn.heads, width // attn.heads)
     if rows is None or cols is None:
-        q, k, v = qkv[:, -1:, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-        x_at, n = x[:, -1], r
+        q = qkv[:, position, 0].unsqueeze(2)  # [B, H, 1, D]
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        x_at, n = x[:, position], r
     else:
         q = qkv[rows, cols, 0].unsqueeze(2)  # [B, H, 1, D]
         k, v = qkv[rows, :, 1].transpose(1, 2), qkv[rows, :, 2].transpose(1, 2)  # [B, H, L, D]

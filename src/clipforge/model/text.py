@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,17 +28,9 @@ from clipforge.errors import ConfigError
 from clipforge.model import prepack
 from clipforge.model.config import TextConfig
 from clipforge.model.layers import BlockOptions, LayerNorm, Transformer, init_transformer, lock_groups
+from clipforge.model.prepack import is_tracing
 
 logger = logging.getLogger(__name__)
-
-#: Each tower's prepacked linear weights, outside the module so that deepcopy, pickling and the
-#: state dict never see them; dropped with the tower.
-_PREPACKED: weakref.WeakKeyDictionary[nn.Module, prepack.PrepackedLinears] = weakref.WeakKeyDictionary()
-
-
-@functools.cache
-def _prepack_available() -> bool:
-    return prepack.available()
 
 
 @dataclass
@@ -59,14 +50,6 @@ class TextOutput:
     last_hidden: torch.Tensor
     hidden_states: list[torch.Tensor]
     penultimate: torch.Tensor
-
-
-def is_tracing() -> bool:
-    """True under torch.compile / jit / ONNX export, where data-dependent shapes must be avoided."""
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    return bool(
-        compiling or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-    )
 
 
 def text_activation(act_layer: Callable[[], nn.Module], approximate: str) -> Callable[[], nn.Module]:
@@ -240,20 +223,8 @@ class TextTransformer(nn.Module):
 
     def fast_linear(self) -> prepack.Linear | None:
         """The prepacked-weight linear of :mod:`clipforge.model.prepack` when it applies to this
-        call (inference without autograd, eval mode, float32 CPU weights, stock blocks, not
-        tracing), else None: the caller runs the modules themselves."""
-        blocks = self.transformer.resblocks
-        weight = self.token_embedding.weight
-        if is_tracing() or not (self.prepack and len(blocks) and not self.training):
-            return None
-        if torch.is_grad_enabled() or weight.device.type != "cpu" or weight.dtype != torch.float32:
-            return None
-        if not _prepack_available() or not prepack.blocks_supported(blocks):
-            return None
-        cache = _PREPACKED.get(self)
-        if cache is None:
-            cache = _PREPACKED[self] = prepack.PrepackedLinears()
-        return cache
+        call, else None (see :func:`clipforge.model.prepack.linear_for`)."""
+        return prepack.linear_for(self, self.token_embedding.weight)
 
     def _forward_at_prepacked(
         self, x: torch.Tensor, idx: torch.Tensor, linear: prepack.Linear

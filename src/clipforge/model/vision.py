@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from clipforge.model import prepack
 from clipforge.model.config import VisionConfig
 from clipforge.model.layers import (
     AttentionalPooler,
@@ -46,6 +47,9 @@ class VisionTransformer(nn.Module):
         self.pool_type = cfg.pool_type
         self.final_ln_after_pool = cfg.final_ln_after_pool
         self.output_dim = embed_dim
+        #: Without autograd on the CPU, run the linear layers on oneDNN-prepacked weights
+        #: (model.prepack: same outputs to float rounding; costs a copy of the linear weights).
+        self.prepack = True
 
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         scale = width**-0.5
@@ -123,9 +127,23 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
         if self.pool_type == "tok" and self.attn_pool is None:  # only the class token is read: skip the rest
-            cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            return self.ln_post(self.transformer.forward_at(x, cls_index)) @ self.proj
+            return self.ln_post(self._class_token_out(x)) @ self.proj
         return self.pool(self.transformer(x))[0]
+
+    def _class_token_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer's output at the class token (``[B, W]``), on prepacked linear weights
+        when they apply (inference on the CPU, see :mod:`clipforge.model.prepack`) and the batch
+        has few rows: ViT-B-32 on 2 cores is 1.20x faster at 1 image (50 rows), 1.11x at 4,
+        0.99x at 8 and 0.92x at 32, where the GEMMs are large enough for ``F.linear``'s own packing."""
+        blocks = self.transformer.resblocks
+        small = x.shape[0] * x.shape[1] <= prepack.SMALL_ROWS
+        linear = prepack.linear_for(self, self.proj) if small else None
+        if linear is None:
+            cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            return self.transformer.forward_at(x, cls_index)
+        for block in blocks[:-1]:
+            x = prepack.block_forward(block, x, linear)
+        return prepack.block_at(blocks[-1], x, linear, None, None, None, position=0)
 
     def forward_tokens(self, x: torch.Tensor) -> VisionOutput:
         pooled, tokens = self.pool(self.transformer(self.embed(x)))

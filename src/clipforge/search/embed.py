@@ -45,7 +45,7 @@ from clipforge.data.column_tables import (
 from clipforge.data.embeddings import MANIFEST_FILE, iter_embedding_chunks, load_manifest
 from clipforge.data.items import Item, list_items
 from clipforge.data.tables import TableOptions
-from clipforge.errors import DataError
+from clipforge.errors import ConfigError, DataError
 from clipforge.model.architecture import config_record, model_label
 from clipforge.search import sharding
 
@@ -64,10 +64,23 @@ class _ImageDataset:
     releases the GIL while it decodes and resizes, so when decoding is the bottleneck (large
     photos) the cores the model leaves idle decode too. Results and their order do not depend
     on it.
+
+    ``min_side`` (``--fast-decode``) decodes every image reduced by an integer factor while
+    keeping its shorter side >= ``min_side`` (JPEG DCT scaling, ``Image.reduce`` otherwise)
+    instead of at full size: large photos decode several times faster, and the pixels the model
+    sees move slightly (the resize starts from a box-averaged image).
     """
 
-    def __init__(self, items: list[Item], preprocess: Callable, max_pixels: int | None, threads: int = 1):
+    def __init__(
+        self,
+        items: list[Item],
+        preprocess: Callable,
+        max_pixels: int | None,
+        threads: int = 1,
+        min_side: int | None = None,
+    ):
         self.items, self.preprocess, self.max_pixels = items, preprocess, max_pixels
+        self.min_side = min_side
         self.threads = max(1, int(threads))
         self._pool: Any = None  # made in the process that decodes (never pickled)
 
@@ -88,16 +101,19 @@ class _ImageDataset:
         return list(self._pool.map(self.__getitem__, indices))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from clipforge.data.images import load_image
+        from clipforge.data.images import load_image, oriented_size
 
         item = self.items[i]
         try:
             if not item.path:
                 raise FileNotFoundError("empty image path")
-            kw = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
-            img = load_image(item.read_bytes(), keep_mode=True, **kw)  # the transform converts
-            # width/height are those of the decoded image (huge ones are reduced while decoding)
-            return {"i": i, "image": self.preprocess(img), "size": img.size, "reason": ""}
+            kw: dict[str, Any] = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
+            if self.min_side is not None:
+                kw.update(min_side=self.min_side, exact_pixels=None)
+            data = item.read_bytes()
+            img = load_image(data, keep_mode=True, **kw)  # the transform converts
+            # width/height are the file's (oriented), also where the decode was reduced
+            return {"i": i, "image": self.preprocess(img), "size": oriented_size(data), "reason": ""}
         except Exception as e:  # noqa: BLE001 - a bad item is skipped with its reason, not fatal
             reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
             return {"i": i, "image": None, "size": (0, 0), "reason": reason}
@@ -149,6 +165,7 @@ def embed_images(
     table: TableOptions | None = None,
     progress: bool = True,
     decode_threads: int | None = None,
+    fast_decode: bool = False,
 ) -> dict[str, Any]:
     """Embed every image of ``source`` into ``out_dir``; returns the embed manifest (a dict).
 
@@ -158,11 +175,15 @@ def embed_images(
     recorded so the :class:`~clipforge.search.searcher.Searcher` can rebuild the same model.
     ``decode_threads`` is the number of threads each decoding process decodes a batch with
     (default :func:`auto_decode_threads`: the cores shared out over the decoding processes).
+    ``fast_decode`` decodes images reduced to a shorter side of twice the model's input
+    (:func:`reduced_decode_side`) instead of at full size; the manifest records which.
 
     Called on every rank of an initialised process group (``clipforge embed`` under torchrun),
     each rank embeds its share of the missing shards and every rank returns the manifest.
     """
     dtype = _check_options(dtype, batch_size, shard_size, decode_threads)
+    min_side = reduced_decode_side(model) if fast_decode else None
+    run = {"decode": "reduced" if fast_decode else "full", "compute_dtype": _compute_dtype(model)}
     pretrained = _portable_pretrained(pretrained)
     model_name = model_label(model, model_name)  # the real architecture, never a merely close name
     out = Path(out_dir)
@@ -172,7 +193,7 @@ def embed_images(
     rank, world = sharding.world()
 
     def check() -> list[int]:  # rank 0 decides what is missing; every rank gets the same list
-        _check_state(out, items, shard_size, model_name, pretrained, dtype, plan[-1].input + 1)
+        _check_state(out, items, shard_size, model_name, pretrained, dtype, plan[-1].input + 1, run)
         return [s for s in range(len(plan)) if not _shard_done(out, s)]
 
     pending = sharding.agree(check)
@@ -183,11 +204,11 @@ def embed_images(
     if mine:
         writer = _ShardWriter(out, plan, items, model, tokenizer, with_text, dtype, device, rank, world)
         threads = auto_decode_threads(num_workers) if decode_threads is None else decode_threads
-        dataset = _ImageDataset(items, preprocess, max_pixels, threads)
+        dataset = _ImageDataset(items, preprocess, max_pixels, threads, min_side)
         _embed_shards(model, dataset, plan, mine, writer, batch_size, num_workers, progress)
     sharding.wait_all()  # every rank's shards are on disk
     if rank == 0:
-        manifest = _finalize(out, plan, model, model_name, pretrained, dtype, with_text)
+        manifest = _finalize(out, plan, model, model_name, pretrained, dtype, with_text, run)
     sharding.wait_all()  # the manifest is written
     return manifest if rank == 0 else load_manifest(out)
 
@@ -203,6 +224,33 @@ def _preprocess_record(model: Any) -> dict[str, Any] | None:
     """The image convention the model was embedded with, so image queries get the same one."""
     pre = getattr(model, "preprocess_cfg", None)
     return pre.to_dict() if hasattr(pre, "to_dict") else None
+
+
+def reduced_decode_side(model: Any) -> int:
+    """The shorter side ``fast_decode`` keeps: twice the largest side the model's preprocessing
+    resizes to, the rule the training image cache uses (every image still shrinks >= 2x in the
+    resize, so the result stays close to a full-size decode)."""
+    pre = getattr(model, "preprocess_cfg", None)
+    if pre is None:
+        raise ConfigError("fast decoding needs the model's preprocessing config (model.preprocess_cfg)")
+    if pre.naflex_max_patches is not None:
+        raise ConfigError(
+            "fast decoding does not apply to NaFlex preprocessing (its size follows each image)"
+        )
+    sides = [
+        v
+        for s in (pre.image_size, pre.resize_size or 0)
+        for v in (s if isinstance(s, (tuple, list)) else (s,))
+    ]
+    return 2 * int(max(sides))
+
+
+def _compute_dtype(model: Any) -> str:
+    """The floating dtype the model computes in ("float32", "bfloat16", ...), recorded with the
+    embeddings: a folder is not resumed at another precision."""
+    params = model.parameters() if hasattr(model, "parameters") else ()
+    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
 
 def _check_options(dtype: Any, batch_size: int, shard_size: int, decode_threads: int | None) -> np.dtype:
@@ -339,6 +387,7 @@ def _check_state(
     pretrained: str | None,
     dtype: np.dtype,
     n_inputs: int = 1,
+    run: dict[str, str] | None = None,
 ) -> None:
     """Refuse to resume into a folder whose shards came from another source, model or sharding."""
     h = hashlib.sha256()
@@ -353,12 +402,14 @@ def _check_state(
         "pretrained": str(pretrained) if pretrained is not None else None,
         "dtype": dtype.name,
         "layout": LAYOUT,
+        **(run or {}),
     }
     path = out / STATE_FILE
     if path.is_file():
         old = read_json(path)
         if "layout" not in old and n_inputs == 1:  # before per-input shards: same cut for one input
             old["layout"] = LAYOUT
+        old = {"decode": "full", "compute_dtype": "float32", **old}  # written before these existed
         diff = [k for k in state if old.get(k) != state[k]]
         if diff:
             raise DataError(
@@ -451,6 +502,7 @@ def _finalize(
     pretrained: str | None,
     dtype: np.dtype,
     with_text: bool,
+    run: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Merge the per-shard parts into ``metadata`` + ``skipped.csv`` and write the manifest.
 
@@ -468,6 +520,9 @@ def _finalize(
         "pretrained": str(pretrained) if pretrained is not None else None,
         "model_config": config_record(model),  # what the Searcher rebuilds; "model" is only its name
         "preprocess": _preprocess_record(model),  # the image convention used (--image-alpha included)
+        # decode "reduced": --fast-decode (images decoded at >= 2x the model side); compute_dtype
+        # "bfloat16": --precision bf16
+        **(run or {}),
         "dim": int(dim),
         "count": len(meta["id"]),
         "skipped": len(skipped["path"]),
