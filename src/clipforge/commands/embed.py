@@ -93,10 +93,9 @@ def _embed(args: argparse.Namespace, info: Any) -> int:
         device=info.device,
         **image_model_options(args),
     )
+    # fp32: the same features (ResNets ~1.5x faster on the CPU); bf16: weights cast
     dtype = torch.bfloat16 if args.precision == "bf16" else None
-    model = optimize_for_inference(
-        model, inplace=True, dtype=dtype
-    )  # fp32: same features; ResNets ~1.5x faster on CPU
+    model = optimize_for_inference(model, inplace=True, dtype=dtype)
     tokenizer = None if args.no_captions else get_tokenizer(model)
     source = args.images[0] if len(args.images) == 1 else args.images
     m = embed_images(

@@ -133,8 +133,8 @@ class VisionTransformer(nn.Module):
     def _class_token_out(self, x: torch.Tensor) -> torch.Tensor:
         """The transformer's output at the class token (``[B, W]``), on prepacked linear weights
         when they apply (inference on the CPU, see :mod:`clipforge.model.prepack`) and the batch
-        has few rows: ViT-B-32 on 2 cores is 1.20x faster at 1 image (50 rows), 1.11x at 4,
-        0.99x at 8 and 0.92x at 32, where the GEMMs are large enough for ``F.linear``'s own packing."""
+        has few rows: ViT-B-32 on 2 cores is 1.20x faster at 1 image (50 rows), ~1.1x at 4,
+        ~1.0x at 8 and 0.92x at 32, where the GEMMs are large enough for ``F.linear``'s own packing."""
         blocks = self.transformer.resblocks
         small = x.shape[0] * x.shape[1] <= prepack.SMALL_ROWS
         linear = prepack.linear_for(self, self.proj) if small else None
