@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.atomic import atomic_dir
-from clipforge.data.images import BadImageError, load_image, oriented_size
+from clipforge.data.images import ORIGINAL_SIZE, BadImageError, load_image, original_size
 from clipforge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _decode_one(dataset: Any, spec: CacheSpec, i: int) -> tuple[np.ndarray | Non
         img = load_image(
             data, max_pixels=dataset.max_pixels, min_side=2 * spec.side, exact_pixels=None, keep_mode=True
         )
-        width, height = oriented_size(data)  # the crop is drawn against the uncached path's size
+        width, height = original_size(img)  # the crop is drawn against the uncached path's size
         full = (height, width)
         return spec.to_pixels(img), full, ""
     except BadImageError as e:
@@ -308,14 +308,14 @@ class ImageCache:
 
         arr = self.pixels(i)
         img = Image.fromarray(np.array(arr), "RGBA" if arr.shape[2] == 4 else "RGB")
-        img.info["clipforge_original_size"] = (int(self.index[i, 4]), int(self.index[i, 5]))
+        img.info[ORIGINAL_SIZE] = (int(self.index[i, 4]), int(self.index[i, 5]))
         return img
 
 
 class CachedRandomResizedCrop:
     """``RandomResizedCrop`` on a cached copy: same RNG draws and window as on the original.
 
-    Why: the window is sampled against the original size (``info["clipforge_original_size"]``)
+    Why: the window is sampled against the original size (``info[ORIGINAL_SIZE]``)
     exactly as torchvision samples it, so the augmentation stream is that of the uncached run.
     A reduced copy is resampled from the window mapped to its coordinates in one PIL
     ``resize(box=...)``; an unreduced one is cropped and resized as torchvision does (a box
@@ -331,7 +331,7 @@ class CachedRandomResizedCrop:
 
         from clipforge.transforms import _PIL_RESAMPLE
 
-        oh, ow = img.info.get("clipforge_original_size", (img.size[1], img.size[0]))
+        ow, oh = original_size(img)
         probe = torch.empty((1, 1, 1)).expand(3, oh, ow)  # only its shape is read
         top, left, h, w = T.RandomResizedCrop.get_params(probe, self.crop.scale, self.crop.ratio)
         th, tw = (

@@ -40,6 +40,8 @@ DEFAULT_MIN_SIDE = 1024
 # the same file (a reduced image differs by up to ~0.06 in normalised units after resizing).
 # 50 M pixels (48 MP phone photos, 8K frames) is ~200 MB as RGBA: safe per decoding worker.
 DEFAULT_EXACT_PIXELS = 50_000_000
+#: ``img.info`` key of a reduced image's full-size (height, width), EXIF orientation applied.
+ORIGINAL_SIZE = "clipforge_original_size"
 
 REASONS = (
     "missing",
@@ -188,19 +190,17 @@ def load_image(
     return rgb
 
 
-def oriented_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an encoded image as :func:`load_image` decodes it at full size: the
-    header's size, EXIF orientation applied.
+def original_size(img: Any) -> tuple[int, int]:
+    """(width, height) of the image as decoded at full size: what ``img.info[ORIGINAL_SIZE]``
+    says (set where the pixels were reduced: by :func:`load_image`, or a cached copy), else its
+    own size.
 
-    Why: a reduced decode (``min_side``) is smaller than the file by an integer factor, but what
-    is recorded (metadata) or sampled against (random crops) must be the image's own size.
+    Why: a reduced decode is smaller than the file by an integer factor, but what is recorded
+    (metadata) or sampled against (random crops) must be the image's own size; the decoder
+    knows it without reading the header a second time.
     """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    height, width = img.info.get(ORIGINAL_SIZE, (img.size[1], img.size[0]))
+    return int(width), int(height)
 
 
 def _open_checked(data: bytes, name: str, max_pixels: int | None) -> Any:
@@ -243,10 +243,14 @@ def _decode(img: Any, name: str, min_side: int | None, exact_pixels: int | None,
         img.load()
         if factor > 1:
             img = _reduce(img, factor)
+        full = _oriented(img, width, height) if img.size != (width, height) else None
         # In place: without an orientation tag nothing moves (the copying form would copy the
         # whole decoded image, ~5% of a 4K photo's decode time, for nothing).
         ImageOps.exif_transpose(img, in_place=True)
-        return img if keep_mode else _to_rgb(img)
+        out = img if keep_mode else _to_rgb(img)
+        if full is not None:
+            out.info[ORIGINAL_SIZE] = full
+        return out
     except Image.DecompressionBombError as e:
         raise BadImageError("too_large", name, str(e)) from None
     except (OSError, EOFError) as e:
@@ -255,6 +259,12 @@ def _decode(img: Any, name: str, min_side: int | None, exact_pixels: int | None,
         raise BadImageError(code, name, msg) from None
     except (SyntaxError, ValueError, TypeError, IndexError, KeyError, MemoryError, DataError) as e:
         raise BadImageError("corrupt", name, f"{type(e).__name__}: {e}") from None
+
+
+def _oriented(img: Any, width: int, height: int) -> tuple[int, int]:
+    """(height, width) of a ``width`` x ``height`` file once its EXIF orientation is applied."""
+    swap = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (width, height) if swap else (height, width)
 
 
 def _to_rgb(img: Any) -> Any:

@@ -101,7 +101,7 @@ class _ImageDataset:
         return list(self._pool.map(self.__getitem__, indices))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from clipforge.data.images import load_image, oriented_size
+        from clipforge.data.images import load_image, original_size
 
         item = self.items[i]
         try:
@@ -110,10 +110,9 @@ class _ImageDataset:
             kw: dict[str, Any] = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
             if self.min_side is not None:
                 kw.update(min_side=self.min_side, exact_pixels=None)
-            data = item.read_bytes()
-            img = load_image(data, keep_mode=True, **kw)  # the transform converts
+            img = load_image(item.read_bytes(), keep_mode=True, **kw)  # the transform converts
             # width/height are the file's (oriented), also where the decode was reduced
-            return {"i": i, "image": self.preprocess(img), "size": oriented_size(data), "reason": ""}
+            return {"i": i, "image": self.preprocess(img), "size": original_size(img), "reason": ""}
         except Exception as e:  # noqa: BLE001 - a bad item is skipped with its reason, not fatal
             reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
             return {"i": i, "image": None, "size": (0, 0), "reason": reason}
@@ -183,6 +182,7 @@ def embed_images(
     """
     dtype = _check_options(dtype, batch_size, shard_size, decode_threads)
     min_side = reduced_decode_side(model) if fast_decode else None
+    # recorded with the embeddings: a folder is not resumed in another decode mode or precision
     run = {"decode": "reduced" if fast_decode else "full", "compute_dtype": _compute_dtype(model)}
     pretrained = _portable_pretrained(pretrained)
     model_name = model_label(model, model_name)  # the real architecture, never a merely close name
@@ -237,20 +237,15 @@ def reduced_decode_side(model: Any) -> int:
         raise ConfigError(
             "fast decoding does not apply to NaFlex preprocessing (its size follows each image)"
         )
-    sides = [
-        v
-        for s in (pre.image_size, pre.resize_size or 0)
-        for v in (s if isinstance(s, (tuple, list)) else (s,))
-    ]
-    return 2 * int(max(sides))
+    resize = pre.resize_size or 0
+    return 2 * max(*pre.size, *(resize if isinstance(resize, tuple) else (resize,)))
 
 
 def _compute_dtype(model: Any) -> str:
-    """The floating dtype the model computes in ("float32", "bfloat16", ...), recorded with the
-    embeddings: a folder is not resumed at another precision."""
-    params = model.parameters() if hasattr(model, "parameters") else ()
-    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    """The floating dtype the model computes in ("float32", "bfloat16", ...)."""
+    from clipforge.eval.zero_shot import model_dtype
+
+    return str(model_dtype(model)).removeprefix("torch.")
 
 
 def _check_options(dtype: Any, batch_size: int, shard_size: int, decode_threads: int | None) -> np.dtype:
@@ -323,6 +318,8 @@ def _embed_shards(
     import torch
     from tqdm import tqdm
 
+    from clipforge.eval.zero_shot import model_dtype
+
     batches, shard_of = [], []
     for s in mine:
         span = plan[s]
@@ -339,7 +336,7 @@ def _embed_shards(
         persistent_workers=False,
     )
     model.eval()
-    pixel_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    pixel_dtype = model_dtype(model)
     buf: list[dict[str, Any]] = []
     feats: list[np.ndarray] = []
     shard = shard_of[0]
