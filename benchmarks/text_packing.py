@@ -11,7 +11,9 @@ caption (the first 30 words of a package's long description, ~40 tokens) in ever
 user's batch often has.
 
 Both libraries get the same random weights (``clipforge.bench.open_clip_twin``), 2 threads,
-float32, and are timed interleaved round by round (best round reported, median in brackets):
+float32, and are timed interleaved round by round (best round reported, median in brackets).
+clipforge's model is ``optimize_for_inference``'s (prepacked CPU linears, as ``clipforge embed``
+and the search server use; ``zero_shot_classifier`` prepacks for its own call anyway):
 
 - batch 64 and batch 1, 2, 4, 8 (the same 64 captions, chunked): ``open_clip.encode_text``,
   clipforge's ``encode_text`` with packing (the default) and without (``text.pack = False``,
@@ -37,6 +39,7 @@ import torch
 
 from clipforge.bench import compare_variants, open_clip_twin
 from clipforge.factory import get_tokenizer
+from clipforge.inference import optimize_for_inference
 from clipforge.model.clip import CLIP
 from clipforge.model.registry import get_model_config
 
@@ -148,7 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = CLIP(get_model_config(args.model)).eval()
+    model = optimize_for_inference(CLIP(get_model_config(args.model)), inplace=True)
     twin = open_clip_twin(model)
     tokens = get_tokenizer(model)(package_captions(64))
     if not args.skip_encode:

@@ -10,6 +10,7 @@ from realdata import concept, icons
 
 from clipforge.eval.zero_shot import zero_shot_classifier
 from clipforge.factory import get_tokenizer
+from clipforge.inference import optimize_for_inference
 from clipforge.model import packing, prepack
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig
@@ -119,6 +120,7 @@ def test_prepacked_weights_equal_the_modules(batch):
     """Batch 1 (the lean last-position path), packed rows and sorted groups, with and without
     oneDNN-prepacked weights; the packed copies are made once and reused."""
     model, tok = _model(), get_tokenizer()
+    prepack.enable(model)
     tokens = tok(_captions(24))[:batch]
     with torch.inference_mode():
         want = _prepack_off(model, tokens)
@@ -134,6 +136,7 @@ def test_prepacked_weights_equal_the_modules(batch):
 @pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN prepacked linear")
 def test_prepacked_weights_follow_weight_changes_and_stay_out_of_training():
     model, tok = _model(), get_tokenizer()
+    prepack.enable(model)
     tokens = tok(_captions(8))
     with torch.inference_mode():
         before = model.encode_text(tokens)
@@ -163,6 +166,36 @@ def test_prepacked_weights_follow_weight_changes_and_stay_out_of_training():
 
 
 @pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN prepacked linear")
+def test_prepacking_is_off_unless_the_weights_owner_turns_it_on():
+    """A write through ``.data`` moves no version counter, so a model the user holds is never
+    prepacked outside one evaluation; optimize_for_inference's model is, until ``forget``."""
+    model, tok = _model(), get_tokenizer()
+    tokens = tok(_captions(8))
+    with torch.inference_mode():
+        assert model.text.fast_linear() is None  # off by default
+    classes = [concept(p) for p in icons()[:4]]
+    before = zero_shot_classifier(model, tok, classes, templates="simple")
+    with torch.inference_mode():
+        assert not model.text.prepack and model.text.fast_linear() is None  # off again after it
+    model.text.transformer.resblocks[1].mlp.c_fc.weight.data.mul_(1.5)  # no version bump
+    after = zero_shot_classifier(model, tok, classes, templates="simple")  # a fresh evaluation
+    assert (after - before).abs().max() > 1e-3
+    with torch.inference_mode():
+        assert torch.allclose(after, zero_shot_classifier(model, tok, classes, templates="simple"))
+        fast = optimize_for_inference(model)
+        assert fast.text.prepack and fast.visual.prepack and not model.text.prepack
+        first = fast.encode_text(tokens)
+        fast.text.transformer.resblocks[0].attn.in_proj.weight.data.mul_(0.5)
+        prepack.forget(fast)
+        assert fast.text.fast_linear().count == 0
+        changed = fast.encode_text(tokens)
+        fast.text.prepack = False
+        plain = fast.encode_text(tokens)
+    assert (changed - first).abs().max() > 1e-3
+    assert torch.allclose(changed, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN prepacked linear")
 def test_vit_prepacked_weights_equal_the_modules():
     """The image tower's class-token path on prepacked weights: same features, only without
     autograd, and a weight change is seen."""
@@ -173,6 +206,7 @@ def test_vit_prepacked_weights_equal_the_modules():
         text=TextConfig(context_length=77, width=64, heads=2, layers=1),
     )
     model = CLIP(cfg).eval()
+    prepack.enable(model)
     images = torch.randn(5, 3, 32, 32)
     visual = model.visual
     with torch.inference_mode():

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from clipforge.errors import ConfigError
+from clipforge.eval.zero_shot import model_device, model_dtype
+from clipforge.model import prepack
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ def optimize_for_inference(
         model.to(dtype)
     if quantize:
         quantize_linear_int8(model)
+    prepack.enable(model)
     if compile:
         compile_towers(model, backend="inductor" if compile is True else compile)
     return model
@@ -156,19 +159,6 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the weights (quantised models keep float32 activations)."""
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float32
-
-
 def encode_images(
     model: nn.Module, images: torch.Tensor, *, batch_size: int = 64, normalize: bool = True
 ) -> torch.Tensor:
@@ -178,9 +168,9 @@ def encode_images(
     (decoding in worker processes, pinned memory, order kept) see
     :func:`clipforge.search.embed.embed_images` / ``clipforge embed``.
     """
-    device, dtype = _device_of(model), _dtype_of(model)
+    device, dtype = model_device(model), model_dtype(model)
     out = []
-    with torch.inference_mode():
+    with prepack.frozen(model), torch.inference_mode():
         for part in _batches(images.shape[0], batch_size):
             batch = images[part].to(device, dtype=dtype, non_blocking=True)
             out.append(model.encode_image(batch, normalize=normalize).float().cpu())
@@ -201,10 +191,10 @@ def encode_texts(
     similar length and the text tower (which trims each batch to its longest caption) wastes
     almost nothing on padding.
     """
-    device = _device_of(model)
+    device = model_device(model)
     order = torch.argsort(tokens.argmax(dim=-1), stable=True) if bucket else torch.arange(tokens.shape[0])
     out = []
-    with torch.inference_mode():
+    with prepack.frozen(model), torch.inference_mode():
         for part in _batches(tokens.shape[0], batch_size):
             batch = tokens[order[part]].to(device, non_blocking=True)
             out.append(model.encode_text(batch, normalize=normalize).float().cpu())

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.eval.templates import TemplateSpec, format_template, resolve_templates
+from clipforge.model import prepack
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,14 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Evaluate with dropout/BN in eval mode, then give the model back in the mode we found it."""
+    """Evaluate with dropout/BN in eval mode (and, as nothing writes the weights meanwhile, on
+    prepacked CPU linears: :func:`clipforge.model.prepack.frozen`), then give the model back in
+    the mode we found it."""
     was_training = model.training
     model.eval()
     try:
-        yield model
+        with prepack.frozen(model):
+            yield model
     finally:
         model.train(was_training)
 

@@ -4,22 +4,28 @@ Why: ``F.linear`` hands each call to a GEMM that first rearranges (packs) the wh
 into its cache-friendly layout and only then multiplies. A short caption is a handful of rows, so
 at batch 1 that repacking of every weight costs as much as the product itself. oneDNN can keep
 the packed layout: each ``nn.Linear`` weight is packed once (a copy the size of the weight) and
-reused until the weight changes (weights made under ``inference_mode`` have no version counter to
-tell, so they are never packed), which makes small batches markedly faster (the large ones a
-little). The result differs from ``F.linear`` only in float summation order (~1e-6).
+reused, which makes small batches markedly faster (the large ones a little). The result differs
+from ``F.linear`` only in float summation order (~1e-6).
 
 Used only where it is exact to use it and nothing else can notice: no autograd (``inference_mode``
 or ``no_grad``), the tower in eval mode, float32 on the CPU, a plain ``nn.Linear`` (a LoRA wrapper,
-an int8 twin or any subclass keeps its own ``forward``), and no tracing. The text tower and the
-ViT image tower use it (:func:`linear_for`); a tower's ``prepack = False`` turns it off (to time
-the plain path, or to save the packed copies' memory).
+an int8 twin or any subclass keeps its own ``forward``), no tracing, and only where the weights
+cannot change behind its back. A packed copy is remade when the weight's version counter moves
+(an optimiser step, ``load_state_dict``, in-place ops under ``no_grad``) or its storage is
+replaced, but a write through ``weight.data`` (peft's merge, hand-written EMA updates) moves no
+counter. So a tower's ``prepack`` is off by default and turned on only by the owner of the
+weights: :func:`frozen` for the length of one evaluation (the eval loops), or :func:`enable` for
+good by :func:`clipforge.inference.optimize_for_inference` (whose model is for inference only;
+after writing its weights through ``.data``, call :func:`forget`). The text tower and the ViT
+image tower use it (:func:`linear_for`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +75,13 @@ def plain_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class PrepackedLinears:
     """oneDNN-packed copies of a tower's ``nn.Linear`` weights, made on first use.
 
-    A copy is keyed by the weight tensor itself and its version counter, so an optimiser step,
-    ``load_state_dict`` (both write in place) or a replaced parameter repacks it on the next call
-    instead of using stale weights.
+    A copy is keyed by the weight tensor itself, its version counter and its storage, so an
+    optimiser step, ``load_state_dict`` (both write in place), a replaced parameter or replaced
+    ``.data`` repacks it on the next call instead of using stale weights.
     """
 
     def __init__(self) -> None:
-        self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._packed: dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = {}
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -85,10 +91,11 @@ class PrepackedLinears:
         ):
             return module(x)  # an inference tensor has no version counter: a change would go unseen
         weight = module.weight
+        stamp = (weight._version, weight.data_ptr())
         hit = self._packed.get(id(module))
-        if hit is None or hit[0] is not weight or hit[1] != weight._version:
+        if hit is None or hit[0] is not weight or hit[1] != stamp:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
-            hit = (weight, weight._version, packed)
+            hit = (weight, stamp, packed)
             self._packed[id(module)] = hit
         return torch.ops.mkldnn._linear_pointwise(x, hit[2], module.bias, "none", [], "")
 
@@ -101,6 +108,38 @@ class PrepackedLinears:
 #: Each tower's prepacked linear weights, outside the module so that deepcopy, pickling and the
 #: state dict never see them; dropped with the tower.
 _CACHES: weakref.WeakKeyDictionary[nn.Module, PrepackedLinears] = weakref.WeakKeyDictionary()
+
+
+def _towers(model: nn.Module) -> list[nn.Module]:
+    """The submodules that can run on prepacked weights (those with a ``prepack`` switch)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "prepack", None), bool)]
+
+
+def enable(model: nn.Module) -> None:
+    """Prepack from now on: the caller owns ``model`` for inference (see the module docstring)."""
+    for tower in _towers(model):
+        tower.prepack = True
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the packed copies, e.g. after writing weights through ``.data``; remade on next use."""
+    for tower in _towers(model):
+        _CACHES.pop(tower, None)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Prepack for the length of one evaluation, where nothing writes the weights; towers that
+    were off are off again afterwards and their packed copies are dropped."""
+    off = [tower for tower in _towers(model) if not tower.prepack]
+    for tower in off:
+        tower.prepack = True
+    try:
+        yield model
+    finally:
+        for tower in off:
+            tower.prepack = False
+            _CACHES.pop(tower, None)
 
 
 def linear_for(tower: nn.Module, weight: torch.Tensor) -> PrepackedLinears | None:

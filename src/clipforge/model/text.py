@@ -82,9 +82,10 @@ class TextTransformer(nn.Module):
         self.trim = True
         #: In eval mode, pack captions or sort them into micro-batches when cheaper (model.packing).
         self.pack = True
-        #: Without autograd on the CPU, run the linear layers on oneDNN-prepacked weights
-        #: (model.prepack: same outputs to float rounding; costs a copy of the linear weights).
-        self.prepack = True
+        #: Run the linear layers on oneDNN-prepacked weights without autograd on the CPU (same
+        #: outputs to float rounding; a copy of the weights). Off until the weights' owner turns
+        #: it on: see clipforge.model.prepack (frozen, enable).
+        self.prepack = False
 
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         # CoCa: a class token appended after the text (one more position), pooled instead of EOT.

@@ -47,9 +47,10 @@ class VisionTransformer(nn.Module):
         self.pool_type = cfg.pool_type
         self.final_ln_after_pool = cfg.final_ln_after_pool
         self.output_dim = embed_dim
-        #: Without autograd on the CPU, run the linear layers on oneDNN-prepacked weights
-        #: (model.prepack: same outputs to float rounding; costs a copy of the linear weights).
-        self.prepack = True
+        #: Run the linear layers on oneDNN-prepacked weights without autograd on the CPU (same
+        #: outputs to float rounding; a copy of the weights). Off until the weights' owner turns
+        #: it on: see clipforge.model.prepack (frozen, enable).
+        self.prepack = False
 
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         scale = width**-0.5

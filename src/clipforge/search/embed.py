@@ -191,15 +191,8 @@ def embed_images(
     items = _items_of(source, table)
     plan = plan_shards(items, shard_size)
     rank, world = sharding.world()
-
-    def check() -> list[int]:  # rank 0 decides what is missing; every rank gets the same list
-        _check_state(out, items, shard_size, model_name, pretrained, dtype, plan[-1].input + 1, run)
-        return [s for s in range(len(plan)) if not _shard_done(out, s)]
-
-    pending = sharding.agree(check)
+    pending = _pending_shards(out, items, plan, (shard_size, model_name, pretrained, dtype), run)
     with_text = tokenizer is not None and any(it.caption for it in items)
-    if len(pending) < len(plan) and rank == 0:
-        log.info("resuming: %d of %d shards already written", len(plan) - len(pending), len(plan))
     mine = [s for s, r in zip(pending, assign_shards(plan, pending, world)) if r == rank]
     if mine:
         writer = _ShardWriter(out, plan, items, model, tokenizer, with_text, dtype, device, rank, world)
@@ -211,6 +204,23 @@ def embed_images(
         manifest = _finalize(out, plan, model, model_name, pretrained, dtype, with_text, run)
     sharding.wait_all()  # the manifest is written
     return manifest if rank == 0 else load_manifest(out)
+
+
+def _pending_shards(
+    out: Path, items: list[Item], plan: list[Span], settings: tuple, run: dict[str, str]
+) -> list[int]:
+    """The shards not yet on disk, after checking that ``out`` holds this run's settings
+    (``shard_size, model_name, pretrained, dtype``); rank 0 decides, every rank gets its list."""
+    shard_size, model_name, pretrained, dtype = settings
+
+    def check() -> list[int]:
+        _check_state(out, items, shard_size, model_name, pretrained, dtype, plan[-1].input + 1, run)
+        return [s for s in range(len(plan)) if not _shard_done(out, s)]
+
+    pending = sharding.agree(check)
+    if len(pending) < len(plan) and sharding.world()[0] == 0:
+        log.info("resuming: %d of %d shards already written", len(plan) - len(pending), len(plan))
+    return pending
 
 
 def _items_of(source: str | os.PathLike | Sequence[str], table: TableOptions | None) -> list[Item]:
@@ -319,6 +329,7 @@ def _embed_shards(
     from tqdm import tqdm
 
     from clipforge.eval.zero_shot import model_dtype
+    from clipforge.model import prepack
 
     batches, shard_of = [], []
     for s in mine:
@@ -343,7 +354,7 @@ def _embed_shards(
     desc = "embed" if writer.world == 1 else f"embed rank {writer.rank}/{writer.world}"
     n_items = sum(len(b) for b in batches)
     bar = tqdm(total=n_items, unit="img", desc=desc, disable=not progress, position=writer.rank)
-    with torch.inference_mode():
+    with prepack.frozen(model), torch.inference_mode():  # weights fixed while embedding
         for batch, s in zip(loader, shard_of):
             if s != shard:
                 bar.set_postfix_str(writer.write(shard, buf, feats), refresh=False)

@@ -129,7 +129,11 @@ class Searcher:
                 from clipforge.transforms import PreprocessConfig, image_transform
 
                 preprocess = image_transform(PreprocessConfig.from_dict(info["preprocess"]))
-            self.model = self.model or model
+            if self.model is None:  # ours alone, for inference only: prepacked CPU linears
+                from clipforge.model import prepack
+
+                self.model = model
+                prepack.enable(model)
             self.preprocess = self.preprocess or preprocess
             self.tokenizer = self.tokenizer or get_tokenizer(model)  # the checkpoint's tokenizer settings
             self.model.eval()

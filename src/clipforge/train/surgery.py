@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from clipforge.errors import ConfigError
+from clipforge.model import prepack
 
 if TYPE_CHECKING:
     from clipforge.train.config import SurgeryConfig
@@ -116,5 +117,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 replaced += 1
     for param in model.parameters():
         param.requires_grad_(True)
+    prepack.forget(model)  # peft merges through weight.data, which no version counter sees
     log.debug("merged %d LoRA layers", replaced)
     return model
