@@ -207,7 +207,11 @@ def embed_images(
 
 
 def _pending_shards(
-    out: Path, items: list[Item], plan: list[Span], settings: tuple, run: dict[str, str]
+    out: Path,
+    items: list[Item],
+    plan: list[Span],
+    settings: tuple[int, str, str | None, np.dtype],
+    run: dict[str, str],
 ) -> list[int]:
     """The shards not yet on disk, after checking that ``out`` holds this run's settings
     (``shard_size, model_name, pretrained, dtype``); rank 0 decides, every rank gets its list."""
